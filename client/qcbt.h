@@ -1,0 +1,28 @@
+/* qcbt: the command-line tool's shared declarations. */
+#ifndef QCBT_CLIENT_QCBT_H
+#define QCBT_CLIENT_QCBT_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+/* Exit codes (documented in qcbt(1)). */
+#define QCBT_EXIT_OK    0
+#define QCBT_EXIT_ERROR 1 /* any error, including usage errors */
+#define QCBT_EXIT_FULL  2 /* bitmap check: a full backup is needed */
+
+int cmd_info(int argc, char **argv);
+int cmd_map(int argc, char **argv);
+int cmd_cat(int argc, char **argv);
+
+/* Print "qcbt: MSG" (printf format) on stderr, one line. */
+void die_msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Print the last common/ error as "qcbt: MSG" and return QCBT_EXIT_ERROR. */
+int report_error(void);
+
+/* Parse a size with an optional K/M/G/T suffix (powers of 1024) or a
+ * plain number of bytes.  Returns 0 or -1.
+ */
+int parse_size(const char *s, uint64_t *out);
+
+#endif /* QCBT_CLIENT_QCBT_H */

@@ -1,0 +1,594 @@
+/* qcbt: backing chains and the guest view. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "chain.h"
+#include "error.h"
+#include "minmax.h"
+#include "rounding.h"
+
+static atomic_uint_fast64_t next_chain_id = 1;
+
+const char *
+chain_fmt_name(enum chain_fmt fmt)
+{
+    return fmt == CHAIN_FMT_QCOW2 ? "qcow2" : "raw";
+}
+
+/* A backing or data file name "has a protocol" when a ':' comes before
+ * any '/' (QEMU's path_has_protocol()): nbd:, json:, http: ...  We only
+ * open local files.
+ */
+static bool
+has_protocol(const char *name)
+{
+    const char *colon = strchr(name, ':');
+    const char *slash = strchr(name, '/');
+
+    return colon && (!slash || colon < slash);
+}
+
+/* Resolve NAME relative to the directory of the image at BASE_PATH (or to
+ * DIR when BASE_PATH is NULL), without normalising "..", as QEMU does.
+ */
+static char *
+resolve_name(const char *base_path, const char *dir, const char *name)
+{
+    const char *slash;
+    size_t dirlen;
+    char *r;
+
+    if (name[0] == '/')
+        return strdup(name);
+    if (base_path) {
+        slash = strrchr(base_path, '/');
+        dirlen = slash ? (size_t)(slash - base_path + 1) : 0;
+        dir = base_path;
+    } else {
+        dirlen = strlen(dir);
+    }
+    r = malloc(dirlen + 1 + strlen(name) + 1);
+    if (!r)
+        return NULL;
+    memcpy(r, dir, dirlen);
+    if (!base_path && dirlen && dir[dirlen - 1] != '/')
+        r[dirlen++] = '/';
+    strcpy(r + dirlen, name);
+    return r;
+}
+
+static int
+probe_format(struct qcbt_io *io, enum chain_fmt *fmt)
+{
+    unsigned char magic[4];
+    ssize_t n = io->ops->pread(io->opaque, magic, sizeof magic, 0);
+
+    if (n < 0)
+        return qcbt_error(-n, "%s: %s", io->name, strerror(-n));
+    *fmt = qcow2_probe(magic, n) ? CHAIN_FMT_QCOW2 : CHAIN_FMT_RAW;
+    return 0;
+}
+
+static int
+parse_format(const char *s, enum chain_fmt *fmt)
+{
+    if (strcmp(s, "qcow2") == 0)
+        *fmt = CHAIN_FMT_QCOW2;
+    else if (strcmp(s, "raw") == 0)
+        *fmt = CHAIN_FMT_RAW;
+    else
+        return -ENOTSUP;
+    return 0;
+}
+
+/* Set up layer L from IO (ownership passes to the layer). */
+static int
+init_layer(struct chain_layer *l, struct qcbt_io *io, enum chain_fmt fmt,
+           const char *data_dir)
+{
+    int r;
+
+    l->fmt = fmt;
+    if (fmt == CHAIN_FMT_RAW) {
+        l->io = io;
+        /* QEMU sizes a raw file in whole sectors, rounding up. */
+        l->size = ROUND_UP(io->size, 512);
+        return 0;
+    }
+    r = qcow2_open(io, &l->qcow2);
+    if (r < 0)
+        return r;
+    l->io = l->qcow2->io;
+    l->size = l->qcow2->size;
+
+    if (l->qcow2->hdr.incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
+        struct qcbt_io *dio;
+        const char *name = l->qcow2->data_file_name;
+
+        if (!name)
+            return qcbt_error(EINVAL, "external data file required but its "
+                              "name is not recorded in the image");
+        if (has_protocol(name))
+            return qcbt_error(ENOTSUP, "external data file '%s' uses a "
+                              "protocol; only local files are supported",
+                              name);
+        /* Decision: relative data file names are relative to the image's
+         * directory, like backing files (QEMU 7.2 uses its CWD instead).
+         */
+        l->data_file_path = resolve_name(data_dir ? NULL : l->path, data_dir,
+                                         name);
+        if (!l->data_file_path)
+            return qcbt_error(ENOMEM, "out of memory");
+        r = qcbt_io_open_file(l->data_file_path, &dio);
+        if (r < 0)
+            return qcbt_error_prefix(-r, "external data file");
+        qcow2_set_data_file(l->qcow2, dio);
+    }
+    return 0;
+}
+
+static void
+free_layer(struct chain_layer *l)
+{
+    if (l->qcow2)
+        qcow2_close(l->qcow2);
+    else
+        qcbt_io_free(l->io);
+    free(l->path);
+    free(l->data_file_path);
+}
+
+static int
+add_layers(struct chain *c, struct qcbt_io *top_io, enum chain_fmt top_fmt,
+           bool top_probed, const char *top_path, const char *backing_dir,
+           const struct chain_open_opts *opts)
+{
+    unsigned max_depth = opts && opts->max_depth ? opts->max_depth
+                                                 : CHAIN_MAX_DEPTH_DEFAULT;
+    struct qcbt_io *io = top_io;
+    enum chain_fmt fmt = top_fmt;
+    bool probed = top_probed;
+    char *path = strdup(top_path);
+    int r;
+
+    if (!path) {
+        qcbt_io_free(io);
+        return qcbt_error(ENOMEM, "out of memory");
+    }
+    for (;;) {
+        struct chain_layer *l;
+        struct chain_layer *nl;
+        const char *bname, *bfmt;
+        size_t idx = c->nr_layers, i;
+
+        nl = realloc(c->layers, (idx + 1) * sizeof *nl);
+        if (!nl) {
+            qcbt_io_free(io);
+            free(path);
+            return qcbt_error(ENOMEM, "out of memory");
+        }
+        c->layers = nl;
+        l = &c->layers[idx];
+        memset(l, 0, sizeof *l);
+        l->path = path;
+        l->fmt_probed = probed;
+        c->nr_layers++;
+
+        /* Loops are detected by file identity, not by name. */
+        for (i = 0; i < idx; i++) {
+            if (io->dev == c->layers[i].io->dev &&
+                io->ino == c->layers[i].io->ino && (io->dev || io->ino)) {
+                qcbt_io_free(io);
+                return qcbt_error(ELOOP, "layer %zu (%s): backing chain loop: "
+                                  "same file as layer %zu",
+                                  idx, l->path, i);
+            }
+        }
+        /* init_layer owns io from here on, success or not. */
+        r = init_layer(l, io, fmt, backing_dir);
+        if (r < 0)
+            return qcbt_error_prefix(-r, "layer %zu (%s)", idx, l->path);
+
+        if (!l->qcow2 || !l->qcow2->backing_name || opts->no_backing)
+            return 0;
+        bname = l->qcow2->backing_name;
+        bfmt = l->qcow2->backing_fmt;
+
+        if (idx + 1 >= max_depth)
+            return qcbt_error(EMLINK, "layer %zu (%s): backing chain deeper "
+                              "than %u layers", idx, l->path, max_depth);
+        if (has_protocol(bname))
+            return qcbt_error(ENOTSUP, "layer %zu (%s): backing file '%s' "
+                              "uses a protocol; only local files are "
+                              "supported", idx, l->path, bname);
+        if (!backing_dir && !l->path[0])
+            return qcbt_error(EINVAL, "layer %zu: cannot resolve relative "
+                              "backing file '%s'", idx, bname);
+        path = resolve_name(backing_dir ? NULL : l->path, backing_dir, bname);
+        if (!path)
+            return qcbt_error(ENOMEM, "out of memory");
+        r = qcbt_io_open_file(path, &io);
+        if (r < 0) {
+            r = qcbt_error_prefix(-r, "layer %zu: backing file '%s' of %s",
+                                  idx + 1, bname, l->path);
+            free(path);
+            return r;
+        }
+        if (bfmt) {
+            if (parse_format(bfmt, &fmt) < 0) {
+                r = qcbt_error(ENOTSUP, "layer %zu (%s): unsupported backing "
+                               "format '%s'", idx + 1, path, bfmt);
+                qcbt_io_free(io);
+                free(path);
+                return r;
+            }
+            probed = false;
+        } else {
+            r = probe_format(io, &fmt);
+            if (r < 0) {
+                qcbt_io_free(io);
+                free(path);
+                return r;
+            }
+            probed = true;
+        }
+    }
+}
+
+static int
+finish_open(struct chain *c, int r, struct chain **out)
+{
+    if (r < 0) {
+        chain_close(c);
+        return r;
+    }
+    c->size = c->layers[0].size;
+    c->id = atomic_fetch_add(&next_chain_id, 1);
+    *out = c;
+    return 0;
+}
+
+int
+chain_open(const char *path, const struct chain_open_opts *opts,
+           struct chain **out)
+{
+    static const struct chain_open_opts defaults;
+    struct chain *c;
+    struct qcbt_io *io;
+    enum chain_fmt fmt;
+    bool probed = false;
+    int r;
+
+    if (!opts)
+        opts = &defaults;
+    c = calloc(1, sizeof *c);
+    if (!c)
+        return qcbt_error(ENOMEM, "out of memory");
+    r = qcbt_io_open_file(path, &io);
+    if (r < 0) {
+        free(c);
+        return r;
+    }
+    if (opts->format) {
+        if (parse_format(opts->format, &fmt) < 0) {
+            qcbt_io_free(io);
+            free(c);
+            return qcbt_error(ENOTSUP, "unsupported format '%s' (qcow2 or "
+                              "raw)", opts->format);
+        }
+    } else {
+        r = probe_format(io, &fmt);
+        if (r < 0) {
+            qcbt_io_free(io);
+            free(c);
+            return r;
+        }
+        probed = true;
+    }
+    r = add_layers(c, io, fmt, probed, path, NULL, opts);
+    return finish_open(c, r, out);
+}
+
+int
+chain_open_io(struct qcbt_io *io, const char *format, const char *backing_dir,
+              const struct chain_open_opts *opts, struct chain **out)
+{
+    struct chain_open_opts o = opts ? *opts : (struct chain_open_opts){0};
+
+    struct chain *c;
+    enum chain_fmt fmt;
+    bool probed = false;
+    int r;
+
+    c = calloc(1, sizeof *c);
+    if (!c) {
+        qcbt_io_free(io);
+        return qcbt_error(ENOMEM, "out of memory");
+    }
+    if (format) {
+        if (parse_format(format, &fmt) < 0) {
+            qcbt_io_free(io);
+            free(c);
+            return qcbt_error(ENOTSUP, "unsupported format '%s'", format);
+        }
+    } else {
+        r = probe_format(io, &fmt);
+        if (r < 0) {
+            qcbt_io_free(io);
+            free(c);
+            return r;
+        }
+        probed = true;
+    }
+    r = add_layers(c, io, fmt, probed, io->name, backing_dir ? backing_dir : ".",
+                   &o);
+    return finish_open(c, r, out);
+}
+
+void
+chain_close(struct chain *c)
+{
+    size_t i;
+
+    if (!c)
+        return;
+    for (i = 0; i < c->nr_layers; i++)
+        free_layer(&c->layers[i]);
+    free(c->layers);
+    free(c);
+}
+
+/* Per-thread cache of the last decompressed cluster, so that small reads
+ * inside one compressed cluster decompress it once.
+ */
+struct zcache {
+    uint64_t chain_id;
+    size_t layer;
+    uint64_t entry;
+    size_t cluster_size;
+    size_t scratch_size;
+    unsigned char *cluster;
+    unsigned char *scratch;
+};
+static __thread struct zcache zc;
+
+static int
+read_compressed(struct chain *c, size_t li, uint64_t entry, uint64_t off,
+                void *buf, size_t n)
+{
+    struct qcow2_image *img = c->layers[li].qcow2;
+    size_t need_s = qcow2_compressed_scratch_size(img);
+    int r;
+
+    if (!(zc.chain_id == c->id && zc.layer == li && zc.entry == entry &&
+          zc.cluster)) {
+        if (zc.cluster_size < img->cluster_size) {
+            free(zc.cluster);
+            zc.cluster = malloc(img->cluster_size);
+            zc.cluster_size = zc.cluster ? img->cluster_size : 0;
+        }
+        if (zc.scratch_size < need_s) {
+            free(zc.scratch);
+            zc.scratch = malloc(need_s);
+            zc.scratch_size = zc.scratch ? need_s : 0;
+        }
+        zc.chain_id = 0;
+        if (!zc.cluster || !zc.scratch)
+            return qcbt_error(ENOMEM, "out of memory");
+        r = qcow2_read_compressed(img, entry, zc.cluster, zc.scratch);
+        if (r < 0)
+            return r;
+        zc.chain_id = c->id;
+        zc.layer = li;
+        zc.entry = entry;
+    }
+    memcpy(buf, zc.cluster + (off & (img->cluster_size - 1)), n);
+    return 0;
+}
+
+static int
+read_layer(struct chain *c, size_t li, unsigned char *buf, size_t len,
+           uint64_t off)
+{
+    struct chain_layer *l = &c->layers[li];
+    int r;
+
+    /* Bytes past this layer's end read as zeros. */
+    if (off >= l->size) {
+        memset(buf, 0, len);
+        return 0;
+    }
+    if (len > l->size - off) {
+        size_t inside = l->size - off;
+        memset(buf + inside, 0, len - inside);
+        len = inside;
+    }
+
+    if (!l->qcow2) {
+        ssize_t n = l->io->ops->pread(l->io->opaque, buf, len, off);
+        if (n < 0)
+            return qcbt_error(-n, "%s: read at 0x%" PRIx64 ": %s", l->path,
+                              off, strerror(-n));
+        memset(buf + n, 0, len - n); /* short raw file: sector tail */
+        return 0;
+    }
+
+    while (len > 0) {
+        struct qcow2_extent e;
+        size_t n;
+
+        r = qcow2_map(l->qcow2, off, len, &e);
+        if (r < 0)
+            return r;
+        n = MIN((uint64_t)len, e.len);
+        switch (e.kind) {
+        case QCOW2_DATA: {
+            struct qcbt_io *dio = l->qcow2->data_io;
+            ssize_t got;
+
+            if (!dio)
+                return qcbt_error(EIO, "%s: external data file not open",
+                                  l->path);
+            got = dio->ops->pread(dio->opaque, buf, n, e.host_offset);
+            if (got < 0)
+                return qcbt_error(-got, "%s: read at host offset 0x%" PRIx64
+                                  ": %s", dio->name, e.host_offset,
+                                  strerror(-got));
+            /* QEMU does not pad the last cluster: the tail reads as zero. */
+            memset(buf + got, 0, n - got);
+            break;
+        }
+        case QCOW2_COMPRESSED:
+            r = read_compressed(c, li, e.l2_entry, off, buf, n);
+            if (r < 0)
+                return r;
+            break;
+        case QCOW2_ZERO:
+            memset(buf, 0, n);
+            break;
+        case QCOW2_UNALLOCATED:
+            if (li + 1 < c->nr_layers) {
+                r = read_layer(c, li + 1, buf, n, off);
+                if (r < 0)
+                    return r;
+            } else {
+                memset(buf, 0, n);
+            }
+            break;
+        }
+        buf += n;
+        off += n;
+        len -= n;
+    }
+    return 0;
+}
+
+int
+chain_read(struct chain *c, void *buf, size_t len, uint64_t offset)
+{
+    if (offset > c->size || len > c->size - offset)
+        return qcbt_error(EINVAL, "read of %zu bytes at 0x%" PRIx64
+                          " is outside the image (%" PRIu64 " bytes)",
+                          len, offset, c->size);
+    return read_layer(c, 0, buf, len, offset);
+}
+
+/* Status of one layer: DATA/ZERO (allocated) or unallocated, as QEMU's
+ * driver-level block status.
+ */
+static int
+layer_status(struct chain *c, size_t li, uint64_t off, uint64_t len,
+             uint64_t *pnum, bool *data, bool *zero, bool *compressed)
+{
+    struct chain_layer *l = &c->layers[li];
+    int r;
+
+    *data = *zero = *compressed = false;
+    if (!l->qcow2) {
+        bool is_data = true;
+
+        *pnum = len;
+        if (l->io->ops->extent) {
+            r = l->io->ops->extent(l->io->opaque, off, len, pnum, &is_data);
+            if (r < 0)
+                return qcbt_error(-r, "%s: %s", l->path, strerror(-r));
+        }
+        *data = is_data;
+        *zero = !is_data;
+        return 0;
+    }
+    {
+        struct qcow2_extent e;
+
+        r = qcow2_map(l->qcow2, off, len, &e);
+        if (r < 0)
+            return r;
+        *pnum = e.len;
+        switch (e.kind) {
+        case QCOW2_DATA:
+            *data = true;
+            break;
+        case QCOW2_COMPRESSED:
+            *data = *compressed = true;
+            break;
+        case QCOW2_ZERO:
+            *zero = true;
+            break;
+        case QCOW2_UNALLOCATED:
+            break;
+        }
+    }
+    return 0;
+}
+
+int
+chain_block_status(struct chain *c, uint64_t offset, uint64_t len,
+                   struct chain_status *st)
+{
+    size_t li;
+    int r;
+
+    if (len == 0 || offset >= c->size)
+        return qcbt_error(EINVAL, "block status at 0x%" PRIx64
+                          " is outside the image", offset);
+    len = MIN(len, c->size - offset);
+    memset(st, 0, sizeof *st);
+
+    /* Mirrors qemu-img map's walk: descend while the layer does not
+     * allocate the range; a range past the next layer's end, or below the
+     * base, reads as zero and is reported at the current depth.
+     */
+    for (li = 0;; li++) {
+        uint64_t n;
+        bool data, zero, compressed;
+
+        r = layer_status(c, li, offset, len, &n, &data, &zero, &compressed);
+        if (r < 0)
+            return r;
+        len = n;
+        st->depth = li;
+        if (data || zero) {
+            st->present = true;
+            st->data = data;
+            st->zero = zero;
+            st->compressed = compressed;
+            break;
+        }
+        if (li + 1 >= c->nr_layers || offset >= c->layers[li + 1].size) {
+            st->zero = true;
+            break;
+        }
+        len = MIN(len, c->layers[li + 1].size - offset);
+    }
+    st->len = len;
+    return 0;
+}
+
+int
+chain_layer_allocated(struct chain *c, size_t li, uint64_t offset,
+                      uint64_t len, uint64_t *pnum, bool *allocated)
+{
+    bool data, zero, compressed;
+    int r;
+
+    if (li >= c->nr_layers)
+        return qcbt_error(EINVAL, "no layer %zu", li);
+    if (offset >= c->layers[li].size) {
+        *pnum = len;
+        *allocated = false;
+        return 0;
+    }
+    len = MIN(len, c->layers[li].size - offset);
+    if (!c->layers[li].qcow2) {
+        *pnum = len;
+        *allocated = true;
+        return 0;
+    }
+    r = layer_status(c, li, offset, len, pnum, &data, &zero, &compressed);
+    *allocated = data || zero;
+    return r;
+}

@@ -9,6 +9,7 @@
 #include "error.h"
 #include "json.h"
 #include "qcbt.h"
+#include "qcow2-bitmaps.h"
 
 static void
 info_usage(FILE *fp)
@@ -89,6 +90,95 @@ compat_name(const struct qcow2_image *img)
     return img->hdr.version == 2 ? "0.10" : "1.1";
 }
 
+static const char *
+status_name(enum qcow2_bitmap_status s)
+{
+    switch (s) {
+    case QCOW2_BITMAP_OK:
+        return "ok";
+    case QCOW2_BITMAP_IN_USE:
+        return "in-use";
+    case QCOW2_BITMAP_INVALID:
+        break;
+    }
+    return "invalid";
+}
+
+/* The layer's bitmaps (names, flags, granularity, status). */
+static void
+print_bitmaps_json(struct qcow2_image *q)
+{
+    struct qcow2_bitmap_list *bl = NULL;
+    size_t k;
+
+    if (qcow2_bitmaps_load(q, &bl) < 0) {
+        printf(",\n      \"bitmaps\": null");
+        return;
+    }
+    printf(",\n      \"bitmaps-usable\": %s", bl->usable ? "true" : "false");
+    if (bl->reason[0]) {
+        printf(",\n      \"bitmaps-error\": ");
+        json_string(stdout, bl->reason);
+    }
+    printf(",\n      \"bitmaps\": [");
+    for (k = 0; k < bl->nr; k++) {
+        const struct qcow2_bitmap_info *b = &bl->bitmaps[k];
+
+        printf("%s\n        {\"name\": ", k ? "," : "");
+        json_string(stdout, b->name);
+        printf(", \"granularity\": %llu, \"flags\": [%s%s%s], "
+               "\"status\": \"%s\"",
+               b->granularity_bits < 64 ? 1ULL << b->granularity_bits : 0,
+               (b->flags & QCOW2_BME_FLAG_IN_USE) ? "\"in-use\"" : "",
+               (b->flags & QCOW2_BME_FLAG_IN_USE) &&
+                       (b->flags & QCOW2_BME_FLAG_AUTO)
+                   ? ", "
+                   : "",
+               (b->flags & QCOW2_BME_FLAG_AUTO) ? "\"auto\"" : "",
+               status_name(b->status));
+        if (b->status != QCOW2_BITMAP_OK) {
+            printf(", \"reason\": ");
+            json_string(stdout, b->reason);
+        }
+        printf("}");
+    }
+    printf("%s]", bl->nr ? "\n      " : "");
+    qcow2_bitmap_list_free(bl);
+}
+
+static void
+print_bitmaps_human(struct qcow2_image *q)
+{
+    struct qcow2_bitmap_list *bl = NULL;
+    char esc[1100];
+    size_t k;
+
+    if (qcow2_bitmaps_load(q, &bl) < 0 || (!bl->present && !bl->reason[0])) {
+        qcow2_bitmap_list_free(bl);
+        return;
+    }
+    printf("  bitmaps:       %zu", bl->nr);
+    if (!bl->usable)
+        printf(" (unusable: %s)", qcbt_escape(esc, sizeof esc, bl->reason,
+                                              strlen(bl->reason)));
+    printf("\n");
+    for (k = 0; k < bl->nr; k++) {
+        const struct qcow2_bitmap_info *b = &bl->bitmaps[k];
+
+        printf("    %s: granularity %llu, flags [%s%s%s], %s\n",
+               qcbt_escape(esc, sizeof esc, b->name, strlen(b->name)),
+               b->granularity_bits < 64 ? 1ULL << b->granularity_bits : 0,
+               (b->flags & QCOW2_BME_FLAG_IN_USE) ? "in-use" : "",
+               (b->flags & QCOW2_BME_FLAG_IN_USE) &&
+                       (b->flags & QCOW2_BME_FLAG_AUTO)
+                   ? ", "
+                   : "",
+               (b->flags & QCOW2_BME_FLAG_AUTO) ? "auto" : "",
+               status_name(b->status));
+    }
+    qcow2_bitmap_list_free(bl);
+}
+
 static void
 print_layer_json(const struct chain *c, size_t i)
 {
@@ -140,8 +230,7 @@ print_layer_json(const struct chain *c, size_t i)
         json_string(stdout, q->data_file_name);
         printf(",\n      \"full-data-file\": ");
         json_string(stdout, l->data_file_path);
-        printf(",\n      \"bitmaps-extension\": %s",
-               q->bitmaps.present ? "true" : "false");
+        print_bitmaps_json(l->qcow2);
         printf(",\n      \"unknown-extensions\": [");
         for (k = 0; k < q->nr_unknown_exts; k++)
             printf("%s{\"type\": \"0x%08" PRIx32 "\", \"length\": %" PRIu32
@@ -200,12 +289,7 @@ print_layer_human(const struct chain *c, size_t i)
     if (q->data_file_name)
         printf("  data file:     %s (resolved: %s)\n", q->data_file_name,
                l->data_file_path ? l->data_file_path : "-");
-    if (q->bitmaps.present)
-        printf("  bitmaps:       %" PRIu32 " in the directory%s\n",
-               q->bitmaps.nb_bitmaps,
-               (q->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)
-                   ? ""
-                   : " (inconsistent: autoclear bit clear)");
+    print_bitmaps_human(l->qcow2);
 }
 
 int

@@ -1,0 +1,441 @@
+/* qcbt: the qcow2 bitmaps extension and bitmap directory.
+ *
+ * Checks everything QEMU's qcow2_read_extensions(), bitmap_list_load() and
+ * check_dir_entry() check, plus what they miss (reliability-catalogue.md
+ * A31-A43): duplicate names, names that are not valid NBD strings, and
+ * directory or table offsets past the end of the file or overlapping the
+ * header, the L1 table, the refcount table or each other.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "byteorder.h"
+#include "checked-overflow.h"
+#include "error.h"
+#include "isaligned.h"
+#include "qcow2-bitmaps.h"
+#include "rounding.h"
+
+#define DIR_ENTRY_FIXED 24
+
+static void
+set_reason(char *dst, size_t len, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void
+set_reason(char *dst, size_t len, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(dst, len, fmt, ap);
+    va_end(ap);
+}
+
+#define LAYER_BAD(list, ...)                                                   \
+    set_reason((list)->reason, sizeof (list)->reason, __VA_ARGS__)
+#define BITMAP_BAD(bm, ...)                                                    \
+    do {                                                                       \
+        (bm)->status = QCOW2_BITMAP_INVALID;                                   \
+        set_reason((bm)->reason, sizeof (bm)->reason, __VA_ARGS__);            \
+    } while (0)
+
+uint64_t
+qcow2_bitmap_table_size(const struct qcow2_image *img, unsigned gbits)
+{
+    uint64_t nbits = DIV_ROUND_UP(img->hdr.size, 1ULL << gbits);
+    uint64_t nbytes = DIV_ROUND_UP(nbits, 8);
+
+    return DIV_ROUND_UP(nbytes, img->cluster_size);
+}
+
+/* Is [off, off+len) disjoint from [m, m+mlen)? */
+static bool
+overlaps(uint64_t off, uint64_t len, uint64_t m, uint64_t mlen)
+{
+    return len && mlen && off < m + mlen && m < off + len;
+}
+
+/* Does a host range overlap the header cluster, the L1 table or the
+ * refcount table?  Returns the name of what it hits, or NULL.
+ */
+static const char *
+hits_metadata(const struct qcow2_image *img, uint64_t off, uint64_t len)
+{
+    if (overlaps(off, len, 0, img->cluster_size))
+        return "the header";
+    if (overlaps(off, len, img->hdr.l1_table_offset,
+                 (uint64_t)img->hdr.l1_size * 8))
+        return "the L1 table";
+    if (overlaps(off, len, img->hdr.refcount_table_offset,
+                 (uint64_t)img->hdr.refcount_table_clusters *
+                     img->cluster_size))
+        return "the refcount table";
+    return NULL;
+}
+
+static bool
+valid_utf8(const unsigned char *p, size_t n)
+{
+    size_t i = 0;
+
+    while (i < n) {
+        unsigned c = p[i], cp, len, k;
+
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        if ((c & 0xe0) == 0xc0) {
+            len = 2;
+            cp = c & 0x1f;
+        } else if ((c & 0xf0) == 0xe0) {
+            len = 3;
+            cp = c & 0x0f;
+        } else if ((c & 0xf8) == 0xf0) {
+            len = 4;
+            cp = c & 0x07;
+        } else {
+            return false;
+        }
+        if (len > n - i)
+            return false;
+        for (k = 1; k < len; k++) {
+            if ((p[i + k] & 0xc0) != 0x80)
+                return false;
+            cp = (cp << 6) | (p[i + k] & 0x3f);
+        }
+        if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) ||
+            (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+            (cp >= 0xd800 && cp <= 0xdfff))
+            return false;
+        i += len;
+    }
+    return true;
+}
+
+/* QEMU's check_dir_entry() plus our own table checks, for one entry. */
+static void
+check_entry(struct qcow2_image *img, struct qcow2_bitmap_info *bm)
+{
+    uint64_t phys, need, table_bytes;
+    const char *hit;
+    char name[80];
+
+    qcbt_escape(name, sizeof name, bm->name, strlen(bm->name));
+    bm->status = QCOW2_BITMAP_OK;
+    if (bm->type != QCOW2_BME_TYPE_DIRTY_TRACKING) {
+        BITMAP_BAD(bm, "bitmap '%s': unknown type %u", name, bm->type);
+        return;
+    }
+    if (bm->flags & ~(QCOW2_BME_FLAG_IN_USE | QCOW2_BME_FLAG_AUTO)) {
+        BITMAP_BAD(bm, "bitmap '%s': unsupported flags 0x%" PRIx32, name,
+                   bm->flags);
+        return;
+    }
+    if (bm->granularity_bits < QCOW2_BME_MIN_GRANULARITY_BITS ||
+        bm->granularity_bits > QCOW2_BME_MAX_GRANULARITY_BITS) {
+        BITMAP_BAD(bm, "bitmap '%s': granularity_bits %u out of range "
+                   "(%d..%d)", name, bm->granularity_bits,
+                   QCOW2_BME_MIN_GRANULARITY_BITS,
+                   QCOW2_BME_MAX_GRANULARITY_BITS);
+        return;
+    }
+    if (bm->table_size == 0 || bm->table_size > QCOW2_BME_MAX_TABLE_SIZE) {
+        BITMAP_BAD(bm, "bitmap '%s': bitmap table size %" PRIu32
+                   " out of range", name, bm->table_size);
+        return;
+    }
+    phys = (uint64_t)bm->table_size * img->cluster_size;
+    if (phys > QCOW2_BME_MAX_PHYS_SIZE) {
+        BITMAP_BAD(bm, "bitmap '%s': %" PRIu64 " bytes of bitmap data "
+                   "exceed the 512 MiB limit", name, phys);
+        return;
+    }
+    if (bm->table_offset == 0 ||
+        !IS_ALIGNED(bm->table_offset, img->cluster_size)) {
+        BITMAP_BAD(bm, "bitmap '%s': bitmap table offset 0x%" PRIx64
+                   " is not cluster aligned", name, bm->table_offset);
+        return;
+    }
+    table_bytes = (uint64_t)bm->table_size * 8;
+    if (bm->table_offset > QCOW2_MAX_HOST_OFFSET ||
+        bm->table_offset + table_bytes > img->io->size) {
+        BITMAP_BAD(bm, "bitmap '%s': bitmap table at 0x%" PRIx64
+                   " runs past the end of the file", name, bm->table_offset);
+        return;
+    }
+    hit = hits_metadata(img, bm->table_offset, table_bytes);
+    if (hit) {
+        BITMAP_BAD(bm, "bitmap '%s': bitmap table at 0x%" PRIx64
+                   " overlaps %s", name, bm->table_offset, hit);
+        return;
+    }
+    if (bm->flags & QCOW2_BME_FLAG_IN_USE) {
+        bm->status = QCOW2_BITMAP_IN_USE;
+        set_reason(bm->reason, sizeof bm->reason,
+                   "bitmap '%s' is in use (the image was not closed "
+                   "cleanly): its contents cannot be trusted", name);
+        return;
+    }
+    /* QEMU demands the exact table size for a bitmap it loads. */
+    need = qcow2_bitmap_table_size(img, bm->granularity_bits);
+    if (bm->table_size != need) {
+        BITMAP_BAD(bm, "bitmap '%s': bitmap table has %" PRIu32
+                   " entries, %" PRIu64 " expected for the virtual size",
+                   name, bm->table_size, need);
+        return;
+    }
+}
+
+int
+qcow2_bitmaps_parse_dir(struct qcow2_image *img, const unsigned char *dir,
+                        uint64_t dir_size, uint32_t nb_bitmaps,
+                        struct qcow2_bitmap_list *list)
+{
+    uint64_t off = 0;
+    size_t i, j;
+
+    list->bitmaps = calloc(nb_bitmaps ? nb_bitmaps : 1,
+                           sizeof *list->bitmaps);
+    if (!list->bitmaps)
+        return qcbt_error(ENOMEM, "out of memory");
+
+    while (off < dir_size) {
+        const unsigned char *e = dir + off;
+        struct qcow2_bitmap_info *bm;
+        uint64_t entry_size;
+        uint16_t name_size;
+        uint32_t extra;
+
+        if (list->nr == nb_bitmaps) {
+            LAYER_BAD(list, "broken bitmap directory: more bitmaps found "
+                      "than the %" PRIu32 " the header extension says",
+                      nb_bitmaps);
+            return 0;
+        }
+        if (dir_size - off < DIR_ENTRY_FIXED) {
+            LAYER_BAD(list, "broken bitmap directory: entry %zu at offset "
+                      "%" PRIu64 " is truncated", list->nr, off);
+            return 0;
+        }
+        name_size = get_be16(e + 18);
+        extra = get_be32(e + 20);
+        /* 64-bit arithmetic: extra_data_size may be close to 4 GiB. */
+        entry_size = ROUND_UP((uint64_t)DIR_ENTRY_FIXED + extra + name_size,
+                              8);
+        if (entry_size > dir_size - off) {
+            LAYER_BAD(list, "broken bitmap directory: entry %zu at offset "
+                      "%" PRIu64 " runs past the end of the directory",
+                      list->nr, off);
+            return 0;
+        }
+        if (extra != 0) {
+            LAYER_BAD(list, "bitmap directory entry %zu has %" PRIu32
+                      " bytes of extra data (not supported)", list->nr,
+                      extra);
+            return 0;
+        }
+        if (name_size == 0 || name_size > QCOW2_BME_MAX_NAME_SIZE) {
+            LAYER_BAD(list, "bitmap directory entry %zu: name size %u out "
+                      "of range (1..%d)", list->nr, name_size,
+                      QCOW2_BME_MAX_NAME_SIZE);
+            return 0;
+        }
+        if (memchr(e + DIR_ENTRY_FIXED + extra, '\0', name_size) ||
+            !valid_utf8(e + DIR_ENTRY_FIXED + extra, name_size)) {
+            LAYER_BAD(list, "bitmap directory entry %zu: name is not valid "
+                      "UTF-8 without NUL bytes", list->nr);
+            return 0;
+        }
+
+        bm = &list->bitmaps[list->nr];
+        bm->table_offset = get_be64(e);
+        bm->table_size = get_be32(e + 8);
+        bm->flags = get_be32(e + 12);
+        bm->type = e[16];
+        bm->granularity_bits = e[17];
+        bm->extra_data_size = extra;
+        bm->name = malloc(name_size + 1);
+        if (!bm->name)
+            return qcbt_error(ENOMEM, "out of memory");
+        memcpy(bm->name, e + DIR_ENTRY_FIXED + extra, name_size);
+        bm->name[name_size] = '\0';
+        list->nr++;
+        off += entry_size;
+    }
+    if (list->nr != nb_bitmaps) {
+        LAYER_BAD(list, "broken bitmap directory: %zu bitmaps found, the "
+                  "header extension says %" PRIu32, list->nr, nb_bitmaps);
+        return 0;
+    }
+
+    /* Per-entry constraints; QEMU refuses the whole image on any of them,
+     * so any failure makes the whole directory unusable.
+     */
+    for (i = 0; i < list->nr; i++) {
+        check_entry(img, &list->bitmaps[i]);
+        if (list->bitmaps[i].status == QCOW2_BITMAP_INVALID) {
+            LAYER_BAD(list, "%s", list->bitmaps[i].reason);
+            return 0;
+        }
+    }
+    /* Names are unique (QEMU does not check), tables do not overlap each
+     * other or the directory.
+     */
+    for (i = 0; i < list->nr; i++) {
+        struct qcow2_bitmap_info *a = &list->bitmaps[i];
+        char name[80];
+
+        for (j = i + 1; j < list->nr; j++) {
+            struct qcow2_bitmap_info *b = &list->bitmaps[j];
+
+            if (strcmp(a->name, b->name) == 0) {
+                LAYER_BAD(list, "duplicate bitmap name '%s'",
+                          qcbt_escape(name, sizeof name, a->name,
+                                      strlen(a->name)));
+                return 0;
+            }
+            if (overlaps(a->table_offset, (uint64_t)a->table_size * 8,
+                         b->table_offset, (uint64_t)b->table_size * 8)) {
+                LAYER_BAD(list, "bitmap tables of '%s' and another bitmap "
+                          "overlap",
+                          qcbt_escape(name, sizeof name, a->name,
+                                      strlen(a->name)));
+                return 0;
+            }
+        }
+        if (overlaps(a->table_offset, (uint64_t)a->table_size * 8,
+                     img->bitmaps.dir_offset, img->bitmaps.dir_size)) {
+            LAYER_BAD(list, "bitmap table of '%s' overlaps the bitmap "
+                      "directory",
+                      qcbt_escape(name, sizeof name, a->name,
+                                  strlen(a->name)));
+            return 0;
+        }
+    }
+    list->usable = true;
+    return 0;
+}
+
+int
+qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
+{
+    const struct qcow2_bitmaps_ext *ext = &img->bitmaps;
+    struct qcow2_bitmap_list *list;
+    unsigned char *dir = NULL;
+    const char *hit;
+    uint64_t end;
+    size_t i;
+    int r;
+
+    list = calloc(1, sizeof *list);
+    if (!list)
+        return qcbt_error(ENOMEM, "out of memory");
+    *out = list;
+    list->present = ext->present;
+    if (!ext->present) {
+        if (img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)
+            LAYER_BAD(list, "bitmaps autoclear bit set without a bitmaps "
+                      "extension");
+        return 0;
+    }
+
+    /* Extension-level rules (qcow2_read_extensions). */
+    if (img->hdr.version < 3) {
+        LAYER_BAD(list, "bitmaps extension in a version 2 image: all "
+                  "bitmaps are inconsistent");
+        return 0;
+    }
+    if (ext->ext_len != 24) {
+        LAYER_BAD(list, "bitmaps extension has length %" PRIu32
+                  " (24 expected)", ext->ext_len);
+        return 0;
+    }
+    if (ext->reserved != 0) {
+        LAYER_BAD(list, "bitmaps extension: reserved field is not zero");
+        return 0;
+    }
+    if (ext->nb_bitmaps == 0 || ext->nb_bitmaps > QCOW2_MAX_BITMAPS) {
+        LAYER_BAD(list, "bitmaps extension: %" PRIu32 " bitmaps (1..%d "
+                  "allowed)", ext->nb_bitmaps, QCOW2_MAX_BITMAPS);
+        return 0;
+    }
+    if (ext->dir_size == 0 || ext->dir_size > QCOW2_MAX_BITMAP_DIR_SIZE) {
+        LAYER_BAD(list, "bitmaps extension: directory size %" PRIu64
+                  " out of range", ext->dir_size);
+        return 0;
+    }
+    if (!IS_ALIGNED(ext->dir_offset, img->cluster_size) ||
+        ADD_OVERFLOW(ext->dir_offset, ext->dir_size, &end) ||
+        end > img->io->size) {
+        LAYER_BAD(list, "bitmaps extension: directory at 0x%" PRIx64
+                  " (%" PRIu64 " bytes) is misaligned or past the end of "
+                  "the file", ext->dir_offset, ext->dir_size);
+        return 0;
+    }
+    hit = hits_metadata(img, ext->dir_offset, ext->dir_size);
+    if (hit) {
+        LAYER_BAD(list, "bitmap directory at 0x%" PRIx64 " overlaps %s",
+                  ext->dir_offset, hit);
+        return 0;
+    }
+
+    dir = malloc(ext->dir_size);
+    if (!dir)
+        return qcbt_error(ENOMEM, "out of memory");
+    r = qcbt_io_read_exact(img->io, dir, ext->dir_size, ext->dir_offset,
+                           false, "bitmap directory");
+    if (r < 0) {
+        LAYER_BAD(list, "%s", qcbt_error_get());
+        free(dir);
+        return 0;
+    }
+    r = qcow2_bitmaps_parse_dir(img, dir, ext->dir_size, ext->nb_bitmaps,
+                                list);
+    free(dir);
+    if (r < 0)
+        return r;
+
+    /* The directory is well formed, but is it trustworthy? */
+    if (list->usable &&
+        !(img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)) {
+        list->usable = false;
+        LAYER_BAD(list, "bitmaps autoclear bit is clear: a program lacking "
+                  "bitmap support modified the image, all bitmaps are "
+                  "inconsistent");
+    }
+    if (list->usable &&
+        (img->hdr.incompatible_features & QCOW2_INCOMPAT_CORRUPT)) {
+        list->usable = false;
+        LAYER_BAD(list, "the image is marked corrupt: bitmaps are not "
+                  "trusted");
+    }
+    if (!list->usable) {
+        for (i = 0; i < list->nr; i++) {
+            if (list->bitmaps[i].status != QCOW2_BITMAP_INVALID) {
+                list->bitmaps[i].status = QCOW2_BITMAP_INVALID;
+                snprintf(list->bitmaps[i].reason,
+                         sizeof list->bitmaps[i].reason, "%s", list->reason);
+            }
+        }
+    }
+    return 0;
+}
+
+void
+qcow2_bitmap_list_free(struct qcow2_bitmap_list *list)
+{
+    size_t i;
+
+    if (!list)
+        return;
+    for (i = 0; i < list->nr; i++)
+        free(list->bitmaps[i].name);
+    free(list->bitmaps);
+    free(list);
+}

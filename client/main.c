@@ -20,6 +20,7 @@ static const struct {
     {"info", cmd_info, "show an image's backing chain and each layer"},
     {"map", cmd_map, "show guest allocation (like qemu-img map)"},
     {"cat", cmd_cat, "write guest bytes to stdout"},
+    {"bitmap", cmd_bitmap, "list, check, dump and digest persistent bitmaps"},
 };
 
 static void

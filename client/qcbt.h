@@ -13,6 +13,7 @@
 int cmd_info(int argc, char **argv);
 int cmd_map(int argc, char **argv);
 int cmd_cat(int argc, char **argv);
+int cmd_bitmap(int argc, char **argv);
 
 /* Print "qcbt: MSG" (printf format) on stderr, one line. */
 void die_msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

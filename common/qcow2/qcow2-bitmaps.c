@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bitmap.h"
 #include "byteorder.h"
 #include "checked-overflow.h"
 #include "error.h"
@@ -47,7 +48,7 @@ set_reason(char *dst, size_t len, const char *fmt, ...)
 uint64_t
 qcow2_bitmap_table_size(const struct qcow2_image *img, unsigned gbits)
 {
-    uint64_t nbits = DIV_ROUND_UP(img->hdr.size, 1ULL << gbits);
+    uint64_t nbits = DIV_ROUND_UP(img->size, 1ULL << gbits);
     uint64_t nbytes = DIV_ROUND_UP(nbits, 8);
 
     return DIV_ROUND_UP(nbytes, img->cluster_size);
@@ -273,6 +274,8 @@ qcow2_bitmaps_parse_dir(struct qcow2_image *img, const unsigned char *dir,
                   "header extension says %" PRIu32, list->nr, nb_bitmaps);
         return 0;
     }
+    /* Every name is known from here on, even if the layer is unusable. */
+    list->names_known = true;
 
     /* Per-entry constraints; QEMU refuses the whole image on any of them,
      * so any failure makes the whole directory unusable.
@@ -338,6 +341,7 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
         return qcbt_error(ENOMEM, "out of memory");
     *out = list;
     list->present = ext->present;
+    list->names_known = !ext->present;
     if (!ext->present) {
         if (img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)
             LAYER_BAD(list, "bitmaps autoclear bit set without a bitmaps "
@@ -346,11 +350,6 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
     }
 
     /* Extension-level rules (qcow2_read_extensions). */
-    if (img->hdr.version < 3) {
-        LAYER_BAD(list, "bitmaps extension in a version 2 image: all "
-                  "bitmaps are inconsistent");
-        return 0;
-    }
     if (ext->ext_len != 24) {
         LAYER_BAD(list, "bitmaps extension has length %" PRIu32
                   " (24 expected)", ext->ext_len);
@@ -402,6 +401,11 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
         return r;
 
     /* The directory is well formed, but is it trustworthy? */
+    if (list->usable && img->hdr.version < 3) {
+        list->usable = false;
+        LAYER_BAD(list, "bitmaps extension in a version 2 image: all "
+                  "bitmaps are inconsistent");
+    }
     if (list->usable &&
         !(img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)) {
         list->usable = false;
@@ -438,4 +442,134 @@ qcow2_bitmap_list_free(struct qcow2_bitmap_list *list)
         free(list->bitmaps[i].name);
     free(list->bitmaps);
     free(list);
+}
+
+static int
+cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+#define BME_TABLE_RESERVED    0xff000000000001feULL
+#define BME_TABLE_OFFSET_MASK 0x00fffffffffffe00ULL
+#define BME_TABLE_ALL_ONES    1ULL
+
+int
+qcow2_bitmap_load_data(struct qcow2_image *img,
+                       const struct qcow2_bitmap_info *bi, unsigned flags,
+                       struct bitmap **out)
+{
+    struct bitmap *bm = NULL;
+    unsigned char *raw = NULL, *cluster = NULL;
+    uint64_t *offsets = NULL;
+    uint64_t want, i, n_off = 0;
+    char name[80];
+    int r;
+
+    qcbt_escape(name, sizeof name, bi->name, strlen(bi->name));
+    if (bi->status != QCOW2_BITMAP_OK)
+        return qcbt_error(EINVAL, "%s: bitmap '%s' cannot be loaded: %s",
+                          img->io->name, name, bi->reason);
+    r = bitmap_new(img->size, 1ULL << bi->granularity_bits, &bm);
+    if (r < 0)
+        return qcbt_error_prefix(-r, "%s: bitmap '%s'", img->io->name, name);
+
+    /* The stream QEMU keeps in memory: whole words (it hashes them). */
+    want = (flags & BITMAP_RAW) ? bitmap_raw_size(bm)
+                                : bitmap_serialized_size(bm);
+    raw = malloc((size_t)bi->table_size * 8);
+    offsets = malloc((size_t)bi->table_size * sizeof *offsets);
+    cluster = malloc(img->cluster_size);
+    if (!raw || !offsets || !cluster) {
+        r = qcbt_error(ENOMEM, "out of memory");
+        goto out;
+    }
+    r = qcbt_io_read_exact(img->io, raw, (size_t)bi->table_size * 8,
+                           bi->table_offset, false, "bitmap table");
+    if (r < 0)
+        goto out;
+
+    for (i = 0; i < bi->table_size; i++) {
+        uint64_t e = get_be64(raw + i * 8);
+        uint64_t off = e & BME_TABLE_OFFSET_MASK;
+        uint64_t pos = i * img->cluster_size;
+        uint64_t len = pos < want ? want - pos : 0;
+        const char *hit;
+
+        if (len > img->cluster_size)
+            len = img->cluster_size;
+        if (e & BME_TABLE_RESERVED) {
+            r = qcbt_error(EINVAL, "%s: bitmap '%s': table entry %" PRIu64
+                           " (0x%016" PRIx64 ") has reserved bits set",
+                           img->io->name, name, i, e);
+            goto out;
+        }
+        if (off == 0) {
+            if ((e & BME_TABLE_ALL_ONES) && len) {
+                r = bitmap_import_fill(bm, pos, len, true, flags);
+                if (r < 0)
+                    goto out;
+            }
+            continue;
+        }
+        if (e & BME_TABLE_ALL_ONES) {
+            r = qcbt_error(EINVAL, "%s: bitmap '%s': table entry %" PRIu64
+                           " has both a data offset and the all-ones flag",
+                           img->io->name, name, i);
+            goto out;
+        }
+        if (!IS_ALIGNED(off, img->cluster_size)) {
+            r = qcbt_error(EINVAL, "%s: bitmap '%s': table entry %" PRIu64
+                           ": data offset 0x%" PRIx64
+                           " is not cluster aligned",
+                           img->io->name, name, i, off);
+            goto out;
+        }
+        hit = hits_metadata(img, off, img->cluster_size);
+        if (!hit && overlaps(off, img->cluster_size, bi->table_offset,
+                             (uint64_t)bi->table_size * 8))
+            hit = "its own bitmap table";
+        if (!hit && overlaps(off, img->cluster_size, img->bitmaps.dir_offset,
+                             img->bitmaps.dir_size))
+            hit = "the bitmap directory";
+        if (hit) {
+            r = qcbt_error(EINVAL, "%s: bitmap '%s': data cluster 0x%" PRIx64
+                           " overlaps %s", img->io->name, name, off, hit);
+            goto out;
+        }
+        offsets[n_off++] = off;
+        if (len == 0)
+            continue;
+        /* Never read a short read or EOF as "clean". */
+        r = qcbt_io_read_exact(img->io, cluster, len, off, false,
+                               "bitmap data cluster");
+        if (r < 0)
+            goto out;
+        r = bitmap_import(bm, pos, cluster, len, flags);
+        if (r < 0)
+            goto out;
+    }
+
+    /* One data cluster shared by two entries is corruption. */
+    qsort(offsets, n_off, sizeof *offsets, cmp_u64);
+    for (i = 1; i < n_off; i++) {
+        if (offsets[i] == offsets[i - 1]) {
+            r = qcbt_error(EINVAL, "%s: bitmap '%s': data cluster 0x%" PRIx64
+                           " is used twice", img->io->name, name,
+                           offsets[i]);
+            goto out;
+        }
+    }
+    *out = bm;
+    bm = NULL;
+    r = 0;
+
+out:
+    bitmap_free(bm);
+    free(raw);
+    free(offsets);
+    free(cluster);
+    return r;
 }

@@ -44,6 +44,9 @@ struct qcow2_bitmap_info {
 struct qcow2_bitmap_list {
     bool present;        /* the image has a bitmaps extension */
     bool usable;         /* the extension and directory are valid */
+    bool names_known;    /* every bitmap name of the layer is listed (false
+                            when the directory cannot be walked: a bitmap
+                            may hide there) */
     char reason[256];    /* why not usable */
     size_t nr;
     struct qcow2_bitmap_info *bitmaps;
@@ -60,6 +63,19 @@ int qcow2_bitmaps_parse_dir(struct qcow2_image *img, const unsigned char *dir,
                             struct qcow2_bitmap_list *list);
 
 void qcow2_bitmap_list_free(struct qcow2_bitmap_list *list);
+
+struct bitmap;
+
+/* Load the contents of bitmap BI (status QCOW2_BITMAP_OK) of IMG into a
+ * new dense bitmap *out.  Every table entry is validated (reserved bits,
+ * alignment, all-ones flag with an offset, data past the end of the file,
+ * clusters overlapping metadata or used twice): any failure is an error
+ * and no bitmap is returned.  FLAGS: BITMAP_RAW keeps the garbage bits
+ * past the end of the last word (for QEMU's digest).
+ */
+int qcow2_bitmap_load_data(struct qcow2_image *img,
+                           const struct qcow2_bitmap_info *bi, unsigned flags,
+                           struct bitmap **out);
 
 /* Exact bitmap table size for a bitmap of IMG with granularity 2^gbits. */
 uint64_t qcow2_bitmap_table_size(const struct qcow2_image *img,

@@ -94,7 +94,8 @@ do_list(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
         if (r < 0)
             return report_error();
         if (o->json) {
-            printf("%s\n    {\"depth\": %zu, \"filename\": ", li ? "," : "",
+            printf("%s\n    {\"depth\": %zu, \"filename\": ",
+                   li ? "," : "",
                    li);
             json_string(stdout, c->layers[li].path);
             printf(", \"usable\": %s", bl->usable ? "true" : "false");
@@ -104,12 +105,17 @@ do_list(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
             }
             printf(", \"bitmaps\": [");
         } else {
-            printf("layer %zu: %s", li,
-                   qcbt_escape(esc, sizeof esc, c->layers[li].path,
+            printf("layer %zu: %s",
+                   li,
+                   qcbt_escape(esc,
+                               sizeof esc,
+                               c->layers[li].path,
                                strlen(c->layers[li].path)));
             if (bl->reason[0])
                 printf(" (bitmaps unusable: %s)",
-                       qcbt_escape(esc, sizeof esc, bl->reason,
+                       qcbt_escape(esc,
+                                   sizeof esc,
+                                   bl->reason,
                                    strlen(bl->reason)));
             printf("%s\n", bl->nr ? "" : "\n  (no bitmaps)");
         }
@@ -128,8 +134,7 @@ do_list(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
                     return report_error();
                 if (r < 0) {
                     st = QCOW2_BITMAP_INVALID;
-                    snprintf(load_err, sizeof load_err, "%s",
-                             qcbt_error_get());
+                    snprintf(load_err, sizeof load_err, "%s", qcbt_error_get());
                     reason = load_err;
                 } else {
                     bytes = dirty_bytes(bm);
@@ -158,8 +163,7 @@ do_list(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
                 printf("}");
             } else {
                 printf("  %-24s granularity %-10llu %-8s %-8s ",
-                       qcbt_escape(esc, sizeof esc, bi->name,
-                                   strlen(bi->name)),
+                       qcbt_escape(esc, sizeof esc, bi->name, strlen(bi->name)),
                        bi->granularity_bits < 64 ? 1ULL << bi->granularity_bits
                                                  : 0ULL,
                        (bi->flags & QCOW2_BME_FLAG_AUTO) ? "enabled"
@@ -168,9 +172,10 @@ do_list(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
                 if (have_bytes)
                     printf("dirty %" PRIu64 " bytes\n", bytes);
                 else
-                    printf("%s: %s\n", status_name(st),
-                           qcbt_escape(esc, sizeof esc, reason,
-                                       strlen(reason)));
+                    printf(
+                        "%s: %s\n",
+                        status_name(st),
+                        qcbt_escape(esc, sizeof esc, reason, strlen(reason)));
             }
         }
         if (o->json)
@@ -190,11 +195,12 @@ source_name(enum merge_source s)
 }
 
 static int
-run_merge(struct chain *c, struct merge_ctx *ctx, const struct bopts *o,
+run_merge(struct chain *c,
+          struct merge_ctx *ctx,
+          const struct bopts *o,
           struct merge_result **res)
 {
-    struct merge_opts mo = {.mode = o->strict ? MERGE_STRICT
-                                              : MERGE_TOLERANT};
+    struct merge_opts mo = {.mode = o->strict ? MERGE_STRICT : MERGE_TOLERANT};
     int r = merge_run(ctx, o->name, &mo, res);
 
     if (r < 0)
@@ -224,7 +230,9 @@ do_check(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
             printf(",\n  \"granularity\": %" PRIu64
                    ",\n  \"deepest-layer\": %zu,\n  \"fallbacks\": %zu,"
                    "\n  \"dirty-bytes\": %" PRIu64,
-                   res->bm->granularity, res->deepest, res->nr_fallbacks,
+                   res->bm->granularity,
+                   res->deepest,
+                   res->nr_fallbacks,
                    dirty_bytes(res->bm));
         }
         printf(",\n  \"layers\": [");
@@ -237,7 +245,8 @@ do_check(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
                    res->usable ? source_name(ml->source) : "none");
             if (res->usable && ml->source == MERGE_SRC_BITMAP)
                 printf(", \"granularity\": %" PRIu64 ", \"enabled\": %s",
-                       ml->granularity, ml->enabled ? "true" : "false");
+                       ml->granularity,
+                       ml->enabled ? "true" : "false");
             if (res->usable && ml->reason[0]) {
                 printf(", \"reason\": ");
                 json_string(stdout, ml->reason);
@@ -247,16 +256,20 @@ do_check(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
         printf("\n  ]\n}\n");
     } else if (res->usable) {
         printf("bitmap '%s': usable for an incremental backup (%s mode)\n",
-               o->name, o->strict ? "strict" : "tolerant");
+               o->name,
+               o->strict ? "strict" : "tolerant");
         printf("granularity %" PRIu64 ", %" PRIu64 " dirty bytes, deepest "
                "layer %zu\n",
-               res->bm->granularity, dirty_bytes(res->bm), res->deepest);
+               res->bm->granularity,
+               dirty_bytes(res->bm),
+               res->deepest);
         for (i = 0; i < c->nr_layers; i++) {
             const struct merge_layer *ml = &res->layers[i];
 
             printf("  layer %zu (%s): ", i, c->layers[i].path);
             if (ml->source == MERGE_SRC_BITMAP)
-                printf("bitmap, granularity %" PRIu64 "%s\n", ml->granularity,
+                printf("bitmap, granularity %" PRIu64 "%s\n",
+                       ml->granularity,
                        ml->enabled ? "" : ", disabled");
             else if (ml->source == MERGE_SRC_ALLOCATION)
                 printf("allocation map (%s)\n", ml->reason);
@@ -272,8 +285,11 @@ do_check(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
         /* Each fallback is reported; the result stays sound. */
         for (i = 0; i < c->nr_layers; i++)
             if (res->layers[i].source == MERGE_SRC_ALLOCATION)
-                fprintf(stderr, "qcbt: warning: layer %zu contributes its "
-                        "allocation map: %s\n", i, res->layers[i].reason);
+                fprintf(stderr,
+                        "qcbt: warning: layer %zu contributes its "
+                        "allocation map: %s\n",
+                        i,
+                        res->layers[i].reason);
     }
     merge_result_free(res);
     return ret;
@@ -305,11 +321,17 @@ do_dump(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
         if (o->json)
             printf("%s{ \"offset\": %" PRIu64 ", \"length\": %" PRIu64
                    ", \"type\": %d, \"description\": \"%s\"}",
-                   first ? "" : ",\n", e.offset, e.len, e.dirty ? 1 : 0,
+                   first ? "" : ",\n",
+                   e.offset,
+                   e.len,
+                   e.dirty ? 1 : 0,
                    e.dirty ? "dirty" : "clean");
         else
-            printf("%10" PRIu64 "  %10" PRIu64 "  %3d  %s\n", e.offset,
-                   e.len, e.dirty ? 1 : 0, e.dirty ? "dirty" : "clean");
+            printf("%10" PRIu64 "  %10" PRIu64 "  %3d  %s\n",
+                   e.offset,
+                   e.len,
+                   e.dirty ? 1 : 0,
+                   e.dirty ? "dirty" : "clean");
         first = false;
     }
     if (o->json)
@@ -332,7 +354,8 @@ do_sha256(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
 
         if ((size_t)o->layer >= c->nr_layers) {
             die_msg("bitmap sha256: no layer %ld (the chain has %zu)",
-                    o->layer, c->nr_layers);
+                    o->layer,
+                    c->nr_layers);
             return QCBT_EXIT_ERROR;
         }
         if (merge_ctx_layer_bitmaps(ctx, o->layer, &bl) < 0)
@@ -341,17 +364,22 @@ do_sha256(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
             if (strcmp(bl->bitmaps[k].name, o->name) == 0)
                 bi = &bl->bitmaps[k];
         if (!bi) {
-            die_msg("bitmap '%s' not found in layer %ld (%s)", o->name,
-                    o->layer, c->layers[o->layer].path);
+            die_msg("bitmap '%s' not found in layer %ld (%s)",
+                    o->name,
+                    o->layer,
+                    c->layers[o->layer].path);
             return QCBT_EXIT_ERROR;
         }
         if (bi->status == QCOW2_BITMAP_IN_USE) {
             /* QEMU never loads an in-use bitmap: it hashes all zeros. */
             r = bitmap_sha256_zero(c->layers[o->layer].size,
-                                   1ULL << bi->granularity_bits, hex);
+                                   1ULL << bi->granularity_bits,
+                                   hex);
         } else {
-            r = qcow2_bitmap_load_data(c->layers[o->layer].qcow2, bi,
-                                       BITMAP_RAW, &bm);
+            r = qcow2_bitmap_load_data(c->layers[o->layer].qcow2,
+                                       bi,
+                                       BITMAP_RAW,
+                                       &bm);
             if (r < 0)
                 return report_error();
             r = bitmap_sha256(bm, hex);
@@ -407,7 +435,8 @@ cmd_bitmap(int argc, char **argv)
     if (strcmp(sub, "list") && strcmp(sub, "check") && strcmp(sub, "dump") &&
         strcmp(sub, "sha256")) {
         die_msg("bitmap: unknown subcommand '%s' (list, check, dump, "
-                "sha256)", sub);
+                "sha256)",
+                sub);
         return QCBT_EXIT_ERROR;
     }
     argc--;
@@ -441,7 +470,8 @@ cmd_bitmap(int argc, char **argv)
     }
     nargs = strcmp(sub, "list") == 0 ? 1 : 2;
     if (argc - optind != nargs) {
-        die_msg("bitmap %s: expected %s (see 'qcbt bitmap --help')", sub,
+        die_msg("bitmap %s: expected %s (see 'qcbt bitmap --help')",
+                sub,
                 nargs == 1 ? "IMAGE" : "IMAGE NAME");
         return QCBT_EXIT_ERROR;
     }

@@ -43,7 +43,8 @@ write_all(int fd, const void *buf, size_t len)
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            return qcbt_error(errno, "writing to standard output: %s",
+            return qcbt_error(errno,
+                              "writing to standard output: %s",
                               strerror(errno));
         }
         p += n;
@@ -105,14 +106,17 @@ cmd_cat(int argc, char **argv)
         return report_error();
     if (offset > c->size) {
         die_msg("cat: --offset %" PRIu64 " is past the end of the image "
-                "(%" PRIu64 " bytes)", offset, c->size);
+                "(%" PRIu64 " bytes)",
+                offset,
+                c->size);
         goto out;
     }
     if (!have_length)
         length = c->size - offset;
     if (length > c->size - offset) {
         die_msg("cat: --offset + --length is past the end of the image "
-                "(%" PRIu64 " bytes)", c->size);
+                "(%" PRIu64 " bytes)",
+                c->size);
         goto out;
     }
     end = offset + length;
@@ -148,8 +152,7 @@ cmd_cat(int argc, char **argv)
             n = MIN((uint64_t)n, cs.len);
             if (sparse) {
                 if (lseek(STDOUT_FILENO, (off_t)n, SEEK_CUR) < 0) {
-                    die_msg("seeking in standard output: %s",
-                            strerror(errno));
+                    die_msg("seeking in standard output: %s", strerror(errno));
                     goto out;
                 }
             } else {

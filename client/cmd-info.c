@@ -31,8 +31,8 @@ info_usage(FILE *fp)
 static const char *
 human_size(uint64_t n, char *buf, size_t len)
 {
-    static const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB",
-                                  "EiB"};
+    static const char *units[] =
+        {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
     double v = n;
     unsigned u = 0;
 
@@ -49,7 +49,9 @@ human_size(uint64_t n, char *buf, size_t len)
 
 /* The named bits of one feature word, as a JSON array or a list. */
 static void
-print_features(const struct qcow2_image *img, uint8_t type, uint64_t bits,
+print_features(const struct qcow2_image *img,
+               uint8_t type,
+               uint64_t bits,
                bool json)
 {
     bool first = true;
@@ -73,7 +75,8 @@ print_features(const struct qcow2_image *img, uint8_t type, uint64_t bits,
             json_string(stdout, name);
         } else {
             char esc[64];
-            printf("%s%s", first ? "" : ", ",
+            printf("%s%s",
+                   first ? "" : ", ",
                    qcbt_escape(esc, sizeof esc, name, strlen(name)));
         }
         first = false;
@@ -159,8 +162,8 @@ print_bitmaps_human(struct qcow2_image *q)
     }
     printf("  bitmaps:       %zu", bl->nr);
     if (!bl->usable)
-        printf(" (unusable: %s)", qcbt_escape(esc, sizeof esc, bl->reason,
-                                              strlen(bl->reason)));
+        printf(" (unusable: %s)",
+               qcbt_escape(esc, sizeof esc, bl->reason, strlen(bl->reason)));
     printf("\n");
     for (k = 0; k < bl->nr; k++) {
         const struct qcow2_bitmap_info *b = &bl->bitmaps[k];
@@ -190,8 +193,10 @@ print_layer_json(const struct chain *c, size_t i)
     printf(",\n      \"format\": \"%s\",\n      \"format-probed\": %s,\n"
            "      \"virtual-size\": %" PRIu64 ",\n"
            "      \"file-size\": %" PRIu64,
-           chain_fmt_name(l->fmt), l->fmt_probed ? "true" : "false",
-           l->size, l->io->size);
+           chain_fmt_name(l->fmt),
+           l->fmt_probed ? "true" : "false",
+           l->size,
+           l->io->size);
     if (q) {
         size_t k;
 
@@ -202,7 +207,9 @@ print_layer_json(const struct chain *c, size_t i)
                "\n      \"compression-type\": \"%s\","
                "\n      \"dirty-flag\": %s,\n      \"corrupt\": %s,"
                "\n      \"snapshots\": %" PRIu32 ",",
-               q->hdr.version, compat_name(q), q->cluster_size,
+               q->hdr.version,
+               compat_name(q),
+               q->cluster_size,
                1u << q->hdr.refcount_order,
                q->extended_l2 ? "true" : "false",
                q->hdr.compression_type ? "zstd" : "zlib",
@@ -221,9 +228,10 @@ print_layer_json(const struct chain *c, size_t i)
         printf(",\n      \"backing-filename\": ");
         json_string(stdout, q->backing_name);
         printf(",\n      \"full-backing-filename\": ");
-        json_string(stdout, i + 1 < c->nr_layers && q->backing_name
-                                ? c->layers[i + 1].path
-                                : NULL);
+        json_string(stdout,
+                    i + 1 < c->nr_layers && q->backing_name
+                        ? c->layers[i + 1].path
+                        : NULL);
         printf(",\n      \"backing-filename-format\": ");
         json_string(stdout, q->backing_fmt);
         printf(",\n      \"data-file\": ");
@@ -233,9 +241,9 @@ print_layer_json(const struct chain *c, size_t i)
         print_bitmaps_json(l->qcow2);
         printf(",\n      \"unknown-extensions\": [");
         for (k = 0; k < q->nr_unknown_exts; k++)
-            printf("%s{\"type\": \"0x%08" PRIx32 "\", \"length\": %" PRIu32
-                   "}",
-                   k ? ", " : "", q->unknown_exts[k].type,
+            printf("%s{\"type\": \"0x%08" PRIx32 "\", \"length\": %" PRIu32 "}",
+                   k ? ", " : "",
+                   q->unknown_exts[k].type,
                    q->unknown_exts[k].len);
         printf("]");
     }
@@ -249,19 +257,24 @@ print_layer_human(const struct chain *c, size_t i)
     const struct qcow2_image *q = l->qcow2;
     char sz[32], esc[1100];
 
-    printf("layer %zu: %s\n", i,
+    printf("layer %zu: %s\n",
+           i,
            qcbt_escape(esc, sizeof esc, l->path, strlen(l->path)));
-    printf("  format:        %s%s", chain_fmt_name(l->fmt),
+    printf("  format:        %s%s",
+           chain_fmt_name(l->fmt),
            l->fmt_probed && i > 0 ? " (not recorded, probed)" : "");
     if (q)
-        printf(", version %" PRIu32 " (compat %s)", q->hdr.version,
+        printf(", version %" PRIu32 " (compat %s)",
+               q->hdr.version,
                compat_name(q));
     printf("\n  virtual size:  %s (%" PRIu64 " bytes)\n",
-           human_size(l->size, sz, sizeof sz), l->size);
+           human_size(l->size, sz, sizeof sz),
+           l->size);
     printf("  file size:     %" PRIu64 " bytes\n", l->io->size);
     if (!q)
         return;
-    printf("  cluster size:  %" PRIu64 "%s\n", q->cluster_size,
+    printf("  cluster size:  %" PRIu64 "%s\n",
+           q->cluster_size,
            q->extended_l2 ? " (extended L2, 32 subclusters)" : "");
     printf("  compression:   %s\n",
            q->hdr.compression_type ? "zstd" : "zlib (deflate)");
@@ -277,17 +290,22 @@ print_layer_human(const struct chain *c, size_t i)
         printf("  snapshots:     %" PRIu32 "\n", q->hdr.nb_snapshots);
     if (q->backing_name) {
         printf("  backing file:  %s",
-               qcbt_escape(esc, sizeof esc, q->backing_name,
+               qcbt_escape(esc,
+                           sizeof esc,
+                           q->backing_name,
                            strlen(q->backing_name)));
         if (i + 1 < c->nr_layers)
             printf(" (resolved: %s)",
-                   qcbt_escape(esc, sizeof esc, c->layers[i + 1].path,
+                   qcbt_escape(esc,
+                               sizeof esc,
+                               c->layers[i + 1].path,
                                strlen(c->layers[i + 1].path)));
         printf("\n  backing fmt:   %s\n",
                q->backing_fmt ? q->backing_fmt : "(not recorded)");
     }
     if (q->data_file_name)
-        printf("  data file:     %s (resolved: %s)\n", q->data_file_name,
+        printf("  data file:     %s (resolved: %s)\n",
+               q->data_file_name,
                l->data_file_path ? l->data_file_path : "-");
     print_bitmaps_human(l->qcow2);
 }
@@ -344,8 +362,11 @@ cmd_info(int argc, char **argv)
     } else {
         printf("image:         %s\nvirtual size:  %s (%" PRIu64 " bytes)\n"
                "chain:         %zu layer%s\n",
-               argv[optind], human_size(c->size, sz, sizeof sz), c->size,
-               c->nr_layers, c->nr_layers == 1 ? "" : "s");
+               argv[optind],
+               human_size(c->size, sz, sizeof sz),
+               c->size,
+               c->nr_layers,
+               c->nr_layers == 1 ? "" : "s");
         for (i = 0; i < c->nr_layers; i++)
             print_layer_human(c, i);
     }

@@ -43,13 +43,21 @@ print_run(const struct run *r, bool json, bool first)
         printf("%s{ \"start\": %" PRIu64 ", \"length\": %" PRIu64
                ", \"depth\": %u, \"present\": %s, \"zero\": %s, "
                "\"data\": %s}",
-               first ? "[" : ",\n", r->start, r->length, r->depth,
-               r->present ? "true" : "false", r->zero ? "true" : "false",
+               first ? "[" : ",\n",
+               r->start,
+               r->length,
+               r->depth,
+               r->present ? "true" : "false",
+               r->zero ? "true" : "false",
                r->data ? "true" : "false");
     else
-        printf("%20" PRIu64 " %20" PRIu64 " %5u %-7s %-5s %-5s\n", r->start,
-               r->length, r->depth, r->present ? "true" : "false",
-               r->zero ? "true" : "false", r->data ? "true" : "false");
+        printf("%20" PRIu64 " %20" PRIu64 " %5u %-7s %-5s %-5s\n",
+               r->start,
+               r->length,
+               r->depth,
+               r->present ? "true" : "false",
+               r->zero ? "true" : "false",
+               r->data ? "true" : "false");
 }
 
 int
@@ -102,8 +110,13 @@ cmd_map(int argc, char **argv)
         return report_error();
 
     if (!json)
-        printf("%20s %20s %5s %-7s %-5s %-5s\n", "start", "length", "depth",
-               "present", "zero", "data");
+        printf("%20s %20s %5s %-7s %-5s %-5s\n",
+               "start",
+               "length",
+               "depth",
+               "present",
+               "zero",
+               "data");
     for (pos = 0; pos < c->size;) {
         struct chain_status st;
 
@@ -120,7 +133,11 @@ cmd_map(int argc, char **argv)
                 print_run(&cur, json, first);
                 first = false;
             }
-            cur = (struct run){pos, st.len, st.depth, st.present, st.zero,
+            cur = (struct run){pos,
+                               st.len,
+                               st.depth,
+                               st.present,
+                               st.zero,
                                st.data};
             have = true;
         }

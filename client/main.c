@@ -28,17 +28,19 @@ usage(FILE *fp)
 {
     size_t i;
 
-    fprintf(fp, "Usage: qcbt COMMAND [OPTIONS] ARGS...\n"
-                "\n"
-                "qcow2 changed-block tracking: inspect images and chains.\n"
-                "\n"
-                "Commands:\n");
+    fprintf(fp,
+            "Usage: qcbt COMMAND [OPTIONS] ARGS...\n"
+            "\n"
+            "qcow2 changed-block tracking: inspect images and chains.\n"
+            "\n"
+            "Commands:\n");
     for (i = 0; i < sizeof commands / sizeof commands[0]; i++)
         fprintf(fp, "  %-8s %s\n", commands[i].name, commands[i].summary);
-    fprintf(fp, "\n"
-                "Run 'qcbt COMMAND --help' for a command's options.\n"
-                "Exit status: 0 success, 1 error, 2 a full backup is "
-                "needed (bitmap check).\n");
+    fprintf(fp,
+            "\n"
+            "Run 'qcbt COMMAND --help' for a command's options.\n"
+            "Exit status: 0 success, 1 error, 2 a full backup is "
+            "needed (bitmap check).\n");
 }
 
 void
@@ -78,10 +80,26 @@ parse_size(const char *s, uint64_t *out)
     switch (*end) {
     case '\0':
         break;
-    case 'k': case 'K': shift = 10; end++; break;
-    case 'm': case 'M': shift = 20; end++; break;
-    case 'g': case 'G': shift = 30; end++; break;
-    case 't': case 'T': shift = 40; end++; break;
+    case 'k':
+    case 'K':
+        shift = 10;
+        end++;
+        break;
+    case 'm':
+    case 'M':
+        shift = 20;
+        end++;
+        break;
+    case 'g':
+    case 'G':
+        shift = 30;
+        end++;
+        break;
+    case 't':
+    case 'T':
+        shift = 40;
+        end++;
+        break;
     default:
         return -1;
     }

@@ -60,7 +60,8 @@ out:
 }
 
 int
-bitmap_sha256_zero(uint64_t size, uint64_t granularity,
+bitmap_sha256_zero(uint64_t size,
+                   uint64_t granularity,
                    char hex[BITMAP_SHA256_HEX_LEN + 1])
 {
     struct bitmap *bm;

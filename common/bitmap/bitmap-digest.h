@@ -14,7 +14,8 @@
  * never loads).  Returns 0 or -errno.
  */
 int bitmap_sha256(const struct bitmap *bm, char hex[BITMAP_SHA256_HEX_LEN + 1]);
-int bitmap_sha256_zero(uint64_t size, uint64_t granularity,
+int bitmap_sha256_zero(uint64_t size,
+                       uint64_t granularity,
                        char hex[BITMAP_SHA256_HEX_LEN + 1]);
 
 #endif /* QCBT_BITMAP_DIGEST_H */

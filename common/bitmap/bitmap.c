@@ -144,7 +144,10 @@ bitmap_new(uint64_t size, uint64_t granularity, struct bitmap **out)
                           "bitmap for a disk of %" PRIu64
                           " bytes at granularity %" PRIu64 " needs %" PRIu64
                           " bits, more than the limit of %" PRIu64,
-                          size, granularity, nbits, BITMAP_MAX_BITS);
+                          size,
+                          granularity,
+                          nbits,
+                          BITMAP_MAX_BITS);
 
     bm = calloc(1, sizeof *bm);
     if (bm == NULL)
@@ -161,7 +164,8 @@ bitmap_new(uint64_t size, uint64_t granularity, struct bitmap **out)
         return qcbt_error(ENOMEM,
                           "bitmap: cannot allocate %zu bytes for %" PRIu64
                           " bits",
-                          bytes, nbits);
+                          bytes,
+                          nbits);
     }
     *out = bm;
     return 0;
@@ -177,8 +181,7 @@ bitmap_free(struct bitmap *bm)
 }
 
 static int
-check_bits(const struct bitmap *bm, const char *what, uint64_t bit,
-           uint64_t n)
+check_bits(const struct bitmap *bm, const char *what, uint64_t bit, uint64_t n)
 {
     uint64_t end;
 
@@ -186,12 +189,17 @@ check_bits(const struct bitmap *bm, const char *what, uint64_t bit,
         return qcbt_error(EINVAL,
                           "bitmap %s: bits [%" PRIu64 ", +%" PRIu64
                           ") outside the %" PRIu64 " bits",
-                          what, bit, n, bm->nbits);
+                          what,
+                          bit,
+                          n,
+                          bm->nbits);
     return 0;
 }
 
 static int
-check_bytes(const struct bitmap *bm, const char *what, uint64_t offset,
+check_bytes(const struct bitmap *bm,
+            const char *what,
+            uint64_t offset,
             uint64_t len)
 {
     uint64_t end;
@@ -200,7 +208,10 @@ check_bytes(const struct bitmap *bm, const char *what, uint64_t offset,
         return qcbt_error(EINVAL,
                           "bitmap %s: bytes [%" PRIu64 ", +%" PRIu64
                           ") outside the disk size %" PRIu64,
-                          what, offset, len, bm->size);
+                          what,
+                          offset,
+                          len,
+                          bm->size);
     return 0;
 }
 
@@ -236,8 +247,10 @@ bitmap_set_bytes(struct bitmap *bm, uint64_t offset, uint64_t len)
     if (r < 0)
         return r;
     if (len > 0)
-        fill_range(bm->words, offset >> bm->gran_bits,
-                   ((offset + len - 1) >> bm->gran_bits) + 1, true);
+        fill_range(bm->words,
+                   offset >> bm->gran_bits,
+                   ((offset + len - 1) >> bm->gran_bits) + 1,
+                   true);
     return 0;
 }
 
@@ -252,8 +265,8 @@ bitmap_clear_bytes(struct bitmap *bm, uint64_t offset, uint64_t len)
     if (len == 0)
         return 0;
     start = div_round_up_shift(offset, bm->gran_bits);
-    end = offset + len == bm->size ? bm->nbits
-                                   : (offset + len) >> bm->gran_bits;
+    end =
+        offset + len == bm->size ? bm->nbits : (offset + len) >> bm->gran_bits;
     if (start < end)
         fill_range(bm->words, start, end, false);
     return 0;
@@ -300,7 +313,8 @@ bitmap_count_range(const struct bitmap *bm, uint64_t bit, uint64_t n)
 }
 
 static int
-check_same_shape(const struct bitmap *dst, const struct bitmap *src,
+check_same_shape(const struct bitmap *dst,
+                 const struct bitmap *src,
                  const char *what)
 {
     if (dst->size != src->size || dst->granularity != src->granularity)
@@ -308,7 +322,10 @@ check_same_shape(const struct bitmap *dst, const struct bitmap *src,
                           "bitmap %s: shapes differ (size %" PRIu64
                           " granularity %" PRIu64 " vs size %" PRIu64
                           " granularity %" PRIu64 ")",
-                          what, dst->size, dst->granularity, src->size,
+                          what,
+                          dst->size,
+                          dst->granularity,
+                          src->size,
                           src->granularity);
     return 0;
 }
@@ -507,8 +524,12 @@ put_lanes(uint64_t *w, unsigned a, unsigned b, const uint8_t *src, int fill)
 }
 
 static int
-import_bytes(struct bitmap *bm, uint64_t offset, const uint8_t *buf,
-             int fill, uint64_t len, unsigned flags)
+import_bytes(struct bitmap *bm,
+             uint64_t offset,
+             const uint8_t *buf,
+             int fill,
+             uint64_t len,
+             unsigned flags)
 {
     const uint64_t raw = bitmap_raw_size(bm);
     const size_t last = bm->nwords - 1;
@@ -517,13 +538,14 @@ import_bytes(struct bitmap *bm, uint64_t offset, const uint8_t *buf,
     bool touches_last;
 
     if (flags & ~BITMAP_RAW)
-        return qcbt_error(EINVAL, "bitmap import: unknown flags 0x%x",
-                          flags);
+        return qcbt_error(EINVAL, "bitmap import: unknown flags 0x%x", flags);
     if (offset > raw || ADD_OVERFLOW(offset, len, &end))
         return qcbt_error(EINVAL,
                           "bitmap import: bytes [%" PRIu64 ", +%" PRIu64
                           ") start past the %" PRIu64 " bytes of the bitmap",
-                          offset, len, raw);
+                          offset,
+                          len,
+                          raw);
     end = MIN(end, raw);
     if (offset == end)
         return 0;
@@ -553,8 +575,11 @@ import_bytes(struct bitmap *bm, uint64_t offset, const uint8_t *buf,
             }
             o += n * 8;
         } else {
-            put_lanes(&bm->words[i], a, b,
-                      buf != NULL ? buf + (o - offset) : NULL, fill);
+            put_lanes(&bm->words[i],
+                      a,
+                      b,
+                      buf != NULL ? buf + (o - offset) : NULL,
+                      fill);
             o += b - a;
         }
     }
@@ -572,25 +597,38 @@ import_bytes(struct bitmap *bm, uint64_t offset, const uint8_t *buf,
 }
 
 int
-bitmap_import(struct bitmap *bm, uint64_t offset, const void *buf,
-              uint64_t len, unsigned flags)
+bitmap_import(struct bitmap *bm,
+              uint64_t offset,
+              const void *buf,
+              uint64_t len,
+              unsigned flags)
 {
     if (buf == NULL && len > 0)
         return qcbt_error(EINVAL, "bitmap import: NULL buffer");
-    return import_bytes(bm, offset, buf == NULL ? (const uint8_t *)"" : buf,
-                        0, len, flags);
+    return import_bytes(bm,
+                        offset,
+                        buf == NULL ? (const uint8_t *)"" : buf,
+                        0,
+                        len,
+                        flags);
 }
 
 int
-bitmap_import_fill(struct bitmap *bm, uint64_t offset, uint64_t len,
-                   bool ones, unsigned flags)
+bitmap_import_fill(struct bitmap *bm,
+                   uint64_t offset,
+                   uint64_t len,
+                   bool ones,
+                   unsigned flags)
 {
     return import_bytes(bm, offset, NULL, ones ? 0xff : 0, len, flags);
 }
 
 int
-bitmap_export(const struct bitmap *bm, uint64_t offset, void *buf,
-              uint64_t len, unsigned flags)
+bitmap_export(const struct bitmap *bm,
+              uint64_t offset,
+              void *buf,
+              uint64_t len,
+              unsigned flags)
 {
     const uint64_t raw = bitmap_raw_size(bm);
     const size_t last = bm->nwords - 1;
@@ -598,13 +636,13 @@ bitmap_export(const struct bitmap *bm, uint64_t offset, void *buf,
     uint64_t end, cend, o;
 
     if (flags & ~BITMAP_RAW)
-        return qcbt_error(EINVAL, "bitmap export: unknown flags 0x%x",
-                          flags);
+        return qcbt_error(EINVAL, "bitmap export: unknown flags 0x%x", flags);
     if (ADD_OVERFLOW(offset, len, &end))
         return qcbt_error(EINVAL,
                           "bitmap export: bytes [%" PRIu64 ", +%" PRIu64
                           ") overflow",
-                          offset, len);
+                          offset,
+                          len);
     if (len > 0 && buf == NULL)
         return qcbt_error(EINVAL, "bitmap export: NULL buffer");
     cend = MIN(end, raw);
@@ -637,13 +675,14 @@ bitmap_export(const struct bitmap *bm, uint64_t offset, void *buf,
         }
     }
     if (end > MAX(cend, offset))
-        memset(out + (MAX(cend, offset) - offset), 0,
-               end - MAX(cend, offset));
+        memset(out + (MAX(cend, offset) - offset), 0, end - MAX(cend, offset));
     return 0;
 }
 
 int
-bitmap_extent(const struct bitmap *bm, uint64_t offset, uint64_t max_len,
+bitmap_extent(const struct bitmap *bm,
+              uint64_t offset,
+              uint64_t max_len,
               struct bitmap_extent *ext)
 {
     uint64_t end, bit, ebit, next;
@@ -653,7 +692,9 @@ bitmap_extent(const struct bitmap *bm, uint64_t offset, uint64_t max_len,
         return qcbt_error(EINVAL,
                           "bitmap extent: offset %" PRIu64 " length %" PRIu64
                           " outside the disk size %" PRIu64,
-                          offset, max_len, bm->size);
+                          offset,
+                          max_len,
+                          bm->size);
     if (ADD_OVERFLOW(offset, max_len, &end) || end > bm->size)
         end = bm->size;
     bit = offset >> bm->gran_bits;

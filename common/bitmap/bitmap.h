@@ -58,16 +58,16 @@ struct bitmap {
     uint64_t size;        /* virtual disk size, bytes */
     uint64_t granularity; /* bytes per bit, 1 << gran_bits */
     unsigned gran_bits;
-    uint64_t nbits;       /* ceil(size / granularity); may be 0 */
-    size_t nwords;        /* max(1, ceil(nbits / 64)) */
-    uint64_t *words;      /* nwords words, bits >= nbits are zero */
-    uint64_t tail;        /* raw bits >= nbits of the last word (see top) */
+    uint64_t nbits;  /* ceil(size / granularity); may be 0 */
+    size_t nwords;   /* max(1, ceil(nbits / 64)) */
+    uint64_t *words; /* nwords words, bits >= nbits are zero */
+    uint64_t tail;   /* raw bits >= nbits of the last word (see top) */
 };
 
 /* A run of equal bits, in guest bytes. */
 struct bitmap_extent {
     uint64_t offset;
-    uint64_t len;   /* > 0 */
+    uint64_t len; /* > 0 */
     bool dirty;
 };
 
@@ -109,8 +109,7 @@ uint64_t bitmap_next_clean(const struct bitmap *bm, uint64_t bit);
  * [0, nbits).
  */
 uint64_t bitmap_count(const struct bitmap *bm);
-uint64_t bitmap_count_range(const struct bitmap *bm, uint64_t bit,
-                            uint64_t n);
+uint64_t bitmap_count_range(const struct bitmap *bm, uint64_t bit, uint64_t n);
 
 /* dst |= src and dst &= ~src, for bitmaps of equal size and granularity
  * (else -EINVAL; src == dst is fine).
@@ -142,14 +141,20 @@ uint64_t bitmap_raw_size(const struct bitmap *bm);
  * FLAGS: 0 drops the bits past nbits, BITMAP_RAW keeps them in bm->tail
  * (see top).  -EINVAL if offset > raw size or offset+len overflows.
  */
-int bitmap_import(struct bitmap *bm, uint64_t offset, const void *buf,
-                  uint64_t len, unsigned flags);
+int bitmap_import(struct bitmap *bm,
+                  uint64_t offset,
+                  const void *buf,
+                  uint64_t len,
+                  unsigned flags);
 
 /* As bitmap_import() from LEN bytes all 0xff (ONES) or all 0x00: an
  * all-ones or unallocated table entry, done a word at a time.
  */
-int bitmap_import_fill(struct bitmap *bm, uint64_t offset, uint64_t len,
-                       bool ones, unsigned flags);
+int bitmap_import_fill(struct bitmap *bm,
+                       uint64_t offset,
+                       uint64_t len,
+                       bool ones,
+                       unsigned flags);
 
 /* Copy bytes [offset, offset+len) of the serialized stream into BUF.
  * Bytes past the stream read as zero, so the last data cluster comes out
@@ -158,8 +163,11 @@ int bitmap_import_fill(struct bitmap *bm, uint64_t offset, uint64_t len,
  * bitmap_raw_size() bytes from offset 0).  -EINVAL if offset+len
  * overflows.
  */
-int bitmap_export(const struct bitmap *bm, uint64_t offset, void *buf,
-                  uint64_t len, unsigned flags);
+int bitmap_export(const struct bitmap *bm,
+                  uint64_t offset,
+                  void *buf,
+                  uint64_t len,
+                  unsigned flags);
 
 /* The maximal run of equal bits containing guest byte OFFSET, from OFFSET
  * on, cut at min(size, offset + max_len): returns 0 and *ext with
@@ -170,7 +178,9 @@ int bitmap_export(const struct bitmap *bm, uint64_t offset, void *buf,
  * The scan stops at the cut, so a bounded request costs no more than the
  * words it covers.
  */
-int bitmap_extent(const struct bitmap *bm, uint64_t offset, uint64_t max_len,
+int bitmap_extent(const struct bitmap *bm,
+                  uint64_t offset,
+                  uint64_t max_len,
                   struct bitmap_extent *ext);
 
 #endif /* QCBT_BITMAP_H */

@@ -87,7 +87,9 @@ parse_format(const char *s, enum chain_fmt *fmt)
 
 /* Set up layer L from IO (ownership passes to the layer). */
 static int
-init_layer(struct chain_layer *l, struct qcbt_io *io, enum chain_fmt fmt,
+init_layer(struct chain_layer *l,
+           struct qcbt_io *io,
+           enum chain_fmt fmt,
            const char *data_dir)
 {
     int r;
@@ -110,17 +112,19 @@ init_layer(struct chain_layer *l, struct qcbt_io *io, enum chain_fmt fmt,
         const char *name = l->qcow2->data_file_name;
 
         if (!name)
-            return qcbt_error(EINVAL, "external data file required but its "
+            return qcbt_error(EINVAL,
+                              "external data file required but its "
                               "name is not recorded in the image");
         if (has_protocol(name))
-            return qcbt_error(ENOTSUP, "external data file '%s' uses a "
+            return qcbt_error(ENOTSUP,
+                              "external data file '%s' uses a "
                               "protocol; only local files are supported",
                               name);
         /* Decision: relative data file names are relative to the image's
          * directory, like backing files (QEMU 7.2 uses its CWD instead).
          */
-        l->data_file_path = resolve_name(data_dir ? NULL : l->path, data_dir,
-                                         name);
+        l->data_file_path =
+            resolve_name(data_dir ? NULL : l->path, data_dir, name);
         if (!l->data_file_path)
             return qcbt_error(ENOMEM, "out of memory");
         r = qcbt_io_open_file(l->data_file_path, &dio);
@@ -143,12 +147,16 @@ free_layer(struct chain_layer *l)
 }
 
 static int
-add_layers(struct chain *c, struct qcbt_io *top_io, enum chain_fmt top_fmt,
-           bool top_probed, const char *top_path, const char *backing_dir,
+add_layers(struct chain *c,
+           struct qcbt_io *top_io,
+           enum chain_fmt top_fmt,
+           bool top_probed,
+           const char *top_path,
+           const char *backing_dir,
            const struct chain_open_opts *opts)
 {
-    unsigned max_depth = opts && opts->max_depth ? opts->max_depth
-                                                 : CHAIN_MAX_DEPTH_DEFAULT;
+    unsigned max_depth =
+        opts && opts->max_depth ? opts->max_depth : CHAIN_MAX_DEPTH_DEFAULT;
     struct qcbt_io *io = top_io;
     enum chain_fmt fmt = top_fmt;
     bool probed = top_probed;
@@ -183,9 +191,12 @@ add_layers(struct chain *c, struct qcbt_io *top_io, enum chain_fmt top_fmt,
             if (io->dev == c->layers[i].io->dev &&
                 io->ino == c->layers[i].io->ino && (io->dev || io->ino)) {
                 qcbt_io_free(io);
-                return qcbt_error(ELOOP, "layer %zu (%s): backing chain loop: "
+                return qcbt_error(ELOOP,
+                                  "layer %zu (%s): backing chain loop: "
                                   "same file as layer %zu",
-                                  idx, l->path, i);
+                                  idx,
+                                  l->path,
+                                  i);
             }
         }
         /* init_layer owns io from here on, success or not. */
@@ -199,29 +210,47 @@ add_layers(struct chain *c, struct qcbt_io *top_io, enum chain_fmt top_fmt,
         bfmt = l->qcow2->backing_fmt;
 
         if (idx + 1 >= max_depth)
-            return qcbt_error(EMLINK, "layer %zu (%s): backing chain deeper "
-                              "than %u layers", idx, l->path, max_depth);
+            return qcbt_error(EMLINK,
+                              "layer %zu (%s): backing chain deeper "
+                              "than %u layers",
+                              idx,
+                              l->path,
+                              max_depth);
         if (has_protocol(bname))
-            return qcbt_error(ENOTSUP, "layer %zu (%s): backing file '%s' "
+            return qcbt_error(ENOTSUP,
+                              "layer %zu (%s): backing file '%s' "
                               "uses a protocol; only local files are "
-                              "supported", idx, l->path, bname);
+                              "supported",
+                              idx,
+                              l->path,
+                              bname);
         if (!backing_dir && !l->path[0])
-            return qcbt_error(EINVAL, "layer %zu: cannot resolve relative "
-                              "backing file '%s'", idx, bname);
+            return qcbt_error(EINVAL,
+                              "layer %zu: cannot resolve relative "
+                              "backing file '%s'",
+                              idx,
+                              bname);
         path = resolve_name(backing_dir ? NULL : l->path, backing_dir, bname);
         if (!path)
             return qcbt_error(ENOMEM, "out of memory");
         r = qcbt_io_open_file(path, &io);
         if (r < 0) {
-            r = qcbt_error_prefix(-r, "layer %zu: backing file '%s' of %s",
-                                  idx + 1, bname, l->path);
+            r = qcbt_error_prefix(-r,
+                                  "layer %zu: backing file '%s' of %s",
+                                  idx + 1,
+                                  bname,
+                                  l->path);
             free(path);
             return r;
         }
         if (bfmt) {
             if (parse_format(bfmt, &fmt) < 0) {
-                r = qcbt_error(ENOTSUP, "layer %zu (%s): unsupported backing "
-                               "format '%s'", idx + 1, path, bfmt);
+                r = qcbt_error(ENOTSUP,
+                               "layer %zu (%s): unsupported backing "
+                               "format '%s'",
+                               idx + 1,
+                               path,
+                               bfmt);
                 qcbt_io_free(io);
                 free(path);
                 return r;
@@ -253,7 +282,8 @@ finish_open(struct chain *c, int r, struct chain **out)
 }
 
 int
-chain_open(const char *path, const struct chain_open_opts *opts,
+chain_open(const char *path,
+           const struct chain_open_opts *opts,
            struct chain **out)
 {
     static const struct chain_open_opts defaults;
@@ -277,8 +307,10 @@ chain_open(const char *path, const struct chain_open_opts *opts,
         if (parse_format(opts->format, &fmt) < 0) {
             qcbt_io_free(io);
             free(c);
-            return qcbt_error(ENOTSUP, "unsupported format '%s' (qcow2 or "
-                              "raw)", opts->format);
+            return qcbt_error(ENOTSUP,
+                              "unsupported format '%s' (qcow2 or "
+                              "raw)",
+                              opts->format);
         }
     } else {
         r = probe_format(io, &fmt);
@@ -294,8 +326,11 @@ chain_open(const char *path, const struct chain_open_opts *opts,
 }
 
 int
-chain_open_io(struct qcbt_io *io, const char *format, const char *backing_dir,
-              const struct chain_open_opts *opts, struct chain **out)
+chain_open_io(struct qcbt_io *io,
+              const char *format,
+              const char *backing_dir,
+              const struct chain_open_opts *opts,
+              struct chain **out)
 {
     struct chain_open_opts o = opts ? *opts : (struct chain_open_opts){0};
 
@@ -324,7 +359,12 @@ chain_open_io(struct qcbt_io *io, const char *format, const char *backing_dir,
         }
         probed = true;
     }
-    r = add_layers(c, io, fmt, probed, io->name, backing_dir ? backing_dir : ".",
+    r = add_layers(c,
+                   io,
+                   fmt,
+                   probed,
+                   io->name,
+                   backing_dir ? backing_dir : ".",
                    &o);
     return finish_open(c, r, out);
 }
@@ -357,8 +397,12 @@ struct zcache {
 static __thread struct zcache zc;
 
 static int
-read_compressed(struct chain *c, size_t li, uint64_t entry, uint64_t off,
-                void *buf, size_t n)
+read_compressed(struct chain *c,
+                size_t li,
+                uint64_t entry,
+                uint64_t off,
+                void *buf,
+                size_t n)
 {
     struct qcow2_image *img = c->layers[li].qcow2;
     size_t need_s = qcow2_compressed_scratch_size(img);
@@ -391,7 +435,10 @@ read_compressed(struct chain *c, size_t li, uint64_t entry, uint64_t off,
 }
 
 static int
-read_layer(struct chain *c, size_t li, unsigned char *buf, size_t len,
+read_layer(struct chain *c,
+           size_t li,
+           unsigned char *buf,
+           size_t len,
            uint64_t off)
 {
     struct chain_layer *l = &c->layers[li];
@@ -411,8 +458,11 @@ read_layer(struct chain *c, size_t li, unsigned char *buf, size_t len,
     if (!l->qcow2) {
         ssize_t n = l->io->ops->pread(l->io->opaque, buf, len, off);
         if (n < 0)
-            return qcbt_error(-n, "%s: read at 0x%" PRIx64 ": %s", l->path,
-                              off, strerror(-n));
+            return qcbt_error(-n,
+                              "%s: read at 0x%" PRIx64 ": %s",
+                              l->path,
+                              off,
+                              strerror(-n));
         memset(buf + n, 0, len - n); /* short raw file: sector tail */
         return 0;
     }
@@ -431,12 +481,15 @@ read_layer(struct chain *c, size_t li, unsigned char *buf, size_t len,
             ssize_t got;
 
             if (!dio)
-                return qcbt_error(EIO, "%s: external data file not open",
+                return qcbt_error(EIO,
+                                  "%s: external data file not open",
                                   l->path);
             got = dio->ops->pread(dio->opaque, buf, n, e.host_offset);
             if (got < 0)
-                return qcbt_error(-got, "%s: read at host offset 0x%" PRIx64
-                                  ": %s", dio->name, e.host_offset,
+                return qcbt_error(-got,
+                                  "%s: read at host offset 0x%" PRIx64 ": %s",
+                                  dio->name,
+                                  e.host_offset,
                                   strerror(-got));
             /* QEMU does not pad the last cluster: the tail reads as zero. */
             memset(buf + got, 0, n - got);
@@ -471,9 +524,12 @@ int
 chain_read(struct chain *c, void *buf, size_t len, uint64_t offset)
 {
     if (offset > c->size || len > c->size - offset)
-        return qcbt_error(EINVAL, "read of %zu bytes at 0x%" PRIx64
+        return qcbt_error(EINVAL,
+                          "read of %zu bytes at 0x%" PRIx64
                           " is outside the image (%" PRIu64 " bytes)",
-                          len, offset, c->size);
+                          len,
+                          offset,
+                          c->size);
     return read_layer(c, 0, buf, len, offset);
 }
 
@@ -481,8 +537,14 @@ chain_read(struct chain *c, void *buf, size_t len, uint64_t offset)
  * driver-level block status.
  */
 static int
-layer_status(struct chain *c, size_t li, uint64_t off, uint64_t len,
-             uint64_t *pnum, bool *data, bool *zero, bool *compressed)
+layer_status(struct chain *c,
+             size_t li,
+             uint64_t off,
+             uint64_t len,
+             uint64_t *pnum,
+             bool *data,
+             bool *zero,
+             bool *compressed)
 {
     struct chain_layer *l = &c->layers[li];
     int r;
@@ -526,15 +588,18 @@ layer_status(struct chain *c, size_t li, uint64_t off, uint64_t len,
 }
 
 int
-chain_block_status(struct chain *c, uint64_t offset, uint64_t len,
+chain_block_status(struct chain *c,
+                   uint64_t offset,
+                   uint64_t len,
                    struct chain_status *st)
 {
     size_t li;
     int r;
 
     if (len == 0 || offset >= c->size)
-        return qcbt_error(EINVAL, "block status at 0x%" PRIx64
-                          " is outside the image", offset);
+        return qcbt_error(EINVAL,
+                          "block status at 0x%" PRIx64 " is outside the image",
+                          offset);
     len = MIN(len, c->size - offset);
     memset(st, 0, sizeof *st);
 
@@ -569,8 +634,12 @@ chain_block_status(struct chain *c, uint64_t offset, uint64_t len,
 }
 
 int
-chain_layer_allocated(struct chain *c, size_t li, uint64_t offset,
-                      uint64_t len, uint64_t *pnum, bool *allocated)
+chain_layer_allocated(struct chain *c,
+                      size_t li,
+                      uint64_t offset,
+                      uint64_t len,
+                      uint64_t *pnum,
+                      bool *allocated)
 {
     bool data, zero, compressed;
     int r;

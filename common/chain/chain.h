@@ -22,13 +22,13 @@
 enum chain_fmt { CHAIN_FMT_RAW, CHAIN_FMT_QCOW2 };
 
 struct chain_layer {
-    char *path;            /* resolved path, as opened */
+    char *path; /* resolved path, as opened */
     enum chain_fmt fmt;
-    bool fmt_probed;       /* format was not recorded: found by probing */
-    struct qcbt_io *io;    /* the layer's file (qcow2: == qcow2->io) */
+    bool fmt_probed;           /* format was not recorded: found by probing */
+    struct qcbt_io *io;        /* the layer's file (qcow2: == qcow2->io) */
     struct qcow2_image *qcow2; /* NULL for raw */
-    uint64_t size;         /* guest size of this layer */
-    char *data_file_path;  /* resolved external data file, or NULL */
+    uint64_t size;             /* guest size of this layer */
+    char *data_file_path;      /* resolved external data file, or NULL */
 };
 
 struct chain {
@@ -39,23 +39,26 @@ struct chain {
 };
 
 struct chain_open_opts {
-    const char *format;   /* top format: "qcow2", "raw" or NULL (probe) */
-    unsigned max_depth;   /* 0 = CHAIN_MAX_DEPTH_DEFAULT */
-    bool no_backing;      /* open the top layer only */
+    const char *format; /* top format: "qcow2", "raw" or NULL (probe) */
+    unsigned max_depth; /* 0 = CHAIN_MAX_DEPTH_DEFAULT */
+    bool no_backing;    /* open the top layer only */
 };
 
 /* Open PATH and its whole backing chain, read-only.  Returns 0 and *out, or
  * -errno with a message naming the layer (index and file).
  */
-int chain_open(const char *path, const struct chain_open_opts *opts,
+int chain_open(const char *path,
+               const struct chain_open_opts *opts,
                struct chain **out);
 
 /* Build a one-layer chain from an already opened io (the nbdkit filter).
  * FORMAT as for chain_open; backing files are opened from local paths
  * relative to BACKING_DIR (NULL: no backing files allowed).
  */
-int chain_open_io(struct qcbt_io *io, const char *format,
-                  const char *backing_dir, const struct chain_open_opts *opts,
+int chain_open_io(struct qcbt_io *io,
+                  const char *format,
+                  const char *backing_dir,
+                  const struct chain_open_opts *opts,
                   struct chain **out);
 
 void chain_close(struct chain *c);
@@ -66,25 +69,31 @@ void chain_close(struct chain *c);
 int chain_read(struct chain *c, void *buf, size_t len, uint64_t offset);
 
 struct chain_status {
-    uint64_t len;     /* bytes from offset with this status */
-    unsigned depth;   /* layer that answers (qemu-img map "depth") */
-    bool present;     /* allocated in some layer ("present") */
-    bool zero;        /* reads as zeros ("zero") */
-    bool data;        /* "data" */
+    uint64_t len;   /* bytes from offset with this status */
+    unsigned depth; /* layer that answers (qemu-img map "depth") */
+    bool present;   /* allocated in some layer ("present") */
+    bool zero;      /* reads as zeros ("zero") */
+    bool data;      /* "data" */
     bool compressed;
 };
 
 /* Status of the guest range starting at offset (len > 0, within the
  * image): the facts `qemu-img map --output=json` reports.
  */
-int chain_block_status(struct chain *c, uint64_t offset, uint64_t len,
+int chain_block_status(struct chain *c,
+                       uint64_t offset,
+                       uint64_t len,
                        struct chain_status *st);
 
 /* The allocation of one layer alone (for the merge engine: alloc(Li)).
  * *allocated is true where the layer itself holds data or zeros.
  */
-int chain_layer_allocated(struct chain *c, size_t layer, uint64_t offset,
-                          uint64_t len, uint64_t *pnum, bool *allocated);
+int chain_layer_allocated(struct chain *c,
+                          size_t layer,
+                          uint64_t offset,
+                          uint64_t len,
+                          uint64_t *pnum,
+                          bool *allocated);
 
 const char *chain_fmt_name(enum chain_fmt fmt);
 

@@ -22,7 +22,9 @@ fd_pread(void *opaque, void *buf, size_t count, uint64_t offset)
     if (offset > (uint64_t)INT64_MAX)
         return -EINVAL;
     while (done < count) {
-        ssize_t r = pread(h->fd, (char *)buf + done, count - done,
+        ssize_t r = pread(h->fd,
+                          (char *)buf + done,
+                          count - done,
                           (off_t)(offset + done));
         if (r < 0) {
             if (errno == EINTR)
@@ -37,7 +39,10 @@ fd_pread(void *opaque, void *buf, size_t count, uint64_t offset)
 }
 
 static int
-fd_extent(void *opaque, uint64_t offset, uint64_t len, uint64_t *pnum,
+fd_extent(void *opaque,
+          uint64_t offset,
+          uint64_t len,
+          uint64_t *pnum,
           bool *is_data)
 {
     struct io_fd *h = opaque;
@@ -125,8 +130,11 @@ qcbt_io_open_file(const char *path, struct qcbt_io **out)
 }
 
 int
-qcbt_io_new(const struct qcbt_io_ops *ops, void *opaque, uint64_t size,
-            const char *name, struct qcbt_io **out)
+qcbt_io_new(const struct qcbt_io_ops *ops,
+            void *opaque,
+            uint64_t size,
+            const char *name,
+            struct qcbt_io **out)
 {
     struct qcbt_io *io = calloc(1, sizeof *io);
 
@@ -157,27 +165,41 @@ qcbt_io_free(struct qcbt_io *io)
 }
 
 int
-qcbt_io_read_exact(struct qcbt_io *io, void *buf, size_t count,
-                   uint64_t offset, bool zero_tail, const char *what)
+qcbt_io_read_exact(struct qcbt_io *io,
+                   void *buf,
+                   size_t count,
+                   uint64_t offset,
+                   bool zero_tail,
+                   const char *what)
 {
     ssize_t r;
 
     if (count == 0)
         return 0;
     if (zero_tail && offset >= io->size)
-        return qcbt_error(EIO, "%s: %s at offset 0x%llx is past the end of "
+        return qcbt_error(EIO,
+                          "%s: %s at offset 0x%llx is past the end of "
                           "the file (0x%llx bytes)",
-                          io->name, what, (unsigned long long)offset,
+                          io->name,
+                          what,
+                          (unsigned long long)offset,
                           (unsigned long long)io->size);
     r = io->ops->pread(io->opaque, buf, count, offset);
     if (r < 0)
-        return qcbt_error(-r, "%s: reading %s at offset 0x%llx: %s", io->name,
-                          what, (unsigned long long)offset, strerror(-r));
+        return qcbt_error(-r,
+                          "%s: reading %s at offset 0x%llx: %s",
+                          io->name,
+                          what,
+                          (unsigned long long)offset,
+                          strerror(-r));
     if ((size_t)r < count) {
         if (!zero_tail)
-            return qcbt_error(EIO, "%s: %s at offset 0x%llx (0x%zx bytes) "
+            return qcbt_error(EIO,
+                              "%s: %s at offset 0x%llx (0x%zx bytes) "
                               "runs past the end of the file",
-                              io->name, what, (unsigned long long)offset,
+                              io->name,
+                              what,
+                              (unsigned long long)offset,
                               count);
         memset((char *)buf + r, 0, count - r);
     }

@@ -36,7 +36,9 @@ static const struct qcbt_io_ops mem_ops = {
 };
 
 int
-qcbt_io_open_mem(const void *buf, size_t len, const char *name,
+qcbt_io_open_mem(const void *buf,
+                 size_t len,
+                 const char *name,
                  struct qcbt_io **out)
 {
     struct io_mem *h = malloc(sizeof *h);

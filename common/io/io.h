@@ -25,7 +25,10 @@ struct qcbt_io_ops {
      * Sets *is_data and *pnum (> 0, <= len) for [offset, offset+len).
      * Returns 0 or -errno.  NULL means "everything is data".
      */
-    int (*extent)(void *opaque, uint64_t offset, uint64_t len, uint64_t *pnum,
+    int (*extent)(void *opaque,
+                  uint64_t offset,
+                  uint64_t len,
+                  uint64_t *pnum,
                   bool *is_data);
 
     /* Release opaque.  May be NULL. */
@@ -35,9 +38,9 @@ struct qcbt_io_ops {
 struct qcbt_io {
     const struct qcbt_io_ops *ops;
     void *opaque;
-    uint64_t size;     /* bytes in the file when it was opened */
-    char *name;        /* for messages; owned */
-    dev_t dev;         /* identity for loop detection (0/0 if unknown) */
+    uint64_t size; /* bytes in the file when it was opened */
+    char *name;    /* for messages; owned */
+    dev_t dev;     /* identity for loop detection (0/0 if unknown) */
     ino_t ino;
 };
 
@@ -48,14 +51,19 @@ struct qcbt_io {
 int qcbt_io_open_file(const char *path, struct qcbt_io **out);
 
 /* Wrap BUF[0..LEN) (not copied; must outlive the io).  NAME for messages. */
-int qcbt_io_open_mem(const void *buf, size_t len, const char *name,
+int qcbt_io_open_mem(const void *buf,
+                     size_t len,
+                     const char *name,
                      struct qcbt_io **out);
 
 /* Wrap caller-provided ops (the nbdkit filter).  Takes ownership of opaque
  * (ops->close is called by qcbt_io_free).
  */
-int qcbt_io_new(const struct qcbt_io_ops *ops, void *opaque, uint64_t size,
-                const char *name, struct qcbt_io **out);
+int qcbt_io_new(const struct qcbt_io_ops *ops,
+                void *opaque,
+                uint64_t size,
+                const char *name,
+                struct qcbt_io **out);
 
 void qcbt_io_free(struct qcbt_io *io);
 
@@ -64,7 +72,11 @@ void qcbt_io_free(struct qcbt_io *io);
  * inside the file (qemu does not pad the last cluster of an image);
  * otherwise a short read is -EIO with a message naming WHAT.
  */
-int qcbt_io_read_exact(struct qcbt_io *io, void *buf, size_t count,
-                       uint64_t offset, bool zero_tail, const char *what);
+int qcbt_io_read_exact(struct qcbt_io *io,
+                       void *buf,
+                       size_t count,
+                       uint64_t offset,
+                       bool zero_tail,
+                       const char *what);
 
 #endif /* QCBT_IO_H */

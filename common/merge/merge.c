@@ -45,7 +45,8 @@ merge_ctx_free(struct merge_ctx *ctx)
 }
 
 int
-merge_ctx_layer_bitmaps(struct merge_ctx *ctx, size_t layer,
+merge_ctx_layer_bitmaps(struct merge_ctx *ctx,
+                        size_t layer,
                         const struct qcow2_bitmap_list **out)
 {
     struct chain_layer *l;
@@ -143,8 +144,10 @@ merge_allocation(struct chain *c, size_t li, struct bitmap *dst)
 }
 
 int
-merge_run(struct merge_ctx *ctx, const char *name,
-          const struct merge_opts *opts, struct merge_result **out)
+merge_run(struct merge_ctx *ctx,
+          const char *name,
+          const struct merge_opts *opts,
+          struct merge_result **out)
 {
     static const struct merge_opts defaults;
     struct chain *c = ctx->chain;
@@ -160,8 +163,7 @@ merge_run(struct merge_ctx *ctx, const char *name,
     top = opts->top;
     base = opts->base ? opts->base : c->nr_layers;
     if (top >= base || base > c->nr_layers)
-        return qcbt_error(EINVAL, "invalid layer range [%zu, %zu)", top,
-                          base);
+        return qcbt_error(EINVAL, "invalid layer range [%zu, %zu)", top, base);
 
     res = calloc(1, sizeof *res);
     if (!res)
@@ -187,9 +189,13 @@ merge_run(struct merge_ctx *ctx, const char *name,
         if (r < 0)
             return r;
         if (!list->names_known) {
-            refuse(res, "layer %zu (%s): bitmap directory unreadable (%s): "
+            refuse(res,
+                   "layer %zu (%s): bitmap directory unreadable (%s): "
                    "cannot tell whether it holds bitmap '%s'",
-                   i, c->layers[i].path, list->reason, name);
+                   i,
+                   c->layers[i].path,
+                   list->reason,
+                   name);
             return 0;
         }
         if (find_bitmap(list, name)) {
@@ -199,7 +205,9 @@ merge_run(struct merge_ctx *ctx, const char *name,
         }
     }
     if (!found) {
-        refuse(res, "bitmap '%s' not found in any layer%s", name,
+        refuse(res,
+               "bitmap '%s' not found in any layer%s",
+               name,
                top == 0 && base == c->nr_layers ? " of the chain"
                                                 : " of the range");
         return 0;
@@ -219,39 +227,59 @@ merge_run(struct merge_ctx *ctx, const char *name,
 
         if (opts->mode == MERGE_STRICT || i == k) {
             if (!list->names_known) {
-                refuse(res, "layer %zu (%s): bitmap directory unreadable: %s",
-                       i, c->layers[i].path, list->reason);
+                refuse(res,
+                       "layer %zu (%s): bitmap directory unreadable: %s",
+                       i,
+                       c->layers[i].path,
+                       list->reason);
                 return 0;
             }
             if (!bi && i == top) {
-                refuse(res, "bitmap '%s' is missing in the top layer %zu "
+                refuse(res,
+                       "bitmap '%s' is missing in the top layer %zu "
                        "(%s) but present in layer %zu (strict mode)",
-                       name, i, c->layers[i].path, k);
+                       name,
+                       i,
+                       c->layers[i].path,
+                       k);
                 return 0;
             }
             if (!bi) {
-                refuse(res, "bitmap '%s': gap at layer %zu (%s): present in "
+                refuse(res,
+                       "bitmap '%s': gap at layer %zu (%s): present in "
                        "layers above and in layer %zu (strict mode)",
-                       name, i, c->layers[i].path, k);
+                       name,
+                       i,
+                       c->layers[i].path,
+                       k);
                 return 0;
             }
             if (bi->status == QCOW2_BITMAP_IN_USE) {
-                refuse(res, "bitmap '%s' is in use at layer %zu (%s): the "
-                       "image was not closed cleanly", name, i,
+                refuse(res,
+                       "bitmap '%s' is in use at layer %zu (%s): the "
+                       "image was not closed cleanly",
+                       name,
+                       i,
                        c->layers[i].path);
                 return 0;
             }
             if (why) {
-                refuse(res, "bitmap '%s' is invalid at layer %zu (%s): %s",
-                       name, i, c->layers[i].path, why);
+                refuse(res,
+                       "bitmap '%s' is invalid at layer %zu (%s): %s",
+                       name,
+                       i,
+                       c->layers[i].path,
+                       why);
                 return 0;
             }
             ml->source = MERGE_SRC_BITMAP;
         } else if (!list->names_known) {
             fallback(ml, "bitmap directory unreadable: %s", list->reason);
         } else if (!bi) {
-            fallback(ml, "bitmap '%s' missing: the layer was created without "
-                     "it", name);
+            fallback(ml,
+                     "bitmap '%s' missing: the layer was created without "
+                     "it",
+                     name);
         } else if (bi->status == QCOW2_BITMAP_IN_USE) {
             fallback(ml, "bitmap '%s' is in use (not closed cleanly)", name);
         } else if (why) {
@@ -283,13 +311,19 @@ merge_run(struct merge_ctx *ctx, const char *name,
             return r;
         if (r < 0) {
             if (opts->mode == MERGE_STRICT || i == k) {
-                refuse(res, "bitmap '%s' is invalid at layer %zu (%s): %s",
-                       name, i, c->layers[i].path, qcbt_error_get());
+                refuse(res,
+                       "bitmap '%s' is invalid at layer %zu (%s): %s",
+                       name,
+                       i,
+                       c->layers[i].path,
+                       qcbt_error_get());
                 bitmap_free(res->bm);
                 res->bm = NULL;
                 return 0;
             }
-            fallback(ml, "bitmap '%s' data unreadable: %s", name,
+            fallback(ml,
+                     "bitmap '%s' data unreadable: %s",
+                     name,
                      qcbt_error_get());
             continue;
         }
@@ -318,8 +352,11 @@ merge_run(struct merge_ctx *ctx, const char *name,
             continue;
         r = merge_allocation(c, i, res->bm);
         if (r < 0) {
-            refuse(res, "layer %zu (%s): cannot read its allocation: %s", i,
-                   c->layers[i].path, qcbt_error_get());
+            refuse(res,
+                   "layer %zu (%s): cannot read its allocation: %s",
+                   i,
+                   c->layers[i].path,
+                   qcbt_error_get());
             bitmap_free(res->bm);
             res->bm = NULL;
             return 0;
@@ -341,11 +378,15 @@ merge_result_free(struct merge_result *r)
 }
 
 int
-merge_result_extent(const struct merge_result *r, uint64_t offset,
-                    uint64_t max_len, struct bitmap_extent *ext)
+merge_result_extent(const struct merge_result *r,
+                    uint64_t offset,
+                    uint64_t max_len,
+                    struct bitmap_extent *ext)
 {
     if (!r->usable || !r->bm)
-        return qcbt_error(EINVAL, "bitmap '%s' has no usable merge: %s",
-                          r->name, r->error);
+        return qcbt_error(EINVAL,
+                          "bitmap '%s' has no usable merge: %s",
+                          r->name,
+                          r->error);
     return bitmap_extent(r->bm, offset, max_len, ext);
 }

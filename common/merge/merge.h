@@ -46,13 +46,13 @@ struct merge_layer {
 struct merge_result {
     char *name;
     enum merge_mode mode;
-    size_t top, base;       /* the merged range [top, base) */
-    bool usable;            /* false: refused, see error; bm is NULL */
-    char error[400];        /* the refusal: rule and layer */
-    size_t deepest;         /* Lk */
-    size_t nr_fallbacks;    /* layers that contributed their allocation */
-    struct bitmap *bm;      /* the merged bitmap (owned) */
-    size_t nr_layers;       /* == chain->nr_layers */
+    size_t top, base;    /* the merged range [top, base) */
+    bool usable;         /* false: refused, see error; bm is NULL */
+    char error[400];     /* the refusal: rule and layer */
+    size_t deepest;      /* Lk */
+    size_t nr_fallbacks; /* layers that contributed their allocation */
+    struct bitmap *bm;   /* the merged bitmap (owned) */
+    size_t nr_layers;    /* == chain->nr_layers */
     struct merge_layer *layers;
 };
 
@@ -67,7 +67,8 @@ void merge_ctx_free(struct merge_ctx *ctx);
 /* The bitmap directory of LAYER (a raw layer has an empty, usable one).
  * Returns 0 or -errno (out of memory).
  */
-int merge_ctx_layer_bitmaps(struct merge_ctx *ctx, size_t layer,
+int merge_ctx_layer_bitmaps(struct merge_ctx *ctx,
+                            size_t layer,
                             const struct qcow2_bitmap_list **out);
 
 struct merge_opts {
@@ -80,15 +81,19 @@ struct merge_opts {
  * answer exists, usable or refused (out->usable, out->error); -errno only
  * for out-of-memory or bad arguments.  Free with merge_result_free().
  */
-int merge_run(struct merge_ctx *ctx, const char *name,
-              const struct merge_opts *opts, struct merge_result **out);
+int merge_run(struct merge_ctx *ctx,
+              const char *name,
+              const struct merge_opts *opts,
+              struct merge_result **out);
 
 void merge_result_free(struct merge_result *r);
 
 /* The run of equal dirtiness at guest OFFSET of a usable result (see
  * bitmap_extent()).
  */
-int merge_result_extent(const struct merge_result *r, uint64_t offset,
-                        uint64_t max_len, struct bitmap_extent *ext);
+int merge_result_extent(const struct merge_result *r,
+                        uint64_t offset,
+                        uint64_t max_len,
+                        struct bitmap_extent *ext);
 
 #endif /* QCBT_MERGE_H */

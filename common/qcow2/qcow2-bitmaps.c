@@ -23,8 +23,7 @@
 
 #define DIR_ENTRY_FIXED 24
 
-static void
-set_reason(char *dst, size_t len, const char *fmt, ...)
+static void set_reason(char *dst, size_t len, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
 static void
@@ -37,12 +36,12 @@ set_reason(char *dst, size_t len, const char *fmt, ...)
     va_end(ap);
 }
 
-#define LAYER_BAD(list, ...)                                                   \
-    set_reason((list)->reason, sizeof (list)->reason, __VA_ARGS__)
-#define BITMAP_BAD(bm, ...)                                                    \
-    do {                                                                       \
-        (bm)->status = QCOW2_BITMAP_INVALID;                                   \
-        set_reason((bm)->reason, sizeof (bm)->reason, __VA_ARGS__);            \
+#define LAYER_BAD(list, ...) \
+    set_reason((list)->reason, sizeof(list)->reason, __VA_ARGS__)
+#define BITMAP_BAD(bm, ...)                                        \
+    do {                                                           \
+        (bm)->status = QCOW2_BITMAP_INVALID;                       \
+        set_reason((bm)->reason, sizeof(bm)->reason, __VA_ARGS__); \
     } while (0)
 
 uint64_t
@@ -69,10 +68,14 @@ hits_metadata(const struct qcow2_image *img, uint64_t off, uint64_t len)
 {
     if (overlaps(off, len, 0, img->cluster_size))
         return "the header";
-    if (overlaps(off, len, img->hdr.l1_table_offset,
+    if (overlaps(off,
+                 len,
+                 img->hdr.l1_table_offset,
                  (uint64_t)img->hdr.l1_size * 8))
         return "the L1 table";
-    if (overlaps(off, len, img->hdr.refcount_table_offset,
+    if (overlaps(off,
+                 len,
+                 img->hdr.refcount_table_offset,
                  (uint64_t)img->hdr.refcount_table_clusters *
                      img->cluster_size))
         return "the refcount table";
@@ -134,75 +137,100 @@ check_entry(struct qcow2_image *img, struct qcow2_bitmap_info *bm)
         return;
     }
     if (bm->flags & ~(QCOW2_BME_FLAG_IN_USE | QCOW2_BME_FLAG_AUTO)) {
-        BITMAP_BAD(bm, "bitmap '%s': unsupported flags 0x%" PRIx32, name,
+        BITMAP_BAD(bm,
+                   "bitmap '%s': unsupported flags 0x%" PRIx32,
+                   name,
                    bm->flags);
         return;
     }
     if (bm->granularity_bits < QCOW2_BME_MIN_GRANULARITY_BITS ||
         bm->granularity_bits > QCOW2_BME_MAX_GRANULARITY_BITS) {
-        BITMAP_BAD(bm, "bitmap '%s': granularity_bits %u out of range "
-                   "(%d..%d)", name, bm->granularity_bits,
+        BITMAP_BAD(bm,
+                   "bitmap '%s': granularity_bits %u out of range "
+                   "(%d..%d)",
+                   name,
+                   bm->granularity_bits,
                    QCOW2_BME_MIN_GRANULARITY_BITS,
                    QCOW2_BME_MAX_GRANULARITY_BITS);
         return;
     }
     if (bm->table_size == 0 || bm->table_size > QCOW2_BME_MAX_TABLE_SIZE) {
-        BITMAP_BAD(bm, "bitmap '%s': bitmap table size %" PRIu32
-                   " out of range", name, bm->table_size);
+        BITMAP_BAD(bm,
+                   "bitmap '%s': bitmap table size %" PRIu32 " out of range",
+                   name,
+                   bm->table_size);
         return;
     }
     phys = (uint64_t)bm->table_size * img->cluster_size;
     if (phys > QCOW2_BME_MAX_PHYS_SIZE) {
-        BITMAP_BAD(bm, "bitmap '%s': %" PRIu64 " bytes of bitmap data "
-                   "exceed the 512 MiB limit", name, phys);
+        BITMAP_BAD(bm,
+                   "bitmap '%s': %" PRIu64 " bytes of bitmap data "
+                   "exceed the 512 MiB limit",
+                   name,
+                   phys);
         return;
     }
     if (bm->table_offset == 0 ||
         !IS_ALIGNED(bm->table_offset, img->cluster_size)) {
-        BITMAP_BAD(bm, "bitmap '%s': bitmap table offset 0x%" PRIx64
-                   " is not cluster aligned", name, bm->table_offset);
+        BITMAP_BAD(bm,
+                   "bitmap '%s': bitmap table offset 0x%" PRIx64
+                   " is not cluster aligned",
+                   name,
+                   bm->table_offset);
         return;
     }
     table_bytes = (uint64_t)bm->table_size * 8;
     if (bm->table_offset > QCOW2_MAX_HOST_OFFSET ||
         bm->table_offset + table_bytes > img->io->size) {
-        BITMAP_BAD(bm, "bitmap '%s': bitmap table at 0x%" PRIx64
-                   " runs past the end of the file", name, bm->table_offset);
+        BITMAP_BAD(bm,
+                   "bitmap '%s': bitmap table at 0x%" PRIx64
+                   " runs past the end of the file",
+                   name,
+                   bm->table_offset);
         return;
     }
     hit = hits_metadata(img, bm->table_offset, table_bytes);
     if (hit) {
-        BITMAP_BAD(bm, "bitmap '%s': bitmap table at 0x%" PRIx64
-                   " overlaps %s", name, bm->table_offset, hit);
+        BITMAP_BAD(bm,
+                   "bitmap '%s': bitmap table at 0x%" PRIx64 " overlaps %s",
+                   name,
+                   bm->table_offset,
+                   hit);
         return;
     }
     if (bm->flags & QCOW2_BME_FLAG_IN_USE) {
         bm->status = QCOW2_BITMAP_IN_USE;
-        set_reason(bm->reason, sizeof bm->reason,
+        set_reason(bm->reason,
+                   sizeof bm->reason,
                    "bitmap '%s' is in use (the image was not closed "
-                   "cleanly): its contents cannot be trusted", name);
+                   "cleanly): its contents cannot be trusted",
+                   name);
         return;
     }
     /* QEMU demands the exact table size for a bitmap it loads. */
     need = qcow2_bitmap_table_size(img, bm->granularity_bits);
     if (bm->table_size != need) {
-        BITMAP_BAD(bm, "bitmap '%s': bitmap table has %" PRIu32
-                   " entries, %" PRIu64 " expected for the virtual size",
-                   name, bm->table_size, need);
+        BITMAP_BAD(bm,
+                   "bitmap '%s': bitmap table has %" PRIu32 " entries, %" PRIu64
+                   " expected for the virtual size",
+                   name,
+                   bm->table_size,
+                   need);
         return;
     }
 }
 
 int
-qcow2_bitmaps_parse_dir(struct qcow2_image *img, const unsigned char *dir,
-                        uint64_t dir_size, uint32_t nb_bitmaps,
+qcow2_bitmaps_parse_dir(struct qcow2_image *img,
+                        const unsigned char *dir,
+                        uint64_t dir_size,
+                        uint32_t nb_bitmaps,
                         struct qcow2_bitmap_list *list)
 {
     uint64_t off = 0;
     size_t i, j;
 
-    list->bitmaps = calloc(nb_bitmaps ? nb_bitmaps : 1,
-                           sizeof *list->bitmaps);
+    list->bitmaps = calloc(nb_bitmaps ? nb_bitmaps : 1, sizeof *list->bitmaps);
     if (!list->bitmaps)
         return qcbt_error(ENOMEM, "out of memory");
 
@@ -214,43 +242,55 @@ qcow2_bitmaps_parse_dir(struct qcow2_image *img, const unsigned char *dir,
         uint32_t extra;
 
         if (list->nr == nb_bitmaps) {
-            LAYER_BAD(list, "broken bitmap directory: more bitmaps found "
+            LAYER_BAD(list,
+                      "broken bitmap directory: more bitmaps found "
                       "than the %" PRIu32 " the header extension says",
                       nb_bitmaps);
             return 0;
         }
         if (dir_size - off < DIR_ENTRY_FIXED) {
-            LAYER_BAD(list, "broken bitmap directory: entry %zu at offset "
-                      "%" PRIu64 " is truncated", list->nr, off);
+            LAYER_BAD(list,
+                      "broken bitmap directory: entry %zu at offset "
+                      "%" PRIu64 " is truncated",
+                      list->nr,
+                      off);
             return 0;
         }
         name_size = get_be16(e + 18);
         extra = get_be32(e + 20);
         /* 64-bit arithmetic: extra_data_size may be close to 4 GiB. */
-        entry_size = ROUND_UP((uint64_t)DIR_ENTRY_FIXED + extra + name_size,
-                              8);
+        entry_size = ROUND_UP((uint64_t)DIR_ENTRY_FIXED + extra + name_size, 8);
         if (entry_size > dir_size - off) {
-            LAYER_BAD(list, "broken bitmap directory: entry %zu at offset "
+            LAYER_BAD(list,
+                      "broken bitmap directory: entry %zu at offset "
                       "%" PRIu64 " runs past the end of the directory",
-                      list->nr, off);
+                      list->nr,
+                      off);
             return 0;
         }
         if (extra != 0) {
-            LAYER_BAD(list, "bitmap directory entry %zu has %" PRIu32
-                      " bytes of extra data (not supported)", list->nr,
+            LAYER_BAD(list,
+                      "bitmap directory entry %zu has %" PRIu32
+                      " bytes of extra data (not supported)",
+                      list->nr,
                       extra);
             return 0;
         }
         if (name_size == 0 || name_size > QCOW2_BME_MAX_NAME_SIZE) {
-            LAYER_BAD(list, "bitmap directory entry %zu: name size %u out "
-                      "of range (1..%d)", list->nr, name_size,
+            LAYER_BAD(list,
+                      "bitmap directory entry %zu: name size %u out "
+                      "of range (1..%d)",
+                      list->nr,
+                      name_size,
                       QCOW2_BME_MAX_NAME_SIZE);
             return 0;
         }
         if (memchr(e + DIR_ENTRY_FIXED + extra, '\0', name_size) ||
             !valid_utf8(e + DIR_ENTRY_FIXED + extra, name_size)) {
-            LAYER_BAD(list, "bitmap directory entry %zu: name is not valid "
-                      "UTF-8 without NUL bytes", list->nr);
+            LAYER_BAD(list,
+                      "bitmap directory entry %zu: name is not valid "
+                      "UTF-8 without NUL bytes",
+                      list->nr);
             return 0;
         }
 
@@ -270,8 +310,11 @@ qcow2_bitmaps_parse_dir(struct qcow2_image *img, const unsigned char *dir,
         off += entry_size;
     }
     if (list->nr != nb_bitmaps) {
-        LAYER_BAD(list, "broken bitmap directory: %zu bitmaps found, the "
-                  "header extension says %" PRIu32, list->nr, nb_bitmaps);
+        LAYER_BAD(list,
+                  "broken bitmap directory: %zu bitmaps found, the "
+                  "header extension says %" PRIu32,
+                  list->nr,
+                  nb_bitmaps);
         return 0;
     }
     /* Every name is known from here on, even if the layer is unusable. */
@@ -298,26 +341,32 @@ qcow2_bitmaps_parse_dir(struct qcow2_image *img, const unsigned char *dir,
             struct qcow2_bitmap_info *b = &list->bitmaps[j];
 
             if (strcmp(a->name, b->name) == 0) {
-                LAYER_BAD(list, "duplicate bitmap name '%s'",
-                          qcbt_escape(name, sizeof name, a->name,
-                                      strlen(a->name)));
+                LAYER_BAD(
+                    list,
+                    "duplicate bitmap name '%s'",
+                    qcbt_escape(name, sizeof name, a->name, strlen(a->name)));
                 return 0;
             }
-            if (overlaps(a->table_offset, (uint64_t)a->table_size * 8,
-                         b->table_offset, (uint64_t)b->table_size * 8)) {
-                LAYER_BAD(list, "bitmap tables of '%s' and another bitmap "
-                          "overlap",
-                          qcbt_escape(name, sizeof name, a->name,
-                                      strlen(a->name)));
+            if (overlaps(a->table_offset,
+                         (uint64_t)a->table_size * 8,
+                         b->table_offset,
+                         (uint64_t)b->table_size * 8)) {
+                LAYER_BAD(
+                    list,
+                    "bitmap tables of '%s' and another bitmap "
+                    "overlap",
+                    qcbt_escape(name, sizeof name, a->name, strlen(a->name)));
                 return 0;
             }
         }
-        if (overlaps(a->table_offset, (uint64_t)a->table_size * 8,
-                     img->bitmaps.dir_offset, img->bitmaps.dir_size)) {
-            LAYER_BAD(list, "bitmap table of '%s' overlaps the bitmap "
+        if (overlaps(a->table_offset,
+                     (uint64_t)a->table_size * 8,
+                     img->bitmaps.dir_offset,
+                     img->bitmaps.dir_size)) {
+            LAYER_BAD(list,
+                      "bitmap table of '%s' overlaps the bitmap "
                       "directory",
-                      qcbt_escape(name, sizeof name, a->name,
-                                  strlen(a->name)));
+                      qcbt_escape(name, sizeof name, a->name, strlen(a->name)));
             return 0;
         }
     }
@@ -344,15 +393,17 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
     list->names_known = !ext->present;
     if (!ext->present) {
         if (img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)
-            LAYER_BAD(list, "bitmaps autoclear bit set without a bitmaps "
+            LAYER_BAD(list,
+                      "bitmaps autoclear bit set without a bitmaps "
                       "extension");
         return 0;
     }
 
     /* Extension-level rules (qcow2_read_extensions). */
     if (ext->ext_len != 24) {
-        LAYER_BAD(list, "bitmaps extension has length %" PRIu32
-                  " (24 expected)", ext->ext_len);
+        LAYER_BAD(list,
+                  "bitmaps extension has length %" PRIu32 " (24 expected)",
+                  ext->ext_len);
         return 0;
     }
     if (ext->reserved != 0) {
@@ -360,42 +411,54 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
         return 0;
     }
     if (ext->nb_bitmaps == 0 || ext->nb_bitmaps > QCOW2_MAX_BITMAPS) {
-        LAYER_BAD(list, "bitmaps extension: %" PRIu32 " bitmaps (1..%d "
-                  "allowed)", ext->nb_bitmaps, QCOW2_MAX_BITMAPS);
+        LAYER_BAD(list,
+                  "bitmaps extension: %" PRIu32 " bitmaps (1..%d "
+                  "allowed)",
+                  ext->nb_bitmaps,
+                  QCOW2_MAX_BITMAPS);
         return 0;
     }
     if (ext->dir_size == 0 || ext->dir_size > QCOW2_MAX_BITMAP_DIR_SIZE) {
-        LAYER_BAD(list, "bitmaps extension: directory size %" PRIu64
-                  " out of range", ext->dir_size);
+        LAYER_BAD(list,
+                  "bitmaps extension: directory size %" PRIu64 " out of range",
+                  ext->dir_size);
         return 0;
     }
     if (!IS_ALIGNED(ext->dir_offset, img->cluster_size) ||
         ADD_OVERFLOW(ext->dir_offset, ext->dir_size, &end) ||
         end > img->io->size) {
-        LAYER_BAD(list, "bitmaps extension: directory at 0x%" PRIx64
-                  " (%" PRIu64 " bytes) is misaligned or past the end of "
-                  "the file", ext->dir_offset, ext->dir_size);
+        LAYER_BAD(list,
+                  "bitmaps extension: directory at 0x%" PRIx64 " (%" PRIu64
+                  " bytes) is misaligned or past the end of "
+                  "the file",
+                  ext->dir_offset,
+                  ext->dir_size);
         return 0;
     }
     hit = hits_metadata(img, ext->dir_offset, ext->dir_size);
     if (hit) {
-        LAYER_BAD(list, "bitmap directory at 0x%" PRIx64 " overlaps %s",
-                  ext->dir_offset, hit);
+        LAYER_BAD(list,
+                  "bitmap directory at 0x%" PRIx64 " overlaps %s",
+                  ext->dir_offset,
+                  hit);
         return 0;
     }
 
     dir = malloc(ext->dir_size);
     if (!dir)
         return qcbt_error(ENOMEM, "out of memory");
-    r = qcbt_io_read_exact(img->io, dir, ext->dir_size, ext->dir_offset,
-                           false, "bitmap directory");
+    r = qcbt_io_read_exact(img->io,
+                           dir,
+                           ext->dir_size,
+                           ext->dir_offset,
+                           false,
+                           "bitmap directory");
     if (r < 0) {
         LAYER_BAD(list, "%s", qcbt_error_get());
         free(dir);
         return 0;
     }
-    r = qcow2_bitmaps_parse_dir(img, dir, ext->dir_size, ext->nb_bitmaps,
-                                list);
+    r = qcow2_bitmaps_parse_dir(img, dir, ext->dir_size, ext->nb_bitmaps, list);
     free(dir);
     if (r < 0)
         return r;
@@ -403,20 +466,23 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
     /* The directory is well formed, but is it trustworthy? */
     if (list->usable && img->hdr.version < 3) {
         list->usable = false;
-        LAYER_BAD(list, "bitmaps extension in a version 2 image: all "
+        LAYER_BAD(list,
+                  "bitmaps extension in a version 2 image: all "
                   "bitmaps are inconsistent");
     }
     if (list->usable &&
         !(img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)) {
         list->usable = false;
-        LAYER_BAD(list, "bitmaps autoclear bit is clear: a program lacking "
+        LAYER_BAD(list,
+                  "bitmaps autoclear bit is clear: a program lacking "
                   "bitmap support modified the image, all bitmaps are "
                   "inconsistent");
     }
     if (list->usable &&
         (img->hdr.incompatible_features & QCOW2_INCOMPAT_CORRUPT)) {
         list->usable = false;
-        LAYER_BAD(list, "the image is marked corrupt: bitmaps are not "
+        LAYER_BAD(list,
+                  "the image is marked corrupt: bitmaps are not "
                   "trusted");
     }
     if (!list->usable) {
@@ -424,7 +490,9 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
             if (list->bitmaps[i].status != QCOW2_BITMAP_INVALID) {
                 list->bitmaps[i].status = QCOW2_BITMAP_INVALID;
                 snprintf(list->bitmaps[i].reason,
-                         sizeof list->bitmaps[i].reason, "%s", list->reason);
+                         sizeof list->bitmaps[i].reason,
+                         "%s",
+                         list->reason);
             }
         }
     }
@@ -458,7 +526,8 @@ cmp_u64(const void *a, const void *b)
 
 int
 qcow2_bitmap_load_data(struct qcow2_image *img,
-                       const struct qcow2_bitmap_info *bi, unsigned flags,
+                       const struct qcow2_bitmap_info *bi,
+                       unsigned flags,
                        struct bitmap **out)
 {
     struct bitmap *bm = NULL;
@@ -470,15 +539,18 @@ qcow2_bitmap_load_data(struct qcow2_image *img,
 
     qcbt_escape(name, sizeof name, bi->name, strlen(bi->name));
     if (bi->status != QCOW2_BITMAP_OK)
-        return qcbt_error(EINVAL, "%s: bitmap '%s' cannot be loaded: %s",
-                          img->io->name, name, bi->reason);
+        return qcbt_error(EINVAL,
+                          "%s: bitmap '%s' cannot be loaded: %s",
+                          img->io->name,
+                          name,
+                          bi->reason);
     r = bitmap_new(img->size, 1ULL << bi->granularity_bits, &bm);
     if (r < 0)
         return qcbt_error_prefix(-r, "%s: bitmap '%s'", img->io->name, name);
 
     /* The stream QEMU keeps in memory: whole words (it hashes them). */
-    want = (flags & BITMAP_RAW) ? bitmap_raw_size(bm)
-                                : bitmap_serialized_size(bm);
+    want =
+        (flags & BITMAP_RAW) ? bitmap_raw_size(bm) : bitmap_serialized_size(bm);
     raw = malloc((size_t)bi->table_size * 8);
     offsets = malloc((size_t)bi->table_size * sizeof *offsets);
     cluster = malloc(img->cluster_size);
@@ -486,8 +558,12 @@ qcow2_bitmap_load_data(struct qcow2_image *img,
         r = qcbt_error(ENOMEM, "out of memory");
         goto out;
     }
-    r = qcbt_io_read_exact(img->io, raw, (size_t)bi->table_size * 8,
-                           bi->table_offset, false, "bitmap table");
+    r = qcbt_io_read_exact(img->io,
+                           raw,
+                           (size_t)bi->table_size * 8,
+                           bi->table_offset,
+                           false,
+                           "bitmap table");
     if (r < 0)
         goto out;
 
@@ -501,9 +577,13 @@ qcow2_bitmap_load_data(struct qcow2_image *img,
         if (len > img->cluster_size)
             len = img->cluster_size;
         if (e & BME_TABLE_RESERVED) {
-            r = qcbt_error(EINVAL, "%s: bitmap '%s': table entry %" PRIu64
+            r = qcbt_error(EINVAL,
+                           "%s: bitmap '%s': table entry %" PRIu64
                            " (0x%016" PRIx64 ") has reserved bits set",
-                           img->io->name, name, i, e);
+                           img->io->name,
+                           name,
+                           i,
+                           e);
             goto out;
         }
         if (off == 0) {
@@ -515,35 +595,54 @@ qcow2_bitmap_load_data(struct qcow2_image *img,
             continue;
         }
         if (e & BME_TABLE_ALL_ONES) {
-            r = qcbt_error(EINVAL, "%s: bitmap '%s': table entry %" PRIu64
+            r = qcbt_error(EINVAL,
+                           "%s: bitmap '%s': table entry %" PRIu64
                            " has both a data offset and the all-ones flag",
-                           img->io->name, name, i);
+                           img->io->name,
+                           name,
+                           i);
             goto out;
         }
         if (!IS_ALIGNED(off, img->cluster_size)) {
-            r = qcbt_error(EINVAL, "%s: bitmap '%s': table entry %" PRIu64
-                           ": data offset 0x%" PRIx64
-                           " is not cluster aligned",
-                           img->io->name, name, i, off);
+            r = qcbt_error(EINVAL,
+                           "%s: bitmap '%s': table entry %" PRIu64
+                           ": data offset 0x%" PRIx64 " is not cluster aligned",
+                           img->io->name,
+                           name,
+                           i,
+                           off);
             goto out;
         }
         hit = hits_metadata(img, off, img->cluster_size);
-        if (!hit && overlaps(off, img->cluster_size, bi->table_offset,
+        if (!hit && overlaps(off,
+                             img->cluster_size,
+                             bi->table_offset,
                              (uint64_t)bi->table_size * 8))
             hit = "its own bitmap table";
-        if (!hit && overlaps(off, img->cluster_size, img->bitmaps.dir_offset,
+        if (!hit && overlaps(off,
+                             img->cluster_size,
+                             img->bitmaps.dir_offset,
                              img->bitmaps.dir_size))
             hit = "the bitmap directory";
         if (hit) {
-            r = qcbt_error(EINVAL, "%s: bitmap '%s': data cluster 0x%" PRIx64
-                           " overlaps %s", img->io->name, name, off, hit);
+            r = qcbt_error(EINVAL,
+                           "%s: bitmap '%s': data cluster 0x%" PRIx64
+                           " overlaps %s",
+                           img->io->name,
+                           name,
+                           off,
+                           hit);
             goto out;
         }
         offsets[n_off++] = off;
         if (len == 0)
             continue;
         /* Never read a short read or EOF as "clean". */
-        r = qcbt_io_read_exact(img->io, cluster, len, off, false,
+        r = qcbt_io_read_exact(img->io,
+                               cluster,
+                               len,
+                               off,
+                               false,
                                "bitmap data cluster");
         if (r < 0)
             goto out;
@@ -556,8 +655,11 @@ qcow2_bitmap_load_data(struct qcow2_image *img,
     qsort(offsets, n_off, sizeof *offsets, cmp_u64);
     for (i = 1; i < n_off; i++) {
         if (offsets[i] == offsets[i - 1]) {
-            r = qcbt_error(EINVAL, "%s: bitmap '%s': data cluster 0x%" PRIx64
-                           " is used twice", img->io->name, name,
+            r = qcbt_error(EINVAL,
+                           "%s: bitmap '%s': data cluster 0x%" PRIx64
+                           " is used twice",
+                           img->io->name,
+                           name,
                            offsets[i]);
             goto out;
         }

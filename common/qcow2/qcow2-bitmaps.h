@@ -13,15 +13,15 @@
 
 #include "qcow2.h"
 
-#define QCOW2_BME_FLAG_IN_USE         (1u << 0)
-#define QCOW2_BME_FLAG_AUTO           (1u << 1)
+#define QCOW2_BME_FLAG_IN_USE                (1u << 0)
+#define QCOW2_BME_FLAG_AUTO                  (1u << 1)
 #define QCOW2_BME_FLAG_EXTRA_DATA_COMPATIBLE (1u << 2)
-#define QCOW2_BME_MAX_TABLE_SIZE      0x8000000u
-#define QCOW2_BME_MAX_PHYS_SIZE       0x20000000ULL
-#define QCOW2_BME_MAX_NAME_SIZE       1023
-#define QCOW2_BME_MIN_GRANULARITY_BITS 9
-#define QCOW2_BME_MAX_GRANULARITY_BITS 31
-#define QCOW2_BME_TYPE_DIRTY_TRACKING 1
+#define QCOW2_BME_MAX_TABLE_SIZE             0x8000000u
+#define QCOW2_BME_MAX_PHYS_SIZE              0x20000000ULL
+#define QCOW2_BME_MAX_NAME_SIZE              1023
+#define QCOW2_BME_MIN_GRANULARITY_BITS       9
+#define QCOW2_BME_MAX_GRANULARITY_BITS       31
+#define QCOW2_BME_TYPE_DIRTY_TRACKING        1
 
 enum qcow2_bitmap_status {
     QCOW2_BITMAP_OK,      /* consistent: its data may be loaded */
@@ -30,24 +30,24 @@ enum qcow2_bitmap_status {
 };
 
 struct qcow2_bitmap_info {
-    char *name;              /* NUL-free, valid UTF-8 unless INVALID */
+    char *name; /* NUL-free, valid UTF-8 unless INVALID */
     uint64_t table_offset;
-    uint32_t table_size;     /* entries */
+    uint32_t table_size; /* entries */
     uint32_t flags;
     uint8_t type;
     uint8_t granularity_bits;
     uint32_t extra_data_size;
     enum qcow2_bitmap_status status;
-    char reason[256];        /* for IN_USE / INVALID */
+    char reason[256]; /* for IN_USE / INVALID */
 };
 
 struct qcow2_bitmap_list {
-    bool present;        /* the image has a bitmaps extension */
-    bool usable;         /* the extension and directory are valid */
-    bool names_known;    /* every bitmap name of the layer is listed (false
-                            when the directory cannot be walked: a bitmap
-                            may hide there) */
-    char reason[256];    /* why not usable */
+    bool present;     /* the image has a bitmaps extension */
+    bool usable;      /* the extension and directory are valid */
+    bool names_known; /* every bitmap name of the layer is listed (false
+                         when the directory cannot be walked: a bitmap
+                         may hide there) */
+    char reason[256]; /* why not usable */
     size_t nr;
     struct qcow2_bitmap_info *bitmaps;
 };
@@ -58,8 +58,10 @@ struct qcow2_bitmap_list {
 int qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out);
 
 /* Parse a directory held in memory (for the unit tests and fuzzing). */
-int qcow2_bitmaps_parse_dir(struct qcow2_image *img, const unsigned char *dir,
-                            uint64_t dir_size, uint32_t nb_bitmaps,
+int qcow2_bitmaps_parse_dir(struct qcow2_image *img,
+                            const unsigned char *dir,
+                            uint64_t dir_size,
+                            uint32_t nb_bitmaps,
                             struct qcow2_bitmap_list *list);
 
 void qcow2_bitmap_list_free(struct qcow2_bitmap_list *list);
@@ -74,11 +76,11 @@ struct bitmap;
  * past the end of the last word (for QEMU's digest).
  */
 int qcow2_bitmap_load_data(struct qcow2_image *img,
-                           const struct qcow2_bitmap_info *bi, unsigned flags,
+                           const struct qcow2_bitmap_info *bi,
+                           unsigned flags,
                            struct bitmap **out);
 
 /* Exact bitmap table size for a bitmap of IMG with granularity 2^gbits. */
-uint64_t qcow2_bitmap_table_size(const struct qcow2_image *img,
-                                 unsigned gbits);
+uint64_t qcow2_bitmap_table_size(const struct qcow2_image *img, unsigned gbits);
 
 #endif /* QCBT_QCOW2_BITMAPS_H */

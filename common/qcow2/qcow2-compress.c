@@ -22,19 +22,24 @@
 #include "qcow2.h"
 
 int
-qcow2_decode_compressed(const struct qcow2_image *img, uint64_t entry,
-                        uint64_t *coffset, uint64_t *csize)
+qcow2_decode_compressed(const struct qcow2_image *img,
+                        uint64_t entry,
+                        uint64_t *coffset,
+                        uint64_t *csize)
 {
     uint64_t off = entry & img->coffset_mask;
     uint64_t nb_sectors = ((entry >> img->csize_shift) & img->csize_mask) + 1;
 
     if (!(entry & QCOW2_OFLAG_COMPRESSED) || (entry & QCOW2_OFLAG_COPIED))
-        return qcbt_error(EIO, "invalid compressed cluster descriptor 0x%016"
-                          PRIx64, entry);
+        return qcbt_error(EIO,
+                          "invalid compressed cluster descriptor 0x%016" PRIx64,
+                          entry);
     if (off > QCOW2_MAX_HOST_OFFSET)
-        return qcbt_error(EIO, "compressed cluster descriptor 0x%016" PRIx64
+        return qcbt_error(EIO,
+                          "compressed cluster descriptor 0x%016" PRIx64
                           ": host offset 0x%" PRIx64 " too large",
-                          entry, off);
+                          entry,
+                          off);
     *coffset = off;
     *csize = nb_sectors * 512 - (off & 511);
     return 0;
@@ -70,10 +75,13 @@ inflate_cluster(const void *in, size_t inlen, void *out, size_t outlen)
         s.avail_out == 0)
         return 0;
     if (zr == Z_STREAM_END)
-        return qcbt_error(EIO, "compressed cluster decompresses to %zu bytes, "
+        return qcbt_error(EIO,
+                          "compressed cluster decompresses to %zu bytes, "
                           "not a whole cluster (%zu)",
-                          outlen - s.avail_out, outlen);
-    return qcbt_error(EIO, "corrupt deflate data in compressed cluster (%s)",
+                          outlen - s.avail_out,
+                          outlen);
+    return qcbt_error(EIO,
+                      "corrupt deflate data in compressed cluster (%s)",
                       s.msg ? s.msg : zError(zr));
 }
 
@@ -116,21 +124,30 @@ zstd_cluster(const void *in, size_t inlen, void *out, size_t outlen)
 
         zr = ZSTD_decompressStream(dctx, &ob, &ib);
         if (ZSTD_isError(zr))
-            return qcbt_error(EIO, "corrupt zstd data in compressed cluster "
-                              "(%s)", ZSTD_getErrorName(zr));
+            return qcbt_error(EIO,
+                              "corrupt zstd data in compressed cluster "
+                              "(%s)",
+                              ZSTD_getErrorName(zr));
         if (ib.pos == in_pos && ob.pos == out_pos)
-            return qcbt_error(EIO, "truncated zstd data in compressed cluster "
-                              "(%zu of %zu bytes produced)", ob.pos, outlen);
+            return qcbt_error(EIO,
+                              "truncated zstd data in compressed cluster "
+                              "(%zu of %zu bytes produced)",
+                              ob.pos,
+                              outlen);
     }
     if (zr > 0)
-        return qcbt_error(EIO, "zstd data in compressed cluster is larger "
+        return qcbt_error(EIO,
+                          "zstd data in compressed cluster is larger "
                           "than a cluster");
     return 0;
 }
 
 int
-qcow2_decompress(enum qcow2_compression type, const void *in, size_t inlen,
-                 void *out, size_t outlen)
+qcow2_decompress(enum qcow2_compression type,
+                 const void *in,
+                 size_t inlen,
+                 void *out,
+                 size_t outlen)
 {
     switch (type) {
     case QCOW2_COMPRESSION_DEFLATE:
@@ -142,7 +159,9 @@ qcow2_decompress(enum qcow2_compression type, const void *in, size_t inlen,
 }
 
 int
-qcow2_read_compressed(struct qcow2_image *img, uint64_t entry, void *out,
+qcow2_read_compressed(struct qcow2_image *img,
+                      uint64_t entry,
+                      void *out,
                       void *scratch)
 {
     uint64_t coffset, csize;
@@ -153,19 +172,29 @@ qcow2_read_compressed(struct qcow2_image *img, uint64_t entry, void *out,
     if (r < 0)
         return qcbt_error_prefix(EIO, "%s", img->io->name);
     if (coffset >= img->io->size)
-        return qcbt_error(EIO, "%s: compressed cluster at 0x%" PRIx64
+        return qcbt_error(EIO,
+                          "%s: compressed cluster at 0x%" PRIx64
                           " is past the end of the file",
-                          img->io->name, coffset);
+                          img->io->name,
+                          coffset);
     /* The bound may run past the end of the file for the last cluster. */
     csize = MIN(csize, img->io->size - coffset);
     n = img->io->ops->pread(img->io->opaque, scratch, csize, coffset);
     if (n < 0)
-        return qcbt_error(-n, "%s: reading compressed cluster at 0x%" PRIx64
-                          ": %s", img->io->name, coffset, strerror(-n));
-    r = qcow2_decompress(img->hdr.compression_type, scratch, n, out,
+        return qcbt_error(-n,
+                          "%s: reading compressed cluster at 0x%" PRIx64 ": %s",
+                          img->io->name,
+                          coffset,
+                          strerror(-n));
+    r = qcow2_decompress(img->hdr.compression_type,
+                         scratch,
+                         n,
+                         out,
                          img->cluster_size);
     if (r < 0)
-        return qcbt_error_prefix(-r, "%s: compressed cluster at 0x%" PRIx64,
-                                 img->io->name, coffset);
+        return qcbt_error_prefix(-r,
+                                 "%s: compressed cluster at 0x%" PRIx64,
+                                 img->io->name,
+                                 coffset);
     return 0;
 }

@@ -35,7 +35,7 @@ struct qcow2_l2_cache {
     struct l2_slot slots[];
 };
 
-#define L2_CACHE_BYTES (4u * 1024 * 1024)
+#define L2_CACHE_BYTES     (4u * 1024 * 1024)
 #define L2_CACHE_MIN_SLOTS 4
 
 int
@@ -95,8 +95,12 @@ l2_get_locked(struct qcow2_image *img, uint64_t l2_offset, uint64_t **table)
     if (!victim->table && !(victim->table = malloc(img->cluster_size)))
         return qcbt_error(ENOMEM, "out of memory");
     victim->offset = 0;
-    r = qcbt_io_read_exact(img->io, c->raw, img->cluster_size, l2_offset,
-                           true, "L2 table");
+    r = qcbt_io_read_exact(img->io,
+                           c->raw,
+                           img->cluster_size,
+                           l2_offset,
+                           true,
+                           "L2 table");
     if (r < 0)
         return r;
     for (i = 0; i < nwords; i++)
@@ -115,35 +119,51 @@ struct unit {
 };
 
 static int
-corrupt(struct qcow2_image *img, uint64_t guest, const char *why,
+corrupt(struct qcow2_image *img,
+        uint64_t guest,
+        const char *why,
         uint64_t entry)
 {
-    return qcbt_error(EIO, "%s: corrupt L2 entry 0x%016" PRIx64
+    return qcbt_error(EIO,
+                      "%s: corrupt L2 entry 0x%016" PRIx64
                       " for guest offset 0x%" PRIx64 ": %s",
-                      img->io->name, entry, guest, why);
+                      img->io->name,
+                      entry,
+                      guest,
+                      why);
 }
 
 /* Classify subcluster SC (0 for standard L2) of the cluster described by
  * ENTRY/BITMAP (qcow2_get_subcluster_type() in QEMU terms).
  */
 static int
-classify(struct qcow2_image *img, uint64_t guest, uint64_t entry,
-         uint64_t bitmap, unsigned sc, struct unit *u)
+classify(struct qcow2_image *img,
+         uint64_t guest,
+         uint64_t entry,
+         uint64_t bitmap,
+         unsigned sc,
+         struct unit *u)
 {
     uint64_t host = entry & QCOW2_L2E_OFFSET_MASK;
-    bool has_data_file = img->hdr.incompatible_features &
-                         QCOW2_INCOMPAT_DATA_FILE;
+    bool has_data_file =
+        img->hdr.incompatible_features & QCOW2_INCOMPAT_DATA_FILE;
     bool allocated;
 
     u->offset_valid = false;
     u->host = 0;
     if (entry & QCOW2_OFLAG_COMPRESSED) {
         if (has_data_file)
-            return corrupt(img, guest, "compressed cluster with an external "
-                           "data file", entry);
+            return corrupt(img,
+                           guest,
+                           "compressed cluster with an external "
+                           "data file",
+                           entry);
         if (img->extended_l2 && bitmap != 0)
-            return corrupt(img, guest, "compressed cluster with a non-zero "
-                           "subcluster bitmap", entry);
+            return corrupt(img,
+                           guest,
+                           "compressed cluster with a non-zero "
+                           "subcluster bitmap",
+                           entry);
         u->kind = QCOW2_COMPRESSED;
         return 0;
     }
@@ -172,7 +192,9 @@ classify(struct qcow2_image *img, uint64_t guest, uint64_t entry,
     /* Extended L2: 32 alloc bits, then 32 zero bits. */
     if (allocated) {
         if ((bitmap >> 32) & bitmap & 0xffffffffULL)
-            return corrupt(img, guest, "subcluster both allocated and zero",
+            return corrupt(img,
+                           guest,
+                           "subcluster both allocated and zero",
                            entry);
         u->offset_valid = true;
         u->host = host + ((uint64_t)sc << img->subcluster_bits);
@@ -184,16 +206,21 @@ classify(struct qcow2_image *img, uint64_t guest, uint64_t entry,
             u->kind = QCOW2_UNALLOCATED;
     } else {
         if (bitmap & 0xffffffffULL)
-            return corrupt(img, guest, "allocated subclusters in an "
-                           "unallocated cluster", entry);
-        u->kind = (bitmap & (1ULL << (32 + sc))) ? QCOW2_ZERO
-                                                 : QCOW2_UNALLOCATED;
+            return corrupt(img,
+                           guest,
+                           "allocated subclusters in an "
+                           "unallocated cluster",
+                           entry);
+        u->kind =
+            (bitmap & (1ULL << (32 + sc))) ? QCOW2_ZERO : QCOW2_UNALLOCATED;
     }
     return 0;
 }
 
 int
-qcow2_map(struct qcow2_image *img, uint64_t offset, uint64_t len,
+qcow2_map(struct qcow2_image *img,
+          uint64_t offset,
+          uint64_t len,
           struct qcow2_extent *ext)
 {
     struct qcow2_l2_cache *c = img->l2_cache;
@@ -206,8 +233,10 @@ qcow2_map(struct qcow2_image *img, uint64_t offset, uint64_t len,
     int r;
 
     if (len == 0 || offset >= img->size)
-        return qcbt_error(EINVAL, "%s: map request at 0x%" PRIx64
-                          " outside the image", img->io->name, offset);
+        return qcbt_error(EINVAL,
+                          "%s: map request at 0x%" PRIx64 " outside the image",
+                          img->io->name,
+                          offset);
     len = MIN(len, img->size - offset);
     memset(ext, 0, sizeof *ext);
 
@@ -222,9 +251,12 @@ qcow2_map(struct qcow2_image *img, uint64_t offset, uint64_t len,
         return 0;
     }
     if (img->l1[l1_index] & QCOW2_L1E_RESERVED_MASK)
-        return qcbt_error(EIO, "%s: corrupt L1 entry %" PRIu64
-                          " (0x%016" PRIx64 "): reserved bits set",
-                          img->io->name, l1_index, img->l1[l1_index]);
+        return qcbt_error(EIO,
+                          "%s: corrupt L1 entry %" PRIu64 " (0x%016" PRIx64
+                          "): reserved bits set",
+                          img->io->name,
+                          l1_index,
+                          img->l1[l1_index]);
     l2_offset = img->l1[l1_index] & QCOW2_L1E_OFFSET_MASK;
     if (l2_offset == 0) {
         ext->kind = QCOW2_UNALLOCATED;
@@ -232,15 +264,20 @@ qcow2_map(struct qcow2_image *img, uint64_t offset, uint64_t len,
         return 0;
     }
     if (!IS_ALIGNED(l2_offset, img->cluster_size))
-        return qcbt_error(EIO, "%s: corrupt L1 entry %" PRIu64
-                          ": L2 table offset 0x%" PRIx64
-                          " not cluster aligned",
-                          img->io->name, l1_index, l2_offset);
+        return qcbt_error(EIO,
+                          "%s: corrupt L1 entry %" PRIu64
+                          ": L2 table offset 0x%" PRIx64 " not cluster aligned",
+                          img->io->name,
+                          l1_index,
+                          l2_offset);
     if (l2_offset >= img->io->size)
-        return qcbt_error(EIO, "%s: corrupt L1 entry %" PRIu64
+        return qcbt_error(EIO,
+                          "%s: corrupt L1 entry %" PRIu64
                           ": L2 table offset 0x%" PRIx64
                           " past the end of the file",
-                          img->io->name, l1_index, l2_offset);
+                          img->io->name,
+                          l1_index,
+                          l2_offset);
 
     pthread_mutex_lock(&c->lock);
     r = l2_get_locked(img, l2_offset, &table);
@@ -287,8 +324,7 @@ qcow2_map(struct qcow2_image *img, uint64_t offset, uint64_t len,
         }
         if (u.kind != first.kind || u.offset_valid != first.offset_valid)
             break;
-        if (u.kind == QCOW2_DATA &&
-            u.host != ext->host_offset + (pos - offset))
+        if (u.kind == QCOW2_DATA && u.host != ext->host_offset + (pos - offset))
             break;
         pos += unit_size;
     }
@@ -299,8 +335,11 @@ out:
     pthread_mutex_unlock(&c->lock);
     if (r == 0 && ext->kind == QCOW2_DATA && img->data_io == img->io &&
         ext->host_offset >= img->io->size)
-        r = qcbt_error(EIO, "%s: data cluster for guest offset 0x%" PRIx64
+        r = qcbt_error(EIO,
+                       "%s: data cluster for guest offset 0x%" PRIx64
                        " at 0x%" PRIx64 " is past the end of the file",
-                       img->io->name, offset, ext->host_offset);
+                       img->io->name,
+                       offset,
+                       ext->host_offset);
     return r;
 }

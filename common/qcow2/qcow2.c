@@ -30,7 +30,9 @@ qcow2_probe(const void *buf, size_t len)
 }
 
 int
-qcow2_parse_header(const void *buf, size_t len, uint64_t file_size,
+qcow2_parse_header(const void *buf,
+                   size_t len,
+                   uint64_t file_size,
                    struct qcow2_header *hdr)
 {
     const unsigned char *p = buf;
@@ -39,10 +41,12 @@ qcow2_parse_header(const void *buf, size_t len, uint64_t file_size,
 
     memset(hdr, 0, sizeof *hdr);
     if (len < QCOW2_V2_HEADER_LENGTH || file_size < QCOW2_V2_HEADER_LENGTH)
-        return qcbt_error(EINVAL, "image is too small to be qcow2 (%" PRIu64
-                          " bytes)", file_size);
+        return qcbt_error(EINVAL,
+                          "image is too small to be qcow2 (%" PRIu64 " bytes)",
+                          file_size);
     if (get_be32(p) != QCOW2_MAGIC)
-        return qcbt_error(EINVAL, "not a qcow2 image (bad magic 0x%08x)",
+        return qcbt_error(EINVAL,
+                          "not a qcow2 image (bad magic 0x%08x)",
                           get_be32(p));
 
     hdr->version = get_be32(p + 4);
@@ -59,13 +63,16 @@ qcow2_parse_header(const void *buf, size_t len, uint64_t file_size,
     hdr->snapshots_offset = get_be64(p + 64);
 
     if (hdr->version != 2 && hdr->version != 3)
-        return qcbt_error(ENOTSUP, "unsupported qcow2 version %" PRIu32,
+        return qcbt_error(ENOTSUP,
+                          "unsupported qcow2 version %" PRIu32,
                           hdr->version);
     if (hdr->cluster_bits < QCOW2_MIN_CLUSTER_BITS ||
         hdr->cluster_bits > QCOW2_MAX_CLUSTER_BITS)
-        return qcbt_error(EINVAL, "unsupported cluster size: 2^%" PRIu32
+        return qcbt_error(EINVAL,
+                          "unsupported cluster size: 2^%" PRIu32
                           " (cluster_bits must be %d..%d)",
-                          hdr->cluster_bits, QCOW2_MIN_CLUSTER_BITS,
+                          hdr->cluster_bits,
+                          QCOW2_MIN_CLUSTER_BITS,
                           QCOW2_MAX_CLUSTER_BITS);
     cluster_size = 1ULL << hdr->cluster_bits;
 
@@ -81,14 +88,20 @@ qcow2_parse_header(const void *buf, size_t len, uint64_t file_size,
         hdr->refcount_order = get_be32(p + 96);
         hdr->header_length = get_be32(p + 100);
         if (hdr->header_length < QCOW2_V3_HEADER_LENGTH)
-            return qcbt_error(EINVAL, "qcow2 header too short (header_length "
-                              "%" PRIu32 ")", hdr->header_length);
+            return qcbt_error(EINVAL,
+                              "qcow2 header too short (header_length "
+                              "%" PRIu32 ")",
+                              hdr->header_length);
         if (hdr->header_length > cluster_size)
-            return qcbt_error(EINVAL, "qcow2 header_length %" PRIu32
-                              " exceeds the cluster size", hdr->header_length);
+            return qcbt_error(EINVAL,
+                              "qcow2 header_length %" PRIu32
+                              " exceeds the cluster size",
+                              hdr->header_length);
         if (!IS_ALIGNED(hdr->header_length, 8))
-            return qcbt_error(EINVAL, "qcow2 header_length %" PRIu32
-                              " is not a multiple of 8", hdr->header_length);
+            return qcbt_error(EINVAL,
+                              "qcow2 header_length %" PRIu32
+                              " is not a multiple of 8",
+                              hdr->header_length);
         if (hdr->header_length > QCOW2_V3_HEADER_LENGTH) {
             if (len < QCOW2_V3_HEADER_LENGTH + 1)
                 return qcbt_error(EINVAL, "qcow2 header is truncated");
@@ -96,49 +109,59 @@ qcow2_parse_header(const void *buf, size_t len, uint64_t file_size,
         }
     }
     if (hdr->refcount_order > 6)
-        return qcbt_error(EINVAL, "invalid refcount_order %" PRIu32
-                          " (maximum 6)", hdr->refcount_order);
+        return qcbt_error(EINVAL,
+                          "invalid refcount_order %" PRIu32 " (maximum 6)",
+                          hdr->refcount_order);
 
     /* Compression type and its incompatible bit must agree both ways. */
     if (hdr->compression_type > QCOW2_COMPRESSION_ZSTD)
-        return qcbt_error(ENOTSUP, "unknown compression type %u",
+        return qcbt_error(ENOTSUP,
+                          "unknown compression type %u",
                           hdr->compression_type);
     if (hdr->compression_type != 0 &&
         !(hdr->incompatible_features & QCOW2_INCOMPAT_COMPRESSION))
-        return qcbt_error(EINVAL, "compression type %u without the "
+        return qcbt_error(EINVAL,
+                          "compression type %u without the "
                           "compression-type incompatible bit",
                           hdr->compression_type);
     if (hdr->compression_type == 0 &&
         (hdr->incompatible_features & QCOW2_INCOMPAT_COMPRESSION))
-        return qcbt_error(EINVAL, "compression-type incompatible bit set "
+        return qcbt_error(EINVAL,
+                          "compression-type incompatible bit set "
                           "with the default (deflate) compression type");
     if ((hdr->incompatible_features & QCOW2_INCOMPAT_EXTL2) &&
         hdr->cluster_bits < 14)
-        return qcbt_error(EINVAL, "extended L2 entries need clusters of at "
+        return qcbt_error(EINVAL,
+                          "extended L2 entries need clusters of at "
                           "least 16 KiB (cluster_bits %" PRIu32 ")",
                           hdr->cluster_bits);
 
     if (hdr->crypt_method > 2)
-        return qcbt_error(ENOTSUP, "unknown encryption method %" PRIu32,
+        return qcbt_error(ENOTSUP,
+                          "unknown encryption method %" PRIu32,
                           hdr->crypt_method);
     if (hdr->crypt_method != 0)
-        return qcbt_error(ENOTSUP, "encrypted qcow2 images (%s) are not "
+        return qcbt_error(ENOTSUP,
+                          "encrypted qcow2 images (%s) are not "
                           "supported",
                           hdr->crypt_method == 1 ? "AES" : "LUKS");
 
     if (hdr->size > (uint64_t)INT64_MAX)
-        return qcbt_error(EFBIG, "virtual size %" PRIu64 " is too large",
+        return qcbt_error(EFBIG,
+                          "virtual size %" PRIu64 " is too large",
                           hdr->size);
 
     /* Backing file name: inside cluster 0, at most 1023 bytes. */
     if (hdr->backing_file_offset) {
         if (hdr->backing_file_offset > cluster_size)
-            return qcbt_error(EINVAL, "invalid backing file offset 0x%" PRIx64,
+            return qcbt_error(EINVAL,
+                              "invalid backing file offset 0x%" PRIx64,
                               hdr->backing_file_offset);
         if (hdr->backing_file_size > QCOW2_MAX_BACKING_NAME ||
             hdr->backing_file_size > cluster_size - hdr->backing_file_offset)
-            return qcbt_error(EINVAL, "backing file name too long (%" PRIu32
-                              " bytes)", hdr->backing_file_size);
+            return qcbt_error(EINVAL,
+                              "backing file name too long (%" PRIu32 " bytes)",
+                              hdr->backing_file_size);
     }
 
     /* L1 table: bounded, aligned, large enough for the virtual size. */
@@ -148,50 +171,62 @@ qcow2_parse_header(const void *buf, size_t len, uint64_t file_size,
     l1_needed = DIV_ROUND_UP(hdr->size, per_l1);
     l1_bytes = (uint64_t)hdr->l1_size * 8;
     if (l1_bytes > QCOW2_MAX_L1_BYTES)
-        return qcbt_error(EFBIG, "active L1 table too large (%" PRIu32
-                          " entries)", hdr->l1_size);
+        return qcbt_error(EFBIG,
+                          "active L1 table too large (%" PRIu32 " entries)",
+                          hdr->l1_size);
     if (hdr->l1_size < l1_needed)
-        return qcbt_error(EINVAL, "L1 table is too small (%" PRIu32
-                          " entries, %" PRIu64 " needed for the virtual size)",
-                          hdr->l1_size, l1_needed);
+        return qcbt_error(EINVAL,
+                          "L1 table is too small (%" PRIu32 " entries, %" PRIu64
+                          " needed for the virtual size)",
+                          hdr->l1_size,
+                          l1_needed);
     if (hdr->l1_size > 0) {
         if (!IS_ALIGNED(hdr->l1_table_offset, cluster_size))
-            return qcbt_error(EINVAL, "invalid L1 table offset 0x%" PRIx64
+            return qcbt_error(EINVAL,
+                              "invalid L1 table offset 0x%" PRIx64
                               " (not cluster aligned)",
                               hdr->l1_table_offset);
         if (ADD_OVERFLOW(hdr->l1_table_offset, l1_bytes, &end) ||
             end > (uint64_t)INT64_MAX)
-            return qcbt_error(EINVAL, "invalid L1 table offset 0x%" PRIx64,
+            return qcbt_error(EINVAL,
+                              "invalid L1 table offset 0x%" PRIx64,
                               hdr->l1_table_offset);
         if (hdr->l1_table_offset >= file_size)
-            return qcbt_error(EINVAL, "L1 table offset 0x%" PRIx64
+            return qcbt_error(EINVAL,
+                              "L1 table offset 0x%" PRIx64
                               " is past the end of the file",
                               hdr->l1_table_offset);
     }
 
     /* Refcount table: only validated (a reader never follows it). */
     if (hdr->refcount_table_clusters == 0)
-        return qcbt_error(EINVAL, "image does not contain a reference count "
+        return qcbt_error(EINVAL,
+                          "image does not contain a reference count "
                           "table");
     if ((uint64_t)hdr->refcount_table_clusters * cluster_size >
         QCOW2_MAX_REFTABLE_BYTES)
-        return qcbt_error(EFBIG, "reference count table too large (%" PRIu32
-                          " clusters)", hdr->refcount_table_clusters);
+        return qcbt_error(EFBIG,
+                          "reference count table too large (%" PRIu32
+                          " clusters)",
+                          hdr->refcount_table_clusters);
     if (!IS_ALIGNED(hdr->refcount_table_offset, cluster_size) ||
         hdr->refcount_table_offset == 0 ||
-        hdr->refcount_table_offset > (uint64_t)INT64_MAX -
-                                         QCOW2_MAX_REFTABLE_BYTES)
-        return qcbt_error(EINVAL, "invalid reference count table offset 0x%"
-                          PRIx64, hdr->refcount_table_offset);
+        hdr->refcount_table_offset >
+            (uint64_t)INT64_MAX - QCOW2_MAX_REFTABLE_BYTES)
+        return qcbt_error(EINVAL,
+                          "invalid reference count table offset 0x%" PRIx64,
+                          hdr->refcount_table_offset);
 
     /* Snapshot table: bounded and aligned (contents are not needed). */
     if (hdr->nb_snapshots > QCOW2_MAX_SNAPSHOTS)
-        return qcbt_error(EINVAL, "too many internal snapshots (%" PRIu32 ")",
+        return qcbt_error(EINVAL,
+                          "too many internal snapshots (%" PRIu32 ")",
                           hdr->nb_snapshots);
     if (hdr->nb_snapshots > 0 &&
         (!IS_ALIGNED(hdr->snapshots_offset, cluster_size) ||
          hdr->snapshots_offset > (uint64_t)INT64_MAX))
-        return qcbt_error(EINVAL, "invalid snapshot table offset 0x%" PRIx64,
+        return qcbt_error(EINVAL,
+                          "invalid snapshot table offset 0x%" PRIx64,
                           hdr->snapshots_offset);
     return 0;
 }
@@ -247,8 +282,8 @@ parse_extensions(struct qcow2_image *img, const unsigned char *c0)
 {
     const struct qcow2_header *hdr = &img->hdr;
     uint64_t off = hdr->header_length;
-    uint64_t end = hdr->backing_file_offset ? hdr->backing_file_offset
-                                            : img->cluster_size;
+    uint64_t end =
+        hdr->backing_file_offset ? hdr->backing_file_offset : img->cluster_size;
     bool seen_fmt = false, seen_features = false, seen_bitmaps = false;
     bool seen_crypto = false, seen_data_file = false;
 
@@ -261,22 +296,29 @@ parse_extensions(struct qcow2_image *img, const unsigned char *c0)
         if (type == QCOW2_EXT_END)
             return 0;
         if (len > end - off)
-            return qcbt_error(EINVAL, "header extension 0x%08x too large "
+            return qcbt_error(EINVAL,
+                              "header extension 0x%08x too large "
                               "(%" PRIu32 " bytes at offset 0x%" PRIx64 ")",
-                              type, len, off - 8);
+                              type,
+                              len,
+                              off - 8);
         data = c0 + off;
 
         switch (type) {
         case QCOW2_EXT_BACKING_FMT:
             if (seen_fmt)
-                return qcbt_error(EINVAL, "duplicate backing format header "
+                return qcbt_error(EINVAL,
+                                  "duplicate backing format header "
                                   "extension");
             seen_fmt = true;
             if (len > QCOW2_MAX_BACKING_FMT)
-                return qcbt_error(EINVAL, "backing format name too long "
-                                  "(%" PRIu32 " bytes)", len);
+                return qcbt_error(EINVAL,
+                                  "backing format name too long "
+                                  "(%" PRIu32 " bytes)",
+                                  len);
             if (memchr(data, '\0', len))
-                return qcbt_error(EINVAL, "backing format name contains a "
+                return qcbt_error(EINVAL,
+                                  "backing format name contains a "
                                   "NUL byte");
             img->backing_fmt = dup_string(data, len);
             if (!img->backing_fmt)
@@ -305,7 +347,8 @@ parse_extensions(struct qcow2_image *img, const unsigned char *c0)
 
         case QCOW2_EXT_BITMAPS:
             if (seen_bitmaps)
-                return qcbt_error(EINVAL, "duplicate bitmaps header "
+                return qcbt_error(EINVAL,
+                                  "duplicate bitmaps header "
                                   "extension");
             seen_bitmaps = true;
             img->bitmaps.present = true;
@@ -320,16 +363,19 @@ parse_extensions(struct qcow2_image *img, const unsigned char *c0)
 
         case QCOW2_EXT_CRYPTO:
             if (seen_crypto)
-                return qcbt_error(EINVAL, "duplicate encryption header "
+                return qcbt_error(EINVAL,
+                                  "duplicate encryption header "
                                   "extension");
             seen_crypto = true;
             /* Only valid with LUKS, which is refused earlier. */
-            return qcbt_error(EINVAL, "encryption header extension found in "
+            return qcbt_error(EINVAL,
+                              "encryption header extension found in "
                               "an unencrypted image");
 
         case QCOW2_EXT_DATA_FILE:
             if (seen_data_file)
-                return qcbt_error(EINVAL, "duplicate data file header "
+                return qcbt_error(EINVAL,
+                                  "duplicate data file header "
                                   "extension");
             seen_data_file = true;
             if (len == 0 || memchr(data, '\0', len))
@@ -378,10 +424,14 @@ check_incompatible(struct qcow2_image *img)
         name = qcow2_feature_name(img, 0, bit);
         if (name)
             qcbt_escape(esc, sizeof esc, name, strlen(name));
-        used += snprintf(list + used, used < sizeof list ? sizeof list - used
-                                                         : 0,
-                         "%sbit %u%s%s%s", used ? ", " : "", bit,
-                         name ? " (" : "", name ? esc : "", name ? ")" : "");
+        used += snprintf(list + used,
+                         used < sizeof list ? sizeof list - used : 0,
+                         "%sbit %u%s%s%s",
+                         used ? ", " : "",
+                         bit,
+                         name ? " (" : "",
+                         name ? esc : "",
+                         name ? ")" : "");
         if (used >= sizeof list)
             break;
     }
@@ -461,7 +511,8 @@ qcow2_open(struct qcbt_io *io, struct qcow2_image **out)
     if (img->hdr.incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
         if (img->backing_name &&
             (img->hdr.autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW)) {
-            r = qcbt_error(EINVAL, "an image with a raw external data file "
+            r = qcbt_error(EINVAL,
+                           "an image with a raw external data file "
                            "cannot have a backing file");
             goto fail;
         }
@@ -480,8 +531,12 @@ qcow2_open(struct qcbt_io *io, struct qcow2_image **out)
         r = qcbt_error(ENOMEM, "out of memory");
         goto fail;
     }
-    r = qcbt_io_read_exact(io, l1raw, l1_bytes, img->hdr.l1_table_offset,
-                           true, "L1 table");
+    r = qcbt_io_read_exact(io,
+                           l1raw,
+                           l1_bytes,
+                           img->hdr.l1_table_offset,
+                           true,
+                           "L1 table");
     if (r < 0)
         goto fail;
     for (i = 0; i < img->hdr.l1_size; i++)

@@ -19,48 +19,51 @@
 #define QCOW2_MAGIC 0x514649fbU
 
 /* Limits (QEMU's, see qcow2-format.md section 4). */
-#define QCOW2_MIN_CLUSTER_BITS      9
-#define QCOW2_MAX_CLUSTER_BITS      21
-#define QCOW2_MAX_L1_BYTES          (32u * 1024 * 1024)
-#define QCOW2_MAX_REFTABLE_BYTES    (8u * 1024 * 1024)
-#define QCOW2_MAX_HOST_OFFSET       ((1ULL << 56) - 1)
-#define QCOW2_MAX_SNAPSHOTS         65536
-#define QCOW2_MAX_BACKING_NAME      1023
-#define QCOW2_MAX_BACKING_FMT       15
-#define QCOW2_MAX_BITMAPS           65535
-#define QCOW2_MAX_BITMAP_DIR_SIZE   (1024ULL * 65535)
+#define QCOW2_MIN_CLUSTER_BITS    9
+#define QCOW2_MAX_CLUSTER_BITS    21
+#define QCOW2_MAX_L1_BYTES        (32u * 1024 * 1024)
+#define QCOW2_MAX_REFTABLE_BYTES  (8u * 1024 * 1024)
+#define QCOW2_MAX_HOST_OFFSET     ((1ULL << 56) - 1)
+#define QCOW2_MAX_SNAPSHOTS       65536
+#define QCOW2_MAX_BACKING_NAME    1023
+#define QCOW2_MAX_BACKING_FMT     15
+#define QCOW2_MAX_BITMAPS         65535
+#define QCOW2_MAX_BITMAP_DIR_SIZE (1024ULL * 65535)
 
 /* incompatible_features */
-#define QCOW2_INCOMPAT_DIRTY        (1ULL << 0)
-#define QCOW2_INCOMPAT_CORRUPT      (1ULL << 1)
-#define QCOW2_INCOMPAT_DATA_FILE    (1ULL << 2)
-#define QCOW2_INCOMPAT_COMPRESSION  (1ULL << 3)
-#define QCOW2_INCOMPAT_EXTL2        (1ULL << 4)
-#define QCOW2_INCOMPAT_KNOWN        0x1fULL
+#define QCOW2_INCOMPAT_DIRTY       (1ULL << 0)
+#define QCOW2_INCOMPAT_CORRUPT     (1ULL << 1)
+#define QCOW2_INCOMPAT_DATA_FILE   (1ULL << 2)
+#define QCOW2_INCOMPAT_COMPRESSION (1ULL << 3)
+#define QCOW2_INCOMPAT_EXTL2       (1ULL << 4)
+#define QCOW2_INCOMPAT_KNOWN       0x1fULL
 /* compatible_features */
 #define QCOW2_COMPAT_LAZY_REFCOUNTS (1ULL << 0)
 /* autoclear_features */
-#define QCOW2_AUTOCLEAR_BITMAPS     (1ULL << 0)
-#define QCOW2_AUTOCLEAR_DATA_RAW    (1ULL << 1)
+#define QCOW2_AUTOCLEAR_BITMAPS  (1ULL << 0)
+#define QCOW2_AUTOCLEAR_DATA_RAW (1ULL << 1)
 
 /* Header extension types (qcow2.txt "Header extensions"). */
-#define QCOW2_EXT_END          0x00000000U
-#define QCOW2_EXT_BACKING_FMT  0xe2792acaU
-#define QCOW2_EXT_FEATURES     0x6803f857U
-#define QCOW2_EXT_BITMAPS      0x23852875U
-#define QCOW2_EXT_CRYPTO       0x0537be77U
-#define QCOW2_EXT_DATA_FILE    0x44415441U
+#define QCOW2_EXT_END         0x00000000U
+#define QCOW2_EXT_BACKING_FMT 0xe2792acaU
+#define QCOW2_EXT_FEATURES    0x6803f857U
+#define QCOW2_EXT_BITMAPS     0x23852875U
+#define QCOW2_EXT_CRYPTO      0x0537be77U
+#define QCOW2_EXT_DATA_FILE   0x44415441U
 
 /* Entry masks (QEMU block/qcow2.h names, same values). */
-#define QCOW2_L1E_OFFSET_MASK     0x00fffffffffffe00ULL
-#define QCOW2_L1E_RESERVED_MASK   0x7f000000000001ffULL
-#define QCOW2_L2E_OFFSET_MASK     0x00fffffffffffe00ULL
-#define QCOW2_L2E_STD_RESERVED    0x3f000000000001feULL
-#define QCOW2_OFLAG_COPIED        (1ULL << 63)
-#define QCOW2_OFLAG_COMPRESSED    (1ULL << 62)
-#define QCOW2_OFLAG_ZERO          (1ULL << 0)
+#define QCOW2_L1E_OFFSET_MASK   0x00fffffffffffe00ULL
+#define QCOW2_L1E_RESERVED_MASK 0x7f000000000001ffULL
+#define QCOW2_L2E_OFFSET_MASK   0x00fffffffffffe00ULL
+#define QCOW2_L2E_STD_RESERVED  0x3f000000000001feULL
+#define QCOW2_OFLAG_COPIED      (1ULL << 63)
+#define QCOW2_OFLAG_COMPRESSED  (1ULL << 62)
+#define QCOW2_OFLAG_ZERO        (1ULL << 0)
 
-enum qcow2_compression { QCOW2_COMPRESSION_DEFLATE = 0, QCOW2_COMPRESSION_ZSTD = 1 };
+enum qcow2_compression {
+    QCOW2_COMPRESSION_DEFLATE = 0,
+    QCOW2_COMPRESSION_ZSTD = 1
+};
 
 struct qcow2_feature_name {
     uint8_t type; /* 0 incompatible, 1 compatible, 2 autoclear */
@@ -78,7 +81,7 @@ struct qcow2_unknown_ext {
  */
 struct qcow2_bitmaps_ext {
     bool present;
-    uint32_t ext_len;      /* must be 24 */
+    uint32_t ext_len; /* must be 24 */
     uint32_t nb_bitmaps;
     uint32_t reserved;
     uint64_t dir_size;
@@ -109,25 +112,25 @@ struct qcow2_header {
 struct qcow2_l2_cache;
 
 struct qcow2_image {
-    struct qcbt_io *io;        /* the qcow2 file; owned */
-    struct qcbt_io *data_io;   /* external data file, or == io; owned if != io */
+    struct qcbt_io *io;      /* the qcow2 file; owned */
+    struct qcbt_io *data_io; /* external data file, or == io; owned if != io */
     struct qcow2_header hdr;
 
     uint64_t cluster_size;
-    uint64_t size;             /* guest bytes: hdr.size rounded down to 512 */
-    unsigned l2_bits;          /* log2(entries per L2 table) */
+    uint64_t size;    /* guest bytes: hdr.size rounded down to 512 */
+    unsigned l2_bits; /* log2(entries per L2 table) */
     uint64_t l2_entries;
     bool extended_l2;
-    unsigned subcluster_bits;  /* log2(subcluster size) */
-    unsigned csize_shift;      /* compressed descriptor layout */
+    unsigned subcluster_bits; /* log2(subcluster size) */
+    unsigned csize_shift;     /* compressed descriptor layout */
     uint64_t csize_mask;
     uint64_t coffset_mask;
 
-    uint64_t *l1;              /* host byte order, l1_size entries */
+    uint64_t *l1; /* host byte order, l1_size entries */
 
-    char *backing_name;        /* as stored, NUL-terminated, or NULL */
-    char *backing_fmt;         /* from the extension, or NULL */
-    char *data_file_name;      /* from the extension, or NULL */
+    char *backing_name;   /* as stored, NUL-terminated, or NULL */
+    char *backing_fmt;    /* from the extension, or NULL */
+    char *data_file_name; /* from the extension, or NULL */
     struct qcow2_feature_name *features;
     size_t nr_features;
     struct qcow2_unknown_ext *unknown_exts;
@@ -164,11 +167,11 @@ enum qcow2_kind {
 
 struct qcow2_extent {
     enum qcow2_kind kind;
-    uint64_t len;          /* bytes from the queried offset */
-    uint64_t host_offset;  /* QCOW2_DATA: host offset of the queried byte */
-    uint64_t l2_entry;     /* QCOW2_COMPRESSED: the descriptor */
-    bool offset_valid;     /* qemu's BDRV_BLOCK_OFFSET_VALID: a host cluster
-                              is behind the range (data or zero-alloc) */
+    uint64_t len;         /* bytes from the queried offset */
+    uint64_t host_offset; /* QCOW2_DATA: host offset of the queried byte */
+    uint64_t l2_entry;    /* QCOW2_COMPRESSED: the descriptor */
+    bool offset_valid;    /* qemu's BDRV_BLOCK_OFFSET_VALID: a host cluster
+                             is behind the range (data or zero-alloc) */
 };
 
 /* Map guest range [offset, offset+len) (len > 0, within img->size): the
@@ -176,14 +179,18 @@ struct qcow2_extent {
  * host for QCOW2_DATA, one cluster at most for QCOW2_COMPRESSED.  Returns 0
  * or -errno (bad L1/L2 entry, I/O error) with a message.
  */
-int qcow2_map(struct qcow2_image *img, uint64_t offset, uint64_t len,
+int qcow2_map(struct qcow2_image *img,
+              uint64_t offset,
+              uint64_t len,
               struct qcow2_extent *ext);
 
 /* Decompress the cluster described by the compressed descriptor ENTRY
  * into OUT (cluster_size bytes).  SCRATCH must hold at least
  * qcow2_compressed_scratch_size(img) bytes.  Returns 0 or -errno.
  */
-int qcow2_read_compressed(struct qcow2_image *img, uint64_t entry, void *out,
+int qcow2_read_compressed(struct qcow2_image *img,
+                          uint64_t entry,
+                          void *out,
                           void *scratch);
 size_t qcow2_compressed_scratch_size(const struct qcow2_image *img);
 
@@ -192,25 +199,32 @@ size_t qcow2_compressed_scratch_size(const struct qcow2_image *img);
 /* Validate the fixed header in BUF (LEN bytes, at least 72) against a file
  * of FILE_SIZE bytes and fill *hdr.  Returns 0 or -errno with a message.
  */
-int qcow2_parse_header(const void *buf, size_t len, uint64_t file_size,
+int qcow2_parse_header(const void *buf,
+                       size_t len,
+                       uint64_t file_size,
                        struct qcow2_header *hdr);
 
 /* Decode a compressed descriptor: host byte offset and the number of bytes
  * that may hold the data.  Returns 0 or -EIO if the descriptor is invalid.
  */
-int qcow2_decode_compressed(const struct qcow2_image *img, uint64_t entry,
-                            uint64_t *coffset, uint64_t *csize);
+int qcow2_decode_compressed(const struct qcow2_image *img,
+                            uint64_t entry,
+                            uint64_t *coffset,
+                            uint64_t *csize);
 
 /* Decompress IN (inlen bytes) into exactly OUTLEN bytes with the image's
  * method.  Returns 0 or -EIO ("truncated", "corrupt", "too large").
  */
-int qcow2_decompress(enum qcow2_compression type, const void *in, size_t inlen,
-                     void *out, size_t outlen);
+int qcow2_decompress(enum qcow2_compression type,
+                     const void *in,
+                     size_t inlen,
+                     void *out,
+                     size_t outlen);
 
 /* Name of an incompatible/compatible/autoclear bit from the image's feature
  * table or the built-in names; NULL if unknown.
  */
-const char *qcow2_feature_name(const struct qcow2_image *img, uint8_t type,
-                               uint8_t bit);
+const char *
+qcow2_feature_name(const struct qcow2_image *img, uint8_t type, uint8_t bit);
 
 #endif /* QCBT_QCOW2_H */

@@ -1,0 +1,150 @@
+/* qcbt-server: connection lifecycle and socket I/O. */
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+int64_t
+now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Read exactly LEN bytes.  0 on success, -1 on EOF, error or deadline
+ * (deadline_ms < 0: none).
+ */
+int
+conn_read_deadline(struct connection *c, void *buf, size_t len,
+                   int64_t deadline_ms)
+{
+    char *p = buf;
+
+    while (len > 0) {
+        ssize_t n;
+
+        if (deadline_ms >= 0) {
+            struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
+            int64_t left = deadline_ms - now_ms();
+            int r;
+
+            if (left <= 0)
+                return -1;
+            r = poll(&pfd, 1, left > 1000 ? 1000 : (int)left);
+            if (r < 0 && errno != EINTR)
+                return -1;
+            if (r <= 0)
+                continue;
+        }
+        n = recv(c->fd, p, len, 0);
+        if (n < 0) {
+            if (errno == EINTR || errno == EAGAIN)
+                continue;
+            return -1;
+        }
+        if (n == 0)
+            return -1;
+        p += n;
+        len -= n;
+    }
+    return 0;
+}
+
+int
+conn_read(struct connection *c, void *buf, size_t len)
+{
+    return conn_read_deadline(c, buf, len, -1);
+}
+
+/* Discard LEN bytes of payload. */
+int
+conn_skip(struct connection *c, uint64_t len)
+{
+    char buf[16384];
+
+    while (len > 0) {
+        size_t n = len < sizeof buf ? len : sizeof buf;
+
+        if (conn_read(c, buf, n) < 0)
+            return -1;
+        len -= n;
+    }
+    return 0;
+}
+
+int
+conn_write(struct connection *c, const void *buf, size_t len, bool more)
+{
+    const char *p = buf;
+
+    while (len > 0) {
+        ssize_t n = send(c->fd, p, len, MSG_NOSIGNAL | (more ? MSG_MORE : 0));
+
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        p += n;
+        len -= n;
+    }
+    return 0;
+}
+
+static void
+unlink_connection(struct connection *c)
+{
+    struct server *srv = c->srv;
+    struct connection **pp;
+    unsigned left;
+
+    pthread_mutex_lock(&srv->lock);
+    for (pp = &srv->conns; *pp; pp = &(*pp)->next) {
+        if (*pp == c) {
+            *pp = c->next;
+            break;
+        }
+    }
+    srv->served = true;
+    left = atomic_fetch_sub(&srv->nr_connections, 1) - 1;
+    pthread_mutex_unlock(&srv->lock);
+    /* Without --persistent the server ends with its last client. */
+    if (left == 0 && !srv->persistent) {
+        char b = 'x';
+        ssize_t ignored = write(srv->wake_pipe[1], &b, 1);
+        (void)ignored;
+    }
+}
+
+void *
+connection_thread(void *arg)
+{
+    struct connection *c = arg;
+    struct server *srv = c->srv;
+    int r;
+
+    srv_log(srv, LOG_INFO, "%s: connected", c->peer);
+    r = handshake(c);
+    if (r == 1) {
+        srv_log(srv, LOG_INFO, "%s: export '%s', %s replies, %zu context(s)",
+                c->peer, c->exp->name,
+                c->structured ? "structured" : "simple", c->nr_meta);
+        transmission(c);
+    }
+    srv_log(srv, LOG_INFO, "%s: disconnected", c->peer);
+    unlink_connection(c);
+    close(c->fd);
+    pthread_mutex_destroy(&c->read_lock);
+    pthread_mutex_destroy(&c->write_lock);
+    free(c->meta_ids);
+    free(c);
+    return NULL;
+}

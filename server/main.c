@@ -1,0 +1,587 @@
+/* qcbt-server: serve qcow2 chains over NBD with their persistent bitmaps,
+ * merged across the chain, as qemu:dirty-bitmap:NAME meta contexts.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "error.h"
+#include "internal.h"
+
+#ifndef QCBT_VERSION
+#define QCBT_VERSION "0.1.0"
+#endif
+
+#define MAX_LISTEN 16
+
+static struct server server = {
+    .max_connections = 100,
+    .threads = 4,
+    .handshake_timeout = 10,
+};
+static volatile sig_atomic_t quit_signal;
+
+void
+srv_log(const struct server *srv, int level, const char *fmt, ...)
+{
+    va_list ap;
+    char buf[1024];
+
+    if (level > srv->verbose)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "qcbt-server: %s\n", buf);
+}
+
+static void
+usage(FILE *fp)
+{
+    fprintf(fp,
+        "Usage: qcbt-server [OPTIONS] IMAGE\n"
+        "       qcbt-server [OPTIONS] --export name=N,image=PATH[,...] ...\n"
+        "\n"
+        "Serve IMAGE (its whole backing chain, read-only) over NBD, with\n"
+        "persistent dirty bitmaps merged across the chain published as\n"
+        "qemu:dirty-bitmap:NAME meta contexts.\n"
+        "\n"
+        "Export:\n"
+        "  -f, --format FMT          IMAGE format: qcow2 or raw (default: "
+        "probe)\n"
+        "  -x, --export-name NAME    export name (default \"\")\n"
+        "  -D, --description TEXT    export description\n"
+        "  -B, --bitmap NAME[=ALIAS] publish NAME's merged bitmap as\n"
+        "                            qemu:dirty-bitmap:ALIAS (repeatable)\n"
+        "      --all-bitmaps         publish every bitmap of the chain;\n"
+        "                            skip (with a warning) those that "
+        "cannot\n"
+        "                            be merged\n"
+        "      --strict              libvirt's merge rules (default: "
+        "tolerant)\n"
+        "  -A, --allocation-depth    publish qemu:allocation-depth\n"
+        "      --export KEY=VALUE,.. another export: name=, image=, format=,\n"
+        "                            description=, bitmap=NAME[=ALIAS]\n"
+        "                            (repeatable), all-bitmaps=on, "
+        "strict=on,\n"
+        "                            allocation-depth=on (repeatable)\n"
+        "Network:\n"
+        "  -k, --socket PATH         listen on a unix socket\n"
+        "  -b, --bind ADDR           listen address (default 0.0.0.0)\n"
+        "  -p, --port PORT           TCP port (default 10809)\n"
+        "  -e, --shared N            at most N connections (default 100)\n"
+        "  -T, --threads N           requests served in parallel per\n"
+        "                            connection (default 4)\n"
+        "      --handshake-timeout S drop clients not in transmission "
+        "after S\n"
+        "                            seconds (default 10)\n"
+        "Process:\n"
+        "  -t, --persistent          keep running after the last client\n"
+        "      --fork                return once the server is listening\n"
+        "      --pid-file FILE       write the server's PID to FILE\n"
+        "  -v, --verbose             log connections (twice: every "
+        "option)\n"
+        "  -r, --read-only           accepted; exports are always read-only\n"
+        "  -h, --help | -V, --version\n"
+        "\n"
+        "Exit status: 0 after a clean shutdown (SIGTERM, SIGINT, or the "
+        "last\n"
+        "client leaving without -t), 1 on any error at start.\n");
+}
+
+static void
+die(const char *fmt, ...)
+{
+    va_list ap;
+
+    fputs("qcbt-server: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    exit(1);
+}
+
+static bool
+parse_uint(const char *s, unsigned min, unsigned max, unsigned *out)
+{
+    char *end;
+    unsigned long v;
+
+    errno = 0;
+    v = strtoul(s, &end, 10);
+    if (errno || end == s || *end || v < min || v > max)
+        return false;
+    *out = v;
+    return true;
+}
+
+static struct export *
+new_export(void)
+{
+    struct export *e;
+
+    e = realloc(server.exports, (server.nr_exports + 1) * sizeof *e);
+    if (!e)
+        die("out of memory");
+    server.exports = e;
+    e = &server.exports[server.nr_exports++];
+    memset(e, 0, sizeof *e);
+    return e;
+}
+
+static void
+add_bitmap_arg(struct export *e, const char *arg)
+{
+    char **a = realloc(e->bitmap_args, (e->nr_bitmap_args + 1) * sizeof *a);
+
+    if (!a || !(a[e->nr_bitmap_args] = strdup(arg)))
+        die("out of memory");
+    e->bitmap_args = a;
+    e->nr_bitmap_args++;
+}
+
+static bool
+parse_on(const char *key, const char *v)
+{
+    if (!strcmp(v, "on") || !strcmp(v, "true") || !strcmp(v, "1") ||
+        !strcmp(v, "yes"))
+        return true;
+    if (!strcmp(v, "off") || !strcmp(v, "false") || !strcmp(v, "0") ||
+        !strcmp(v, "no"))
+        return false;
+    die("--export: %s=%s: expected on or off", key, v);
+    return false;
+}
+
+/* --export name=N,image=PATH,bitmap=X[=ALIAS],... */
+static void
+parse_export(const char *spec)
+{
+    struct export *e = new_export();
+    char *copy = strdup(spec), *save = NULL, *item;
+    bool have_name = false;
+
+    if (!copy)
+        die("out of memory");
+    for (item = strtok_r(copy, ",", &save); item;
+         item = strtok_r(NULL, ",", &save)) {
+        char *v = strchr(item, '=');
+
+        if (!v)
+            die("--export: '%s' is not KEY=VALUE", item);
+        *v++ = '\0';
+        if (!strcmp(item, "name")) {
+            e->name = strdup(v);
+            have_name = true;
+        } else if (!strcmp(item, "image")) {
+            e->image = strdup(v);
+        } else if (!strcmp(item, "format")) {
+            e->format = strdup(v);
+        } else if (!strcmp(item, "description")) {
+            e->description = strdup(v);
+        } else if (!strcmp(item, "bitmap")) {
+            add_bitmap_arg(e, v);
+        } else if (!strcmp(item, "all-bitmaps")) {
+            e->all_bitmaps = parse_on(item, v);
+        } else if (!strcmp(item, "strict")) {
+            e->strict = parse_on(item, v);
+        } else if (!strcmp(item, "allocation-depth")) {
+            e->alloc_depth = parse_on(item, v);
+        } else {
+            die("--export: unknown key '%s'", item);
+        }
+    }
+    free(copy);
+    if (!have_name || !e->image)
+        die("--export: name= and image= are required");
+}
+
+static void
+on_signal(int sig)
+{
+    char b = 's';
+    ssize_t ignored;
+
+    quit_signal = sig;
+    ignored = write(server.wake_pipe[1], &b, 1);
+    (void)ignored;
+}
+
+static int
+listen_unix(const char *path)
+{
+    struct sockaddr_un sun = {.sun_family = AF_UNIX};
+    struct stat st;
+    int fd;
+
+    if (strlen(path) >= sizeof sun.sun_path)
+        die("socket path too long: %s", path);
+    strcpy(sun.sun_path, path);
+    /* A stale socket from an earlier run is replaced; anything else is
+     * an error.
+     */
+    if (lstat(path, &st) == 0) {
+        if (!S_ISSOCK(st.st_mode))
+            die("%s exists and is not a socket", path);
+        unlink(path);
+    }
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&sun, sizeof sun) < 0 ||
+        listen(fd, SOMAXCONN) < 0)
+        die("%s: %s", path, strerror(errno));
+    return fd;
+}
+
+static size_t
+listen_tcp(const char *addr, const char *port, int *fds)
+{
+    struct addrinfo hints = {.ai_flags = AI_PASSIVE | AI_ADDRCONFIG,
+                             .ai_socktype = SOCK_STREAM};
+    struct addrinfo *res, *a;
+    size_t n = 0;
+    int r, one = 1;
+
+    r = getaddrinfo(addr, port, &hints, &res);
+    if (r != 0)
+        die("%s:%s: %s", addr ? addr : "*", port, gai_strerror(r));
+    for (a = res; a && n < MAX_LISTEN; a = a->ai_next) {
+        int fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC,
+                        a->ai_protocol);
+
+        if (fd < 0)
+            continue;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (a->ai_family == AF_INET6)
+            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+        if (bind(fd, a->ai_addr, a->ai_addrlen) < 0 ||
+            listen(fd, SOMAXCONN) < 0) {
+            r = errno;
+            close(fd);
+            freeaddrinfo(res);
+            die("%s:%s: %s", addr ? addr : "*", port, strerror(r));
+        }
+        fds[n++] = fd;
+    }
+    freeaddrinfo(res);
+    if (n == 0)
+        die("%s:%s: no address to listen on", addr ? addr : "*", port);
+    return n;
+}
+
+static void
+accept_one(int lfd)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    struct connection *c;
+    pthread_attr_t attr;
+    pthread_t th;
+    int fd, one = 1;
+    struct timeval tv = {.tv_sec = 120};
+
+    fd = accept4(lfd, (struct sockaddr *)&ss, &sl, SOCK_CLOEXEC);
+    if (fd < 0) {
+        if (errno == EMFILE || errno == ENFILE)
+            srv_log(&server, LOG_ERROR, "accept: %s", strerror(errno));
+        return;
+    }
+    if (atomic_load(&server.nr_connections) >= server.max_connections) {
+        srv_log(&server, LOG_INFO, "connection refused: limit of %u "
+                "reached", server.max_connections);
+        close(fd);
+        return;
+    }
+    if (ss.ss_family != AF_UNIX)
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+    /* A client that stops reading its replies cannot hold a worker
+     * forever.
+     */
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+
+    c = calloc(1, sizeof *c);
+    if (!c) {
+        close(fd);
+        return;
+    }
+    c->srv = &server;
+    c->fd = fd;
+    if (ss.ss_family == AF_UNIX) {
+        snprintf(c->peer, sizeof c->peer, "unix:%d", fd);
+    } else {
+        char host[48], serv[8];
+
+        if (getnameinfo((struct sockaddr *)&ss, sl, host, sizeof host, serv,
+                        sizeof serv, NI_NUMERICHOST | NI_NUMERICSERV) == 0)
+            snprintf(c->peer, sizeof c->peer, "%s:%s", host, serv);
+        else
+            snprintf(c->peer, sizeof c->peer, "tcp:%d", fd);
+    }
+    pthread_mutex_init(&c->read_lock, NULL);
+    pthread_mutex_init(&c->write_lock, NULL);
+
+    pthread_mutex_lock(&server.lock);
+    atomic_fetch_add(&server.nr_connections, 1);
+    c->next = server.conns;
+    server.conns = c;
+    pthread_mutex_unlock(&server.lock);
+
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    if (pthread_create(&th, &attr, connection_thread, c) != 0) {
+        srv_log(&server, LOG_ERROR, "cannot start a connection thread");
+        pthread_mutex_lock(&server.lock);
+        server.conns = c->next;
+        atomic_fetch_sub(&server.nr_connections, 1);
+        pthread_mutex_unlock(&server.lock);
+        close(fd);
+        free(c);
+    }
+    pthread_attr_destroy(&attr);
+}
+
+int
+main(int argc, char **argv)
+{
+    enum { OPT_ALL = 256, OPT_STRICT, OPT_EXPORT, OPT_FORK, OPT_PIDFILE,
+           OPT_HSTIMEOUT };
+    static const struct option opts[] = {
+        {"format", required_argument, NULL, 'f'},
+        {"export-name", required_argument, NULL, 'x'},
+        {"description", required_argument, NULL, 'D'},
+        {"bitmap", required_argument, NULL, 'B'},
+        {"all-bitmaps", no_argument, NULL, OPT_ALL},
+        {"strict", no_argument, NULL, OPT_STRICT},
+        {"allocation-depth", no_argument, NULL, 'A'},
+        {"export", required_argument, NULL, OPT_EXPORT},
+        {"socket", required_argument, NULL, 'k'},
+        {"bind", required_argument, NULL, 'b'},
+        {"port", required_argument, NULL, 'p'},
+        {"shared", required_argument, NULL, 'e'},
+        {"threads", required_argument, NULL, 'T'},
+        {"handshake-timeout", required_argument, NULL, OPT_HSTIMEOUT},
+        {"persistent", no_argument, NULL, 't'},
+        {"fork", no_argument, NULL, OPT_FORK},
+        {"pid-file", required_argument, NULL, OPT_PIDFILE},
+        {"verbose", no_argument, NULL, 'v'},
+        {"read-only", no_argument, NULL, 'r'},
+        {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},
+        {NULL, 0, NULL, 0},
+    };
+    struct export main_exp = {0};
+    const char *sock = NULL, *bind_addr = NULL, *port = "10809";
+    const char *pid_file = NULL;
+    bool do_fork = false, have_main = false;
+    int lfds[MAX_LISTEN];
+    size_t nl = 0, i;
+    int opt, ready_pipe[2] = {-1, -1};
+    struct sigaction sa;
+    unsigned v;
+
+    main_exp.name = "";
+    while ((opt = getopt_long(argc, argv, "f:x:D:B:Ak:b:p:e:T:tvrhV", opts,
+                              NULL)) != -1) {
+        switch (opt) {
+        case 'f': main_exp.format = optarg; break;
+        case 'x': main_exp.name = optarg; break;
+        case 'D': main_exp.description = optarg; break;
+        case 'B': add_bitmap_arg(&main_exp, optarg); break;
+        case OPT_ALL: main_exp.all_bitmaps = true; break;
+        case OPT_STRICT: main_exp.strict = true; break;
+        case 'A': main_exp.alloc_depth = true; break;
+        case OPT_EXPORT: parse_export(optarg); break;
+        case 'k': sock = optarg; break;
+        case 'b': bind_addr = optarg; break;
+        case 'p':
+            if (!parse_uint(optarg, 1, 65535, &v))
+                die("invalid port '%s'", optarg);
+            port = optarg;
+            break;
+        case 'e':
+            if (!parse_uint(optarg, 1, 65536, &server.max_connections))
+                die("invalid --shared '%s' (1..65536)", optarg);
+            break;
+        case 'T':
+            if (!parse_uint(optarg, 1, 64, &server.threads))
+                die("invalid --threads '%s' (1..64)", optarg);
+            break;
+        case OPT_HSTIMEOUT:
+            if (!parse_uint(optarg, 1, 3600, &server.handshake_timeout))
+                die("invalid --handshake-timeout '%s'", optarg);
+            break;
+        case 't': server.persistent = true; break;
+        case OPT_FORK: do_fork = true; break;
+        case OPT_PIDFILE: pid_file = optarg; break;
+        case 'v': server.verbose++; break;
+        case 'r': break;
+        case 'h': usage(stdout); return 0;
+        case 'V': printf("qcbt-server %s\n", QCBT_VERSION); return 0;
+        default: usage(stderr); return 1;
+        }
+    }
+    if (optind < argc - 1)
+        die("expected one IMAGE (see --help)");
+    if (optind == argc - 1) {
+        struct export *e = new_export();
+
+        main_exp.image = argv[optind];
+        *e = main_exp;
+        have_main = true;
+    } else if (main_exp.nr_bitmap_args || main_exp.format) {
+        die("-B/-f apply to IMAGE, which is missing (see --help)");
+    }
+    if (server.nr_exports == 0)
+        die("nothing to serve: give an IMAGE or --export (see --help)");
+    (void)have_main;
+    for (i = 0; i < server.nr_exports; i++) {
+        size_t j;
+
+        for (j = 0; j < i; j++)
+            if (!strcmp(server.exports[i].name, server.exports[j].name))
+                die("export name '%s' used twice", server.exports[i].name);
+        if (strlen(server.exports[i].name) > 4096)
+            die("export name too long");
+    }
+
+    /* Build every export (chain, merged bitmaps) before listening: a
+     * bitmap that cannot be merged is an error now, not for a client.
+     */
+    for (i = 0; i < server.nr_exports; i++)
+        if (export_open(&server.exports[i], server.verbose) < 0)
+            die("%s", qcbt_error_get());
+
+    if (pipe2(server.wake_pipe, O_CLOEXEC) < 0)
+        die("pipe: %s", strerror(errno));
+    pthread_mutex_init(&server.lock, NULL);
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGPIPE, &sa, NULL);
+    sa.sa_handler = on_signal;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+
+    if (sock)
+        lfds[nl++] = listen_unix(sock);
+    else
+        nl = listen_tcp(bind_addr, port, lfds);
+
+    if (do_fork) {
+        pid_t pid;
+        char b;
+
+        if (pipe(ready_pipe) < 0)
+            die("pipe: %s", strerror(errno));
+        pid = fork();
+        if (pid < 0)
+            die("fork: %s", strerror(errno));
+        if (pid > 0) {
+            /* Parent: return once the child is serving. */
+            close(ready_pipe[1]);
+            if (read(ready_pipe[0], &b, 1) != 1)
+                _exit(1);
+            _exit(0);
+        }
+        close(ready_pipe[0]);
+        setsid();
+        {
+            int nul = open("/dev/null", O_RDWR);
+            if (nul >= 0) {
+                dup2(nul, 0);
+                dup2(nul, 1);
+                if (nul > 2)
+                    close(nul);
+            }
+        }
+    }
+    if (pid_file) {
+        FILE *fp = fopen(pid_file, "w");
+
+        if (!fp || fprintf(fp, "%ld\n", (long)getpid()) < 0 || fclose(fp))
+            die("%s: %s", pid_file, strerror(errno));
+    }
+    if (do_fork) {
+        char b = 'r';
+        ssize_t ignored = write(ready_pipe[1], &b, 1);
+        (void)ignored;
+        close(ready_pipe[1]);
+    }
+    srv_log(&server, LOG_INFO, "listening on %s%s%s", sock ? sock : "port ",
+            sock ? "" : port, "");
+
+    for (;;) {
+        struct pollfd pfds[MAX_LISTEN + 1];
+
+        for (i = 0; i < nl; i++)
+            pfds[i] = (struct pollfd){.fd = lfds[i], .events = POLLIN};
+        pfds[nl] = (struct pollfd){.fd = server.wake_pipe[0],
+                                   .events = POLLIN};
+        if (poll(pfds, nl + 1, -1) < 0 && errno != EINTR)
+            break;
+        if (quit_signal)
+            break;
+        if (pfds[nl].revents) {
+            char b[64];
+            ssize_t ignored = read(server.wake_pipe[0], b, sizeof b);
+            (void)ignored;
+            pthread_mutex_lock(&server.lock);
+            bool done = !server.persistent && server.served &&
+                        atomic_load(&server.nr_connections) == 0;
+            pthread_mutex_unlock(&server.lock);
+            if (done)
+                break;
+        }
+        for (i = 0; i < nl; i++)
+            if (pfds[i].revents & POLLIN)
+                accept_one(lfds[i]);
+    }
+
+    /* Shutdown: stop listening, stop reading requests; requests already
+     * read finish and are answered.
+     */
+    if (quit_signal)
+        srv_log(&server, LOG_INFO, "signal %d: shutting down",
+                (int)quit_signal);
+    atomic_store(&server.shutting_down, true);
+    for (i = 0; i < nl; i++)
+        close(lfds[i]);
+    if (sock)
+        unlink(sock);
+    {
+        int64_t deadline = now_ms() + 30000;
+
+        for (;;) {
+            struct connection *c;
+
+            pthread_mutex_lock(&server.lock);
+            for (c = server.conns; c; c = c->next)
+                shutdown(c->fd, SHUT_RD);
+            pthread_mutex_unlock(&server.lock);
+            if (atomic_load(&server.nr_connections) == 0 ||
+                now_ms() > deadline)
+                break;
+            usleep(10000);
+        }
+    }
+    if (atomic_load(&server.nr_connections) == 0)
+        for (i = 0; i < server.nr_exports; i++)
+            export_close(&server.exports[i]);
+    if (pid_file)
+        unlink(pid_file);
+    return 0;
+}

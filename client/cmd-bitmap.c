@@ -483,6 +483,8 @@ cmd_bitmap(int argc, char **argv)
     o.image = argv[optind];
     o.name = nargs == 2 ? argv[optind + 1] : NULL;
 
+    env_chain_opts(&copts);
+
     if (chain_open(o.image, &copts, &c) < 0)
         return report_error();
     if (merge_ctx_new(c, &ctx) < 0) {

@@ -102,6 +102,8 @@ cmd_cat(int argc, char **argv)
         return QCBT_EXIT_ERROR;
     }
 
+    env_chain_opts(&copts);
+
     if (chain_open(argv[optind], &copts, &c) < 0)
         return report_error();
     if (offset > c->size) {

@@ -346,6 +346,7 @@ cmd_info(int argc, char **argv)
         die_msg("info: expected exactly one IMAGE (see 'qcbt info --help')");
         return QCBT_EXIT_ERROR;
     }
+    env_chain_opts(&copts);
     if (chain_open(argv[optind], &copts, &c) < 0)
         return report_error();
 

@@ -106,6 +106,7 @@ cmd_map(int argc, char **argv)
         die_msg("map: expected exactly one IMAGE (see 'qcbt map --help')");
         return QCBT_EXIT_ERROR;
     }
+    env_chain_opts(&copts);
     if (chain_open(argv[optind], &copts, &c) < 0)
         return report_error();
 

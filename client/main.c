@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "chain.h"
 #include "error.h"
 #include "qcbt.h"
 
@@ -62,6 +63,14 @@ report_error(void)
 
     die_msg("%s", msg[0] ? msg : "unknown error");
     return QCBT_EXIT_ERROR;
+}
+
+void
+env_chain_opts(struct chain_open_opts *o)
+{
+    const char *v = getenv("QCBT_ALLOW_DATA_FILE");
+
+    o->allow_data_file = v && (strcmp(v, "1") == 0 || strcmp(v, "yes") == 0);
 }
 
 int

@@ -21,6 +21,14 @@ void die_msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Print the last common/ error as "qcbt: MSG" and return QCBT_EXIT_ERROR. */
 int report_error(void);
 
+struct chain_open_opts;
+
+/* Options every command takes from the environment:
+ * QCBT_ALLOW_DATA_FILE=1 opens external data files outside the image's
+ * directory.
+ */
+void env_chain_opts(struct chain_open_opts *o);
+
 /* Parse a size with an optional K/M/G/T suffix (powers of 1024) or a
  * plain number of bytes.  Returns 0 or -1.
  */

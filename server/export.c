@@ -10,11 +10,14 @@
 #include "internal.h"
 
 static int
-add_bitmap(struct export *exp, struct merge_ctx *ctx, const char *source,
-           const char *alias, bool skip_bad)
+add_bitmap(struct export *exp,
+           struct merge_ctx *ctx,
+           const char *source,
+           const char *alias,
+           bool skip_bad)
 {
-    struct merge_opts mo = {.mode = exp->strict ? MERGE_STRICT
-                                                : MERGE_TOLERANT};
+    struct merge_opts mo = {.mode =
+                                exp->strict ? MERGE_STRICT : MERGE_TOLERANT};
     struct merge_result *res = NULL;
     struct export_bitmap *b;
     size_t i, len;
@@ -31,9 +34,11 @@ add_bitmap(struct export *exp, struct merge_ctx *ctx, const char *source,
     for (i = 0; i < exp->nr_bitmaps; i++) {
         if (strcmp(exp->bitmaps[i].context, context) == 0) {
             int r2 = skip_bad ? 0
-                              : qcbt_error(EINVAL, "export '%s': context %s "
+                              : qcbt_error(EINVAL,
+                                           "export '%s': context %s "
                                            "published twice",
-                                           exp->name, context);
+                                           exp->name,
+                                           context);
             free(context);
             return r2;
         }
@@ -45,18 +50,27 @@ add_bitmap(struct export *exp, struct merge_ctx *ctx, const char *source,
         return r;
     }
     if (!res->usable) {
-        r = qcbt_error(EINVAL, "export '%s': bitmap '%s' cannot be "
-                       "published: %s", exp->name, source, res->error);
+        r = qcbt_error(EINVAL,
+                       "export '%s': bitmap '%s' cannot be "
+                       "published: %s",
+                       exp->name,
+                       source,
+                       res->error);
         merge_result_free(res);
         free(context);
         return r;
     }
     for (i = 0; i < res->nr_layers; i++)
         if (res->layers[i].source == MERGE_SRC_ALLOCATION)
-            fprintf(stderr, "qcbt-server: warning: export '%s', bitmap "
+            fprintf(stderr,
+                    "qcbt-server: warning: export '%s', bitmap "
                     "'%s': layer %zu (%s) contributes its allocation map: "
-                    "%s\n", exp->name, source, i,
-                    exp->chain->layers[i].path, res->layers[i].reason);
+                    "%s\n",
+                    exp->name,
+                    source,
+                    i,
+                    exp->chain->layers[i].path,
+                    res->layers[i].reason);
 
     b = realloc(exp->bitmaps, (exp->nr_bitmaps + 1) * sizeof *b);
     if (!b) {
@@ -100,7 +114,8 @@ add_all_bitmaps(struct export *exp, struct merge_ctx *ctx)
             if (r == -ENOMEM)
                 return r;
             if (r < 0)
-                fprintf(stderr, "qcbt-server: warning: %s (skipped)\n",
+                fprintf(stderr,
+                        "qcbt-server: warning: %s (skipped)\n",
                         qcbt_error_get());
         }
     }
@@ -110,7 +125,12 @@ add_all_bitmaps(struct export *exp, struct merge_ctx *ctx)
 int
 export_open(struct export *exp, int verbose)
 {
-    struct chain_open_opts copts = {.format = exp->format};
+    const char *allow = getenv("QCBT_ALLOW_DATA_FILE");
+    struct chain_open_opts copts = {
+        .format = exp->format,
+        .allow_data_file =
+            allow && (!strcmp(allow, "1") || !strcmp(allow, "yes")),
+    };
     struct merge_ctx *ctx = NULL;
     size_t i;
     int r;
@@ -136,8 +156,10 @@ export_open(struct export *exp, int verbose)
         if (eq)
             *eq++ = '\0';
         if (!arg[0] || (eq && !eq[0])) {
-            r = qcbt_error(EINVAL, "invalid bitmap argument '%s' (NAME or "
-                           "NAME=ALIAS)", exp->bitmap_args[i]);
+            r = qcbt_error(EINVAL,
+                           "invalid bitmap argument '%s' (NAME or "
+                           "NAME=ALIAS)",
+                           exp->bitmap_args[i]);
             free(arg);
             break;
         }
@@ -146,7 +168,8 @@ export_open(struct export *exp, int verbose)
         if (r < 0 && (r == -ENOMEM || !exp->all_bitmaps))
             break;
         if (r < 0)
-            fprintf(stderr, "qcbt-server: warning: %s (skipped)\n",
+            fprintf(stderr,
+                    "qcbt-server: warning: %s (skipped)\n",
                     qcbt_error_get());
         r = 0;
     }
@@ -154,9 +177,13 @@ export_open(struct export *exp, int verbose)
         r = add_all_bitmaps(exp, ctx);
     merge_ctx_free(ctx);
     if (r == 0 && verbose)
-        fprintf(stderr, "qcbt-server: export '%s': %s, %llu bytes, %zu "
-                "bitmap context(s)\n", exp->name, exp->image,
-                (unsigned long long)exp->size, exp->nr_bitmaps);
+        fprintf(stderr,
+                "qcbt-server: export '%s': %s, %llu bytes, %zu "
+                "bitmap context(s)\n",
+                exp->name,
+                exp->image,
+                (unsigned long long)exp->size,
+                exp->nr_bitmaps);
     return r;
 }
 

@@ -70,8 +70,17 @@ fill_range(uint64_t *w, uint64_t start, uint64_t end, bool set)
     }
 }
 
+/* Bit BIT, bit < nbits.  (Internal callers use this rather than
+ * bitmap_test(): with -fPIC a public function is not inlined.)
+ */
+static inline bool
+get_bit(const struct bitmap *bm, uint64_t bit)
+{
+    return (bm->words[bit / WORD_BITS] >> (bit % WORD_BITS)) & 1;
+}
+
 /* First index in [bit, end) whose value is WANT, or END.  end <= nbits. */
-static uint64_t
+static inline uint64_t
 find_next(const struct bitmap *bm, uint64_t bit, uint64_t end, bool want)
 {
     const uint64_t flip = want ? 0 : ~UINT64_C(0);
@@ -277,7 +286,7 @@ bitmap_test(const struct bitmap *bm, uint64_t bit)
 {
     if (bit >= bm->nbits)
         return false;
-    return (bm->words[bit / WORD_BITS] >> (bit % WORD_BITS)) & 1;
+    return get_bit(bm, bit);
 }
 
 uint64_t
@@ -359,72 +368,62 @@ bitmap_andnot(struct bitmap *dst, const struct bitmap *src)
 }
 
 /* Granularity conversion helpers.  For a ratio r = 2^k (k = 1..5) between
- * granularities, one fine word of 64 bits maps to 64/r coarse bits.
+ * granularities, one fine word of 64 bits maps to n = 64/r coarse bits.
+ *
+ * The n coarse bits are moved between "packed" (bits 0..n-1) and "strided"
+ * (bit q at position q*r) layouts in log2(n) shift-and-mask steps: at
+ * step e the bits travel in blocks of b = 2^e, block q sitting at q*b*r.
+ * masks[e] selects that layout; masks[log2 n] is the packed one.
  */
+struct stride_masks {
+    unsigned k, steps; /* steps = log2(n) = 6 - k */
+    uint64_t m[7];
+};
 
-/* Gather the even bits of X into its low 32 bits. */
-static uint64_t
-compact2(uint64_t x)
+static void
+stride_masks_init(struct stride_masks *sm, unsigned k)
 {
-    x &= UINT64_C(0x5555555555555555);
-    x = (x | x >> 1) & UINT64_C(0x3333333333333333);
-    x = (x | x >> 2) & UINT64_C(0x0f0f0f0f0f0f0f0f);
-    x = (x | x >> 4) & UINT64_C(0x00ff00ff00ff00ff);
-    x = (x | x >> 8) & UINT64_C(0x0000ffff0000ffff);
-    x = (x | x >> 16) & UINT64_C(0x00000000ffffffff);
+    const unsigned r = 1u << k, n = WORD_BITS >> k;
+
+    sm->k = k;
+    sm->steps = 6 - k;
+    for (unsigned e = 0; e <= sm->steps; e++) {
+        unsigned b = 1u << e;
+        uint64_t m = 0;
+        for (unsigned q = 0; q < n / b; q++)
+            m |= low_bits(b) << (q * b * r);
+        sm->m[e] = m;
+    }
+}
+
+/* Bit q of the result = OR of bits [q*r, (q+1)*r) of X. */
+static inline uint64_t
+shrink_word(uint64_t x, const struct stride_masks *sm)
+{
+    const unsigned r = 1u << sm->k;
+
+    for (unsigned s = 1; s < r; s <<= 1)
+        x |= x >> s; /* bit q*r now holds the OR of its group */
+    x &= sm->m[0];
+    for (unsigned e = 0; e < sm->steps; e++)
+        x = (x | x >> ((r - 1) << e)) & sm->m[e + 1];
     return x;
 }
 
-/* Inverse of compact2: the low 32 bits of X to the even positions. */
-static uint64_t
-spread2(uint64_t x)
+/* Bits [q*r, (q+1)*r) of the result = bit q of X, q < n. */
+static inline uint64_t
+grow_word(uint64_t x, const struct stride_masks *sm)
 {
-    x &= UINT64_C(0x00000000ffffffff);
-    x = (x | x << 16) & UINT64_C(0x0000ffff0000ffff);
-    x = (x | x << 8) & UINT64_C(0x00ff00ff00ff00ff);
-    x = (x | x << 4) & UINT64_C(0x0f0f0f0f0f0f0f0f);
-    x = (x | x << 2) & UINT64_C(0x3333333333333333);
-    x = (x | x << 1) & UINT64_C(0x5555555555555555);
-    return x;
-}
+    const unsigned r = 1u << sm->k;
 
-/* Bit g of the result = OR of bits [g*2^k, (g+1)*2^k) of X; 64>>k bits. */
-static uint64_t
-shrink_word(uint64_t x, unsigned k)
-{
-    for (unsigned s = 1; s < (1u << k); s <<= 1)
-        x |= x >> s;
-    /* Bits at multiples of 2^k now hold the group ORs; each compact2
-     * halves the stride and drops the bits between.
+    x &= sm->m[sm->steps];
+    for (unsigned e = sm->steps; e-- > 0;)
+        x = (x | x << ((r - 1) << e)) & sm->m[e];
+    /* Each bit 2^(q*r) becomes 2^((q+1)*r) - 2^(q*r): r ones.  The blocks
+     * are disjoint, so there are no carries, and for the top block the
+     * arithmetic wraps modulo 2^64 to the same ones.
      */
-    for (unsigned i = 0; i < k; i++)
-        x = compact2(x);
-    return x;
-}
-
-/* Bits [g*2^k, (g+1)*2^k) of the result = bit g of X (g < 64>>k). */
-static uint64_t
-grow_word(uint64_t x, unsigned k)
-{
-    x &= low_bits(WORD_BITS >> k);
-    for (unsigned i = 0; i < k; i++)
-        x = spread2(x);
-    for (unsigned s = 1; s < (1u << k); s <<= 1)
-        x |= x << s;
-    return x;
-}
-
-/* Word IDX of SRC with the bits at index >= LIMIT masked off. */
-static uint64_t
-src_word(const struct bitmap *src, uint64_t idx, uint64_t limit)
-{
-    uint64_t first = idx * WORD_BITS;
-
-    if (first >= limit)
-        return 0;
-    if (limit - first < WORD_BITS)
-        return src->words[idx] & low_bits(limit - first);
-    return src->words[idx];
+    return (x << r) - x;
 }
 
 int
@@ -436,59 +435,92 @@ bitmap_merge_into(struct bitmap *dst, const struct bitmap *src)
     const uint64_t slimit = div_round_up_shift(common, gs);
     const uint64_t dlimit = div_round_up_shift(common, gd);
     const uint64_t dwords = (dlimit + WORD_BITS - 1) / WORD_BITS;
+    uint64_t *const dw = dst->words;
 
-    for (uint64_t i = 0; i < dwords; i++) {
+    if (dwords == 0)
+        return 0;
+
+    /* Every word but the last, by ratio of granularities.  All the bits
+     * of destination words [0, dwords-1) lie below dlimit-1, so they cover
+     * whole bytes of both disks: the source bits they read lie below
+     * slimit (<= src->nbits) and need no clipping.
+     */
+
+    if (gs == gd) {
+        /* Same granularity: slimit == dlimit, plain word OR. */
+        for (uint64_t i = 0; i < dwords - 1; i++)
+            dw[i] |= src->words[i];
+    } else if (gs < gd && gd - gs < 6) {
+        /* Fine source: 2^k source words per destination word. */
+        const unsigned k = gd - gs;
+        const unsigned per = WORD_BITS >> k;
+        struct stride_masks sm;
+
+        stride_masks_init(&sm, k);
+        for (uint64_t i = 0; i < dwords - 1; i++) {
+            uint64_t v = 0;
+            for (uint64_t t = 0; t < (UINT64_C(1) << k); t++) {
+                uint64_t w = src->words[(i << k) + t];
+                if (w != 0)
+                    v |= shrink_word(w, &sm) << (t * per);
+            }
+            dw[i] |= v;
+        }
+    } else if (gs < gd) {
+        /* Very fine source: each destination bit covers 2^(k-6) whole
+         * source words; search them word-wise.
+         */
+        const unsigned k = gd - gs;
+
+        for (uint64_t j = 0; j < (dwords - 1) * WORD_BITS; j++) {
+            uint64_t first = j << k;
+            uint64_t end = MIN(first + (UINT64_C(1) << k), slimit);
+            if (find_next(src, first, end, true) < end)
+                dw[j / WORD_BITS] |= UINT64_C(1) << (j % WORD_BITS);
+        }
+    } else if (gs - gd < 6) {
+        /* Coarse source: 64>>k source bits per destination word, never
+         * straddling a source word.
+         */
+        const unsigned k = gs - gd;
+        const unsigned per = WORD_BITS >> k;
+        struct stride_masks sm;
+
+        stride_masks_init(&sm, k);
+        for (uint64_t i = 0; i < dwords - 1; i++) {
+            const uint64_t s0 = i * per;
+            uint64_t w = src->words[s0 / WORD_BITS] >> (s0 % WORD_BITS);
+            if ((w & low_bits(per)) != 0)
+                dw[i] |= grow_word(w, &sm);
+        }
+    } else {
+        /* Very coarse source: one source bit per destination word. */
+        const unsigned k = gs - gd;
+
+        for (uint64_t i = 0; i < dwords - 1; i++) {
+            if (get_bit(src, (i * WORD_BITS) >> k))
+                dw[i] = ~UINT64_C(0);
+        }
+    }
+
+    /* The last destination word: the general slow path, bit by bit in
+     * the worst case (at most 64 bits), with every index clipped.
+     */
+    {
+        const uint64_t i = dwords - 1;
         uint64_t v = 0;
 
-        if (gs == gd) {
-            v = src_word(src, i, slimit);
-        } else if (gs < gd && gd - gs < 6) {
-            /* Fine source: 2^k source words per destination word. */
-            const unsigned k = gd - gs;
-            const unsigned per = WORD_BITS >> k;
-
-            for (uint64_t t = 0; t < (UINT64_C(1) << k); t++) {
-                uint64_t w = src_word(src, (i << k) + t, slimit);
-                if (w != 0)
-                    v |= shrink_word(w, k) << (t * per);
-            }
-        } else if (gs < gd) {
-            /* Very fine source: each destination bit covers 2^(k-6)
-             * whole source words; search them word-wise.
-             */
-            const unsigned k = gd - gs;
-
-            for (unsigned b = 0; b < WORD_BITS; b++) {
-                uint64_t j = i * WORD_BITS + b, start, end;
-                if (j >= dlimit)
-                    break;
-                start = j << k;
-                if (start >= slimit)
-                    break;
-                end = MIN(start + (UINT64_C(1) << k), slimit);
-                if (find_next(src, start, end, true) < end)
-                    v |= UINT64_C(1) << b;
-            }
-        } else if (gs - gd < 6) {
-            /* Coarse source: 64>>k source bits per destination word,
-             * never straddling a source word.
-             */
-            const unsigned k = gs - gd;
-            const unsigned per = WORD_BITS >> k;
-            const uint64_t s0 = i * per;
-            uint64_t w = src_word(src, s0 / WORD_BITS, slimit);
-
-            v = grow_word(w >> (s0 % WORD_BITS), k);
-        } else {
-            /* Very coarse source: one source bit per destination word. */
-            const uint64_t s = (i * WORD_BITS) >> (gs - gd);
-
-            if (s < slimit && bitmap_test(src, s))
-                v = ~UINT64_C(0);
+        for (uint64_t j = i * WORD_BITS; j < dlimit; j++) {
+            /* Dst bit j covers bytes [j*gd, min((j+1)*gd, common)). */
+            uint64_t lo = j << gd;
+            uint64_t hi = MIN(lo + (UINT64_C(1) << gd), common);
+            uint64_t first = lo >> gs;
+            uint64_t end = div_round_up_shift(hi, gs);
+            if (find_next(src, first, MIN(end, slimit), true) <
+                MIN(end, slimit))
+                v |= UINT64_C(1) << (j % WORD_BITS);
         }
-        if (i == dwords - 1)
-            v &= low_bits(dlimit - i * WORD_BITS);
-        dst->words[i] |= v;
+        dw[i] |= v;
     }
     return 0;
 }
@@ -699,7 +731,7 @@ bitmap_extent(const struct bitmap *bm,
         end = bm->size;
     bit = offset >> bm->gran_bits;
     ebit = div_round_up_shift(end, bm->gran_bits);
-    dirty = bitmap_test(bm, bit);
+    dirty = get_bit(bm, bit);
     next = find_next(bm, bit + 1, ebit, !dirty);
     ext->offset = offset;
     ext->len = MIN(next << bm->gran_bits, end) - offset;

@@ -139,7 +139,8 @@ uint64_t bitmap_raw_size(const struct bitmap *bm);
  * Bytes past bitmap_raw_size() are ignored, so a loader can pass each
  * whole data cluster (table entry i = bytes [i*cluster, (i+1)*cluster)).
  * FLAGS: 0 drops the bits past nbits, BITMAP_RAW keeps them in bm->tail
- * (see top).  -EINVAL if offset > raw size or offset+len overflows.
+ * (see top).  -EINVAL if offset > raw size, offset+len overflows, BUF is
+ * NULL with len > 0 or FLAGS has an unknown bit.
  */
 int bitmap_import(struct bitmap *bm,
                   uint64_t offset,
@@ -161,7 +162,7 @@ int bitmap_import_fill(struct bitmap *bm,
  * zero-padded as QEMU writes it.  FLAGS: 0 writes bits past nbits as zero
  * (what goes to disk), BITMAP_RAW writes bm->tail (for the digest: hash
  * bitmap_raw_size() bytes from offset 0).  -EINVAL if offset+len
- * overflows.
+ * overflows, BUF is NULL with len > 0 or FLAGS has an unknown bit.
  */
 int bitmap_export(const struct bitmap *bm,
                   uint64_t offset,
@@ -173,8 +174,10 @@ int bitmap_export(const struct bitmap *bm,
  * on, cut at min(size, offset + max_len): returns 0 and *ext with
  * ext->offset == offset, or -EINVAL if offset >= size or max_len == 0.
  * Walk a whole disk with
- *   for (o = 0; o < bm->size; o += e.len) bitmap_extent(bm, o, UINT64_MAX,
- *                                                        &e);
+ *
+ *   for (uint64_t o = 0; o < bm->size; o += e.len)
+ *       bitmap_extent(bm, o, UINT64_MAX, &e);
+ *
  * The scan stops at the cut, so a bounded request costs no more than the
  * words it covers.
  */

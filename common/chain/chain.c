@@ -90,7 +90,8 @@ static int
 init_layer(struct chain_layer *l,
            struct qcbt_io *io,
            enum chain_fmt fmt,
-           const char *data_dir)
+           const char *data_dir,
+           bool allow_any)
 {
     int r;
 
@@ -119,6 +120,26 @@ init_layer(struct chain_layer *l,
             return qcbt_error(ENOTSUP,
                               "external data file '%s' uses a "
                               "protocol; only local files are supported",
+                              name);
+        if (data_dir && !data_dir[0])
+            return qcbt_error(EPERM,
+                              "external data file '%s' not allowed (no "
+                              "backing directory given)",
+                              name);
+        /* An image names the file its guest data is read from: a hostile
+         * image could name any file on the host (CVE-2024-32498 class).
+         * By default only files in the image's own directory (or below)
+         * are opened; opts->allow_data_file lifts that.
+         */
+        if (!allow_any &&
+            (name[0] == '/' || strcmp(name, "..") == 0 ||
+             strncmp(name, "../", 3) == 0 || strstr(name, "/../") ||
+             (strlen(name) >= 3 &&
+              strcmp(name + strlen(name) - 3, "/..") == 0)))
+            return qcbt_error(EPERM,
+                              "external data file '%s' is outside the "
+                              "image's directory; set QCBT_ALLOW_DATA_FILE=1 "
+                              "to trust it",
                               name);
         /* Decision: relative data file names are relative to the image's
          * directory, like backing files (QEMU 7.2 uses its CWD instead).
@@ -200,7 +221,7 @@ add_layers(struct chain *c,
             }
         }
         /* init_layer owns io from here on, success or not. */
-        r = init_layer(l, io, fmt, backing_dir);
+        r = init_layer(l, io, fmt, backing_dir, opts->allow_data_file);
         if (r < 0)
             return qcbt_error_prefix(-r, "layer %zu (%s)", idx, l->path);
 
@@ -216,6 +237,13 @@ add_layers(struct chain *c,
                               idx,
                               l->path,
                               max_depth);
+        if (backing_dir && !backing_dir[0])
+            return qcbt_error(EPERM,
+                              "layer %zu (%s): backing file '%s' not "
+                              "allowed (no backing directory given)",
+                              idx,
+                              l->path,
+                              bname);
         if (has_protocol(bname))
             return qcbt_error(ENOTSUP,
                               "layer %zu (%s): backing file '%s' "
@@ -235,11 +263,24 @@ add_layers(struct chain *c,
             return qcbt_error(ENOMEM, "out of memory");
         r = qcbt_io_open_file(path, &io);
         if (r < 0) {
-            r = qcbt_error_prefix(-r,
-                                  "layer %zu: backing file '%s' of %s",
-                                  idx + 1,
-                                  bname,
-                                  l->path);
+            /* The open's own message starts with the path: keep the rest
+             * ("No such file or directory", "not a regular file", ...).
+             */
+            char detail[512];
+            const char *m = qcbt_error_get();
+            size_t pl = strlen(path);
+
+            if (strncmp(m, path, pl) == 0 && strncmp(m + pl, ": ", 2) == 0)
+                m += pl + 2;
+            snprintf(detail, sizeof detail, "%s", m);
+            r = qcbt_error(-r,
+                           "layer %zu (%s): cannot open backing file '%s' "
+                           "of %s: %s",
+                           idx + 1,
+                           path,
+                           bname,
+                           l->path,
+                           detail);
             free(path);
             return r;
         }
@@ -364,7 +405,7 @@ chain_open_io(struct qcbt_io *io,
                    fmt,
                    probed,
                    io->name,
-                   backing_dir ? backing_dir : ".",
+                   backing_dir ? backing_dir : "",
                    &o);
     return finish_open(c, r, out);
 }
@@ -533,6 +574,43 @@ chain_read(struct chain *c, void *buf, size_t len, uint64_t offset)
     return read_layer(c, 0, buf, len, offset);
 }
 
+/* QEMU's block layer, for an image it deems metadata-preallocated, asks
+ * the file system about the host range of a data cluster (bdrv_co_block_
+ * status with BDRV_BLOCK_RECURSE): a hole there, or a range at or past
+ * the end of the file, reads as zero.  Data stays data.
+ */
+static void
+prealloc_zero(struct qcow2_image *img,
+              uint64_t host,
+              uint64_t *pnum,
+              bool *zero)
+{
+    struct qcbt_io *dio = img->data_io;
+    uint64_t fsize, n;
+    bool is_data;
+
+    if (!dio || !dio->ops->extent)
+        return;
+    fsize = (dio->size + 511) & ~511ULL;
+    if (host >= fsize) {
+        *zero = true;
+        return;
+    }
+    if (dio->ops->extent(dio->opaque,
+                         host,
+                         MIN(*pnum, fsize - host),
+                         &n,
+                         &is_data) < 0)
+        return; /* errors only lose the extra information */
+    if (!is_data && host + n >= fsize) {
+        /* A hole up to the end of the file: the rest reads as zero too. */
+        *zero = true;
+        return;
+    }
+    *pnum = n;
+    *zero = !is_data;
+}
+
 /* Status of one layer: DATA/ZERO (allocated) or unallocated, as QEMU's
  * driver-level block status.
  */
@@ -573,6 +651,8 @@ layer_status(struct chain *c,
         switch (e.kind) {
         case QCOW2_DATA:
             *data = true;
+            if (e.offset_valid && qcow2_metadata_preallocated(l->qcow2))
+                prealloc_zero(l->qcow2, e.host_offset, pnum, zero);
             break;
         case QCOW2_COMPRESSED:
             *data = *compressed = true;

@@ -39,9 +39,11 @@ struct chain {
 };
 
 struct chain_open_opts {
-    const char *format; /* top format: "qcow2", "raw" or NULL (probe) */
-    unsigned max_depth; /* 0 = CHAIN_MAX_DEPTH_DEFAULT */
-    bool no_backing;    /* open the top layer only */
+    const char *format;   /* top format: "qcow2", "raw" or NULL (probe) */
+    unsigned max_depth;   /* 0 = CHAIN_MAX_DEPTH_DEFAULT */
+    bool no_backing;      /* open the top layer only */
+    bool allow_data_file; /* open external data files anywhere (default:
+                             only in the image's directory or below) */
 };
 
 /* Open PATH and its whole backing chain, read-only.  Returns 0 and *out, or
@@ -53,7 +55,7 @@ int chain_open(const char *path,
 
 /* Build a one-layer chain from an already opened io (the nbdkit filter).
  * FORMAT as for chain_open; backing files are opened from local paths
- * relative to BACKING_DIR (NULL: no backing files allowed).
+ * relative to BACKING_DIR (NULL: no backing or data files allowed).
  */
 int chain_open_io(struct qcbt_io *io,
                   const char *format,

@@ -124,6 +124,7 @@ qcbt_io_open_file(const char *path, struct qcbt_io **out)
     r = qcbt_io_new(&fd_ops, h, (uint64_t)st.st_size, path, out);
     if (r < 0)
         return r;
+    (*out)->allocated = (int64_t)st.st_blocks * 512;
     (*out)->dev = st.st_dev;
     (*out)->ino = st.st_ino;
     return 0;
@@ -148,6 +149,7 @@ qcbt_io_new(const struct qcbt_io_ops *ops,
     }
     io->ops = ops;
     io->opaque = opaque;
+    io->allocated = -1;
     io->size = size;
     *out = io;
     return 0;

@@ -38,9 +38,10 @@ struct qcbt_io_ops {
 struct qcbt_io {
     const struct qcbt_io_ops *ops;
     void *opaque;
-    uint64_t size; /* bytes in the file when it was opened */
-    char *name;    /* for messages; owned */
-    dev_t dev;     /* identity for loop detection (0/0 if unknown) */
+    uint64_t size;     /* bytes in the file when it was opened */
+    char *name;        /* for messages; owned */
+    int64_t allocated; /* bytes the file occupies on disk, -1 unknown */
+    dev_t dev;         /* identity for loop detection (0/0 if unknown) */
     ino_t ino;
 };
 

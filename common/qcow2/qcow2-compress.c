@@ -66,6 +66,25 @@ inflate_cluster(const void *in, size_t inlen, void *out, size_t outlen)
     s.next_out = out;
     s.avail_out = outlen;
     zr = inflate(&s, Z_FINISH);
+    if (zr != Z_STREAM_END && s.avail_out == 0) {
+        /* The cluster is full but the stream goes on: one more byte of
+         * output tells a stream that merely has not seen its end marker
+         * yet from one that decompresses to more than a cluster.
+         */
+        unsigned char extra;
+
+        s.next_out = &extra;
+        s.avail_out = 1;
+        zr = inflate(&s, Z_FINISH);
+        if (s.avail_out == 0) {
+            inflateEnd(&s);
+            return qcbt_error(EIO,
+                              "compressed cluster decompresses to more "
+                              "than a cluster (%zu bytes)",
+                              outlen);
+        }
+        s.avail_out = 0;
+    }
     inflateEnd(&s);
     /* The input length is only known to 512 bytes, so running out of
      * output before the stream ends is fine as long as the cluster is

@@ -326,6 +326,10 @@ qcow2_map(struct qcow2_image *img,
             break;
         if (u.kind == QCOW2_DATA && u.host != ext->host_offset + (pos - offset))
             break;
+        /* Data wholly past EOF is an error when reached, as alone. */
+        if (u.kind == QCOW2_DATA && img->data_io == img->io &&
+            u.host >= img->io->size)
+            break;
         pos += unit_size;
     }
     ext->len = MIN(pos, end) - offset;

@@ -454,6 +454,7 @@ qcow2_open(struct qcbt_io *io, struct qcow2_image **out)
         return qcbt_error(ENOMEM, "out of memory");
     }
     img->io = io;
+    img->prealloc_once = (pthread_once_t)PTHREAD_ONCE_INIT;
 
     /* Read the fixed header first, then the whole of cluster 0. */
     {

@@ -139,6 +139,10 @@ struct qcow2_image {
     bool has_crypto_ext;
 
     struct qcow2_l2_cache *l2_cache;
+
+    /* QEMU's metadata-preallocation heuristic, computed on first use. */
+    pthread_once_t prealloc_once;
+    bool metadata_prealloc;
 };
 
 /* Parse and validate the header, every header extension and the L1 table
@@ -193,6 +197,20 @@ int qcow2_read_compressed(struct qcow2_image *img,
                           void *out,
                           void *scratch);
 size_t qcow2_compressed_scratch_size(const struct qcow2_image *img);
+
+/* Does QEMU's block layer treat IMG as metadata-preallocated
+ * (qcow2_detect_metadata_preallocation: many more clusters in use by
+ * refcount than the file occupies on disk)?  If so, QEMU's block status
+ * asks the file system whether data clusters are holes, and `qemu-img
+ * map` reports such clusters as zero.  Computed once; false on any doubt
+ * (unknown allocation, unreadable refcounts).
+ */
+bool qcow2_metadata_preallocated(struct qcow2_image *img);
+
+/* The refcount of host cluster CLUSTER.  Returns 0 or -errno. */
+int qcow2_get_refcount(struct qcow2_image *img,
+                       uint64_t cluster,
+                       uint64_t *refcount);
 
 /* Low-level helpers, exposed for the unit tests. */
 

@@ -1,0 +1,163 @@
+/* qcbt: qcow2 refcounts (qcow2.txt "Reference count"), read-only.
+ *
+ * A reader needs them for one thing only: QEMU's block layer decides from
+ * them whether an image is "metadata-preallocated", and then reports data
+ * clusters sitting on file-system holes as zero.  To report the same
+ * allocation as `qemu-img map`, we make the same decision.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "byteorder.h"
+#include "error.h"
+#include "isaligned.h"
+#include "qcow2.h"
+#include "rounding.h"
+
+#define REFTABLE_OFFSET_MASK 0xfffffffffffffe00ULL
+
+/* Read refcount CLUSTER with a one-block cache (caller's). */
+static int
+get_refcount_cached(struct qcow2_image *img,
+                    uint64_t cluster,
+                    unsigned char *block,
+                    uint64_t *block_off,
+                    uint64_t *refcount)
+{
+    unsigned bits = 1u << img->hdr.refcount_order;
+    uint64_t per_block = img->cluster_size * 8 / bits;
+    uint64_t ti = cluster / per_block, bi = cluster % per_block;
+    uint64_t entries =
+        (uint64_t)img->hdr.refcount_table_clusters * img->cluster_size / 8;
+    unsigned char e[8];
+    uint64_t off;
+    int r;
+
+    *refcount = 0;
+    if (ti >= entries)
+        return 0;
+    r = qcbt_io_read_exact(img->io,
+                           e,
+                           8,
+                           img->hdr.refcount_table_offset + ti * 8,
+                           false,
+                           "refcount table");
+    if (r < 0)
+        return r;
+    off = get_be64(e) & REFTABLE_OFFSET_MASK;
+    if (off == 0)
+        return 0;
+    if (!IS_ALIGNED(off, img->cluster_size) || off >= img->io->size)
+        return qcbt_error(EIO,
+                          "%s: refcount block offset 0x%" PRIx64 " is invalid",
+                          img->io->name,
+                          off);
+    if (*block_off != off) {
+        r = qcbt_io_read_exact(img->io,
+                               block,
+                               img->cluster_size,
+                               off,
+                               true,
+                               "refcount block");
+        if (r < 0)
+            return r;
+        *block_off = off;
+    }
+    switch (bits) {
+    case 1:
+    case 2:
+    case 4: {
+        unsigned per_byte = 8 / bits;
+        unsigned char b = block[bi / per_byte];
+        *refcount = (b >> ((bi % per_byte) * bits)) & ((1u << bits) - 1);
+        break;
+    }
+    case 8:
+        *refcount = block[bi];
+        break;
+    case 16:
+        *refcount = get_be16(block + bi * 2);
+        break;
+    case 32:
+        *refcount = get_be32(block + bi * 4);
+        break;
+    default:
+        *refcount = get_be64(block + bi * 8);
+        break;
+    }
+    return 0;
+}
+
+int
+qcow2_get_refcount(struct qcow2_image *img,
+                   uint64_t cluster,
+                   uint64_t *refcount)
+{
+    unsigned char *block = malloc(img->cluster_size);
+    uint64_t block_off = 0;
+    int r;
+
+    if (!block)
+        return qcbt_error(ENOMEM, "out of memory");
+    r = get_refcount_cached(img, cluster, block, &block_off, refcount);
+    free(block);
+    return r;
+}
+
+/* qcow2_detect_metadata_preallocation(), with the same arithmetic. */
+static bool
+detect(struct qcow2_image *img)
+{
+    uint64_t file_length, real_clusters, threshold, end_cluster, i, count = 0;
+    uint64_t block_off = 0;
+    unsigned char *block;
+    bool result = false;
+
+    if (img->io->allocated < 0)
+        return false;
+    /* The block layer sees the file in whole sectors. */
+    file_length = ROUND_UP(img->io->size, 512);
+    real_clusters = (uint64_t)img->io->allocated / img->cluster_size;
+    threshold = real_clusters * 10 / 9;
+    if (threshold < real_clusters + 2)
+        threshold = real_clusters + 2;
+    end_cluster = DIV_ROUND_UP(file_length, img->cluster_size);
+
+    block = malloc(img->cluster_size);
+    if (!block)
+        return false;
+    for (i = 0; i < end_cluster && count <= threshold; i++) {
+        uint64_t rc;
+
+        if (get_refcount_cached(img, i, block, &block_off, &rc) < 0) {
+            qcbt_error_clear();
+            goto out;
+        }
+        count += rc != 0;
+    }
+    result = count > threshold;
+out:
+    free(block);
+    return result;
+}
+
+static __thread struct qcow2_image *once_img;
+
+static void
+detect_once(void)
+{
+    once_img->metadata_prealloc = detect(once_img);
+}
+
+bool
+qcow2_metadata_preallocated(struct qcow2_image *img)
+{
+    /* pthread_once has no argument: hand the image over per thread.  The
+     * once control lives in the image, so each image runs it once.
+     */
+    once_img = img;
+    pthread_once(&img->prealloc_once, detect_once);
+    return img->metadata_prealloc;
+}

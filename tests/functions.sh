@@ -1,0 +1,309 @@
+# shellcheck shell=bash
+# Sourced helpers for the bash interop tests (tests/interop/test-*.sh).
+#
+#   . "$(dirname "$0")/../functions.sh"
+#
+# Provides:
+#   strict mode (set -euo pipefail), $TMPD (private temp dir, removed on
+#   exit), cleanup_pid PID (killed on exit), $QCBT, $PYTHON, $TESTS_DIR,
+#   requires CMD..., fail MSG..., skip MSG..., note MSG...,
+#   expect_qcbt_error NEEDLE -- ARGS... (checks the single-line error contract).
+#
+# Exit status convention (ctest SKIP_RETURN_CODE 77): 77 is used ONLY for a
+# tool that cannot exist on this machine.  A missing dependency that the
+# setup script installs is a failure, never a skip.
+
+set -euo pipefail
+
+TESTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# Python with the Debian packages (python3-libnbd); never a pyenv shim.
+PYTHON=${PYTHON:-/usr/bin/python3}
+
+note() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
+
+fail() {
+    printf '%s: FAIL: %s\n' "${0##*/}" "$*" >&2
+    exit 1
+}
+
+skip() {
+    printf '%s: SKIP: %s\n' "${0##*/}" "$*" >&2
+    exit 77
+}
+
+# --- temp dir and cleanup -------------------------------------------------
+
+_qcbt_cleanup_pids=()
+
+# Register a PID to be killed (TERM, then KILL) when the script exits.
+cleanup_pid() {
+    _qcbt_cleanup_pids+=("$1")
+}
+
+_qcbt_cleanup() {
+    local rc=$? pid
+    set +e
+    for pid in "${_qcbt_cleanup_pids[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || continue
+        for _ in 1 2 3 4 5 6 7 8 9 10; do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+    done
+    if [[ -n ${TMPD:-} && -d $TMPD ]]; then
+        if [[ -n ${QCBT_KEEP_TMP:-} ]]; then
+            printf '%s: keeping %s\n' "${0##*/}" "$TMPD" >&2
+        else
+            chmod -R u+rwX "$TMPD" 2>/dev/null
+            rm -rf "$TMPD"
+        fi
+    fi
+    exit "$rc"
+}
+
+TMPD=$(mktemp -d "${TMPDIR:-/tmp}/qcbt-test.XXXXXXXX")
+# For tests that run a server: a unix socket path in the private dir.
+export SOCK=$TMPD/nbd.sock
+trap _qcbt_cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- tools ----------------------------------------------------------------
+
+# Tools that may legitimately be absent (not part of qcbt's setup, cannot be
+# installed here).  Anything else that is missing is a broken setup: FAIL.
+_qcbt_optional_tools=" qemu-system-x86_64 qemu-storage-daemon virsh "
+
+requires() {
+    local cmd
+    for cmd in "$@"; do
+        if ! command -v "$cmd" >/dev/null 2>&1; then
+            if [[ $_qcbt_optional_tools == *" $cmd "* ]]; then
+                skip "$cmd is not available on this machine"
+            fi
+            fail "required tool '$cmd' is missing (it is installed by the setup script)"
+        fi
+    done
+}
+
+# --- the binary under test ------------------------------------------------
+
+if [[ -z ${QCBT:-} ]]; then
+    QCBT=${QCBT_BUILD_DIR:-$TESTS_DIR/../build}/client/qcbt
+fi
+[[ $QCBT == */* ]] || QCBT=$(command -v "$QCBT") || fail "qcbt not found on PATH"
+[[ -x $QCBT ]] || fail "qcbt binary not found or not executable: $QCBT (set \$QCBT)"
+# Absolute, so tests may run it from any directory.
+QCBT=$(cd "$(dirname "$QCBT")" && pwd)/$(basename "$QCBT")
+[[ -x $PYTHON ]] || fail "python interpreter $PYTHON missing"
+
+# --- error contract -------------------------------------------------------
+
+# expect_qcbt_error NEEDLE... -- ARGS...
+# Runs "$QCBT ARGS..." and asserts: non-zero exit (not a signal), stderr is
+# exactly one newline-terminated line, it starts with "qcbt: " and contains
+# every NEEDLE (fixed strings; "A|B" accepts either A or B; a NEEDLE of the
+# form "re:REGEX" must match as an extended regex).  Returns 0 if all hold,
+# otherwise prints why and returns 1 (so callers can count failures instead
+# of stopping).
+expect_qcbt_error() {
+    local needles=() a rc=0 err nlines n
+    while [[ $# -gt 0 ]]; do
+        a=$1
+        shift
+        [[ $a == -- ]] && break
+        needles+=("$a")
+    done
+    err=$TMPD/.expect-err.$$
+    "$QCBT" "$@" >/dev/null 2>"$err" </dev/null || rc=$?
+    if [[ $rc -eq 0 ]]; then
+        note "expected failure, got exit 0: qcbt $*"
+        return 1
+    fi
+    if [[ $rc -ge 128 ]]; then
+        note "qcbt died by signal (exit $rc): qcbt $*"
+        sed 's/^/    stderr: /' "$err" >&2
+        return 1
+    fi
+    nlines=$(wc -l <"$err")
+    if [[ $nlines -ne 1 ]] || [[ -n $(tail -c1 "$err") ]]; then
+        note "expected exactly one newline-terminated stderr line, got $nlines: qcbt $*"
+        sed 's/^/    stderr: /' "$err" >&2
+        return 1
+    fi
+    if [[ $(head -c6 "$err") != "qcbt: " ]]; then
+        note "stderr line does not start with 'qcbt: ': $(cat "$err")"
+        return 1
+    fi
+    local alt found alts
+    for n in "${needles[@]}"; do
+        if [[ $n == re:* ]]; then
+            if ! grep -qE -- "${n#re:}" "$err"; then
+                note "stderr line does not match /${n#re:}/: $(cat "$err")"
+                return 1
+            fi
+            continue
+        fi
+        found=
+        IFS='|' read -r -a alts <<<"$n"
+        for alt in "${alts[@]}"; do
+            grep -qF -- "$alt" "$err" && found=1
+        done
+        if [[ -z $found ]]; then
+            note "stderr line lacks '$n': $(cat "$err")"
+            return 1
+        fi
+    done
+    note "ok (exit $rc): $(cat "$err")"
+    return 0
+}
+
+# --- differential checks against qemu (reader tests) ----------------------
+
+MAP_COMPARE=$TESTS_DIR/interop/map-compare.py
+
+# Case bookkeeping: begin_case NAME makes and enters $TMPD/NAME and starts a
+# recipe; run CMD... logs CMD to the recipe, then runs it (a failing recipe
+# step is a broken test, so it fails the script); recipe_note TEXT logs text.
+CASE=
+CASE_DIR=
+_qcbt_pass=()
+_qcbt_fail=()
+
+begin_case() {
+    CASE=$1
+    CASE_DIR=$TMPD/$CASE
+    mkdir -p "$CASE_DIR"
+    cd "$CASE_DIR"
+    : >"$CASE_DIR/recipe.txt"
+}
+
+recipe_note() {
+    printf '# %s\n' "$*" >>"$CASE_DIR/recipe.txt"
+}
+
+run() {
+    { printf '%q ' "$@"; printf '\n'; } >>"$CASE_DIR/recipe.txt"
+    "$@" >>"$CASE_DIR/run.log" 2>&1 ||
+        fail "[$CASE] recipe step failed: $* (see below)
+$(tail -n 20 "$CASE_DIR/run.log")"
+}
+
+print_recipe() {
+    printf '    recipe (run in %s):\n' "$CASE_DIR" >&2
+    sed 's/^/      /' "$CASE_DIR/recipe.txt" >&2
+}
+
+case_result() {
+    if [[ $1 -eq 0 ]]; then
+        _qcbt_pass+=("$CASE")
+        note "PASS $CASE"
+    else
+        _qcbt_fail+=("$CASE")
+        note "FAIL $CASE"
+        print_recipe
+    fi
+}
+
+# Summary at the end of a test script; exit 1 if any case failed.
+finish_cases() {
+    note "${#_qcbt_pass[@]} case(s) passed, ${#_qcbt_fail[@]} failed"
+    if [[ ${#_qcbt_fail[@]} -gt 0 ]]; then
+        note "failed: ${_qcbt_fail[*]}"
+        exit 1
+    fi
+}
+
+# set_header_bit IMG OFFSET BIT: set bit BIT of the big-endian u64 at
+# OFFSET in place (72 incompatible, 80 compatible, 88 autoclear features).
+set_header_bit() {
+    recipe_note "set_header_bit $1 $2 $3 (big-endian u64 at offset $2 |= 1 << $3)"
+    "$PYTHON" - "$@" <<'PYEOF'
+import struct, sys
+path, off, bit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with open(path, "r+b") as f:
+    f.seek(off)
+    v = struct.unpack(">Q", f.read(8))[0] | (1 << bit)
+    f.seek(off)
+    f.write(struct.pack(">Q", v))
+PYEOF
+}
+
+# virtual_size IMG [FMT]: what qemu thinks the guest size is.
+virtual_size() {
+    local fopt=()
+    [[ -n ${2:-} ]] && fopt=(-f "$2")
+    qemu-img info "${fopt[@]}" --output=json "$1" |
+        "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])'
+}
+
+# check_image IMG [FMT]
+# Differential read check in the current directory: qcbt cat == qemu-img
+# convert -O raw (cmp), qcbt map --json agrees with qemu-img map (sweep), and
+# qcbt cat --offset/--length on a few ranges.  FMT (when given) is passed as
+# -f to both tools; otherwise both probe.  Leaves ref.raw (the reference
+# guest image) in the current directory.  Returns 1 with details on any
+# difference (never exits), so the caller can go on to the next case.
+check_image() {
+    local img=$1 fmt=${2:-} fopt=() size rc=0 ranges r off len got
+    [[ -n $fmt ]] && fopt=(-f "$fmt")
+    size=$(virtual_size "$img" "$fmt")
+
+    qemu-img convert "${fopt[@]}" -O raw "$img" ref.raw ||
+        fail "[$CASE] qemu-img convert failed on $img"
+    # qemu-img convert leaves a sparse file; make sure its size is the
+    # virtual size even if the tail is a hole.
+    [[ $(stat -c %s ref.raw) -eq $size ]] || truncate -s "$size" ref.raw
+
+    if "$QCBT" cat "${fopt[@]}" "$img" >qcbt.raw 2>qcbt-cat.err; then
+        if ! cmp ref.raw qcbt.raw >cmp.out 2>&1; then
+            note "[$CASE] qcbt cat differs from qemu-img convert -O raw: $(cat cmp.out)"
+            cmp -l ref.raw qcbt.raw 2>/dev/null | head -n 4 |
+                awk '{ printf "    byte %d (0x%x): qemu=%s qcbt=%s (octal)\n", $1-1, $1-1, $2, $3 }' >&2 || true
+            rc=1
+        fi
+    else
+        note "[$CASE] qcbt cat failed: $(cat qcbt-cat.err)"
+        rc=1
+    fi
+
+    qemu-img map "${fopt[@]}" --output=json "$img" >qemu-map.json ||
+        fail "[$CASE] qemu-img map failed on $img"
+    if "$QCBT" map --json "${fopt[@]}" "$img" >qcbt-map.json 2>qcbt-map.err; then
+        if ! "$PYTHON" "$MAP_COMPARE" --size "$size" --context "$CASE" \
+                qemu-map.json qcbt-map.json; then
+            rc=1
+        fi
+    else
+        note "[$CASE] qcbt map failed: $(cat qcbt-map.err)"
+        rc=1
+    fi
+
+    # Sub-ranges: first byte, unaligned middle, last 1000 bytes, and an
+    # --offset without --length (to the end).
+    ranges=("0 1" "513 1537" "$((size / 3 + 7)) $((size - size / 3 - 7 < 100000 ? size - size / 3 - 7 : 100000))"
+            "$((size > 1000 ? size - 1000 : 0)) $((size > 1000 ? 1000 : size))"
+            "$((size > 777 ? size - 777 : 0)) -")
+    for r in "${ranges[@]}"; do
+        read -r off len <<<"$r"
+        if [[ $len == - ]]; then
+            got=$("$QCBT" cat "${fopt[@]}" --offset "$off" "$img" 2>qcbt-cat.err | cmp -i "$off:0" ref.raw - 2>&1) ||
+                { note "[$CASE] qcbt cat --offset $off differs: $got $(cat qcbt-cat.err)"; rc=1; }
+            len=$((size - off))
+        else
+            ((off + len <= size)) || continue
+            "$QCBT" cat "${fopt[@]}" --offset "$off" --length "$len" "$img" >part.raw 2>qcbt-cat.err ||
+                { note "[$CASE] qcbt cat --offset $off --length $len failed: $(cat qcbt-cat.err)"; rc=1; continue; }
+            if [[ $(stat -c %s part.raw) -ne $len ]]; then
+                note "[$CASE] qcbt cat --offset $off --length $len gave $(stat -c %s part.raw) bytes"
+                rc=1
+            elif ! got=$(cmp -i "$off:0" -n "$len" ref.raw part.raw 2>&1); then
+                note "[$CASE] qcbt cat --offset $off --length $len differs: $got"
+                rc=1
+            fi
+        fi
+    done
+    return "$rc"
+}

@@ -23,7 +23,9 @@ now_ms(void)
  * (deadline_ms < 0: none).
  */
 int
-conn_read_deadline(struct connection *c, void *buf, size_t len,
+conn_read_deadline(struct connection *c,
+                   void *buf,
+                   size_t len,
                    int64_t deadline_ms)
 {
     char *p = buf;
@@ -134,9 +136,13 @@ connection_thread(void *arg)
     srv_log(srv, LOG_INFO, "%s: connected", c->peer);
     r = handshake(c);
     if (r == 1) {
-        srv_log(srv, LOG_INFO, "%s: export '%s', %s replies, %zu context(s)",
-                c->peer, c->exp->name,
-                c->structured ? "structured" : "simple", c->nr_meta);
+        srv_log(srv,
+                LOG_INFO,
+                "%s: export '%s', %s replies, %zu context(s)",
+                c->peer,
+                c->exp->name,
+                c->structured ? "structured" : "simple",
+                c->nr_meta);
         transmission(c);
     }
     srv_log(srv, LOG_INFO, "%s: disconnected", c->peer);

@@ -24,7 +24,10 @@ struct hs {
 };
 
 static int
-send_reply(struct hs *h, uint32_t opt, uint32_t type, const void *data,
+send_reply(struct hs *h,
+           uint32_t opt,
+           uint32_t type,
+           const void *data,
            uint32_t len)
 {
     unsigned char hdr[20];
@@ -40,8 +43,8 @@ send_reply(struct hs *h, uint32_t opt, uint32_t type, const void *data,
     return 0;
 }
 
-static int send_error(struct hs *h, uint32_t opt, uint32_t type,
-                      const char *fmt, ...)
+static int
+send_error(struct hs *h, uint32_t opt, uint32_t type, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
 static int
@@ -74,9 +77,8 @@ show(char *buf, size_t size, const char *s, size_t len)
 static uint16_t
 transmission_flags(const struct connection *c)
 {
-    uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY |
-                 NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_CACHE |
-                 NBD_FLAG_CAN_MULTI_CONN;
+    uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_SEND_FLUSH |
+                 NBD_FLAG_SEND_CACHE | NBD_FLAG_CAN_MULTI_CONN;
 
     if (c->structured)
         f |= NBD_FLAG_SEND_DF;
@@ -111,17 +113,25 @@ opt_info_go(struct hs *h, uint32_t opt, const unsigned char *p, uint32_t len)
         return send_error(h, opt, NBD_REP_ERR_INVALID, "option too short");
     namelen = get_be32(p);
     if (namelen > len - 6)
-        return send_error(h, opt, NBD_REP_ERR_INVALID,
+        return send_error(h,
+                          opt,
+                          NBD_REP_ERR_INVALID,
                           "export name length %u exceeds the option",
                           namelen);
     if (namelen > NBD_MAX_STRING)
-        return send_error(h, opt, NBD_REP_ERR_INVALID,
-                          "export name longer than %d bytes", NBD_MAX_STRING);
+        return send_error(h,
+                          opt,
+                          NBD_REP_ERR_INVALID,
+                          "export name longer than %d bytes",
+                          NBD_MAX_STRING);
     nreq = get_be16(p + 4 + namelen);
     if ((uint64_t)len != 6 + (uint64_t)namelen + 2 * (uint64_t)nreq)
-        return send_error(h, opt, NBD_REP_ERR_INVALID,
+        return send_error(h,
+                          opt,
+                          NBD_REP_ERR_INVALID,
                           "information request count %u does not match the "
-                          "option length", nreq);
+                          "option length",
+                          nreq);
     for (i = 0; i < nreq; i++) {
         uint16_t t = get_be16(p + 6 + namelen + 2 * i);
         if (t == NBD_INFO_NAME)
@@ -131,7 +141,9 @@ opt_info_go(struct hs *h, uint32_t opt, const unsigned char *p, uint32_t len)
     }
     exp = server_find_export(c->srv, (const char *)p + 4, namelen);
     if (!exp)
-        return send_error(h, opt, NBD_REP_ERR_UNKNOWN,
+        return send_error(h,
+                          opt,
+                          NBD_REP_ERR_UNKNOWN,
                           "export '%s' not available",
                           show(shown, 64, (const char *)p + 4, namelen));
 
@@ -190,7 +202,9 @@ opt_list(struct hs *h, uint32_t opt, uint32_t len)
     size_t i;
 
     if (len != 0)
-        return send_error(h, opt, NBD_REP_ERR_INVALID,
+        return send_error(h,
+                          opt,
+                          NBD_REP_ERR_INVALID,
                           "NBD_OPT_LIST takes no data");
     for (i = 0; i < srv->nr_exports; i++) {
         const struct export *exp = &srv->exports[i];
@@ -229,7 +243,10 @@ equals(const char *q, size_t qlen, const char *s)
 
 /* Mark in SEL the contexts of EXP that query Q selects. */
 static void
-match_query(const struct export *exp, const char *q, size_t qlen, bool list,
+match_query(const struct export *exp,
+            const char *q,
+            size_t qlen,
+            bool list,
             bool *sel)
 {
     uint32_t id, n = export_nr_contexts(exp);
@@ -257,7 +274,9 @@ match_query(const struct export *exp, const char *q, size_t qlen, bool list,
 }
 
 static int
-opt_meta_context(struct hs *h, uint32_t opt, const unsigned char *p,
+opt_meta_context(struct hs *h,
+                 uint32_t opt,
+                 const unsigned char *p,
                  uint32_t len)
 {
     struct connection *c = h->c;
@@ -270,27 +289,39 @@ opt_meta_context(struct hs *h, uint32_t opt, const unsigned char *p,
     int r = 0;
 
     if (!list && !c->structured)
-        return send_error(h, opt, NBD_REP_ERR_INVALID,
+        return send_error(h,
+                          opt,
+                          NBD_REP_ERR_INVALID,
                           "request option 'set meta context' when "
                           "structured reply is not negotiated");
     if (len < 8)
         return send_error(h, opt, NBD_REP_ERR_INVALID, "option too short");
     namelen = get_be32(p);
     if (namelen > len - 8)
-        return send_error(h, opt, NBD_REP_ERR_INVALID,
+        return send_error(h,
+                          opt,
+                          NBD_REP_ERR_INVALID,
                           "export name length %u exceeds the option",
                           namelen);
     if (namelen > NBD_MAX_STRING)
-        return send_error(h, opt, NBD_REP_ERR_INVALID,
-                          "export name longer than %d bytes", NBD_MAX_STRING);
+        return send_error(h,
+                          opt,
+                          NBD_REP_ERR_INVALID,
+                          "export name longer than %d bytes",
+                          NBD_MAX_STRING);
     nq = get_be32(p + 4 + namelen);
     pos = 8 + (uint64_t)namelen;
     if (nq > (len - pos) / 4)
-        return send_error(h, opt, NBD_REP_ERR_INVALID,
-                          "%u queries cannot fit in the option", nq);
+        return send_error(h,
+                          opt,
+                          NBD_REP_ERR_INVALID,
+                          "%u queries cannot fit in the option",
+                          nq);
     exp = server_find_export(c->srv, (const char *)p + 4, namelen);
     if (!exp)
-        return send_error(h, opt, NBD_REP_ERR_UNKNOWN,
+        return send_error(h,
+                          opt,
+                          NBD_REP_ERR_UNKNOWN,
                           "export '%s' not available",
                           show(shown, 64, (const char *)p + 4, namelen));
 
@@ -304,34 +335,48 @@ opt_meta_context(struct hs *h, uint32_t opt, const unsigned char *p,
 
         if (len - pos < 4) {
             free(sel);
-            return send_error(h, opt, NBD_REP_ERR_INVALID,
-                              "query %u is truncated", i);
+            return send_error(h,
+                              opt,
+                              NBD_REP_ERR_INVALID,
+                              "query %u is truncated",
+                              i);
         }
         qlen = get_be32(p + pos);
         pos += 4;
         if (qlen > len - pos) {
             free(sel);
-            return send_error(h, opt, NBD_REP_ERR_INVALID,
-                              "query %u length %u exceeds the option", i,
+            return send_error(h,
+                              opt,
+                              NBD_REP_ERR_INVALID,
+                              "query %u length %u exceeds the option",
+                              i,
                               qlen);
         }
         if (qlen > NBD_MAX_STRING) {
             free(sel);
-            return send_error(h, opt, NBD_REP_ERR_INVALID,
-                              "query %u longer than %d bytes", i,
+            return send_error(h,
+                              opt,
+                              NBD_REP_ERR_INVALID,
+                              "query %u longer than %d bytes",
+                              i,
                               NBD_MAX_STRING);
         }
         if (memchr(p + pos, '\0', qlen)) {
             free(sel);
-            return send_error(h, opt, NBD_REP_ERR_INVALID,
-                              "query %u contains a NUL byte", i);
+            return send_error(h,
+                              opt,
+                              NBD_REP_ERR_INVALID,
+                              "query %u contains a NUL byte",
+                              i);
         }
         match_query(exp, (const char *)p + pos, qlen, list, sel);
         pos += qlen;
     }
     if (pos != len) {
         free(sel);
-        return send_error(h, opt, NBD_REP_ERR_INVALID,
+        return send_error(h,
+                          opt,
+                          NBD_REP_ERR_INVALID,
                           "%llu trailing bytes after the queries",
                           (unsigned long long)(len - pos));
     }
@@ -374,8 +419,14 @@ opt_meta_context(struct hs *h, uint32_t opt, const unsigned char *p,
     free(sel);
     if (r < 0)
         return -1;
-    srv_log(c->srv, LOG_DEBUG, "%s: %s meta context: %u of %u queries "
-            "matched %u context(s)", c->peer, list ? "list" : "set", nq, nq,
+    srv_log(c->srv,
+            LOG_DEBUG,
+            "%s: %s meta context: %u of %u queries "
+            "matched %u context(s)",
+            c->peer,
+            list ? "list" : "set",
+            nq,
+            nq,
             count);
     return send_reply(h, opt, NBD_REP_ACK, NULL, 0);
 }
@@ -393,8 +444,11 @@ opt_export_name(struct hs *h, const unsigned char *p, uint32_t len)
               : NULL;
     if (!exp) {
         /* No error reply exists for EXPORT_NAME: hang up. */
-        srv_log(c->srv, LOG_INFO, "%s: unknown export '%s' requested",
-                c->peer, show(shown, 64, (const char *)p, len));
+        srv_log(c->srv,
+                LOG_INFO,
+                "%s: unknown export '%s' requested",
+                c->peer,
+                show(shown, 64, (const char *)p, len));
         return -1;
     }
     c->exp = exp;
@@ -410,8 +464,8 @@ int
 handshake(struct connection *c)
 {
     struct hs h = {.c = c,
-                   .deadline = now_ms() +
-                               (int64_t)c->srv->handshake_timeout * 1000};
+                   .deadline =
+                       now_ms() + (int64_t)c->srv->handshake_timeout * 1000};
     unsigned char greet[18], b[16];
     unsigned char *payload = NULL;
     uint32_t cflags;
@@ -428,7 +482,10 @@ handshake(struct connection *c)
         return -1;
     cflags = get_be32(b);
     if (cflags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) {
-        srv_log(c->srv, LOG_INFO, "%s: unknown client flags 0x%x", c->peer,
+        srv_log(c->srv,
+                LOG_INFO,
+                "%s: unknown client flags 0x%x",
+                c->peer,
                 cflags);
         return -1;
     }
@@ -445,8 +502,11 @@ handshake(struct connection *c)
             break;
         }
         if (conn_read_deadline(c, b, 16, h.deadline) < 0) {
-            srv_log(c->srv, LOG_DEBUG, "%s: handshake ended (EOF or "
-                    "deadline)", c->peer);
+            srv_log(c->srv,
+                    LOG_DEBUG,
+                    "%s: handshake ended (EOF or "
+                    "deadline)",
+                    c->peer);
             break;
         }
         if (get_be64(b) != NBD_OPTS_MAGIC) {
@@ -456,8 +516,13 @@ handshake(struct connection *c)
         opt = get_be32(b + 8);
         len = get_be32(b + 12);
         if (len > MAX_OPTION_LENGTH) {
-            srv_log(c->srv, LOG_INFO, "%s: option %u of %u bytes is too "
-                    "large", c->peer, opt, len);
+            srv_log(c->srv,
+                    LOG_INFO,
+                    "%s: option %u of %u bytes is too "
+                    "large",
+                    c->peer,
+                    opt,
+                    len);
             break;
         }
         payload = malloc(len ? len : 1);
@@ -489,10 +554,14 @@ handshake(struct connection *c)
             goto out;
         case NBD_OPT_STRUCTURED_REPLY:
             if (len != 0)
-                r = send_error(&h, opt, NBD_REP_ERR_INVALID,
+                r = send_error(&h,
+                               opt,
+                               NBD_REP_ERR_INVALID,
                                "NBD_OPT_STRUCTURED_REPLY takes no data");
             else if (c->structured)
-                r = send_error(&h, opt, NBD_REP_ERR_INVALID,
+                r = send_error(&h,
+                               opt,
+                               NBD_REP_ERR_INVALID,
                                "structured replies already negotiated");
             else {
                 c->structured = true;
@@ -504,8 +573,11 @@ handshake(struct connection *c)
             r = opt_meta_context(&h, opt, payload, len);
             break;
         default:
-            r = send_error(&h, opt, NBD_REP_ERR_UNSUP,
-                           "unsupported option %u", opt);
+            r = send_error(&h,
+                           opt,
+                           NBD_REP_ERR_UNSUP,
+                           "unsupported option %u",
+                           opt);
             break;
         }
         if (r < 0)

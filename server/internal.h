@@ -15,17 +15,17 @@
 /* Context ids are fixed per export: 0 base:allocation, 1
  * qemu:allocation-depth, 2+i the i-th published bitmap (as qemu-nbd).
  */
-#define CTX_BASE_ALLOCATION 0
+#define CTX_BASE_ALLOCATION  0
 #define CTX_ALLOCATION_DEPTH 1
-#define CTX_BITMAP_FIRST 2
+#define CTX_BITMAP_FIRST     2
 
 /* Limits: what a client can make us hold or do. */
-#define MAX_OPTION_LENGTH    (1u << 20) /* larger: disconnect */
-#define MAX_OPTIONS          256        /* per handshake */
+#define MAX_OPTION_LENGTH    (1u << 20)  /* larger: disconnect */
+#define MAX_OPTIONS          256         /* per handshake */
 #define MAX_REQUEST_LENGTH   (32u << 20) /* READ/CACHE/BLOCK_STATUS data */
 #define MAX_WRITE_SKIP       (32u << 20) /* refused WRITE payload we drain */
-#define MAX_EXTENTS          131072     /* per block-status chunk (qemu) */
-#define READ_CHUNK           (2u << 20) /* structured read chunk size */
+#define MAX_EXTENTS          131072      /* per block-status chunk (qemu) */
+#define READ_CHUNK           (2u << 20)  /* structured read chunk size */
 #define BLOCK_SIZE_MIN       1
 #define BLOCK_SIZE_PREFERRED 4096
 #define BLOCK_SIZE_MAX       (32u << 20)
@@ -36,15 +36,16 @@ struct export_bitmap {
     struct merge_result *merge; /* usable, immutable */
 };
 
-struct export {
+struct export
+{
     char *name;
-    char *description;          /* may be NULL */
+    char *description; /* may be NULL */
     char *image;
-    char *format;               /* NULL: probe */
-    bool alloc_depth;           /* publish qemu:allocation-depth */
+    char *format;     /* NULL: probe */
+    bool alloc_depth; /* publish qemu:allocation-depth */
     bool strict;
     bool all_bitmaps;
-    char **bitmap_args;         /* "NAME" or "NAME=ALIAS" as given */
+    char **bitmap_args; /* "NAME" or "NAME=ALIAS" as given */
     size_t nr_bitmap_args;
 
     /* Built at start, immutable after. */
@@ -65,10 +66,10 @@ struct server {
 
     atomic_uint nr_connections;
     atomic_bool shutting_down;
-    pthread_mutex_t lock;       /* protects conns list and served */
+    pthread_mutex_t lock; /* protects conns list and served */
     struct connection *conns;
-    bool served;                /* at least one client came and went */
-    int wake_pipe[2];           /* wakes the accept loop */
+    bool served;      /* at least one client came and went */
+    int wake_pipe[2]; /* wakes the accept loop */
 };
 
 struct connection {
@@ -80,15 +81,15 @@ struct connection {
     /* Negotiated state (handshake thread only, read-only afterwards). */
     bool structured;
     bool no_zeroes;
-    struct export *exp;          /* chosen by GO / EXPORT_NAME */
-    struct export *meta_export;  /* export the SET named */
-    uint32_t *meta_ids;          /* selected ids, unique, in order */
+    struct export *exp;         /* chosen by GO / EXPORT_NAME */
+    struct export *meta_export; /* export the SET named */
+    uint32_t *meta_ids;         /* selected ids, unique, in order */
     size_t nr_meta;
 
     /* Transmission. */
-    pthread_mutex_t read_lock;   /* one worker reads a request at a time */
-    pthread_mutex_t write_lock;  /* one reply (or chunk) at a time */
-    atomic_bool closing;         /* stop reading new requests */
+    pthread_mutex_t read_lock;  /* one worker reads a request at a time */
+    pthread_mutex_t write_lock; /* one reply (or chunk) at a time */
+    atomic_bool closing;        /* stop reading new requests */
     atomic_uint in_flight;
 };
 
@@ -96,21 +97,23 @@ struct connection {
 void srv_log(const struct server *srv, int level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 #define LOG_ERROR 0
-#define LOG_INFO 1
+#define LOG_INFO  1
 #define LOG_DEBUG 2
 
 /* export.c */
 int export_open(struct export *exp, int verbose);
 void export_close(struct export *exp);
-struct export *server_find_export(struct server *srv, const char *name,
-                                  size_t len);
+struct export *
+server_find_export(struct server *srv, const char *name, size_t len);
 /* Name of context ID of EXP, or NULL. */
 const char *export_context_name(const struct export *exp, uint32_t id);
 uint32_t export_nr_contexts(const struct export *exp);
 
 /* connection.c */
 int conn_read(struct connection *c, void *buf, size_t len);
-int conn_read_deadline(struct connection *c, void *buf, size_t len,
+int conn_read_deadline(struct connection *c,
+                       void *buf,
+                       size_t len,
                        int64_t deadline_ms);
 int conn_skip(struct connection *c, uint64_t len);
 int conn_write(struct connection *c, const void *buf, size_t len, bool more);

@@ -51,7 +51,8 @@ srv_log(const struct server *srv, int level, const char *fmt, ...)
 static void
 usage(FILE *fp)
 {
-    fprintf(fp,
+    fprintf(
+        fp,
         "Usage: qcbt-server [OPTIONS] IMAGE\n"
         "       qcbt-server [OPTIONS] --export name=N,image=PATH[,...] ...\n"
         "\n"
@@ -259,8 +260,8 @@ listen_tcp(const char *addr, const char *port, int *fds)
     if (r != 0)
         die("%s:%s: %s", addr ? addr : "*", port, gai_strerror(r));
     for (a = res; a && n < MAX_LISTEN; a = a->ai_next) {
-        int fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC,
-                        a->ai_protocol);
+        int fd =
+            socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
 
         if (fd < 0)
             continue;
@@ -300,8 +301,11 @@ accept_one(int lfd)
         return;
     }
     if (atomic_load(&server.nr_connections) >= server.max_connections) {
-        srv_log(&server, LOG_INFO, "connection refused: limit of %u "
-                "reached", server.max_connections);
+        srv_log(&server,
+                LOG_INFO,
+                "connection refused: limit of %u "
+                "reached",
+                server.max_connections);
         close(fd);
         return;
     }
@@ -325,8 +329,13 @@ accept_one(int lfd)
     } else {
         char host[48], serv[8];
 
-        if (getnameinfo((struct sockaddr *)&ss, sl, host, sizeof host, serv,
-                        sizeof serv, NI_NUMERICHOST | NI_NUMERICSERV) == 0)
+        if (getnameinfo((struct sockaddr *)&ss,
+                        sl,
+                        host,
+                        sizeof host,
+                        serv,
+                        sizeof serv,
+                        NI_NUMERICHOST | NI_NUMERICSERV) == 0)
             snprintf(c->peer, sizeof c->peer, "%s:%s", host, serv);
         else
             snprintf(c->peer, sizeof c->peer, "tcp:%d", fd);
@@ -357,8 +366,14 @@ accept_one(int lfd)
 int
 main(int argc, char **argv)
 {
-    enum { OPT_ALL = 256, OPT_STRICT, OPT_EXPORT, OPT_FORK, OPT_PIDFILE,
-           OPT_HSTIMEOUT };
+    enum {
+        OPT_ALL = 256,
+        OPT_STRICT,
+        OPT_EXPORT,
+        OPT_FORK,
+        OPT_PIDFILE,
+        OPT_HSTIMEOUT
+    };
     static const struct option opts[] = {
         {"format", required_argument, NULL, 'f'},
         {"export-name", required_argument, NULL, 'x'},
@@ -394,19 +409,41 @@ main(int argc, char **argv)
     unsigned v;
 
     main_exp.name = "";
-    while ((opt = getopt_long(argc, argv, "f:x:D:B:Ak:b:p:e:T:tvrhV", opts,
-                              NULL)) != -1) {
+    while (
+        (opt =
+             getopt_long(argc, argv, "f:x:D:B:Ak:b:p:e:T:tvrhV", opts, NULL)) !=
+        -1) {
         switch (opt) {
-        case 'f': main_exp.format = optarg; break;
-        case 'x': main_exp.name = optarg; break;
-        case 'D': main_exp.description = optarg; break;
-        case 'B': add_bitmap_arg(&main_exp, optarg); break;
-        case OPT_ALL: main_exp.all_bitmaps = true; break;
-        case OPT_STRICT: main_exp.strict = true; break;
-        case 'A': main_exp.alloc_depth = true; break;
-        case OPT_EXPORT: parse_export(optarg); break;
-        case 'k': sock = optarg; break;
-        case 'b': bind_addr = optarg; break;
+        case 'f':
+            main_exp.format = optarg;
+            break;
+        case 'x':
+            main_exp.name = optarg;
+            break;
+        case 'D':
+            main_exp.description = optarg;
+            break;
+        case 'B':
+            add_bitmap_arg(&main_exp, optarg);
+            break;
+        case OPT_ALL:
+            main_exp.all_bitmaps = true;
+            break;
+        case OPT_STRICT:
+            main_exp.strict = true;
+            break;
+        case 'A':
+            main_exp.alloc_depth = true;
+            break;
+        case OPT_EXPORT:
+            parse_export(optarg);
+            break;
+        case 'k':
+            sock = optarg;
+            break;
+        case 'b':
+            bind_addr = optarg;
+            break;
         case 'p':
             if (!parse_uint(optarg, 1, 65535, &v))
                 die("invalid port '%s'", optarg);
@@ -424,14 +461,29 @@ main(int argc, char **argv)
             if (!parse_uint(optarg, 1, 3600, &server.handshake_timeout))
                 die("invalid --handshake-timeout '%s'", optarg);
             break;
-        case 't': server.persistent = true; break;
-        case OPT_FORK: do_fork = true; break;
-        case OPT_PIDFILE: pid_file = optarg; break;
-        case 'v': server.verbose++; break;
-        case 'r': break;
-        case 'h': usage(stdout); return 0;
-        case 'V': printf("qcbt-server %s\n", QCBT_VERSION); return 0;
-        default: usage(stderr); return 1;
+        case 't':
+            server.persistent = true;
+            break;
+        case OPT_FORK:
+            do_fork = true;
+            break;
+        case OPT_PIDFILE:
+            pid_file = optarg;
+            break;
+        case 'v':
+            server.verbose++;
+            break;
+        case 'r':
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        case 'V':
+            printf("qcbt-server %s\n", QCBT_VERSION);
+            return 0;
+        default:
+            usage(stderr);
+            return 1;
         }
     }
     if (optind < argc - 1)
@@ -521,16 +573,19 @@ main(int argc, char **argv)
         (void)ignored;
         close(ready_pipe[1]);
     }
-    srv_log(&server, LOG_INFO, "listening on %s%s%s", sock ? sock : "port ",
-            sock ? "" : port, "");
+    srv_log(&server,
+            LOG_INFO,
+            "listening on %s%s%s",
+            sock ? sock : "port ",
+            sock ? "" : port,
+            "");
 
     for (;;) {
         struct pollfd pfds[MAX_LISTEN + 1];
 
         for (i = 0; i < nl; i++)
             pfds[i] = (struct pollfd){.fd = lfds[i], .events = POLLIN};
-        pfds[nl] = (struct pollfd){.fd = server.wake_pipe[0],
-                                   .events = POLLIN};
+        pfds[nl] = (struct pollfd){.fd = server.wake_pipe[0], .events = POLLIN};
         if (poll(pfds, nl + 1, -1) < 0 && errno != EINTR)
             break;
         if (quit_signal)
@@ -555,7 +610,9 @@ main(int argc, char **argv)
      * read finish and are answered.
      */
     if (quit_signal)
-        srv_log(&server, LOG_INFO, "signal %d: shutting down",
+        srv_log(&server,
+                LOG_INFO,
+                "signal %d: shutting down",
                 (int)quit_signal);
     atomic_store(&server.shutting_down, true);
     for (i = 0; i < nl; i++)
@@ -572,8 +629,7 @@ main(int argc, char **argv)
             for (c = server.conns; c; c = c->next)
                 shutdown(c->fd, SHUT_RD);
             pthread_mutex_unlock(&server.lock);
-            if (atomic_load(&server.nr_connections) == 0 ||
-                now_ms() > deadline)
+            if (atomic_load(&server.nr_connections) == 0 || now_ms() > deadline)
                 break;
             usleep(10000);
         }

@@ -62,8 +62,11 @@ grow_buf(struct worker *w, size_t size)
 }
 
 static int
-send_simple(struct connection *c, const struct request *rq, uint32_t err,
-            const void *data, size_t len)
+send_simple(struct connection *c,
+            const struct request *rq,
+            uint32_t err,
+            const void *data,
+            size_t len)
 {
     unsigned char h[16];
     int r;
@@ -80,8 +83,11 @@ send_simple(struct connection *c, const struct request *rq, uint32_t err,
 }
 
 static void
-chunk_header(unsigned char *h, const struct request *rq, uint16_t flags,
-             uint16_t type, uint32_t len)
+chunk_header(unsigned char *h,
+             const struct request *rq,
+             uint16_t flags,
+             uint16_t type,
+             uint32_t len)
 {
     put_be32(h, NBD_STRUCTURED_REPLY_MAGIC);
     put_be16(h + 4, flags);
@@ -90,16 +96,21 @@ chunk_header(unsigned char *h, const struct request *rq, uint16_t flags,
     put_be32(h + 16, len);
 }
 
-static int send_error(struct connection *c, const struct request *rq,
-                      uint32_t err, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
+static int send_error(struct connection *c,
+                      const struct request *rq,
+                      uint32_t err,
+                      const char *fmt,
+                      ...) __attribute__((format(printf, 4, 5)));
 
 /* An error reply: an ERROR chunk (DONE) with a message when structured
  * replies are on, a simple reply otherwise.
  */
 static int
-send_error(struct connection *c, const struct request *rq, uint32_t err,
-           const char *fmt, ...)
+send_error(struct connection *c,
+           const struct request *rq,
+           uint32_t err,
+           const char *fmt,
+           ...)
 {
     unsigned char h[20 + 6 + 256];
     va_list ap;
@@ -112,8 +123,13 @@ send_error(struct connection *c, const struct request *rq, uint32_t err,
         n = 0;
     if (n > 255)
         n = 255;
-    srv_log(c->srv, LOG_DEBUG, "%s: request type %u: error %u: %s", c->peer,
-            rq->type, err, (char *)h + 26);
+    srv_log(c->srv,
+            LOG_DEBUG,
+            "%s: request type %u: error %u: %s",
+            c->peer,
+            rq->type,
+            err,
+            (char *)h + 26);
     if (!c->structured)
         return send_simple(c, rq, err, NULL, 0);
     chunk_header(h, rq, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, 6 + n);
@@ -159,11 +175,17 @@ read_whole(struct worker *w, const struct request *rq)
     if (grow_buf(w, rq->len ? rq->len : 1) < 0)
         return send_error(c, rq, NBD_ENOMEM, "out of memory");
     if (rq->len && chain_read(c->exp->chain, w->buf, rq->len, rq->offset) < 0)
-        return send_error(c, rq, errno_to_nbd(qcbt_error_errno()), "%s",
+        return send_error(c,
+                          rq,
+                          errno_to_nbd(qcbt_error_errno()),
+                          "%s",
                           qcbt_error_get());
     if (!c->structured)
         return send_simple(c, rq, 0, w->buf, rq->len);
-    chunk_header(h, rq, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA,
+    chunk_header(h,
+                 rq,
+                 NBD_REPLY_FLAG_DONE,
+                 NBD_REPLY_TYPE_OFFSET_DATA,
                  8 + rq->len);
     put_be64(h + 20, rq->offset);
     pthread_mutex_lock(&c->write_lock);
@@ -200,14 +222,20 @@ read_structured(struct worker *w, const struct request *rq)
         bool hole;
 
         if (chain_block_status(c->exp->chain, pos, end - pos, &st) < 0)
-            return send_error(c, rq, errno_to_nbd(qcbt_error_errno()), "%s",
+            return send_error(c,
+                              rq,
+                              errno_to_nbd(qcbt_error_errno()),
+                              "%s",
                               qcbt_error_get());
-        hole = st.zero && !st.data &&
-               (st.len >= HOLE_MIN || pos + st.len >= end);
+        hole =
+            st.zero && !st.data && (st.len >= HOLE_MIN || pos + st.len >= end);
         if (hole) {
             n = MIN(st.len, end - pos);
-            chunk_header(h, rq, pos + n == end ? NBD_REPLY_FLAG_DONE : 0,
-                         NBD_REPLY_TYPE_OFFSET_HOLE, 12);
+            chunk_header(h,
+                         rq,
+                         pos + n == end ? NBD_REPLY_FLAG_DONE : 0,
+                         NBD_REPLY_TYPE_OFFSET_HOLE,
+                         12);
             put_be64(h + 20, pos);
             put_be32(h + 28, (uint32_t)n);
             pthread_mutex_lock(&c->write_lock);
@@ -220,10 +248,16 @@ read_structured(struct worker *w, const struct request *rq)
                 n = MIN(n, MAX(st.len, (uint64_t)HOLE_MIN));
             n = MIN(n, end - pos);
             if (chain_read(c->exp->chain, w->buf, n, pos) < 0)
-                return send_error(c, rq, errno_to_nbd(qcbt_error_errno()),
-                                  "%s", qcbt_error_get());
-            chunk_header(h, rq, pos + n == end ? NBD_REPLY_FLAG_DONE : 0,
-                         NBD_REPLY_TYPE_OFFSET_DATA, 8 + n);
+                return send_error(c,
+                                  rq,
+                                  errno_to_nbd(qcbt_error_errno()),
+                                  "%s",
+                                  qcbt_error_get());
+            chunk_header(h,
+                         rq,
+                         pos + n == end ? NBD_REPLY_FLAG_DONE : 0,
+                         NBD_REPLY_TYPE_OFFSET_DATA,
+                         8 + n);
             put_be64(h + 20, pos);
             pthread_mutex_lock(&c->write_lock);
             r = conn_write(c, h, 28, true);
@@ -242,7 +276,10 @@ read_structured(struct worker *w, const struct request *rq)
  * Returns false when the list is full.
  */
 static bool
-add_extent(struct worker *w, size_t ci, size_t cap, uint64_t len,
+add_extent(struct worker *w,
+           size_t ci,
+           size_t cap,
+           uint64_t len,
            uint32_t flags)
 {
     struct extent *e = w->ext[ci];
@@ -264,8 +301,12 @@ add_extent(struct worker *w, size_t ci, size_t cap, uint64_t len,
 
 /* Fill context CI (id ID) from OFFSET up to END or CAP extents. */
 static int
-fill_context(struct worker *w, size_t ci, uint32_t id, uint64_t offset,
-             uint64_t end, size_t cap)
+fill_context(struct worker *w,
+             size_t ci,
+             uint32_t id,
+             uint64_t offset,
+             uint64_t end,
+             size_t cap)
 {
     struct connection *c = w->c;
     struct export *exp = c->exp;
@@ -281,7 +322,9 @@ fill_context(struct worker *w, size_t ci, uint32_t id, uint64_t offset,
             struct bitmap_extent be;
 
             if (merge_result_extent(exp->bitmaps[id - CTX_BITMAP_FIRST].merge,
-                                    pos, end - pos, &be) < 0)
+                                    pos,
+                                    end - pos,
+                                    &be) < 0)
                 return -1;
             n = be.len;
             flags = be.dirty ? NBD_STATE_DIRTY : 0;
@@ -317,7 +360,10 @@ block_status(struct worker *w, const struct request *rq)
 
     for (ci = 0; ci < c->nr_meta; ci++) {
         if (fill_context(w, ci, c->meta_ids[ci], rq->offset, end, cap) < 0)
-            return send_error(c, rq, errno_to_nbd(qcbt_error_errno()), "%s",
+            return send_error(c,
+                              rq,
+                              errno_to_nbd(qcbt_error_errno()),
+                              "%s",
                               qcbt_error_get());
     }
     /* Every context's chunk ends at the same offset: the shortest. */
@@ -343,8 +389,11 @@ block_status(struct worker *w, const struct request *rq)
         unsigned char h[24];
         unsigned char *p;
 
-        chunk_header(h, rq, ci + 1 == c->nr_meta ? NBD_REPLY_FLAG_DONE : 0,
-                     NBD_REPLY_TYPE_BLOCK_STATUS, bytes);
+        chunk_header(h,
+                     rq,
+                     ci + 1 == c->nr_meta ? NBD_REPLY_FLAG_DONE : 0,
+                     NBD_REPLY_TYPE_BLOCK_STATUS,
+                     bytes);
         put_be32(h + 20, c->meta_ids[ci]);
         /* Encode in place: struct extent is two u32s. */
         p = (unsigned char *)w->ext[ci];
@@ -384,27 +433,41 @@ handle(struct worker *w, const struct request *rq)
         allowed = NBD_CMD_FLAG_FUA;
         break;
     default:
-        return send_error(c, rq, NBD_EINVAL, "invalid request type (%u)",
+        return send_error(c,
+                          rq,
+                          NBD_EINVAL,
+                          "invalid request type (%u)",
                           rq->type);
     }
     if (rq->flags & ~allowed)
-        return send_error(c, rq, NBD_EINVAL,
-                          "unsupported flags 0x%x for command %u", rq->flags,
+        return send_error(c,
+                          rq,
+                          NBD_EINVAL,
+                          "unsupported flags 0x%x for command %u",
+                          rq->flags,
                           rq->type);
     if (rq->type == NBD_CMD_FLUSH)
         return send_simple(c, rq, 0, NULL, 0);
     /* Overflow-safe bounds check. */
     if (rq->offset > size || rq->len > size - rq->offset)
-        return send_error(c, rq, NBD_EINVAL,
+        return send_error(c,
+                          rq,
+                          NBD_EINVAL,
                           "request past the end of the export (offset "
-                          "%" PRIu64 ", length %" PRIu32 ", size %" PRIu64
-                          ")", rq->offset, rq->len, size);
+                          "%" PRIu64 ", length %" PRIu32 ", size %" PRIu64 ")",
+                          rq->offset,
+                          rq->len,
+                          size);
     switch (rq->type) {
     case NBD_CMD_READ:
         if (rq->len > MAX_REQUEST_LENGTH)
-            return send_error(c, rq, NBD_EINVAL,
+            return send_error(c,
+                              rq,
+                              NBD_EINVAL,
                               "read of %" PRIu32 " bytes exceeds the "
-                              "maximum %u", rq->len, MAX_REQUEST_LENGTH);
+                              "maximum %u",
+                              rq->len,
+                              MAX_REQUEST_LENGTH);
         if (!c->structured || (rq->flags & NBD_CMD_FLAG_DF))
             return read_whole(w, rq);
         return read_structured(w, rq);
@@ -412,11 +475,15 @@ handle(struct worker *w, const struct request *rq)
         return send_simple(c, rq, 0, NULL, 0);
     case NBD_CMD_BLOCK_STATUS:
         if (!c->structured || c->nr_meta == 0)
-            return send_error(c, rq, NBD_EINVAL,
+            return send_error(c,
+                              rq,
+                              NBD_EINVAL,
                               "block status needs structured replies and a "
                               "negotiated meta context");
         if (rq->len == 0)
-            return send_error(c, rq, NBD_EINVAL,
+            return send_error(c,
+                              rq,
+                              NBD_EINVAL,
                               "block status needs a non-zero length");
         return block_status(w, rq);
     }
@@ -436,8 +503,12 @@ next_request(struct worker *w, struct request *rq, bool *skip)
     if (conn_read(c, h, sizeof h) < 0)
         return -1;
     if (get_be32(h) != NBD_REQUEST_MAGIC) {
-        srv_log(c->srv, LOG_INFO, "%s: bad request magic 0x%08x: "
-                "disconnecting", c->peer, get_be32(h));
+        srv_log(c->srv,
+                LOG_INFO,
+                "%s: bad request magic 0x%08x: "
+                "disconnecting",
+                c->peer,
+                get_be32(h));
         return -1;
     }
     rq->flags = get_be16(h + 4);

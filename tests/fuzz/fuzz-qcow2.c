@@ -40,8 +40,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
 
     /* Map the start of the disk, read what is mapped. */
-    for (pos = 0, steps = 0; pos < c->size && steps < MAX_MAP_STEPS;
-         steps++) {
+    for (pos = 0, steps = 0; pos < c->size && steps < MAX_MAP_STEPS; steps++) {
         struct chain_status st;
         size_t n;
 
@@ -66,7 +65,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 if (bl->bitmaps[i].status != QCOW2_BITMAP_OK)
                     continue;
                 if (qcow2_bitmap_load_data(c->layers[0].qcow2,
-                                           &bl->bitmaps[i], BITMAP_RAW,
+                                           &bl->bitmaps[i],
+                                           BITMAP_RAW,
                                            &bm) == 0) {
                     struct bitmap_extent e;
                     uint64_t o;
@@ -103,11 +103,33 @@ rng(void)
 static void
 mutate(unsigned char *d, size_t n)
 {
-    static const uint64_t interesting[] = {
-        0, 1, 7, 8, 9, 21, 22, 31, 32, 63, 64, 104, 105, 511, 512, 4096,
-        65535, 65536, 0x7fffffff, 0x80000000, 0xffffffff, 0x8000000,
-        0xffffffffffffffffULL, 0x8000000000000000ULL, 0x00fffffffffffe00ULL,
-        0x4000000000000000ULL, 0x8000000000000001ULL};
+    static const uint64_t interesting[] = {0,
+                                           1,
+                                           7,
+                                           8,
+                                           9,
+                                           21,
+                                           22,
+                                           31,
+                                           32,
+                                           63,
+                                           64,
+                                           104,
+                                           105,
+                                           511,
+                                           512,
+                                           4096,
+                                           65535,
+                                           65536,
+                                           0x7fffffff,
+                                           0x80000000,
+                                           0xffffffff,
+                                           0x8000000,
+                                           0xffffffffffffffffULL,
+                                           0x8000000000000000ULL,
+                                           0x00fffffffffffe00ULL,
+                                           0x4000000000000000ULL,
+                                           0x8000000000000001ULL};
     unsigned k, rounds = 1 + rng() % 4;
 
     if (n == 0)
@@ -128,8 +150,8 @@ mutate(unsigned char *d, size_t n)
                 d[off + b] = rng();
             break;
         default: /* an interesting value, big-endian */
-            v = interesting[rng() % (sizeof interesting /
-                                     sizeof interesting[0])];
+            v = interesting[rng() %
+                            (sizeof interesting / sizeof interesting[0])];
             off &= ~(size_t)(width - 1);
             for (b = 0; b < width && off + b < n; b++)
                 d[off + b] = v >> (8 * (width - 1 - b));
@@ -171,8 +193,10 @@ main(int argc, char **argv)
     if (rng_state == 0)
         rng_state = 1;
     if (argc < 2) {
-        fprintf(stderr, "usage: %s SEED_FILE...  (QCBT_FUZZ_ITERS=N mutates "
-                "each N times)\n", argv[0]);
+        fprintf(stderr,
+                "usage: %s SEED_FILE...  (QCBT_FUZZ_ITERS=N mutates "
+                "each N times)\n",
+                argv[0]);
         return 1;
     }
     for (i = 1; i < argc; i++) {

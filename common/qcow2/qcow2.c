@@ -385,19 +385,21 @@ parse_extensions(struct qcow2_image *img, const unsigned char *c0)
                 return qcbt_error(ENOMEM, "out of memory");
             break;
 
-        default: {
-            struct qcow2_unknown_ext *n;
-
-            n = realloc(img->unknown_exts,
-                        (img->nr_unknown_exts + 1) * sizeof *n);
-            if (!n)
-                return qcbt_error(ENOMEM, "out of memory");
-            img->unknown_exts = n;
-            n[img->nr_unknown_exts].type = type;
-            n[img->nr_unknown_exts].len = len;
-            img->nr_unknown_exts++;
+        default:
+            /* Recorded for qcbt info, up to a bound: a 2 MiB header
+             * cluster can hold 262,000 empty extensions.
+             */
+            if (img->nr_unknown_exts < QCOW2_MAX_UNKNOWN_EXTS) {
+                if (img->nr_unknown_exts == 0)
+                    img->unknown_exts = malloc(QCOW2_MAX_UNKNOWN_EXTS *
+                                               sizeof *img->unknown_exts);
+                if (!img->unknown_exts)
+                    return qcbt_error(ENOMEM, "out of memory");
+                img->unknown_exts[img->nr_unknown_exts].type = type;
+                img->unknown_exts[img->nr_unknown_exts].len = len;
+                img->nr_unknown_exts++;
+            }
             break;
-        }
         }
         off += ROUND_UP((uint64_t)len, 8);
     }

@@ -28,6 +28,7 @@
 #define QCOW2_MAX_BACKING_NAME    1023
 #define QCOW2_MAX_BACKING_FMT     15
 #define QCOW2_MAX_BITMAPS         65535
+#define QCOW2_MAX_UNKNOWN_EXTS    64 /* recorded; more are skipped */
 #define QCOW2_MAX_BITMAP_DIR_SIZE (1024ULL * 65535)
 
 /* incompatible_features */

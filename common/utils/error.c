@@ -86,7 +86,9 @@ qcbt_escape(char *dst, size_t dstlen, const char *src, size_t srclen)
             j += 3;
             break;
         }
-        dst[j++] = (c >= 0x20 && c < 0x7f) ? (char)c : '?';
+        /* Control characters never reach a terminal or a log line;
+         * other bytes (UTF-8 names) pass. */
+        dst[j++] = (c >= 0x20 && c != 0x7f) ? (char)c : '?';
     }
     dst[j] = '\0';
     return dst;

@@ -33,7 +33,7 @@ int qcbt_error_errno(void);
 void qcbt_error_clear(void);
 
 /* Copy a string from an untrusted source into dst (size dstlen) for a
- * message: non-printable bytes become '?', at most maxlen bytes are kept
+ * message: control characters become '?', at most maxlen bytes are kept
  * and "..." marks a truncation.  Returns dst.
  */
 char *qcbt_escape(char *dst, size_t dstlen, const char *src, size_t srclen);

@@ -1449,7 +1449,10 @@ test_bad_extension_length(void **state)
             poke32(img, off + 4, 0);
         }
         q = expect_open_ok(img, len, "cluster 0 full of extensions");
-        assert_int_equal(q->nr_unknown_exts, (2 * MiB - 112) / 8);
+        /* Only the first few are recorded (the walk itself is bounded by
+         * the cluster; recording all of them once took minutes under
+         * ASan with realloc per entry). */
+        assert_int_equal(q->nr_unknown_exts, QCOW2_MAX_UNKNOWN_EXTS);
         qcow2_close(q);
     }
     free(img);

@@ -1,0 +1,993 @@
+/* qcbt: buffered writer for new qcow2 v3 images (see qcow2-writer.h).
+ *
+ * State while writing: the L2 tables in memory (host byte order, created
+ * per L1 entry on first use), the end of the host file (next_host), a
+ * list of host clusters released by zero requests (reused first, refcount
+ * 0 if still free at close) and a write-behind buffer holding the most
+ * recently appended host clusters [buf_off, buf_off + buf_len), with
+ * buf_off + buf_len == next_host.  Nothing but data clusters is written
+ * before close, and cluster 0 (the header) is written last, so a file that
+ * was not closed successfully does not start with the qcow2 magic.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "byteorder.h"
+#include "checked-overflow.h"
+#include "error.h"
+#include "minmax.h"
+#include "qcow2.h"
+#include "qcow2-writer.h"
+#include "rounding.h"
+
+#define WRITER_HEADER_LENGTH  112 /* what qemu writes for v3 */
+#define WRITER_REFCOUNT_ORDER 4   /* 16-bit refcounts, qemu's default */
+#define WRITER_MSG_MAX        512
+
+/* Feature-name table (qcow2.txt "Feature name table"), the 8 entries qemu
+ * 7.2 writes, in its order.  qemu omits the table for clusters of 4 KiB
+ * and less to leave room for the backing file name (qcow2_update_header).
+ */
+#define WRITER_FEATURE_TABLE_MIN_CLUSTER 8192
+static const struct {
+    uint8_t type;
+    uint8_t bit;
+    const char *name;
+} writer_features[] = {
+    {0, 0, "dirty bit"},
+    {0, 1, "corrupt bit"},
+    {0, 2, "external data file"},
+    {0, 3, "compression type"},
+    {0, 4, "extended L2 entries"},
+    {1, 0, "lazy refcounts"},
+    {2, 0, "bitmaps"},
+    {2, 1, "raw external data"},
+};
+#define WRITER_NR_FEATURES (sizeof writer_features / sizeof writer_features[0])
+#define WRITER_FEATURE_LEN 48
+
+struct qcow2_writer {
+    int fd;
+    char *name; /* for messages */
+
+    uint64_t size; /* guest bytes, multiple of 512 */
+    uint32_t cluster_size;
+    unsigned cluster_bits;
+    unsigned l2_bits;
+    uint32_t l1_size;
+    uint64_t **l2; /* l1_size tables of l2_entries, or NULL */
+
+    char *backing_file; /* NULL if none */
+    char *backing_fmt;
+    qcow2_writer_fill_fn fill;
+    void *fill_opaque;
+
+    uint64_t next_host; /* bytes of host file allocated */
+    uint64_t *free;     /* released host cluster offsets */
+    size_t nr_free, free_cap;
+
+    unsigned char *buf; /* write-behind buffer */
+    size_t buf_cap, buf_len;
+    uint64_t buf_off;
+    unsigned char *scratch; /* one cluster */
+
+    int error; /* sticky -errno after an I/O error, else 0 */
+    char errmsg[WRITER_MSG_MAX];
+};
+
+/* ------------------------------------------------------------------ */
+/* Errors and raw I/O */
+
+/* Record an I/O failure: the writer is unusable from now on. */
+static int writer_fail(struct qcow2_writer *w, int errnum, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static int
+writer_fail(struct qcow2_writer *w, int errnum, const char *fmt, ...)
+{
+    size_t n;
+    va_list ap;
+
+    /* Kept in W as well: the thread's last message may be overwritten
+     * before the caller's next call on this writer.
+     */
+    n = strnlen(w->name, sizeof w->errmsg - 3);
+    memcpy(w->errmsg, w->name, n);
+    memcpy(w->errmsg + n, ": ", 3);
+    va_start(ap, fmt);
+    vsnprintf(w->errmsg + n + 2, sizeof w->errmsg - n - 2, fmt, ap);
+    va_end(ap);
+    w->error = -errnum;
+    return qcbt_error(errnum, "%s", w->errmsg);
+}
+
+/* The sticky error again (the thread's last message may have changed). */
+static int
+writer_sticky(struct qcow2_writer *w)
+{
+    return qcbt_error(-w->error, "%s", w->errmsg);
+}
+
+static int
+pwrite_all(struct qcow2_writer *w,
+           const void *p,
+           size_t len,
+           uint64_t offset,
+           const char *what)
+{
+    size_t done = 0;
+
+    while (done < len) {
+        ssize_t r = pwrite(w->fd,
+                           (const char *)p + done,
+                           len - done,
+                           (off_t)(offset + done));
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return writer_fail(w,
+                               errno,
+                               "writing %s at host offset %" PRIu64 ": %s",
+                               what,
+                               offset + done,
+                               strerror(errno));
+        }
+        if (r == 0)
+            return writer_fail(w,
+                               EIO,
+                               "writing %s at host offset %" PRIu64
+                               ": short write",
+                               what,
+                               offset + done);
+        done += (size_t)r;
+    }
+    return 0;
+}
+
+static int
+flush_buffer(struct qcow2_writer *w)
+{
+    int r;
+
+    if (w->buf_len > 0) {
+        r = pwrite_all(w, w->buf, w->buf_len, w->buf_off, "clusters");
+        if (r < 0)
+            return r;
+    }
+    w->buf_off += w->buf_len;
+    w->buf_len = 0;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Host cluster allocation */
+
+/* Pointer to host bytes [host, host+len) if they are in the buffer. */
+static unsigned char *
+in_buffer(struct qcow2_writer *w, uint64_t host, size_t len)
+{
+    if (host >= w->buf_off && host - w->buf_off + len <= w->buf_len)
+        return w->buf + (host - w->buf_off);
+    return NULL;
+}
+
+/* Append one host cluster at the end of the file; *slot points at its
+ * bytes in the buffer (contents undefined).
+ */
+static int
+append_cluster(struct qcow2_writer *w, uint64_t *host, unsigned char **slot)
+{
+    int r;
+
+    if (w->next_host > QCOW2_MAX_HOST_OFFSET - w->cluster_size)
+        return writer_fail(w,
+                           EFBIG,
+                           "image file would exceed the qcow2 limit of 2^56 "
+                           "bytes");
+    if (w->buf_len + w->cluster_size > w->buf_cap) {
+        r = flush_buffer(w);
+        if (r < 0)
+            return r;
+    }
+    *host = w->next_host;
+    *slot = w->buf + w->buf_len;
+    w->buf_len += w->cluster_size;
+    w->next_host += w->cluster_size;
+    return 0;
+}
+
+/* A host cluster for new contents: a released one if any, else appended.
+ * *slot is where to assemble the cluster: in the buffer, or the scratch
+ * cluster (then commit_cluster() writes it out).
+ */
+static int
+alloc_cluster(struct qcow2_writer *w, uint64_t *host, unsigned char **slot)
+{
+    if (w->nr_free > 0) {
+        *host = w->free[--w->nr_free];
+        *slot = in_buffer(w, *host, w->cluster_size);
+        if (*slot == NULL)
+            *slot = w->scratch;
+        return 0;
+    }
+    return append_cluster(w, host, slot);
+}
+
+static int
+release_cluster(struct qcow2_writer *w, uint64_t host)
+{
+    if (w->nr_free == w->free_cap) {
+        size_t cap = w->free_cap ? w->free_cap * 2 : 64;
+        uint64_t *p = realloc(w->free, cap * sizeof *p);
+
+        if (p == NULL)
+            return qcbt_error(ENOMEM, "%s: out of memory", w->name);
+        w->free = p;
+        w->free_cap = cap;
+    }
+    w->free[w->nr_free++] = host;
+    return 0;
+}
+
+/* Undo alloc_cluster() (nothing references the cluster yet). */
+static void
+unalloc_cluster(struct qcow2_writer *w, uint64_t host)
+{
+    if (host + w->cluster_size == w->next_host &&
+        w->buf_len >= w->cluster_size &&
+        w->buf_off + w->buf_len == w->next_host) {
+        w->buf_len -= w->cluster_size;
+        w->next_host -= w->cluster_size;
+        return;
+    }
+    /* It came from the free list, which has room for it again. */
+    w->free[w->nr_free++] = host;
+}
+
+static int
+commit_cluster(struct qcow2_writer *w, uint64_t host, unsigned char *slot)
+{
+    if (slot != w->scratch)
+        return 0;
+    return pwrite_all(w, slot, w->cluster_size, host, "data cluster");
+}
+
+/* Overwrite bytes [a, b) of the data cluster at HOST with SRC (NULL:
+ * zeros).
+ */
+static int
+write_in_place(struct qcow2_writer *w,
+               uint64_t host,
+               size_t a,
+               size_t b,
+               const unsigned char *src)
+{
+    unsigned char *p = in_buffer(w, host + a, b - a);
+
+    if (p != NULL) {
+        if (src)
+            memcpy(p, src, b - a);
+        else
+            memset(p, 0, b - a);
+        return 0;
+    }
+    if (src == NULL) {
+        memset(w->scratch, 0, b - a);
+        src = w->scratch;
+    }
+    return pwrite_all(w, src, b - a, host + a, "data cluster");
+}
+
+/* ------------------------------------------------------------------ */
+/* Guest clusters */
+
+static uint64_t *
+l2_entry(struct qcow2_writer *w, uint64_t cluster)
+{
+    uint64_t l1_idx = cluster >> w->l2_bits;
+    uint64_t l2_idx = cluster & ((1ULL << w->l2_bits) - 1);
+
+    if (w->l2[l1_idx] == NULL) {
+        w->l2[l1_idx] = calloc(1ULL << w->l2_bits, sizeof(uint64_t));
+        if (w->l2[l1_idx] == NULL) {
+            qcbt_error(ENOMEM, "%s: out of memory for an L2 table", w->name);
+            return NULL;
+        }
+    }
+    return &w->l2[l1_idx][l2_idx];
+}
+
+/* Guest bytes [a, b) of cluster CSTART that this image does not hold:
+ * zeros if ZERO, else the fill callback's answer.
+ */
+static int
+fill_part(struct qcow2_writer *w,
+          unsigned char *slot,
+          size_t a,
+          size_t b,
+          uint64_t cstart,
+          bool zero)
+{
+    int r;
+
+    if (a == b)
+        return 0;
+    if (zero || (w->fill == NULL && w->backing_file == NULL)) {
+        memset(slot + a, 0, b - a);
+        return 0;
+    }
+    if (w->fill == NULL)
+        return qcbt_error(EINVAL,
+                          "%s: partial cluster at guest offset %" PRIu64
+                          " needs the backing file's data, but no fill "
+                          "callback was given",
+                          w->name,
+                          cstart + a);
+    qcbt_error_clear();
+    r = w->fill(w->fill_opaque, slot + a, b - a, cstart + a);
+    if (r < 0) {
+        if (qcbt_error_get()[0] == '\0')
+            qcbt_error(-r, "%s", strerror(-r));
+        return qcbt_error_prefix(-r,
+                                 "%s: fill callback for guest offset %" PRIu64
+                                 " length %zu",
+                                 w->name,
+                                 cstart + a,
+                                 b - a);
+    }
+    return 0;
+}
+
+static bool
+is_zero(const unsigned char *p, size_t len)
+{
+    return len == 0 || (p[0] == 0 && memcmp(p, p + 1, len - 1) == 0);
+}
+
+/* Bytes [a, b) of guest cluster C (b <= valid bytes of the cluster) get
+ * SRC, or zeros when SRC is NULL (a zero request).
+ */
+static int
+do_cluster(struct qcow2_writer *w,
+           uint64_t c,
+           size_t a,
+           size_t b,
+           const unsigned char *src)
+{
+    uint64_t cstart = c << w->cluster_bits;
+    size_t vend = (size_t)MIN((uint64_t)w->cluster_size, w->size - cstart);
+    bool whole = a == 0 && b == vend;
+    bool zero_req = src == NULL;
+    uint64_t *entry, e, host;
+    unsigned char *slot;
+    int r;
+
+    entry = l2_entry(w, c);
+    if (entry == NULL)
+        return -ENOMEM;
+    e = *entry;
+
+    if (e & QCOW2_L2E_OFFSET_MASK) {
+        /* Already a data cluster of this image. */
+        host = e & QCOW2_L2E_OFFSET_MASK;
+        if (zero_req && whole) {
+            r = release_cluster(w, host);
+            if (r < 0)
+                return r;
+            *entry = QCOW2_OFLAG_ZERO;
+            return 0;
+        }
+        return write_in_place(w, host, a, b, src);
+    }
+
+    if (zero_req && (whole || (e & QCOW2_OFLAG_ZERO))) {
+        *entry = QCOW2_OFLAG_ZERO;
+        return 0;
+    }
+
+    /* A new data cluster: the request's bytes, the rest from this image's
+     * zero cluster or from below (fill), zeros past the virtual size.
+     */
+    r = alloc_cluster(w, &host, &slot);
+    if (r < 0)
+        return r;
+    r = fill_part(w, slot, 0, a, cstart, e & QCOW2_OFLAG_ZERO);
+    if (r == 0)
+        r = fill_part(w, slot, b, vend, cstart, e & QCOW2_OFLAG_ZERO);
+    if (r < 0) {
+        unalloc_cluster(w, host);
+        return r;
+    }
+    if (src)
+        memcpy(slot + a, src, b - a);
+    else
+        memset(slot + a, 0, b - a);
+    memset(slot + vend, 0, w->cluster_size - vend);
+
+    if (zero_req && is_zero(slot, vend)) {
+        /* Nothing below shows through: a zero cluster says it cheaper. */
+        unalloc_cluster(w, host);
+        *entry = QCOW2_OFLAG_ZERO;
+        return 0;
+    }
+    r = commit_cluster(w, host, slot);
+    if (r < 0)
+        return r;
+    *entry = host | QCOW2_OFLAG_COPIED;
+    return 0;
+}
+
+static int
+check_range(struct qcow2_writer *w,
+            uint64_t offset,
+            uint64_t len,
+            const char *what)
+{
+    uint64_t end;
+
+    if (w->error)
+        return writer_sticky(w);
+    if (ADD_OVERFLOW(offset, len, &end) || end > w->size)
+        return qcbt_error(EINVAL,
+                          "%s: %s at guest offset %" PRIu64 " length %" PRIu64
+                          " is beyond the virtual size %" PRIu64,
+                          w->name,
+                          what,
+                          offset,
+                          len,
+                          w->size);
+    return 0;
+}
+
+static int
+do_range(struct qcow2_writer *w,
+         const unsigned char *src,
+         uint64_t len,
+         uint64_t offset)
+{
+    uint64_t mask = w->cluster_size - 1;
+    int r;
+
+    while (len > 0) {
+        size_t a = (size_t)(offset & mask);
+        size_t n = (size_t)MIN(len, (uint64_t)w->cluster_size - a);
+
+        r = do_cluster(w, offset >> w->cluster_bits, a, a + n, src);
+        if (r < 0)
+            return r;
+        if (src)
+            src += n;
+        offset += n;
+        len -= n;
+    }
+    return 0;
+}
+
+int
+qcow2_writer_write(struct qcow2_writer *w,
+                   const void *buf,
+                   size_t len,
+                   uint64_t offset)
+{
+    int r = check_range(w, offset, len, "write");
+
+    if (r < 0)
+        return r;
+    if (len == 0)
+        return 0;
+    if (buf == NULL)
+        return qcbt_error(EINVAL, "%s: write with a NULL buffer", w->name);
+    return do_range(w, buf, len, offset);
+}
+
+int
+qcow2_writer_zero(struct qcow2_writer *w, uint64_t offset, uint64_t len)
+{
+    int r = check_range(w, offset, len, "zero request");
+
+    if (r < 0)
+        return r;
+    return do_range(w, NULL, len, offset);
+}
+
+uint64_t
+qcow2_writer_size(const struct qcow2_writer *w)
+{
+    return w->size;
+}
+
+uint32_t
+qcow2_writer_cluster_size(const struct qcow2_writer *w)
+{
+    return w->cluster_size;
+}
+
+/* ------------------------------------------------------------------ */
+/* Create */
+
+static void
+writer_free(struct qcow2_writer *w)
+{
+    uint32_t i;
+
+    if (w == NULL)
+        return;
+    if (w->l2) {
+        for (i = 0; i < w->l1_size; i++)
+            free(w->l2[i]);
+        free(w->l2);
+    }
+    free(w->free);
+    free(w->buf);
+    free(w->scratch);
+    free(w->backing_file);
+    free(w->backing_fmt);
+    free(w->name);
+    free(w);
+}
+
+/* Header bytes up to and including the end-of-extensions marker, before
+ * the backing file name (qcow2_update_header's order: backing format,
+ * feature table, end).
+ */
+static size_t
+header_ext_end(uint32_t cluster_size, size_t fmt_len)
+{
+    size_t n = WRITER_HEADER_LENGTH;
+
+    if (fmt_len)
+        n += 8 + ROUND_UP(fmt_len, 8);
+    if (cluster_size >= WRITER_FEATURE_TABLE_MIN_CLUSTER)
+        n += 8 + WRITER_NR_FEATURES * WRITER_FEATURE_LEN;
+    return n + 8;
+}
+
+static int
+check_opts(const struct qcow2_writer_opts *opts, const char *name)
+{
+    uint32_t cs = opts->cluster_size ? opts->cluster_size
+                                     : QCOW2_WRITER_DEFAULT_CLUSTER_SIZE;
+    bool has_backing = opts->backing_file && opts->backing_file[0];
+    size_t name_len, fmt_len;
+
+    if (cs < (1u << QCOW2_MIN_CLUSTER_BITS) ||
+        cs > (1u << QCOW2_MAX_CLUSTER_BITS) || (cs & (cs - 1)))
+        return qcbt_error(EINVAL,
+                          "%s: cluster size %" PRIu32
+                          " is not a power of two between 512 and 2097152",
+                          name,
+                          cs);
+    if (!has_backing) {
+        if (opts->backing_fmt)
+            return qcbt_error(EINVAL,
+                              "%s: backing format given without a backing "
+                              "file",
+                              name);
+        return 0;
+    }
+    if (opts->backing_fmt == NULL || opts->backing_fmt[0] == '\0')
+        return qcbt_error(EINVAL,
+                          "%s: backing file '%s' needs a backing format",
+                          name,
+                          opts->backing_file);
+    fmt_len = strlen(opts->backing_fmt);
+    if (fmt_len > QCOW2_MAX_BACKING_FMT)
+        return qcbt_error(EINVAL,
+                          "%s: backing format name is longer than %d bytes",
+                          name,
+                          QCOW2_MAX_BACKING_FMT);
+    name_len = strlen(opts->backing_file);
+    if (name_len > QCOW2_MAX_BACKING_NAME ||
+        header_ext_end(cs, fmt_len) + name_len > cs)
+        return qcbt_error(ENAMETOOLONG,
+                          "%s: backing file name of %zu bytes does not fit "
+                          "in the header cluster (at most %zu with %" PRIu32
+                          "-byte clusters)",
+                          name,
+                          name_len,
+                          MIN((size_t)QCOW2_MAX_BACKING_NAME,
+                              cs - header_ext_end(cs, fmt_len)),
+                          cs);
+    return 0;
+}
+
+int
+qcow2_writer_create_fd(int fd,
+                       const char *name,
+                       const struct qcow2_writer_opts *opts,
+                       struct qcow2_writer **out)
+{
+    struct qcow2_writer *w = NULL;
+    struct stat st;
+    uint64_t size, l2_cover, l1_size;
+    uint32_t cs;
+    size_t cap;
+    int flags, r;
+
+    *out = NULL;
+    if (name == NULL)
+        name = "qcow2 writer";
+    r = check_opts(opts, name);
+    if (r < 0)
+        goto fail;
+    cs = opts->cluster_size ? opts->cluster_size
+                            : QCOW2_WRITER_DEFAULT_CLUSTER_SIZE;
+
+    /* Size in whole sectors, as qemu-img create rounds it. */
+    if (opts->size > (uint64_t)INT64_MAX - 511) {
+        r = qcbt_error(EFBIG,
+                       "%s: virtual size %" PRIu64 " is too large",
+                       name,
+                       opts->size);
+        goto fail;
+    }
+    size = ROUND_UP(opts->size, 512);
+    /* One L1 entry maps cs/8 clusters; the L1 table is limited to 32 MiB
+     * (qcow2-format.md section 4).
+     */
+    l2_cover = (uint64_t)cs * (cs / 8);
+    l1_size = DIV_ROUND_UP(size, l2_cover);
+    if (l1_size * 8 > QCOW2_MAX_L1_BYTES) {
+        r = qcbt_error(EFBIG,
+                       "%s: virtual size %" PRIu64
+                       " needs an L1 table larger than 32 MiB with %" PRIu32
+                       "-byte clusters",
+                       name,
+                       size,
+                       cs);
+        goto fail;
+    }
+
+    flags = fcntl(fd, F_GETFL);
+    if (flags < 0) {
+        r = qcbt_error(errno, "%s: %s", name, strerror(errno));
+        goto fail;
+    }
+    if ((flags & O_ACCMODE) == O_RDONLY) {
+        r = qcbt_error(EBADF, "%s: file is not open for writing", name);
+        goto fail;
+    }
+    if (fstat(fd, &st) < 0) {
+        r = qcbt_error(errno, "%s: fstat: %s", name, strerror(errno));
+        goto fail;
+    }
+    if (S_ISREG(st.st_mode) && st.st_size > 0 && ftruncate(fd, 0) < 0) {
+        r = qcbt_error(errno, "%s: truncate: %s", name, strerror(errno));
+        goto fail;
+    }
+
+    w = calloc(1, sizeof *w);
+    if (w == NULL)
+        goto enomem;
+    w->fd = fd;
+    w->size = size;
+    w->cluster_size = cs;
+    w->cluster_bits = (unsigned)__builtin_ctz(cs);
+    w->l2_bits = w->cluster_bits - 3;
+    w->l1_size = (uint32_t)l1_size;
+    w->fill = opts->fill;
+    w->fill_opaque = opts->fill_opaque;
+    w->name = strdup(name);
+    w->l2 = calloc(l1_size ? l1_size : 1, sizeof *w->l2);
+    w->scratch = malloc(cs);
+    if (w->name == NULL || w->l2 == NULL || w->scratch == NULL)
+        goto enomem;
+    if (opts->backing_file && opts->backing_file[0]) {
+        w->backing_file = strdup(opts->backing_file);
+        w->backing_fmt = strdup(opts->backing_fmt);
+        if (w->backing_file == NULL || w->backing_fmt == NULL)
+            goto enomem;
+    }
+    cap = opts->buffer_size ? opts->buffer_size
+                            : QCOW2_WRITER_DEFAULT_BUFFER_SIZE;
+    if (cap > SIZE_MAX / 2)
+        cap = SIZE_MAX / 2;
+    cap = ROUND_UP(cap, (size_t)cs);
+    if (cap == 0)
+        cap = cs;
+    w->buf_cap = cap;
+    if (posix_memalign((void **)&w->buf, 4096, cap) != 0) {
+        w->buf = NULL;
+        goto enomem;
+    }
+    /* Cluster 0 is the header, written at close. */
+    w->next_host = cs;
+    w->buf_off = cs;
+    *out = w;
+    return 0;
+
+enomem:
+    r = qcbt_error(ENOMEM, "%s: out of memory", name);
+fail:
+    if (w)
+        w->fd = -1;
+    writer_free(w);
+    close(fd);
+    return r;
+}
+
+int
+qcow2_writer_create(const char *path,
+                    const struct qcow2_writer_opts *opts,
+                    struct qcow2_writer **out)
+{
+    int flags = O_WRONLY | O_CREAT | O_CLOEXEC;
+    int fd, r;
+
+    *out = NULL;
+    /* Validate before touching the file system. */
+    r = check_opts(opts, path);
+    if (r < 0)
+        return r;
+    flags |= opts->exclusive ? O_EXCL : O_TRUNC;
+    fd = open(path, flags, 0666);
+    if (fd < 0)
+        return qcbt_error(errno, "%s: %s", path, strerror(errno));
+    r = qcow2_writer_create_fd(fd, path, opts, out);
+    if (r < 0)
+        unlink(path); /* ours: created or truncated above */
+    return r;
+}
+
+/* ------------------------------------------------------------------ */
+/* Close */
+
+static int
+append_zeroed(struct qcow2_writer *w, uint64_t *host, unsigned char **slot)
+{
+    int r = append_cluster(w, host, slot);
+
+    if (r == 0)
+        memset(*slot, 0, w->cluster_size);
+    return r;
+}
+
+/* Write every non-empty L2 table; fill l1[] (host order). */
+static int
+write_l2_tables(struct qcow2_writer *w, uint64_t *l1)
+{
+    uint64_t entries = 1ULL << w->l2_bits;
+    uint64_t host, i, j;
+    unsigned char *slot;
+    bool used;
+    int r;
+
+    for (i = 0; i < w->l1_size; i++) {
+        uint64_t *t = w->l2[i];
+
+        if (t == NULL)
+            continue;
+        used = false;
+        for (j = 0; j < entries && !used; j++)
+            used = t[j] != 0;
+        if (!used)
+            continue;
+        r = alloc_cluster(w, &host, &slot);
+        if (r < 0)
+            return r;
+        for (j = 0; j < entries; j++)
+            put_be64(slot + j * 8, t[j]);
+        r = commit_cluster(w, host, slot);
+        if (r < 0)
+            return r;
+        l1[i] = host | QCOW2_OFLAG_COPIED;
+    }
+    return 0;
+}
+
+static int
+cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+/* Append the refcount table and blocks covering every host cluster,
+ * themselves included (qcow2-format.md section 6).  Clusters on the free
+ * list get refcount 0, all others 1.
+ */
+static int
+write_refcounts(struct qcow2_writer *w,
+                uint64_t *reftable_off,
+                uint32_t *reftable_clusters)
+{
+    uint64_t cs = w->cluster_size;
+    uint64_t rb_entries = cs * 8 / (1u << WRITER_REFCOUNT_ORDER);
+    uint64_t used = w->next_host / cs; /* clusters before the refcounts */
+    uint64_t nblocks = 0, ntable = 0, total, nb, nt, i, j, k, host;
+    unsigned char *slot;
+    size_t fi = 0;
+    int r;
+
+    for (;;) {
+        total = used + ntable + nblocks;
+        nb = DIV_ROUND_UP(total, rb_entries);
+        nt = DIV_ROUND_UP(nb * 8, cs);
+        if (nb == nblocks && nt == ntable)
+            break;
+        nblocks = nb;
+        ntable = nt;
+    }
+    if (ntable * cs > QCOW2_MAX_REFTABLE_BYTES)
+        return writer_fail(w,
+                           EFBIG,
+                           "refcount table of %" PRIu64
+                           " clusters exceeds qemu's 8 MiB limit",
+                           ntable);
+
+    if (w->nr_free > 1)
+        qsort(w->free, w->nr_free, sizeof *w->free, cmp_u64);
+
+    *reftable_off = w->next_host;
+    *reftable_clusters = (uint32_t)ntable;
+    for (i = 0; i < ntable; i++) {
+        r = append_zeroed(w, &host, &slot);
+        if (r < 0)
+            return r;
+        for (j = 0; j < cs / 8; j++) {
+            uint64_t b = i * (cs / 8) + j;
+
+            if (b < nblocks)
+                put_be64(slot + j * 8, (used + ntable + b) * cs);
+        }
+    }
+    for (i = 0; i < nblocks; i++) {
+        r = append_zeroed(w, &host, &slot);
+        if (r < 0)
+            return r;
+        for (j = 0; j < rb_entries; j++) {
+            k = i * rb_entries + j;
+            if (k >= total)
+                break;
+            while (fi < w->nr_free && w->free[fi] < k * cs)
+                fi++;
+            if (fi < w->nr_free && w->free[fi] == k * cs)
+                continue;
+            put_be16(slot + j * 2, 1);
+        }
+    }
+    return 0;
+}
+
+static int
+write_header(struct qcow2_writer *w,
+             uint64_t l1_off,
+             uint64_t reftable_off,
+             uint32_t reftable_clusters)
+{
+    unsigned char *h = w->scratch;
+    size_t fmt_len = w->backing_fmt ? strlen(w->backing_fmt) : 0;
+    size_t p, i, len;
+
+    memset(h, 0, w->cluster_size);
+    put_be32(h + 0, QCOW2_MAGIC);
+    put_be32(h + 4, 3);
+    put_be32(h + 20, w->cluster_bits);
+    put_be64(h + 24, w->size);
+    put_be32(h + 32, 0); /* crypt_method */
+    put_be32(h + 36, w->l1_size);
+    put_be64(h + 40, l1_off);
+    put_be64(h + 48, reftable_off);
+    put_be32(h + 56, reftable_clusters);
+    /* nb_snapshots, snapshots_offset, features: 0 */
+    put_be32(h + 96, WRITER_REFCOUNT_ORDER);
+    put_be32(h + 100, WRITER_HEADER_LENGTH);
+    /* 104: compression_type 0 (deflate) + padding */
+
+    p = WRITER_HEADER_LENGTH;
+    if (fmt_len) {
+        put_be32(h + p, QCOW2_EXT_BACKING_FMT);
+        put_be32(h + p + 4, (uint32_t)fmt_len);
+        memcpy(h + p + 8, w->backing_fmt, fmt_len);
+        p += 8 + ROUND_UP(fmt_len, 8);
+    }
+    if (w->cluster_size >= WRITER_FEATURE_TABLE_MIN_CLUSTER) {
+        put_be32(h + p, QCOW2_EXT_FEATURES);
+        put_be32(h + p + 4, WRITER_NR_FEATURES * WRITER_FEATURE_LEN);
+        p += 8;
+        for (i = 0; i < WRITER_NR_FEATURES; i++) {
+            h[p] = writer_features[i].type;
+            h[p + 1] = writer_features[i].bit;
+            memcpy(h + p + 2,
+                   writer_features[i].name,
+                   strlen(writer_features[i].name));
+            p += WRITER_FEATURE_LEN;
+        }
+    }
+    p += 8; /* end of extensions: type 0, length 0 */
+    if (w->backing_file) {
+        size_t name_len = strlen(w->backing_file);
+
+        put_be64(h + 8, p);
+        put_be32(h + 16, (uint32_t)name_len);
+        memcpy(h + p, w->backing_file, name_len);
+        p += name_len;
+    }
+    /* Sectors, not the whole cluster: the rest of cluster 0 stays a hole
+     * and reads as zeros.
+     */
+    len = MIN(ROUND_UP(p, (size_t)512), (size_t)w->cluster_size);
+    return pwrite_all(w, h, len, 0, "header");
+}
+
+static int
+finalize(struct qcow2_writer *w)
+{
+    uint64_t *l1 = NULL;
+    uint64_t l1_off = 0, reftable_off = 0, host, i, j;
+    uint64_t per = w->cluster_size / 8;
+    uint32_t reftable_clusters = 0;
+    unsigned char *slot;
+    int r;
+
+    l1 = calloc(w->l1_size ? w->l1_size : 1, sizeof *l1);
+    if (l1 == NULL)
+        return qcbt_error(ENOMEM, "%s: out of memory", w->name);
+    r = write_l2_tables(w, l1);
+    if (r < 0)
+        goto out;
+
+    /* The L1 table: contiguous, appended (qemu-img create leaves it out
+     * when l1_size is 0).
+     */
+    for (i = 0; i < DIV_ROUND_UP((uint64_t)w->l1_size, per); i++) {
+        r = append_zeroed(w, &host, &slot);
+        if (r < 0)
+            goto out;
+        if (i == 0)
+            l1_off = host;
+        for (j = 0; j < per && i * per + j < w->l1_size; j++)
+            put_be64(slot + j * 8, l1[i * per + j]);
+    }
+
+    r = write_refcounts(w, &reftable_off, &reftable_clusters);
+    if (r < 0)
+        goto out;
+    r = flush_buffer(w);
+    if (r < 0)
+        goto out;
+    r = write_header(w, l1_off, reftable_off, reftable_clusters);
+    if (r < 0)
+        goto out;
+    if (fdatasync(w->fd) < 0)
+        r = writer_fail(w, errno, "fdatasync: %s", strerror(errno));
+out:
+    free(l1);
+    return r;
+}
+
+int
+qcow2_writer_close(struct qcow2_writer *w)
+{
+    int r;
+
+    if (w == NULL)
+        return 0;
+    if (w->error)
+        r = writer_sticky(w);
+    else
+        r = finalize(w);
+    if (close(w->fd) < 0 && r == 0)
+        r = qcbt_error(errno, "%s: close: %s", w->name, strerror(errno));
+    w->fd = -1;
+    writer_free(w);
+    return r;
+}
+
+void
+qcow2_writer_abort(struct qcow2_writer *w)
+{
+    if (w == NULL)
+        return;
+    if (w->fd >= 0)
+        close(w->fd);
+    writer_free(w);
+}

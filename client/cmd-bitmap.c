@@ -11,7 +11,7 @@
 #include "bitmap-digest.h"
 #include "chain.h"
 #include "error.h"
-#include "json.h"
+#include "json-out.h"
 #include "merge.h"
 #include "qcbt.h"
 

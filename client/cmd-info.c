@@ -7,7 +7,7 @@
 
 #include "chain.h"
 #include "error.h"
-#include "json.h"
+#include "json-out.h"
 #include "qcbt.h"
 #include "qcow2-bitmaps.h"
 

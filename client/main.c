@@ -22,6 +22,9 @@ static const struct {
     {"map", cmd_map, "show guest allocation (like qemu-img map)"},
     {"cat", cmd_cat, "write guest bytes to stdout"},
     {"bitmap", cmd_bitmap, "list, check, dump and digest persistent bitmaps"},
+    {"backup", cmd_backup, "full or incremental backup of an NBD export"},
+    {"restore", cmd_restore, "restore a backup to a file or NBD export"},
+    {"verify", cmd_verify, "check a backup directory (and against a source)"},
 };
 
 static void

@@ -14,6 +14,9 @@ int cmd_info(int argc, char **argv);
 int cmd_map(int argc, char **argv);
 int cmd_cat(int argc, char **argv);
 int cmd_bitmap(int argc, char **argv);
+int cmd_backup(int argc, char **argv);
+int cmd_restore(int argc, char **argv);
+int cmd_verify(int argc, char **argv);
 
 /* Print "qcbt: MSG" (printf format) on stderr, one line. */
 void die_msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

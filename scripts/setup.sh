@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
     build-essential cmake pkg-config clang-format
     libnbd-dev libnbd-bin nbdkit nbdkit-plugin-dev
-    libglib2.0-dev libssl-dev libcmocka-dev zlib1g-dev libzstd-dev
+    libglib2.0-dev libssl-dev libcmocka-dev zlib1g-dev libzstd-dev libxxhash-dev
     qemu-utils qemu-system-common python3 python3-libnbd
 )
 

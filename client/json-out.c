@@ -2,7 +2,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "json.h"
+#include "json-out.h"
 
 /* Length of a valid UTF-8 sequence at p (n bytes left), or 0. */
 static size_t

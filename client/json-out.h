@@ -1,6 +1,6 @@
 /* qcbt: a minimal streaming JSON writer for --json output. */
-#ifndef QCBT_CLIENT_JSON_H
-#define QCBT_CLIENT_JSON_H
+#ifndef QCBT_CLIENT_JSON_OUT_H
+#define QCBT_CLIENT_JSON_OUT_H
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -12,4 +12,4 @@
 void json_string(FILE *fp, const char *s);
 void json_string_n(FILE *fp, const char *s, size_t len);
 
-#endif /* QCBT_CLIENT_JSON_H */
+#endif /* QCBT_CLIENT_JSON_OUT_H */

@@ -1,0 +1,953 @@
+/* qcbt backup: full and incremental backups from any server that honours
+ * the NBD contract (qcbt-server, qemu-nbd -B, libvirt pull mode), written
+ * as a chain of qcow2 files (DESIGN.md "The backup agent").
+ *
+ * The disk is mapped in bounded windows of block status (base:allocation
+ * together with the dirty-bitmap context), never as a whole list; dirty
+ * data is read with many requests in flight over several connections and
+ * written through the buffered qcow2 writer; dirty ranges that read as
+ * zero become zero clusters, never skipped; clean ranges stay unallocated
+ * and read through to the previous backup.  Any doubt means a full
+ * backup, never "nothing changed".
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <libnbd.h>
+
+#include "chain.h"
+#include "digest.h"
+#include "error.h"
+#include "json.h"
+#include "manifest.h"
+#include "minmax.h"
+#include "qcbt.h"
+#include "qcow2-writer.h"
+
+#define MAP_WINDOW    (1ULL << 30) /* bytes of block status per request */
+#define CHUNK         (2u << 20)   /* bytes per read request */
+#define DEFAULT_DEPTH 8
+#define MAX_CONNS     16
+
+enum run_kind { RUN_COPY, RUN_ZERO };
+
+struct run {
+    uint64_t off, len;
+    enum run_kind kind;
+};
+
+struct ext_list {
+    uint32_t *e; /* (length, flags) pairs */
+    size_t n, cap;
+    bool got;
+};
+
+struct engine;
+
+struct slot {
+    struct engine *eng;
+    unsigned char *buf;
+    uint64_t off;
+    uint32_t len;
+    bool busy;
+};
+
+struct engine {
+    struct nbd_handle *h[MAX_CONNS];
+    size_t nconn;
+    unsigned depth;
+    struct slot *slots; /* nconn * depth */
+    unsigned in_flight[MAX_CONNS];
+    uint32_t chunk;
+
+    const char *ctx; /* dirty-bitmap context, NULL for a full backup */
+    uint64_t size;
+    struct qcow2_writer *w;
+
+    /* Mapping. */
+    uint64_t map_pos;
+    struct ext_list alloc, dirty;
+    uint64_t req_off, req_len;
+    int map_err;
+    char map_msg[256];
+
+    /* Work from the last mapped window. */
+    struct run *runs;
+    size_t nruns, cap_runs, run_idx;
+    uint64_t run_done;
+
+    /* Results. */
+    uint64_t data_bytes, zero_bytes, extents, requests, copied;
+    int io_err;
+    char io_msg[512];
+
+    bool progress;
+    int64_t last_progress;
+};
+
+static int64_t
+mono_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void
+backup_usage(FILE *fp)
+{
+    fprintf(fp,
+            "Usage: qcbt backup [--full | --since NAME | --auto] [--bitmap "
+            "CONTEXT]\n"
+            "                   [--connections N] [--progress|--no-progress]"
+            "\n"
+            "                   [--no-digest] [--json] URI DIR\n"
+            "\n"
+            "Back up the NBD export URI (nbd://, nbd+unix://, ...) into DIR, "
+            "one\n"
+            "disk per directory.  Each backup is a qcow2 file; an "
+            "incremental one\n"
+            "has the previous backup as its backing file, so the newest file "
+            "is\n"
+            "the disk at that time for qemu-img, qemu-nbd and a VM.\n"
+            "\n"
+            "  --full            copy everything allocated\n"
+            "  --since NAME      copy what changed since checkpoint NAME "
+            "(context\n"
+            "                    qemu:dirty-bitmap:NAME); full if that is "
+            "not\n"
+            "                    possible (no previous backup, context not "
+            "granted,\n"
+            "                    size changed)\n"
+            "  --auto            like --since with the checkpoint of the "
+            "previous\n"
+            "                    backup; full when in doubt (the default)\n"
+            "  --bitmap CONTEXT  the dirty-bitmap context to use, e.g. "
+            "backup-vda\n"
+            "                    (qemu:dirty-bitmap:CONTEXT) or a full "
+            "context name\n"
+            "  --connections N   parallel connections (default 4 when the "
+            "server\n"
+            "                    allows multi-conn, else 1)\n"
+            "  --no-digest       do not compute the guest digest\n"
+            "  --json            print the result as JSON\n"
+            "\n"
+            "Exit status: 0 backup written and recorded; 1 error (DIR is left "
+            "as it\n"
+            "was).\n");
+}
+
+/* ---- block status ---------------------------------------------------- */
+
+static int
+ext_push(struct ext_list *l, uint32_t len, uint32_t flags)
+{
+    if (l->n + 2 > l->cap) {
+        size_t nc = l->cap ? l->cap * 2 : 1024;
+        uint32_t *ne = realloc(l->e, nc * sizeof *ne);
+
+        if (!ne)
+            return -1;
+        l->e = ne;
+        l->cap = nc;
+    }
+    l->e[l->n++] = len;
+    l->e[l->n++] = flags;
+    return 0;
+}
+
+static int
+extent_cb(void *opaque,
+          const char *metacontext,
+          uint64_t offset,
+          uint32_t *entries,
+          size_t nr,
+          int *error)
+{
+    struct engine *eng = opaque;
+    struct ext_list *l;
+    uint32_t maxflag;
+    uint64_t sum = 0;
+    size_t i;
+
+    if (*error)
+        return 0;
+    if (strcmp(metacontext, "base:allocation") == 0) {
+        l = &eng->alloc;
+        maxflag = 3;
+    } else if (eng->ctx && strcmp(metacontext, eng->ctx) == 0) {
+        l = &eng->dirty;
+        maxflag = 1;
+    } else {
+        return 0; /* a context we did not ask for: ignore it */
+    }
+    if (l->got || offset != eng->req_off || nr < 2 || nr % 2) {
+        eng->map_err = EPROTO;
+        snprintf(eng->map_msg,
+                 sizeof eng->map_msg,
+                 "server sent a bad block status reply for %s at %" PRIu64,
+                 metacontext,
+                 offset);
+        return 0;
+    }
+    l->got = true;
+    /* libnbd passes extents unchecked: the server is not trusted. */
+    for (i = 0; i < nr && sum < eng->req_len; i += 2) {
+        uint32_t len = entries[i], flags = entries[i + 1];
+
+        if (len == 0 || flags > maxflag) {
+            eng->map_err = EPROTO;
+            snprintf(eng->map_msg,
+                     sizeof eng->map_msg,
+                     "server sent an extent with length %" PRIu32
+                     " and flags 0x%" PRIx32 " for %s at %" PRIu64,
+                     len,
+                     flags,
+                     metacontext,
+                     offset + sum);
+            return 0;
+        }
+        if (i + 2 < nr && sum + len > eng->req_len) {
+            eng->map_err = EPROTO;
+            snprintf(eng->map_msg,
+                     sizeof eng->map_msg,
+                     "server sent extents past the end of the request for %s",
+                     metacontext);
+            return 0;
+        }
+        if (sum + len > eng->req_len)
+            len = eng->req_len - sum; /* only the last may run past */
+        if (ext_push(l, len, flags) < 0) {
+            eng->map_err = ENOMEM;
+            snprintf(eng->map_msg, sizeof eng->map_msg, "out of memory");
+            return 0;
+        }
+        sum += len;
+    }
+    return 0;
+}
+
+static int
+push_run(struct engine *eng, uint64_t off, uint64_t len, enum run_kind kind)
+{
+    struct run *r;
+
+    if (eng->nruns && eng->runs[eng->nruns - 1].kind == kind &&
+        eng->runs[eng->nruns - 1].off + eng->runs[eng->nruns - 1].len == off) {
+        eng->runs[eng->nruns - 1].len += len;
+        return 0;
+    }
+    if (eng->nruns == eng->cap_runs) {
+        size_t nc = eng->cap_runs ? eng->cap_runs * 2 : 1024;
+
+        r = realloc(eng->runs, nc * sizeof *r);
+        if (!r)
+            return qcbt_error(ENOMEM, "out of memory");
+        eng->runs = r;
+        eng->cap_runs = nc;
+    }
+    eng->runs[eng->nruns++] = (struct run){off, len, kind};
+    if (kind == RUN_COPY)
+        eng->extents++;
+    return 0;
+}
+
+/* Map the next window [map_pos, ...) into runs. */
+static int
+map_window(struct engine *eng)
+{
+    nbd_extent_callback cb = {.callback = extent_cb, .user_data = eng};
+    uint64_t pos = eng->map_pos, end, a_end, d_end;
+    size_t ai = 0, di = 0;
+    uint64_t a_pos, d_pos;
+    int r;
+
+    eng->nruns = eng->run_idx = 0;
+    eng->run_done = 0;
+    eng->alloc.n = eng->dirty.n = 0;
+    eng->alloc.got = eng->dirty.got = false;
+    eng->req_off = pos;
+    eng->req_len = MIN(MAP_WINDOW, eng->size - pos);
+    eng->map_err = 0;
+    if (nbd_block_status(eng->h[0], eng->req_len, pos, cb, 0) < 0)
+        return qcbt_error(nbd_get_errno() ? nbd_get_errno() : EIO,
+                          "block status at %" PRIu64 ": %s",
+                          pos,
+                          nbd_get_error());
+    if (eng->map_err)
+        return qcbt_error(eng->map_err, "%s", eng->map_msg);
+    if (!eng->alloc.got || (eng->ctx && !eng->dirty.got))
+        return qcbt_error(EPROTO,
+                          "server omitted a context from its block "
+                          "status reply at %" PRIu64,
+                          pos);
+
+    /* Both contexts cover [pos, their end); use the common part. */
+    a_end = pos;
+    for (ai = 0; ai < eng->alloc.n; ai += 2)
+        a_end += eng->alloc.e[ai];
+    end = a_end;
+    if (eng->ctx) {
+        d_end = pos;
+        for (di = 0; di < eng->dirty.n; di += 2)
+            d_end += eng->dirty.e[di];
+        end = MIN(end, d_end);
+    }
+    if (end <= pos)
+        return qcbt_error(EPROTO,
+                          "server returned no extents at %" PRIu64,
+                          pos);
+
+    ai = di = 0;
+    a_pos = d_pos = pos;
+    while (pos < end) {
+        uint64_t a_stop = a_pos + eng->alloc.e[ai];
+        uint32_t aflags = eng->alloc.e[ai + 1];
+        bool reads_zero = aflags & 2; /* NBD_STATE_ZERO */
+        bool dirty = true;
+        uint64_t stop = MIN(a_stop, end);
+
+        if (eng->ctx) {
+            uint64_t d_stop = d_pos + eng->dirty.e[di];
+            dirty = eng->dirty.e[di + 1] & 1;
+            stop = MIN(stop, d_stop);
+            if (stop == d_stop) {
+                d_pos = d_stop;
+                di += 2;
+            }
+        }
+        if (dirty) {
+            if (!reads_zero)
+                r = push_run(eng, pos, stop - pos, RUN_COPY);
+            else if (eng->ctx)
+                /* Dirty but zero now: record the zeros (never skip, or a
+                 * restore would resurrect the old data). */
+                r = push_run(eng, pos, stop - pos, RUN_ZERO);
+            else
+                r = 0; /* full backup: unallocated reads as zero */
+            if (r < 0)
+                return r;
+        }
+        if (stop == a_stop) {
+            a_pos = a_stop;
+            ai += 2;
+        }
+        pos = stop;
+    }
+    eng->map_pos = end;
+    return 0;
+}
+
+/* ---- reads ------------------------------------------------------------ */
+
+static int
+read_done(void *opaque, int *error)
+{
+    struct slot *s = opaque;
+    struct engine *eng = s->eng;
+    size_t ci = (s - eng->slots) / eng->depth;
+    int r;
+
+    eng->in_flight[ci]--;
+    s->busy = false;
+    if (*error) {
+        if (!eng->io_err) {
+            eng->io_err = *error;
+            snprintf(eng->io_msg,
+                     sizeof eng->io_msg,
+                     "read of %" PRIu32 " bytes at %" PRIu64 " failed: %s",
+                     s->len,
+                     s->off,
+                     strerror(*error));
+        }
+        return 1;
+    }
+    if (eng->io_err)
+        return 1;
+    r = qcow2_writer_write(eng->w, s->buf, s->len, s->off);
+    if (r < 0) {
+        eng->io_err = -r;
+        snprintf(eng->io_msg, sizeof eng->io_msg, "%s", qcbt_error_get());
+        return 1;
+    }
+    eng->data_bytes += s->len;
+    eng->copied += s->len;
+    return 1;
+}
+
+/* Issue the next piece of work on connection CI.  Returns 1 if something
+ * was issued or done, 0 if there is no work in this window, -1 on error.
+ */
+static int
+next_work(struct engine *eng, size_t ci)
+{
+    struct run *run;
+    struct slot *s = NULL;
+    uint64_t n;
+    unsigned k;
+
+    while (eng->run_idx < eng->nruns &&
+           eng->run_done == eng->runs[eng->run_idx].len) {
+        eng->run_idx++;
+        eng->run_done = 0;
+    }
+    if (eng->run_idx >= eng->nruns)
+        return 0;
+    run = &eng->runs[eng->run_idx];
+    if (run->kind == RUN_ZERO) {
+        int r = qcow2_writer_zero(eng->w, run->off, run->len);
+
+        if (r < 0)
+            return -1;
+        eng->zero_bytes += run->len;
+        eng->copied += run->len;
+        eng->run_done = run->len;
+        return 1;
+    }
+    for (k = 0; k < eng->depth; k++)
+        if (!eng->slots[ci * eng->depth + k].busy) {
+            s = &eng->slots[ci * eng->depth + k];
+            break;
+        }
+    if (!s)
+        return 0;
+    n = MIN((uint64_t)eng->chunk, run->len - eng->run_done);
+    s->off = run->off + eng->run_done;
+    s->len = n;
+    s->busy = true;
+    if (nbd_aio_pread(
+            eng->h[ci],
+            s->buf,
+            n,
+            s->off,
+            (nbd_completion_callback){.callback = read_done, .user_data = s},
+            0) < 0) {
+        s->busy = false;
+        qcbt_error(nbd_get_errno() ? nbd_get_errno() : EIO,
+                   "read at %" PRIu64 ": %s",
+                   s->off,
+                   nbd_get_error());
+        return -1;
+    }
+    eng->in_flight[ci]++;
+    eng->requests++;
+    eng->run_done += n;
+    return 1;
+}
+
+static unsigned
+total_in_flight(const struct engine *eng)
+{
+    unsigned t = 0;
+    size_t i;
+
+    for (i = 0; i < eng->nconn; i++)
+        t += eng->in_flight[i];
+    return t;
+}
+
+static int
+wait_some(struct engine *eng)
+{
+    struct pollfd pfd[MAX_CONNS];
+    size_t i;
+
+    for (i = 0; i < eng->nconn; i++) {
+        unsigned dir = nbd_aio_get_direction(eng->h[i]);
+
+        pfd[i].fd = nbd_aio_get_fd(eng->h[i]);
+        pfd[i].events = ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+                        ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0);
+        pfd[i].revents = 0;
+    }
+    if (poll(pfd, eng->nconn, 30000) < 0 && errno != EINTR)
+        return qcbt_error(errno, "poll: %s", strerror(errno));
+    for (i = 0; i < eng->nconn; i++) {
+        int r = 0;
+
+        if (pfd[i].revents & (POLLIN | POLLHUP | POLLERR))
+            r = nbd_aio_notify_read(eng->h[i]);
+        else if (pfd[i].revents & POLLOUT)
+            r = nbd_aio_notify_write(eng->h[i]);
+        if (r < 0)
+            return qcbt_error(nbd_get_errno() ? nbd_get_errno() : EIO,
+                              "connection %zu: %s",
+                              i,
+                              nbd_get_error());
+    }
+    return 0;
+}
+
+static void
+show_progress(struct engine *eng, bool final)
+{
+    int64_t now = mono_ms();
+
+    if (!eng->progress || (!final && now - eng->last_progress < 500))
+        return;
+    eng->last_progress = now;
+    fprintf(stderr,
+            "\rqcbt: backup %3d%% mapped, %.1f MiB copied%s",
+            (int)(eng->size ? eng->map_pos * 100 / eng->size : 100),
+            eng->copied / 1048576.0,
+            final ? "\n" : "  ");
+}
+
+static int
+run_engine(struct engine *eng)
+{
+    bool window_done = true;
+
+    for (;;) {
+        bool issued = false;
+        size_t ci;
+        int r;
+
+        if (eng->io_err)
+            return qcbt_error(eng->io_err, "%s", eng->io_msg);
+        /* Fill every connection's queue from the current window. */
+        for (ci = 0; ci < eng->nconn; ci++) {
+            while (eng->in_flight[ci] < eng->depth) {
+                r = next_work(eng, ci);
+                if (r < 0)
+                    return r;
+                if (r == 0)
+                    break;
+                issued = true;
+            }
+        }
+        window_done = eng->run_idx >= eng->nruns;
+        if (window_done && eng->map_pos < eng->size) {
+            r = map_window(eng);
+            if (r < 0)
+                return r;
+            show_progress(eng, false);
+            continue;
+        }
+        if (window_done && total_in_flight(eng) == 0)
+            break;
+        if (!issued || total_in_flight(eng) >= eng->nconn * eng->depth ||
+            window_done) {
+            r = wait_some(eng);
+            if (r < 0)
+                return r;
+        }
+        show_progress(eng, false);
+    }
+    show_progress(eng, true);
+    return 0;
+}
+
+/* ---- the command ------------------------------------------------------- */
+
+struct prev_chain {
+    struct chain *c;
+};
+
+/* Partial clusters of an incremental backup keep the previous backup's
+ * bytes.
+ */
+static int
+fill_from_prev(void *opaque, void *buf, size_t len, uint64_t offset)
+{
+    struct prev_chain *p = opaque;
+
+    if (!p->c) {
+        memset(buf, 0, len);
+        return 0;
+    }
+    return chain_read(p->c, buf, len, offset);
+}
+
+static char *
+join(const char *dir, const char *name)
+{
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+
+    if (p)
+        snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+static void
+now_iso(char *buf, size_t len)
+{
+    time_t t = time(NULL);
+    struct tm tm;
+
+    gmtime_r(&t, &tm);
+    strftime(buf, len, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+static struct nbd_handle *
+open_handle(const char *uri, const char *ctx, int idx)
+{
+    struct nbd_handle *h = nbd_create();
+    char name[32];
+
+    if (!h)
+        return NULL;
+    snprintf(name, sizeof name, "qcbt-backup-%d", idx);
+    nbd_set_handle_name(h, name);
+    if (nbd_add_meta_context(h, "base:allocation") < 0 ||
+        (ctx && nbd_add_meta_context(h, ctx) < 0) ||
+        nbd_connect_uri(h, uri) < 0) {
+        qcbt_error(nbd_get_errno() ? nbd_get_errno() : EIO,
+                   "%s: %s",
+                   uri,
+                   nbd_get_error());
+        nbd_close(h);
+        return NULL;
+    }
+    return h;
+}
+
+int
+cmd_backup(int argc, char **argv)
+{
+    enum {
+        OPT_FULL = 256,
+        OPT_SINCE,
+        OPT_AUTO,
+        OPT_BITMAP,
+        OPT_CONNS,
+        OPT_PROGRESS,
+        OPT_NOPROGRESS,
+        OPT_JSON,
+        OPT_NODIGEST
+    };
+    static const struct option opts[] = {
+        {"full", no_argument, NULL, OPT_FULL},
+        {"since", required_argument, NULL, OPT_SINCE},
+        {"auto", no_argument, NULL, OPT_AUTO},
+        {"bitmap", required_argument, NULL, OPT_BITMAP},
+        {"connections", required_argument, NULL, OPT_CONNS},
+        {"progress", no_argument, NULL, OPT_PROGRESS},
+        {"no-progress", no_argument, NULL, OPT_NOPROGRESS},
+        {"no-digest", no_argument, NULL, OPT_NODIGEST},
+        {"json", no_argument, NULL, OPT_JSON},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *since = NULL, *bitmap = NULL, *uri, *dir;
+    bool want_full = false, json = false, digest = true;
+    int progress = -1, conns = 0, opt, ret = QCBT_EXIT_ERROR, r;
+    struct manifest m = {0};
+    struct backup_entry *prev = NULL;
+    struct backup_entry e = {0};
+    struct engine eng = {0};
+    struct prev_chain pc = {0};
+    struct qcow2_writer_opts wo = {0};
+    char ctxbuf[4200], fname[64], tmpname[80], timebuf[32];
+    char hex[DIGEST_HEX_LEN + 1];
+    char *tmppath = NULL, *finalpath = NULL, *prevpath = NULL;
+    const char *ctx = NULL, *why_full = NULL;
+    int64_t size, t0 = mono_ms();
+    size_t i;
+
+    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (opt) {
+        case OPT_FULL:
+            want_full = true;
+            break;
+        case OPT_SINCE:
+            since = optarg;
+            break;
+        case OPT_AUTO:
+            break;
+        case OPT_BITMAP:
+            bitmap = optarg;
+            break;
+        case OPT_CONNS:
+            conns = atoi(optarg);
+            if (conns < 1 || conns > MAX_CONNS) {
+                die_msg("backup: --connections must be 1..%d", MAX_CONNS);
+                return QCBT_EXIT_ERROR;
+            }
+            break;
+        case OPT_PROGRESS:
+            progress = 1;
+            break;
+        case OPT_NOPROGRESS:
+            progress = 0;
+            break;
+        case OPT_NODIGEST:
+            digest = false;
+            break;
+        case OPT_JSON:
+            json = true;
+            break;
+        case 'h':
+            backup_usage(stdout);
+            return QCBT_EXIT_OK;
+        default:
+            backup_usage(stderr);
+            return QCBT_EXIT_ERROR;
+        }
+    }
+    if (argc - optind != 2) {
+        die_msg("backup: expected URI DIR (see 'qcbt backup --help')");
+        return QCBT_EXIT_ERROR;
+    }
+    if (want_full && (since || bitmap)) {
+        die_msg("backup: --full cannot be combined with --since/--bitmap");
+        return QCBT_EXIT_ERROR;
+    }
+    uri = argv[optind];
+    dir = argv[optind + 1];
+    if (mkdir(dir, 0777) < 0 && errno != EEXIST) {
+        die_msg("backup: %s: %s", dir, strerror(errno));
+        return QCBT_EXIT_ERROR;
+    }
+    if (manifest_load(dir, &m) < 0)
+        return report_error();
+    if (m.nr)
+        prev = &m.backups[m.nr - 1];
+
+    /* Which context?  --bitmap wins, then --since, then (auto) the
+     * previous backup's.
+     */
+    if (!want_full) {
+        if (bitmap) {
+            if (strncmp(bitmap, "qemu:", 5) == 0 ||
+                strncmp(bitmap, "base:", 5) == 0)
+                snprintf(ctxbuf, sizeof ctxbuf, "%s", bitmap);
+            else
+                snprintf(ctxbuf, sizeof ctxbuf, "qemu:dirty-bitmap:%s", bitmap);
+            ctx = ctxbuf;
+        } else if (since) {
+            snprintf(ctxbuf, sizeof ctxbuf, "qemu:dirty-bitmap:%s", since);
+            ctx = ctxbuf;
+        } else if (prev && prev->context) {
+            snprintf(ctxbuf, sizeof ctxbuf, "%s", prev->context);
+            ctx = ctxbuf;
+        }
+    }
+
+    eng.h[0] = open_handle(uri, ctx, 0);
+    if (!eng.h[0])
+        goto fail;
+    size = nbd_get_size(eng.h[0]);
+    if (size < 0) {
+        qcbt_error(EIO, "%s: %s", uri, nbd_get_error());
+        goto fail;
+    }
+    eng.size = size;
+
+    /* Any doubt means a full backup. */
+    if (want_full)
+        why_full = "--full";
+    else if (!ctx)
+        why_full = "no checkpoint given and none recorded";
+    else if (!prev)
+        why_full = "no previous backup";
+    else if (nbd_can_meta_context(eng.h[0], ctx) <= 0)
+        why_full = "the server did not grant the dirty-bitmap context";
+    else if (prev->size != (uint64_t)size)
+        why_full = "the disk size changed";
+    if (!why_full) {
+        struct chain_open_opts co = {.format = "qcow2"};
+
+        prevpath = join(dir, prev->file);
+        if (!prevpath || chain_open(prevpath, &co, &pc.c) < 0 ||
+            pc.c->size != (uint64_t)size) {
+            why_full = "the previous backup cannot be read back";
+            qcbt_error_clear();
+        }
+    }
+    if (why_full) {
+        ctx = NULL;
+        chain_close(pc.c);
+        pc.c = NULL;
+        if (!want_full)
+            fprintf(stderr, "qcbt: full backup: %s\n", why_full);
+    }
+    eng.ctx = ctx;
+
+    /* Connections: several only when the server says they are coherent. */
+    eng.nconn = conns ? (size_t)conns : 4;
+    if (eng.nconn > 1 && nbd_can_multi_conn(eng.h[0]) <= 0) {
+        if (conns > 1)
+            fprintf(stderr,
+                    "qcbt: the server does not allow multi-conn: "
+                    "using one connection\n");
+        eng.nconn = 1;
+    }
+    for (i = 1; i < eng.nconn; i++) {
+        eng.h[i] = open_handle(uri, ctx, (int)i);
+        if (!eng.h[i])
+            goto fail;
+    }
+    eng.depth = DEFAULT_DEPTH;
+    eng.chunk = CHUNK;
+    {
+        int64_t mx = nbd_get_block_size(eng.h[0], LIBNBD_SIZE_MAXIMUM);
+        if (mx > 0 && (uint64_t)mx < eng.chunk)
+            eng.chunk = mx;
+    }
+    eng.slots = calloc(eng.nconn * eng.depth, sizeof *eng.slots);
+    if (!eng.slots) {
+        qcbt_error(ENOMEM, "out of memory");
+        goto fail;
+    }
+    for (i = 0; i < eng.nconn * eng.depth; i++) {
+        eng.slots[i].eng = &eng;
+        eng.slots[i].buf = malloc(eng.chunk);
+        if (!eng.slots[i].buf) {
+            qcbt_error(ENOMEM, "out of memory");
+            goto fail;
+        }
+    }
+    eng.progress = progress < 0 ? isatty(STDERR_FILENO) : progress;
+
+    /* Write to a temporary name; only a complete, flushed backup gets its
+     * real name and a manifest entry.
+     */
+    snprintf(fname, sizeof fname, "backup-%04zu.qcow2", m.nr);
+    snprintf(tmpname, sizeof tmpname, ".%s.part", fname);
+    tmppath = join(dir, tmpname);
+    finalpath = join(dir, fname);
+    if (!tmppath || !finalpath) {
+        qcbt_error(ENOMEM, "out of memory");
+        goto fail;
+    }
+    wo.size = eng.size;
+    wo.cluster_size = QCOW2_WRITER_DEFAULT_CLUSTER_SIZE;
+    if (ctx) {
+        wo.backing_file = prev->file;
+        wo.backing_fmt = "qcow2";
+        wo.fill = fill_from_prev;
+        wo.fill_opaque = &pc;
+    }
+    if (qcow2_writer_create(tmppath, &wo, &eng.w) < 0)
+        goto fail;
+
+    r = run_engine(&eng);
+    if (r < 0) {
+        qcow2_writer_abort(eng.w);
+        eng.w = NULL;
+        unlink(tmppath);
+        goto fail;
+    }
+    r = qcow2_writer_close(eng.w);
+    eng.w = NULL;
+    if (r < 0) {
+        unlink(tmppath);
+        goto fail;
+    }
+    if (rename(tmppath, finalpath) < 0) {
+        qcbt_error(errno, "%s: %s", finalpath, strerror(errno));
+        unlink(tmppath);
+        goto fail;
+    }
+
+    e.file = fname;
+    e.type = ctx ? "incremental" : "full";
+    e.backing = ctx ? prev->file : NULL;
+    e.context = ctx ? (char *)ctx : NULL;
+    e.checkpoint = NULL;
+    if (ctx && strncmp(ctx, "qemu:dirty-bitmap:", 18) == 0)
+        e.checkpoint = (char *)ctx + 18;
+    e.uri = (char *)uri;
+    e.export_name = nbd_get_export_name(eng.h[0]);
+    now_iso(timebuf, sizeof timebuf);
+    e.time = timebuf;
+    e.size = eng.size;
+    e.data_bytes = eng.data_bytes;
+    e.zero_bytes = eng.zero_bytes;
+    e.extents = eng.extents;
+    e.requests = eng.requests;
+    e.guest_digest = NULL;
+    if (digest) {
+        struct chain *nc;
+        struct chain_open_opts co = {.format = "qcow2"};
+
+        if (chain_open(finalpath, &co, &nc) < 0 ||
+            chain_guest_digest(nc, hex) < 0) {
+            chain_close(nc);
+            free(e.export_name);
+            goto fail;
+        }
+        chain_close(nc);
+        e.guest_digest = hex;
+    }
+    e.seconds = (mono_ms() - t0) / 1000.0;
+    r = manifest_append(&m, &e);
+    if (r == 0)
+        r = manifest_save(dir, &m);
+    if (r < 0) {
+        free(e.export_name);
+        goto fail;
+    }
+
+    if (json) {
+        printf("{\"file\": \"%s\", \"type\": \"%s\", \"reason\": ",
+               fname,
+               e.type);
+        if (why_full)
+            printf("\"%s\"", why_full);
+        else
+            printf("null");
+        printf(", \"virtual-size\": %" PRIu64 ", \"data-bytes\": %" PRIu64
+               ", \"zero-bytes\": %" PRIu64 ", \"extents\": %" PRIu64
+               ", \"requests\": %" PRIu64 ", \"connections\": %zu, "
+               "\"seconds\": %.3f, \"guest-digest\": %s%s%s}\n",
+               e.size,
+               e.data_bytes,
+               e.zero_bytes,
+               e.extents,
+               e.requests,
+               eng.nconn,
+               e.seconds,
+               digest ? "\"" : "",
+               digest ? hex : "null",
+               digest ? "\"" : "");
+    } else {
+        printf("%s: %s backup, %" PRIu64 " bytes of data and %" PRIu64
+               " bytes of zeros in %" PRIu64 " extents, %.2f s\n",
+               fname,
+               e.type,
+               e.data_bytes,
+               e.zero_bytes,
+               e.extents,
+               e.seconds);
+    }
+    free(e.export_name);
+    ret = QCBT_EXIT_OK;
+    goto out;
+
+fail:
+    report_error();
+out:
+    for (i = 0; i < MAX_CONNS; i++)
+        if (eng.h[i]) {
+            nbd_shutdown(eng.h[i], 0);
+            nbd_close(eng.h[i]);
+        }
+    if (eng.slots)
+        for (i = 0; i < eng.nconn * eng.depth; i++)
+            free(eng.slots[i].buf);
+    free(eng.slots);
+    free(eng.runs);
+    free(eng.alloc.e);
+    free(eng.dirty.e);
+    if (eng.w)
+        qcow2_writer_abort(eng.w);
+    chain_close(pc.c);
+    free(tmppath);
+    free(finalpath);
+    free(prevpath);
+    manifest_free(&m);
+    return ret;
+}

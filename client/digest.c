@@ -1,0 +1,128 @@
+/* qcbt: the guest digest of a backup. */
+#include <errno.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+#include "byteorder.h"
+#include "digest.h"
+#include "error.h"
+#include "minmax.h"
+
+#define SCAN_CHUNK (4u * 1024 * 1024) /* a multiple of DIGEST_BLOCK */
+
+void
+gdigest_init(struct gdigest *d, uint64_t size)
+{
+    d->sum = 0;
+    d->size = size;
+}
+
+static bool
+all_zero(const unsigned char *p, size_t len)
+{
+    uint64_t acc = 0, w;
+    size_t i = 0;
+
+    for (; i + 64 <= len; i += 64) {
+        uint64_t a, b, c, e, f, g, h, k;
+
+        memcpy(&a, p + i, 8);
+        memcpy(&b, p + i + 8, 8);
+        memcpy(&c, p + i + 16, 8);
+        memcpy(&e, p + i + 24, 8);
+        memcpy(&f, p + i + 32, 8);
+        memcpy(&g, p + i + 40, 8);
+        memcpy(&h, p + i + 48, 8);
+        memcpy(&k, p + i + 56, 8);
+        acc |= a | b | c | e | f | g | h | k;
+        if (acc)
+            return false;
+    }
+    for (; i + 8 <= len; i += 8) {
+        memcpy(&w, p + i, 8);
+        acc |= w;
+    }
+    for (; i < len; i++)
+        acc |= p[i];
+    return acc == 0;
+}
+
+void
+gdigest_add(struct gdigest *d, uint64_t offset, const void *buf, size_t len)
+{
+    const unsigned char *p = buf;
+    size_t pos;
+
+    for (pos = 0; pos < len; pos += DIGEST_BLOCK) {
+        size_t n = MIN((size_t)DIGEST_BLOCK, len - pos);
+        unsigned char off[8];
+        XXH3_state_t st;
+        XXH128_hash_t h;
+
+        if (all_zero(p + pos, n))
+            continue;
+        put_be64(off, offset + pos);
+        XXH3_128bits_reset(&st);
+        XXH3_128bits_update(&st, off, sizeof off);
+        XXH3_128bits_update(&st, p + pos, n);
+        h = XXH3_128bits_digest(&st);
+        d->sum += ((unsigned __int128)h.high64 << 64) | h.low64;
+    }
+}
+
+void
+gdigest_final(const struct gdigest *d, char hex[DIGEST_HEX_LEN + 1])
+{
+    unsigned char b[24];
+    XXH128_hash_t h;
+
+    put_be64(b, (uint64_t)(d->sum >> 64));
+    put_be64(b + 8, (uint64_t)d->sum);
+    put_be64(b + 16, d->size);
+    h = XXH3_128bits(b, sizeof b);
+    snprintf(hex,
+             DIGEST_HEX_LEN + 1,
+             "%016llx%016llx",
+             (unsigned long long)h.high64,
+             (unsigned long long)h.low64);
+}
+
+int
+chain_guest_digest(struct chain *c, char hex[DIGEST_HEX_LEN + 1])
+{
+    struct gdigest d;
+    unsigned char *buf = malloc(SCAN_CHUNK);
+    uint64_t pos = 0;
+    int r = 0;
+
+    if (!buf)
+        return qcbt_error(ENOMEM, "out of memory");
+    gdigest_init(&d, c->size);
+    while (pos < c->size) {
+        uint64_t n = MIN((uint64_t)SCAN_CHUNK, c->size - pos);
+        struct chain_status st;
+
+        /* Whole chunks that read as zero are not read. */
+        r = chain_block_status(c, pos, n, &st);
+        if (r < 0)
+            break;
+        if (st.zero && !st.data && st.len >= n) {
+            pos += n;
+            continue;
+        }
+        r = chain_read(c, buf, n, pos);
+        if (r < 0)
+            break;
+        gdigest_add(&d, pos, buf, n);
+        pos += n;
+    }
+    free(buf);
+    if (r == 0)
+        gdigest_final(&d, hex);
+    return r;
+}

@@ -1,0 +1,53 @@
+/* qcbt: the backup directory's manifest.json.
+ *
+ * One disk per directory.  Each backup is a qcow2 file; a full one stands
+ * alone, an incremental one has the previous backup as its backing file
+ * (relative name), so the newest file is the disk at that time.  The
+ * manifest is replaced atomically (write, fsync, rename, fsync dir) and
+ * only after the backup file itself is complete and durable.
+ */
+#ifndef QCBT_CLIENT_MANIFEST_H
+#define QCBT_CLIENT_MANIFEST_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define MANIFEST_NAME    "manifest.json"
+#define MANIFEST_FORMAT  "qcbt-backup-manifest"
+#define MANIFEST_VERSION 1
+
+struct backup_entry {
+    char *file;       /* "backup-0003.qcow2" */
+    char *type;       /* "full" / "incremental" */
+    char *checkpoint; /* bitmap name, or NULL */
+    char *context;    /* meta context used, or NULL */
+    char *uri;        /* source URI */
+    char *export_name;
+    char *time;         /* ISO 8601 UTC */
+    char *backing;      /* previous file, or NULL */
+    char *guest_digest; /* see digest.h, or NULL */
+    uint64_t size;      /* virtual size */
+    uint64_t data_bytes, zero_bytes, extents, requests;
+    double seconds;
+};
+
+struct manifest {
+    size_t nr;
+    struct backup_entry *backups;
+};
+
+/* Load DIR/manifest.json.  A missing manifest is an empty one.  Returns 0
+ * or -errno with a message (a corrupt manifest is an error, not "empty").
+ */
+int manifest_load(const char *dir, struct manifest *m);
+
+/* Write DIR/manifest.json atomically. */
+int manifest_save(const char *dir, const struct manifest *m);
+
+/* Append a copy of E (strings duplicated). */
+int manifest_append(struct manifest *m, const struct backup_entry *e);
+
+void manifest_free(struct manifest *m);
+
+#endif /* QCBT_CLIENT_MANIFEST_H */

@@ -394,8 +394,7 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
     if (!ext->present) {
         /* No bitmaps: nothing is wrong (unless the autoclear bit says
          * there should be some). */
-        list->usable =
-            !(img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS);
+        list->usable = !(img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS);
         if (img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)
             LAYER_BAD(list,
                       "bitmaps autoclear bit set without a bitmaps "

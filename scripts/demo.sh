@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The demo: install dependencies, build, and run qcbt end to end on a
-# generated 3-layer backing chain (raw base <- qcow2 <- qcow2):
-#   qcbt info, qcbt map, and a byte-exact check of qcbt cat against
-#   qemu-img convert -O raw.
+# The demo: install dependencies, build, and run qcbt's main job end to
+# end on a generated 3-layer backing chain (raw base <- qcow2 <- qcow2)
+# with a libvirt-style checkpoint bitmap:
+#   qcbt info / map / cat (checked against qemu-img convert),
+#   qcbt bitmap check, qcbt-server, a full backup, guest-like writes in
+#   two layers, an incremental backup, a restore, and qemu-img compare.
 # Usage: scripts/demo.sh [WORKDIR]   (default: a fresh temporary directory)
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -11,12 +13,13 @@ bash "$src/scripts/setup.sh"
 echo "== building"
 bash "$src/scripts/build.sh" "$src/build"
 qcbt=$src/build/client/qcbt
+server=$src/build/server/qcbt-server
 
 work=${1:-$(mktemp -d /tmp/qcbt-demo.XXXXXX)}
 mkdir -p "$work/base" "$work/snap"
 cd "$work"
 echo "== making a 3-layer chain in $work"
-# Base: a raw disk with some data.
+# Base: a raw disk with some data (written before the checkpoint).
 qemu-img create -q -f raw base/disk.raw 256M
 qemu-io -f raw -c 'write -P 0x11 0 64M' -c 'write -P 0x12 128M 32M' \
     base/disk.raw >/dev/null
@@ -25,8 +28,12 @@ qemu-io -f raw -c 'write -P 0x11 0 64M' -c 'write -P 0x12 128M 32M' \
 qemu-img create -q -f qcow2 -b ../base/disk.raw -F raw snap/mid.qcow2 256M
 qemu-io -f qcow2 -c 'write -P 0x21 1M 3M' -c 'write -z 130M 2M' \
     -c 'write -P 0x22 200M 1M' snap/mid.qcow2 >/dev/null
-# Second snapshot: the active layer.
+# Checkpoint "ckpt" (libvirt's model: one bitmap per checkpoint, created
+# in the active layer and again in each overlay made after it).
+qemu-img bitmap --add snap/mid.qcow2 ckpt
+# Second snapshot: the active layer, with the checkpoint propagated.
 qemu-img create -q -f qcow2 -b snap/mid.qcow2 -F qcow2 top.qcow2 256M
+qemu-img bitmap --add top.qcow2 ckpt
 qemu-io -f qcow2 -c 'write -P 0x31 2M 64k' -c 'discard 10M 1M' \
     -c 'write -z 20M 4M' -c 'write -P 0x32 255M 1M' top.qcow2 >/dev/null
 
@@ -46,5 +53,44 @@ else
     echo "demo FAILED: qcbt cat differs from qemu-img convert" >&2
     exit 1
 fi
+
+echo
+echo "\$ qcbt bitmap check top.qcow2 ckpt"
+"$qcbt" bitmap check top.qcow2 ckpt
+
+sock=$work/nbd.sock
+uri="nbd+unix:///?socket=$sock"
+serve() {
+    "$server" -k "$sock" -B ckpt -t --fork --pid-file "$work/server.pid" \
+        top.qcow2
+}
+stop() {
+    kill "$(cat "$work/server.pid")"
+    while [ -e "$work/server.pid" ]; do sleep 0.05; done
+}
+
+echo
+echo "\$ qcbt-server -k nbd.sock -B ckpt top.qcow2 &"
+serve
+echo "\$ qcbt backup --full $uri backups"
+"$qcbt" backup --full --no-progress "$uri" backups
+stop
+
+echo
+echo "== guest-like writes (the VM is off: qemu-io writes into the chain)"
+qemu-io -f qcow2 -c 'write -P 0x41 3M 128k' -c 'write -z 2M 64k' \
+    -c 'write -P 0x42 200M 2M' top.qcow2 >/dev/null
+serve
+echo "\$ qcbt backup --since ckpt $uri backups"
+"$qcbt" backup --since ckpt --no-progress "$uri" backups
+stop
+
+echo
+echo "\$ qcbt verify backups"
+"$qcbt" verify backups
+echo "\$ qcbt restore backups restored.raw"
+"$qcbt" restore backups restored.raw
+echo "\$ qemu-img compare top.qcow2 restored.raw"
+qemu-img compare -f qcow2 -F raw top.qcow2 restored.raw
 echo
 echo "demo OK (files in $work)"

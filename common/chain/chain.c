@@ -741,3 +741,49 @@ chain_layer_allocated(struct chain *c,
     *allocated = data || zero;
     return r;
 }
+
+int
+chain_map_file(struct chain *c,
+               uint64_t offset,
+               uint64_t len,
+               int *fd,
+               uint64_t *host,
+               uint64_t *n)
+{
+    size_t li;
+
+    *n = 0;
+    for (li = 0; li < c->nr_layers; li++) {
+        struct chain_layer *l = &c->layers[li];
+        struct qcbt_io *io;
+        struct qcow2_extent e;
+        int r;
+
+        if (offset >= l->size)
+            return 0; /* zeros past this layer's end */
+        len = MIN(len, l->size - offset);
+        if (!l->qcow2) {
+            io = l->io;
+            *host = offset;
+        } else {
+            r = qcow2_map(l->qcow2, offset, len, &e);
+            if (r < 0)
+                return r;
+            if (e.kind == QCOW2_UNALLOCATED) {
+                len = MIN(len, e.len);
+                continue;
+            }
+            if (e.kind != QCOW2_DATA || !l->qcow2->data_io)
+                return 0;
+            io = l->qcow2->data_io;
+            *host = e.host_offset;
+            len = MIN(len, e.len);
+        }
+        if (io->fd < 0 || *host >= io->size)
+            return 0;
+        *fd = io->fd;
+        *n = MIN(len, io->size - *host);
+        return 0;
+    }
+    return 0;
+}

@@ -70,6 +70,20 @@ void chain_close(struct chain *c);
  */
 int chain_read(struct chain *c, void *buf, size_t len, uint64_t offset);
 
+/* Where guest range [offset, offset+len) lives, if it starts in plain
+ * file data of one layer (a qcow2 data cluster run, a raw layer): *fd, the
+ * host offset and *n > 0 bytes, so the caller may sendfile(2) them.  *n ==
+ * 0 when the range starts in anything else (zeros, compressed data, a
+ * tail past the end of a file, an io without a file descriptor): use
+ * chain_read() then.  Returns 0 or -errno.  Thread-safe.
+ */
+int chain_map_file(struct chain *c,
+                   uint64_t offset,
+                   uint64_t len,
+                   int *fd,
+                   uint64_t *host,
+                   uint64_t *n);
+
 struct chain_status {
     uint64_t len;   /* bytes from offset with this status */
     unsigned depth; /* layer that answers (qemu-img map "depth") */

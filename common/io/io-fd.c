@@ -125,6 +125,7 @@ qcbt_io_open_file(const char *path, struct qcbt_io **out)
     if (r < 0)
         return r;
     (*out)->allocated = (int64_t)st.st_blocks * 512;
+    (*out)->fd = fd;
     (*out)->dev = st.st_dev;
     (*out)->ino = st.st_ino;
     return 0;
@@ -150,6 +151,7 @@ qcbt_io_new(const struct qcbt_io_ops *ops,
     io->ops = ops;
     io->opaque = opaque;
     io->allocated = -1;
+    io->fd = -1;
     io->size = size;
     *out = io;
     return 0;

@@ -41,6 +41,8 @@ struct qcbt_io {
     uint64_t size;     /* bytes in the file when it was opened */
     char *name;        /* for messages; owned */
     int64_t allocated; /* bytes the file occupies on disk, -1 unknown */
+    int fd;            /* the file descriptor behind a file io, else -1
+                          (for sendfile; never closed by users) */
     dev_t dev;         /* identity for loop detection (0/0 if unknown) */
     ino_t ino;
 };

@@ -19,6 +19,7 @@
 #include "error.h"
 #include "isaligned.h"
 #include "qcow2-bitmaps.h"
+#include "qcow2-metamap.h"
 #include "rounding.h"
 
 #define DIR_ENTRY_FIXED 24
@@ -60,26 +61,14 @@ overlaps(uint64_t off, uint64_t len, uint64_t m, uint64_t mlen)
     return len && mlen && off < m + mlen && m < off + len;
 }
 
-/* Does a host range overlap the header cluster, the L1 table or the
- * refcount table?  Returns the name of what it hits, or NULL.
+/* What metadata (header, L1, refcount table and blocks, L2 tables, the
+ * bitmap directory, and once the directory is valid the bitmap tables)
+ * a host range overlaps, or NULL.
  */
 static const char *
 hits_metadata(const struct qcow2_image *img, uint64_t off, uint64_t len)
 {
-    if (overlaps(off, len, 0, img->cluster_size))
-        return "the header";
-    if (overlaps(off,
-                 len,
-                 img->hdr.l1_table_offset,
-                 (uint64_t)img->hdr.l1_size * 8))
-        return "the L1 table";
-    if (overlaps(off,
-                 len,
-                 img->hdr.refcount_table_offset,
-                 (uint64_t)img->hdr.refcount_table_clusters *
-                     img->cluster_size))
-        return "the refcount table";
-    return NULL;
+    return img->bm_map ? qcow2_metamap_hit(img->bm_map, off, len) : NULL;
 }
 
 static bool
@@ -220,15 +209,83 @@ check_entry(struct qcow2_image *img, struct qcow2_bitmap_info *bm)
     }
 }
 
-int
-qcow2_bitmaps_parse_dir(struct qcow2_image *img,
-                        const unsigned char *dir,
-                        uint64_t dir_size,
-                        uint32_t nb_bitmaps,
-                        struct qcow2_bitmap_list *list)
+static const struct qcow2_bitmap_list *sort_list;
+
+static int
+cmp_name_idx(const void *a, const void *b)
+{
+    return strcmp(sort_list->bitmaps[*(const size_t *)a].name,
+                  sort_list->bitmaps[*(const size_t *)b].name);
+}
+
+static int
+cmp_table_idx(const void *a, const void *b)
+{
+    uint64_t x = sort_list->bitmaps[*(const size_t *)a].table_offset;
+    uint64_t y = sort_list->bitmaps[*(const size_t *)b].table_offset;
+
+    return x < y ? -1 : x > y;
+}
+
+/* Duplicate names and overlapping tables, in O(n log n) (a layer may hold
+ * 65535 bitmaps).  Sets the layer's reason on a problem.
+ */
+static int
+check_unique(struct qcow2_image *img, struct qcow2_bitmap_list *list)
+{
+    size_t *idx = malloc((list->nr ? list->nr : 1) * sizeof *idx);
+    uint64_t maxend = 0;
+    char name[80];
+    size_t i;
+
+    (void)img;
+    if (!idx)
+        return qcbt_error(ENOMEM, "out of memory");
+    for (i = 0; i < list->nr; i++)
+        idx[i] = i;
+    sort_list = list;
+    qsort(idx, list->nr, sizeof *idx, cmp_name_idx);
+    for (i = 1; i < list->nr; i++) {
+        const char *a = list->bitmaps[idx[i]].name;
+
+        if (strcmp(a, list->bitmaps[idx[i - 1]].name) == 0) {
+            LAYER_BAD(list,
+                      "duplicate bitmap name '%s'",
+                      qcbt_escape(name, sizeof name, a, strlen(a)));
+            free(idx);
+            return 0;
+        }
+    }
+    qsort(idx, list->nr, sizeof *idx, cmp_table_idx);
+    for (i = 0; i < list->nr; i++) {
+        const struct qcow2_bitmap_info *b = &list->bitmaps[idx[i]];
+        uint64_t end = b->table_offset + (uint64_t)b->table_size * 8;
+
+        if (i > 0 && b->table_offset < maxend) {
+            LAYER_BAD(list,
+                      "bitmap tables of '%s' and another bitmap "
+                      "overlap",
+                      qcbt_escape(name, sizeof name, b->name, strlen(b->name)));
+            free(idx);
+            return 0;
+        }
+        if (end > maxend)
+            maxend = end;
+    }
+    free(idx);
+    return 0;
+}
+
+static int
+parse_dir(struct qcow2_image *img,
+          const unsigned char *dir,
+          uint64_t dir_size,
+          uint32_t nb_bitmaps,
+          struct qcow2_bitmap_list *list)
 {
     uint64_t off = 0;
-    size_t i, j;
+    size_t i;
+    int r;
 
     list->bitmaps = calloc(nb_bitmaps ? nb_bitmaps : 1, sizeof *list->bitmaps);
     if (!list->bitmaps)
@@ -331,47 +388,214 @@ qcow2_bitmaps_parse_dir(struct qcow2_image *img,
         }
     }
     /* Names are unique (QEMU does not check), tables do not overlap each
-     * other or the directory.
+     * other or the directory: sort and compare neighbours.
      */
-    for (i = 0; i < list->nr; i++) {
-        struct qcow2_bitmap_info *a = &list->bitmaps[i];
-        char name[80];
-
-        for (j = i + 1; j < list->nr; j++) {
-            struct qcow2_bitmap_info *b = &list->bitmaps[j];
-
-            if (strcmp(a->name, b->name) == 0) {
-                LAYER_BAD(
-                    list,
-                    "duplicate bitmap name '%s'",
-                    qcbt_escape(name, sizeof name, a->name, strlen(a->name)));
-                return 0;
-            }
-            if (overlaps(a->table_offset,
-                         (uint64_t)a->table_size * 8,
-                         b->table_offset,
-                         (uint64_t)b->table_size * 8)) {
-                LAYER_BAD(
-                    list,
-                    "bitmap tables of '%s' and another bitmap "
-                    "overlap",
-                    qcbt_escape(name, sizeof name, a->name, strlen(a->name)));
-                return 0;
-            }
-        }
-        if (overlaps(a->table_offset,
-                     (uint64_t)a->table_size * 8,
-                     img->bitmaps.dir_offset,
-                     img->bitmaps.dir_size)) {
-            LAYER_BAD(list,
-                      "bitmap table of '%s' overlaps the bitmap "
-                      "directory",
-                      qcbt_escape(name, sizeof name, a->name, strlen(a->name)));
-            return 0;
-        }
-    }
+    r = check_unique(img, list);
+    if (r < 0 || list->reason[0])
+        return r;
     list->usable = true;
     return 0;
+}
+
+/* Make sure the metadata map exists (callers that parse a directory
+ * without qcow2_bitmaps_load, e.g. the fuzzer).
+ */
+static int
+ensure_map(struct qcow2_image *img, struct qcow2_bitmap_list *list)
+{
+    int r;
+
+    if (img->bm_map)
+        return 0;
+    r = qcow2_metamap_build(img, &img->bm_map);
+    if (r == -ENOMEM)
+        return r;
+    if (r < 0) {
+        LAYER_BAD(list,
+                  "cannot check where bitmaps are stored: %s",
+                  qcbt_error_get());
+        return 0;
+    }
+    if (img->bitmaps.present &&
+        ((r = qcow2_metamap_add(img->bm_map,
+                                img->bitmaps.dir_offset,
+                                img->bitmaps.dir_size,
+                                "the bitmap directory")) < 0 ||
+         (r = qcow2_metamap_sort(img->bm_map)) < 0))
+        return r;
+    return 0;
+}
+
+int
+qcow2_bitmaps_parse_dir(struct qcow2_image *img,
+                        const unsigned char *dir,
+                        uint64_t dir_size,
+                        uint32_t nb_bitmaps,
+                        struct qcow2_bitmap_list *list)
+{
+    size_t i;
+    int r;
+
+    /* Bounds the allocation below for callers that skipped the
+     * extension checks of qcow2_bitmaps_load(). */
+    if (nb_bitmaps == 0 || nb_bitmaps > QCOW2_MAX_BITMAPS) {
+        LAYER_BAD(list,
+                  "bitmaps extension: %" PRIu32 " bitmaps (1..%d "
+                  "allowed)",
+                  nb_bitmaps,
+                  QCOW2_MAX_BITMAPS);
+        return 0;
+    }
+    r = ensure_map(img, list);
+    if (r < 0)
+        return r;
+    if (!list->reason[0]) {
+        r = parse_dir(img, dir, dir_size, nb_bitmaps, list);
+        if (r < 0)
+            return r;
+    }
+    /* A rejected directory has no usable bitmap, whatever was parsed. */
+    if (!list->usable)
+        for (i = 0; i < list->nr; i++)
+            if (list->bitmaps[i].status != QCOW2_BITMAP_INVALID) {
+                list->bitmaps[i].status = QCOW2_BITMAP_INVALID;
+                snprintf(list->bitmaps[i].reason,
+                         sizeof list->bitmaps[i].reason,
+                         "%s",
+                         list->reason);
+            }
+    return 0;
+}
+
+static int cmp_u64(const void *a, const void *b);
+
+struct data_ref {
+    uint64_t off;
+    size_t owner;
+};
+
+static int
+cmp_data_ref(const void *a, const void *b)
+{
+    const struct data_ref *x = a, *y = b;
+
+    return x->off < y->off ? -1 : x->off > y->off;
+}
+
+#define BME_TABLE_OFFSET_MASK_ 0x00fffffffffffe00ULL
+
+/* With a valid directory: the tables join the metadata map, and no data
+ * cluster may sit on metadata or be shared between bitmaps.  A bitmap
+ * breaking that is invalid (the others stay usable).
+ */
+static int
+check_placement(struct qcow2_image *img, struct qcow2_bitmap_list *list)
+{
+    struct data_ref *refs = NULL;
+    size_t nrefs = 0, cap = 0, i, k;
+    unsigned char *t = NULL;
+    int r;
+
+    for (i = 0; i < list->nr; i++) {
+        r = qcow2_metamap_add(img->bm_map,
+                              list->bitmaps[i].table_offset,
+                              (uint64_t)list->bitmaps[i].table_size * 8,
+                              "a bitmap table");
+        if (r < 0)
+            return r;
+    }
+    r = qcow2_metamap_sort(img->bm_map);
+    if (r < 0)
+        return r;
+
+    for (i = 0; i < list->nr; i++) {
+        struct qcow2_bitmap_info *bi = &list->bitmaps[i];
+        size_t tb = (size_t)bi->table_size * 8;
+        unsigned char *nt;
+
+        if (bi->status != QCOW2_BITMAP_OK)
+            continue;
+        nt = realloc(t, tb);
+        if (!nt) {
+            r = qcbt_error(ENOMEM, "out of memory");
+            goto out;
+        }
+        t = nt;
+        if (qcbt_io_read_exact(img->io,
+                               t,
+                               tb,
+                               bi->table_offset,
+                               false,
+                               "bitmap table") < 0) {
+            BITMAP_BAD(bi, "%s", qcbt_error_get());
+            continue;
+        }
+        for (k = 0; k < bi->table_size; k++) {
+            uint64_t e = get_be64(t + k * 8);
+            uint64_t off = e & BME_TABLE_OFFSET_MASK_;
+            const char *hit;
+
+            /* Malformed entries are reported by qcow2_bitmap_load_data. */
+            if (!off || (e & ~BME_TABLE_OFFSET_MASK_) ||
+                !IS_ALIGNED(off, img->cluster_size))
+                continue;
+            hit = overlaps(off, img->cluster_size, bi->table_offset, tb)
+                      ? "its own bitmap table"
+                      : hits_metadata(img, off, img->cluster_size);
+            if (hit) {
+                char name[80];
+
+                BITMAP_BAD(
+                    bi,
+                    "bitmap '%s': data cluster 0x%" PRIx64 " overlaps %s",
+                    qcbt_escape(name, sizeof name, bi->name, strlen(bi->name)),
+                    off,
+                    hit);
+                break;
+            }
+            if (nrefs == cap) {
+                size_t nc = cap ? cap * 2 : 256;
+                struct data_ref *nr2 = realloc(refs, nc * sizeof *nr2);
+
+                if (!nr2) {
+                    r = qcbt_error(ENOMEM, "out of memory");
+                    goto out;
+                }
+                refs = nr2;
+                cap = nc;
+            }
+            refs[nrefs++] = (struct data_ref){off, i};
+        }
+    }
+    qsort(refs, nrefs, sizeof *refs, cmp_data_ref);
+    for (k = 1; k < nrefs; k++) {
+        if (refs[k].off == refs[k - 1].off &&
+            refs[k].owner != refs[k - 1].owner) {
+            struct qcow2_bitmap_info *a = &list->bitmaps[refs[k - 1].owner];
+            struct qcow2_bitmap_info *b = &list->bitmaps[refs[k].owner];
+            char na[80], nb[80];
+
+            qcbt_escape(na, sizeof na, a->name, strlen(a->name));
+            qcbt_escape(nb, sizeof nb, b->name, strlen(b->name));
+            BITMAP_BAD(a,
+                       "bitmap '%s': data cluster 0x%" PRIx64
+                       " is shared with bitmap '%s'",
+                       na,
+                       refs[k].off,
+                       nb);
+            BITMAP_BAD(b,
+                       "bitmap '%s': data cluster 0x%" PRIx64
+                       " is shared with bitmap '%s'",
+                       nb,
+                       refs[k].off,
+                       na);
+        }
+    }
+    r = 0;
+out:
+    free(refs);
+    free(t);
+    return r;
 }
 
 int
@@ -438,6 +662,22 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
                   ext->dir_size);
         return 0;
     }
+    /* The map of the image's own metadata (without the directory yet),
+     * rebuilt on every load (tables are added below).
+     */
+    qcow2_metamap_free(img->bm_map);
+    img->bm_map = NULL;
+    {
+        r = qcow2_metamap_build(img, &img->bm_map);
+        if (r == -ENOMEM)
+            return r;
+        if (r < 0) {
+            LAYER_BAD(list,
+                      "cannot check where bitmaps are stored: %s",
+                      qcbt_error_get());
+            return 0;
+        }
+    }
     hit = hits_metadata(img, ext->dir_offset, ext->dir_size);
     if (hit) {
         LAYER_BAD(list,
@@ -460,6 +700,14 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
         LAYER_BAD(list, "%s", qcbt_error_get());
         free(dir);
         return 0;
+    }
+    if ((r = qcow2_metamap_add(img->bm_map,
+                               ext->dir_offset,
+                               ext->dir_size,
+                               "the bitmap directory")) < 0 ||
+        (r = qcow2_metamap_sort(img->bm_map)) < 0) {
+        free(dir);
+        return r;
     }
     r = qcow2_bitmaps_parse_dir(img, dir, ext->dir_size, ext->nb_bitmaps, list);
     free(dir);
@@ -487,6 +735,11 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
         LAYER_BAD(list,
                   "the image is marked corrupt: bitmaps are not "
                   "trusted");
+    }
+    if (list->usable) {
+        r = check_placement(img, list);
+        if (r < 0)
+            return r;
     }
     if (!list->usable) {
         for (i = 0; i < list->nr; i++) {

@@ -18,6 +18,7 @@
 #include "minmax.h"
 #include "qcow2.h"
 #include "qcow2-internal.h"
+#include "qcow2-metamap.h"
 #include "rounding.h"
 
 #define QCOW2_V2_HEADER_LENGTH 72
@@ -579,6 +580,7 @@ qcow2_close(struct qcow2_image *img)
     if (!img)
         return;
     qcow2_l2_cache_free(img);
+    qcow2_metamap_free(img->bm_map);
     if (img->data_io && img->data_io != img->io)
         qcbt_io_free(img->data_io);
     qcbt_io_free(img->io);

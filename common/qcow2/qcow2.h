@@ -141,6 +141,10 @@ struct qcow2_image {
 
     struct qcow2_l2_cache *l2_cache;
 
+    /* Metadata placement for bitmap checks (qcow2-metamap.h), built by
+     * qcow2_bitmaps_load(); NULL before. */
+    struct qcow2_metamap *bm_map;
+
     /* QEMU's metadata-preallocation heuristic, computed on first use. */
     pthread_once_t prealloc_once;
     bool metadata_prealloc;

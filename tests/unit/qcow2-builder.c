@@ -34,6 +34,24 @@ struct qb {
     size_t ext_len;
     bool no_end_marker;
     char *backing_name;
+
+    /* Clusters referenced besides the header, refcounts, L1 and L2
+     * (bitmap directories, tables and data), counted by qb_finish().
+     */
+    uint64_t *refs;
+    size_t nr_refs;
+
+    /* Persistent bitmaps, in directory order. */
+    struct qb_bm *bitmaps;
+    size_t nr_bitmaps;
+    bool bitmaps_stored;
+    uint64_t bm_dir_offset, bm_dir_size, bm_ext_pos;
+};
+
+struct qb_bm {
+    struct qb_bitmap_entry e;
+    unsigned char *name_copy, *extra_copy; /* owned */
+    uint64_t pos;                          /* file offset after the store */
 };
 
 static void
@@ -173,6 +191,8 @@ qb_new(unsigned version,
 void
 qb_free(struct qb *b)
 {
+    size_t i;
+
     if (!b)
         return;
     free(b->buf);
@@ -180,6 +200,12 @@ qb_free(struct qb *b)
     free(b->l2_tables);
     free(b->ext);
     free(b->backing_name);
+    free(b->refs);
+    for (i = 0; i < b->nr_bitmaps; i++) {
+        free(b->bitmaps[i].name_copy);
+        free(b->bitmaps[i].extra_copy);
+    }
+    free(b->bitmaps);
     free(b);
 }
 
@@ -496,10 +522,29 @@ write_refcounts(struct qb *b, unsigned char *img, uint64_t len)
             }
         }
     }
+    for (i = 0; i < b->nr_refs; i++)
+        if (b->refs[i] / b->cs < nclusters)
+            rc[b->refs[i] / b->cs]++;
     qb_put_be64(img, b->reftable_off, b->refblock_off);
     for (i = 0; i < nclusters; i++)
         put_be16(img + b->refblock_off + i * 2, rc[i]);
     free(rc);
+}
+
+/* Where the extensions start: after a plausible header_length (a hostile
+ * one is only a field value here).
+ */
+static uint64_t
+ext_start(const struct qb *b)
+{
+    const struct qb_header *h = &b->hdr;
+
+    if (h->version < 3)
+        return 72;
+    if (h->header_length >= 104 && h->header_length % 8 == 0 &&
+        h->header_length <= b->cs - 8)
+        return h->header_length;
+    return 112;
 }
 
 unsigned char *
@@ -532,16 +577,8 @@ qb_finish(struct qb *b, size_t *lenp)
         qb_put_be32(c0, QB_OFF_HEADER_LENGTH, h->header_length);
         if (h->header_length > 104)
             c0[QB_OFF_COMPRESSION_TYPE] = h->compression_type;
-        /* Extensions follow a plausible header_length; a hostile one is
-         * only a field value here. */
-        if (h->header_length >= 104 && h->header_length % 8 == 0 &&
-            h->header_length <= b->cs - 8)
-            pos = h->header_length;
-        else
-            pos = 112;
-    } else {
-        pos = 72;
     }
+    pos = ext_start(b);
 
     if (pos + b->ext_len + 8 > b->cs)
         die("qb_finish: extensions do not fit in cluster 0");
@@ -586,4 +623,235 @@ qb_finish(struct qb *b, size_t *lenp)
     write_refcounts(b, img, len);
     *lenp = len;
     return img;
+}
+
+/* ------------------------------------------------------------------ */
+/* Persistent bitmaps */
+
+static void
+add_ref(struct qb *b, uint64_t off)
+{
+    b->refs = realloc(b->refs, (b->nr_refs + 1) * sizeof *b->refs);
+    if (!b->refs)
+        die("out of memory");
+    b->refs[b->nr_refs++] = off;
+}
+
+uint64_t
+qb_alloc_clusters(struct qb *b, const void *data, size_t len)
+{
+    uint64_t off = round_up(b->end, b->cs);
+    uint64_t n = len ? round_up(len, b->cs) / b->cs : 1;
+    uint64_t i;
+
+    reserve(b, off + n * b->cs);
+    memset(b->buf + off, 0, n * b->cs);
+    if (data && len)
+        memcpy(b->buf + off, data, len);
+    b->end = off + n * b->cs;
+    for (i = 0; i < n; i++)
+        add_ref(b, off + i * b->cs);
+    return off;
+}
+
+size_t
+qb_bitmap_entry_append(unsigned char **dir,
+                       size_t *len,
+                       const struct qb_bitmap_entry *e)
+{
+    size_t off = *len;
+    size_t n = round_up(24 + e->extra_len + e->name_len, 8);
+    unsigned char *p;
+
+    *dir = realloc(*dir, off + n);
+    if (!*dir)
+        die("out of memory");
+    p = *dir + off;
+    memset(p, 0, n);
+    qb_put_be64(p, 0, e->table_offset);
+    qb_put_be32(p, 8, e->table_size);
+    qb_put_be32(p, 12, e->flags);
+    p[16] = e->type;
+    p[17] = e->granularity_bits;
+    put_be16(p + 18, e->name_size);
+    qb_put_be32(p, 20, e->extra_data_size);
+    if (e->extra_len)
+        memcpy(p + 24, e->extra, e->extra_len);
+    if (e->name_len)
+        memcpy(p + 24 + e->extra_len, e->name, e->name_len);
+    *len = off + n;
+    return off;
+}
+
+uint64_t
+qb_bitmap_table_size(const struct qb *b, unsigned gbits)
+{
+    uint64_t size = b->hdr.size / 512 * 512;
+    uint64_t g = 1ULL << gbits;
+    uint64_t nbits = size / g + (size % g != 0);
+    uint64_t nbytes = (nbits + 7) / 8;
+
+    return (nbytes + b->cs - 1) / b->cs;
+}
+
+static unsigned char *
+copy_bytes(const void *p, size_t len)
+{
+    unsigned char *c = xcalloc(1, len);
+
+    if (len)
+        memcpy(c, p, len);
+    return c;
+}
+
+size_t
+qb_add_bitmap_entry(struct qb *b, const struct qb_bitmap_entry *e)
+{
+    struct qb_bm *m;
+
+    if (b->bitmaps_stored)
+        die("qb_add_bitmap_entry: bitmaps already stored");
+    b->bitmaps = realloc(b->bitmaps, (b->nr_bitmaps + 1) * sizeof *b->bitmaps);
+    if (!b->bitmaps)
+        die("out of memory");
+    m = &b->bitmaps[b->nr_bitmaps];
+    memset(m, 0, sizeof *m);
+    m->e = *e;
+    m->name_copy = copy_bytes(e->name, e->name_len);
+    m->extra_copy = copy_bytes(e->extra, e->extra_len);
+    m->e.name = m->name_copy;
+    m->e.extra = m->extra_copy;
+    return b->nr_bitmaps++;
+}
+
+size_t
+qb_add_bitmap_table(struct qb *b,
+                    const char *name,
+                    unsigned gbits,
+                    uint32_t flags,
+                    const uint64_t *table,
+                    size_t n)
+{
+    struct qb_bitmap_entry e;
+    unsigned char *raw = xcalloc(n, 8);
+    size_t i;
+
+    for (i = 0; i < n; i++)
+        qb_put_be64(raw, i * 8, table[i]);
+    memset(&e, 0, sizeof e);
+    e.table_offset = qb_alloc_clusters(b, raw, n * 8);
+    free(raw);
+    e.table_size = (uint32_t)n;
+    e.flags = flags;
+    e.type = 1;
+    e.granularity_bits = (uint8_t)gbits;
+    e.name = name;
+    e.name_len = strlen(name);
+    e.name_size = (uint16_t)e.name_len;
+    return qb_add_bitmap_entry(b, &e);
+}
+
+size_t
+qb_add_bitmap(struct qb *b,
+              const char *name,
+              unsigned gbits,
+              uint32_t flags,
+              const void *stream,
+              size_t stream_len)
+{
+    const unsigned char *s = stream;
+    uint64_t n = qb_bitmap_table_size(b, gbits);
+    uint64_t *table;
+    size_t i, j, idx;
+
+    if (n == 0)
+        die("qb_add_bitmap: empty disk");
+    table = xcalloc(n, sizeof *table);
+    for (i = 0; s && i < n; i++) {
+        size_t start = i * b->cs, len;
+        bool dirty = false;
+
+        if (start >= stream_len)
+            break;
+        len = stream_len - start < b->cs ? stream_len - start : b->cs;
+        for (j = 0; j < len && !dirty; j++)
+            dirty = s[start + j] != 0;
+        if (dirty)
+            table[i] = qb_alloc_clusters(b, s + start, len);
+    }
+    idx = qb_add_bitmap_table(b, name, gbits, flags, table, n);
+    free(table);
+    return idx;
+}
+
+struct qb_bitmap_entry *
+qb_bitmap(struct qb *b, size_t idx)
+{
+    if (idx >= b->nr_bitmaps)
+        die("qb_bitmap: no such bitmap");
+    return &b->bitmaps[idx].e;
+}
+
+size_t
+qb_nr_bitmaps(const struct qb *b)
+{
+    return b->nr_bitmaps;
+}
+
+void
+qb_store_bitmaps(struct qb *b)
+{
+    unsigned char *dir = NULL, ext[24];
+    size_t len = 0, i;
+    uint64_t *pos;
+
+    if (b->bitmaps_stored || b->nr_bitmaps == 0)
+        die("qb_store_bitmaps: stored twice or nothing to store");
+    pos = xcalloc(b->nr_bitmaps, sizeof *pos);
+    for (i = 0; i < b->nr_bitmaps; i++)
+        pos[i] = qb_bitmap_entry_append(&dir, &len, &b->bitmaps[i].e);
+    b->bm_dir_offset = qb_alloc_clusters(b, dir, len);
+    b->bm_dir_size = len;
+    for (i = 0; i < b->nr_bitmaps; i++)
+        b->bitmaps[i].pos = b->bm_dir_offset + pos[i];
+    free(pos);
+    free(dir);
+
+    qb_put_be32(ext, 0, (uint32_t)b->nr_bitmaps);
+    qb_put_be32(ext, 4, 0);
+    qb_put_be64(ext, 8, b->bm_dir_size);
+    qb_put_be64(ext, 16, b->bm_dir_offset);
+    b->bm_ext_pos = ext_start(b) + b->ext_len;
+    qb_add_ext(b, QB_EXT_BITMAPS, ext, sizeof ext);
+    if (b->hdr.version >= 3)
+        b->hdr.autoclear_features |= QB_AUTOCLEAR_BITMAPS;
+    b->bitmaps_stored = true;
+}
+
+uint64_t
+qb_bitmap_dir_offset(const struct qb *b)
+{
+    return b->bm_dir_offset;
+}
+
+uint64_t
+qb_bitmap_dir_size(const struct qb *b)
+{
+    return b->bm_dir_size;
+}
+
+uint64_t
+qb_bitmaps_ext_pos(const struct qb *b)
+{
+    if (!b->bitmaps_stored)
+        die("qb_bitmaps_ext_pos: bitmaps not stored");
+    return b->bm_ext_pos;
+}
+
+uint64_t
+qb_bitmap_entry_pos(const struct qb *b, size_t idx)
+{
+    if (!b->bitmaps_stored || idx >= b->nr_bitmaps)
+        die("qb_bitmap_entry_pos: not stored or no such bitmap");
+    return b->bitmaps[idx].pos;
 }

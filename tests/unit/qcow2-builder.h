@@ -183,4 +183,103 @@ unsigned char *qb_finish(struct qb *b, size_t *len);
 void qb_put_be32(unsigned char *img, uint64_t off, uint32_t v);
 void qb_put_be64(unsigned char *img, uint64_t off, uint64_t v);
 
+/* ------------------------------------------------------------------ */
+/* Persistent bitmaps (qcow2.txt "Bitmaps extension"; qcow2-format.md
+ * section 14).  Bitmaps are added one at a time (their data clusters and
+ * table are written at once, as QEMU stores them), then qb_store_bitmaps()
+ * writes the directory and the extension and sets autoclear bit 0, which
+ * is what a cleanly closed image looks like.  Every field of a directory
+ * entry stays changeable until qb_store_bitmaps(), and the finished buffer
+ * can be poked at the positions the getters report.  Clusters written for
+ * bitmaps count as referenced in the refcounts qb_finish() computes, so
+ * good images pass `qemu-img check`.
+ */
+#define QB_EXT_BITMAPS       0x23852875U
+#define QB_AUTOCLEAR_BITMAPS (1ULL << 0)
+#define QB_BME_IN_USE        (1u << 0)
+#define QB_BME_AUTO          (1u << 1)
+#define QB_BME_ALL_ONES      1ULL /* table entry: offset 0, all ones */
+
+/* One directory entry, every field written verbatim (section 14.2):
+ * name_size and extra_data_size are the claimed lengths, NAME_LEN and
+ * EXTRA_LEN the bytes actually stored (extra data first, then the name,
+ * padded to 8).  qb_add_bitmap_entry() copies the bytes.
+ */
+struct qb_bitmap_entry {
+    uint64_t table_offset;
+    uint32_t table_size;
+    uint32_t flags;
+    uint8_t type;
+    uint8_t granularity_bits;
+    uint16_t name_size;
+    uint32_t extra_data_size;
+    const void *extra;
+    size_t extra_len;
+    const void *name;
+    size_t name_len;
+};
+
+/* Serialise E at the end of the growable buffer *DIR of *LEN bytes (both
+ * may start as NULL / 0).  Returns the entry's offset in the buffer.
+ */
+size_t qb_bitmap_entry_append(unsigned char **dir,
+                              size_t *len,
+                              const struct qb_bitmap_entry *e);
+
+/* Allocate contiguous clusters for LEN bytes (at least one cluster) at the
+ * end of the file and copy DATA (NULL: zeros) into them.  They count as
+ * referenced (refcount 1).  Returns the host offset of the first.
+ */
+uint64_t qb_alloc_clusters(struct qb *b, const void *data, size_t len);
+
+/* The exact table size QEMU requires for granularity 2^GBITS:
+ * ceil(ceil(ceil(size / g) / 8) / cluster_size) (section 14.4).
+ */
+uint64_t qb_bitmap_table_size(const struct qb *b, unsigned gbits);
+
+/* Add bitmap NAME (NUL-terminated) of granularity 2^GBITS with FLAGS.
+ * STREAM holds the serialised bits (bit k in byte k/8 at position k%8),
+ * STREAM_LEN bytes; missing bytes are clear, NULL means all clear.  A data
+ * cluster is written for every table entry whose slice has a set bit, the
+ * others are 0; then the table (exact size).  Returns the bitmap's index.
+ */
+size_t qb_add_bitmap(struct qb *b,
+                     const char *name,
+                     unsigned gbits,
+                     uint32_t flags,
+                     const void *stream,
+                     size_t stream_len);
+/* As qb_add_bitmap() with raw table entries (TABLE, N entries, host
+ * order) written as the bitmap table; the directory entry says N entries.
+ */
+size_t qb_add_bitmap_table(struct qb *b,
+                           const char *name,
+                           unsigned gbits,
+                           uint32_t flags,
+                           const uint64_t *table,
+                           size_t n);
+/* Add a directory entry exactly as E says (nothing else is written). */
+size_t qb_add_bitmap_entry(struct qb *b, const struct qb_bitmap_entry *e);
+/* Entry IDX, changeable until qb_store_bitmaps() (its name and extra
+ * pointers are the builder's copies: replace, do not free them).
+ */
+struct qb_bitmap_entry *qb_bitmap(struct qb *b, size_t idx);
+size_t qb_nr_bitmaps(const struct qb *b);
+
+/* Write the directory (all entries in index order) to new clusters and
+ * add the bitmaps extension (nb_bitmaps = entries, reserved 0, size,
+ * offset) after the extensions added so far.  Sets autoclear bit 0 on a v3
+ * image.  Call once, after the last bitmap.
+ */
+void qb_store_bitmaps(struct qb *b);
+/* After qb_store_bitmaps(): the directory's host offset and size, the
+ * file offset of the extension's header (type, length; its data follows at
+ * +8), and the file offset of entry IDX.  Assume the header_length of the
+ * time of the store.
+ */
+uint64_t qb_bitmap_dir_offset(const struct qb *b);
+uint64_t qb_bitmap_dir_size(const struct qb *b);
+uint64_t qb_bitmaps_ext_pos(const struct qb *b);
+uint64_t qb_bitmap_entry_pos(const struct qb *b, size_t idx);
+
 #endif /* QCBT_QCOW2_BUILDER_H */

@@ -88,10 +88,29 @@ conn_write(struct connection *c, const void *buf, size_t len, bool more)
     const char *p = buf;
 
     while (len > 0) {
-        ssize_t n = send(c->fd, p, len, MSG_NOSIGNAL | (more ? MSG_MORE : 0));
+        int flags = MSG_NOSIGNAL | (more ? MSG_MORE : 0);
+        ssize_t n;
 
+        /* During the handshake a client that stops reading cannot keep
+         * its slot past the deadline.
+         */
+        if (c->write_deadline) {
+            struct pollfd pfd = {.fd = c->fd, .events = POLLOUT};
+            int64_t left = c->write_deadline - now_ms();
+            int r;
+
+            if (left <= 0)
+                return -1;
+            r = poll(&pfd, 1, left > 1000 ? 1000 : (int)left);
+            if (r < 0 && errno != EINTR)
+                return -1;
+            if (r <= 0)
+                continue;
+            flags |= MSG_DONTWAIT;
+        }
+        n = send(c->fd, p, len, flags);
         if (n < 0) {
-            if (errno == EINTR)
+            if (errno == EINTR || (errno == EAGAIN && c->write_deadline))
                 continue;
             return -1;
         }
@@ -102,7 +121,7 @@ conn_write(struct connection *c, const void *buf, size_t len, bool more)
 }
 
 static void
-unlink_connection(struct connection *c)
+unlink_connection(struct connection *c, bool negotiated)
 {
     struct server *srv = c->srv;
     struct connection **pp;
@@ -115,7 +134,12 @@ unlink_connection(struct connection *c)
             break;
         }
     }
-    srv->served = true;
+    /* Like qemu-nbd, only a client that reached transmission counts:
+     * `nbdinfo --list`, a port scan or a failed handshake must not end a
+     * server started without --persistent before its real client came.
+     */
+    if (negotiated)
+        srv->served = true;
     left = atomic_fetch_sub(&srv->nr_connections, 1) - 1;
     pthread_mutex_unlock(&srv->lock);
     /* Without --persistent the server ends with its last client. */
@@ -146,7 +170,7 @@ connection_thread(void *arg)
         transmission(c);
     }
     srv_log(srv, LOG_INFO, "%s: disconnected", c->peer);
-    unlink_connection(c);
+    unlink_connection(c, r == 1);
     close(c->fd);
     pthread_mutex_destroy(&c->read_lock);
     pthread_mutex_destroy(&c->write_lock);

@@ -288,6 +288,15 @@ opt_meta_context(struct hs *h,
     char shown[100];
     int r = 0;
 
+    if (!list) {
+        /* SET replaces the selection even when it fails (proto.md
+         * "NBD_OPT_SET_META_CONTEXT"; qemu-nbd does the same).
+         */
+        free(c->meta_ids);
+        c->meta_ids = NULL;
+        c->nr_meta = 0;
+        c->meta_export = NULL;
+    }
     if (!list && !c->structured)
         return send_error(h,
                           opt,
@@ -473,6 +482,7 @@ handshake(struct connection *c)
     unsigned nopts;
     int r = -1;
 
+    c->write_deadline = h.deadline;
     put_be64(greet, NBD_MAGIC);
     put_be64(greet + 8, NBD_OPTS_MAGIC);
     put_be16(greet + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
@@ -586,6 +596,7 @@ handshake(struct connection *c)
     r = -1;
 out:
     free(payload);
+    c->write_deadline = 0;
     if (r == 1) {
         /* A selection made for another export does not carry over. */
         if (c->meta_export != c->exp) {

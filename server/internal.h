@@ -77,6 +77,7 @@ struct connection {
     int fd;
     char peer[64];
     struct connection *next;
+    int64_t write_deadline; /* now_ms() clock; 0: none (handshake) */
 
     /* Negotiated state (handshake thread only, read-only afterwards). */
     bool structured;

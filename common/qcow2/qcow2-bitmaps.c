@@ -567,7 +567,8 @@ check_placement(struct qcow2_image *img, struct qcow2_bitmap_list *list)
             refs[nrefs++] = (struct data_ref){off, i};
         }
     }
-    qsort(refs, nrefs, sizeof *refs, cmp_data_ref);
+    if (nrefs > 1)
+        qsort(refs, nrefs, sizeof *refs, cmp_data_ref);
     for (k = 1; k < nrefs; k++) {
         if (refs[k].off == refs[k - 1].off &&
             refs[k].owner != refs[k - 1].owner) {

@@ -42,7 +42,8 @@ qcow2_metamap_sort(struct qcow2_metamap *m)
 {
     size_t i;
 
-    qsort(m->r, m->n, sizeof *m->r, cmp_range);
+    if (m->n > 1)
+        qsort(m->r, m->n, sizeof *m->r, cmp_range);
     free(m->maxend);
     m->maxend = malloc((m->n ? m->n : 1) * sizeof *m->maxend);
     if (!m->maxend)

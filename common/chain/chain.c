@@ -330,7 +330,7 @@ chain_open(const char *path,
     static const struct chain_open_opts defaults;
     struct chain *c;
     struct qcbt_io *io;
-    enum chain_fmt fmt;
+    enum chain_fmt fmt = CHAIN_FMT_RAW;
     bool probed = false;
     int r;
 
@@ -376,7 +376,7 @@ chain_open_io(struct qcbt_io *io,
     struct chain_open_opts o = opts ? *opts : (struct chain_open_opts){0};
 
     struct chain *c;
-    enum chain_fmt fmt;
+    enum chain_fmt fmt = CHAIN_FMT_RAW;
     bool probed = false;
     int r;
 

@@ -366,7 +366,7 @@ do_cluster(struct qcow2_writer *w,
     bool whole = a == 0 && b == vend;
     bool zero_req = src == NULL;
     uint64_t *entry, e, host;
-    unsigned char *slot;
+    unsigned char *slot = NULL;
     int r;
 
     entry = l2_entry(w, c);
@@ -755,7 +755,7 @@ write_l2_tables(struct qcow2_writer *w, uint64_t *l1)
 {
     uint64_t entries = 1ULL << w->l2_bits;
     uint64_t host, i, j;
-    unsigned char *slot;
+    unsigned char *slot = NULL;
     bool used;
     int r;
 
@@ -803,7 +803,7 @@ write_refcounts(struct qcow2_writer *w,
     uint64_t rb_entries = cs * 8 / (1u << WRITER_REFCOUNT_ORDER);
     uint64_t used = w->next_host / cs; /* clusters before the refcounts */
     uint64_t nblocks = 0, ntable = 0, total, nb, nt, i, j, k, host;
-    unsigned char *slot;
+    unsigned char *slot = NULL;
     size_t fi = 0;
     int r;
 
@@ -922,10 +922,10 @@ static int
 finalize(struct qcow2_writer *w)
 {
     uint64_t *l1 = NULL;
-    uint64_t l1_off = 0, reftable_off = 0, host, i, j;
+    uint64_t l1_off = 0, reftable_off = 0, host = 0, i, j;
     uint64_t per = w->cluster_size / 8;
     uint32_t reftable_clusters = 0;
-    unsigned char *slot;
+    unsigned char *slot = NULL;
     int r;
 
     l1 = calloc(w->l1_size ? w->l1_size : 1, sizeof *l1);

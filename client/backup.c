@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -35,7 +36,7 @@
 
 #define MAP_WINDOW    (1ULL << 30) /* bytes of block status per request */
 #define CHUNK         (2u << 20)   /* bytes per read request */
-#define DEFAULT_DEPTH 8
+#define DEFAULT_DEPTH 16
 #define MAX_CONNS     16
 
 enum run_kind { RUN_COPY, RUN_ZERO };
@@ -58,6 +59,7 @@ struct slot {
     unsigned char *buf;
     uint64_t off;
     uint32_t len;
+    uint64_t seen; /* bytes covered by the reply's data and hole chunks */
     bool busy;
 };
 
@@ -92,6 +94,16 @@ struct engine {
 
     bool progress;
     int64_t last_progress;
+
+    /* Guest digest, kept as data streams in (digest.h): the new contents
+     * are added; an incremental first removes what the previous backup
+     * held there.  Off when a range is not sector aligned: the digest is
+     * then computed by reading the backup back.
+     */
+    bool digest_stream;
+    struct gdigest dg;
+    struct chain *prev;
+    unsigned char *scratch; /* chunk bytes, for the previous contents */
 };
 
 static int64_t
@@ -348,7 +360,59 @@ map_window(struct engine *eng)
     return 0;
 }
 
+/* ---- digest ----------------------------------------------------------- */
+
+static int
+digest_update(struct engine *eng,
+              uint64_t off,
+              uint64_t len,
+              const unsigned char *data)
+{
+    int r;
+
+    if (!eng->digest_stream)
+        return 0;
+    if (((off | len) & (DIGEST_BLOCK - 1)) && off + len != eng->size) {
+        eng->digest_stream = false; /* read it back at the end instead */
+        return 0;
+    }
+    if (eng->prev) {
+        r = gdigest_sub_chain(&eng->dg,
+                              eng->prev,
+                              off,
+                              len,
+                              eng->scratch,
+                              eng->chunk);
+        if (r < 0)
+            return r;
+    }
+    if (data)
+        gdigest_add(&eng->dg, off, data, len);
+    return 0;
+}
+
 /* ---- reads ------------------------------------------------------------ */
+
+/* libnbd (1.14) does not check that a structured read reply covers the
+ * whole request: count what the chunks cover, check it at completion.
+ */
+static int
+read_chunk(void *opaque,
+           const void *subbuf,
+           size_t count,
+           uint64_t offset,
+           unsigned status,
+           int *error)
+{
+    struct slot *s = opaque;
+
+    (void)subbuf;
+    (void)offset;
+    (void)error;
+    if (status == LIBNBD_READ_DATA || status == LIBNBD_READ_HOLE)
+        s->seen += count;
+    return 0;
+}
 
 static int
 read_done(void *opaque, int *error)
@@ -374,7 +438,24 @@ read_done(void *opaque, int *error)
     }
     if (eng->io_err)
         return 1;
+    if (s->seen != s->len) {
+        eng->io_err = EPROTO;
+        snprintf(eng->io_msg,
+                 sizeof eng->io_msg,
+                 "server sent %" PRIu64 " of %" PRIu32
+                 " bytes for the read at %" PRIu64,
+                 s->seen,
+                 s->len,
+                 s->off);
+        return 1;
+    }
     r = qcow2_writer_write(eng->w, s->buf, s->len, s->off);
+    if (r < 0) {
+        eng->io_err = -r;
+        snprintf(eng->io_msg, sizeof eng->io_msg, "%s", qcbt_error_get());
+        return 1;
+    }
+    r = digest_update(eng, s->off, s->len, s->buf);
     if (r < 0) {
         eng->io_err = -r;
         snprintf(eng->io_msg, sizeof eng->io_msg, "%s", qcbt_error_get());
@@ -407,7 +488,7 @@ next_work(struct engine *eng, size_t ci)
     if (run->kind == RUN_ZERO) {
         int r = qcow2_writer_zero(eng->w, run->off, run->len);
 
-        if (r < 0)
+        if (r < 0 || digest_update(eng, run->off, run->len, NULL) < 0)
             return -1;
         eng->zero_bytes += run->len;
         eng->copied += run->len;
@@ -424,12 +505,14 @@ next_work(struct engine *eng, size_t ci)
     n = MIN((uint64_t)eng->chunk, run->len - eng->run_done);
     s->off = run->off + eng->run_done;
     s->len = n;
+    s->seen = 0;
     s->busy = true;
-    if (nbd_aio_pread(
+    if (nbd_aio_pread_structured(
             eng->h[ci],
             s->buf,
             n,
             s->off,
+            (nbd_chunk_callback){.callback = read_chunk, .user_data = s},
             (nbd_completion_callback){.callback = read_done, .user_data = s},
             0) < 0) {
         s->busy = false;
@@ -600,6 +683,9 @@ open_handle(const char *uri, const char *ctx, int idx)
         return NULL;
     snprintf(name, sizeof name, "qcbt-backup-%d", idx);
     nbd_set_handle_name(h, name);
+    /* Every read's coverage is checked (read_chunk), so libnbd need not
+     * zero the buffers first. */
+    nbd_set_pread_initialize(h, false);
     if (nbd_add_meta_context(h, "base:allocation") < 0 ||
         (ctx && nbd_add_meta_context(h, ctx) < 0) ||
         nbd_connect_uri(h, uri) < 0) {
@@ -650,9 +736,10 @@ cmd_backup(int argc, char **argv)
     struct prev_chain pc = {0};
     struct qcow2_writer_opts wo = {0};
     char ctxbuf[4200], fname[64], tmpname[80], timebuf[32];
-    char hex[DIGEST_HEX_LEN + 1];
+    char hex[DIGEST_HEX_LEN + 1], sumhex[DIGEST_HEX_LEN + 1];
     char *tmppath = NULL, *finalpath = NULL, *prevpath = NULL;
-    const char *ctx = NULL, *why_full = NULL;
+    const char *ctx = NULL, *why_full = NULL, *granted_ctx = NULL;
+    int lockfd = -1;
     int64_t size, t0 = mono_ms();
     size_t i;
 
@@ -710,8 +797,26 @@ cmd_backup(int argc, char **argv)
         die_msg("backup: %s: %s", dir, strerror(errno));
         return QCBT_EXIT_ERROR;
     }
-    if (manifest_load(dir, &m) < 0)
+    /* One backup at a time per directory. */
+    {
+        char *lp = join(dir, ".lock");
+
+        lockfd = lp ? open(lp, O_RDWR | O_CREAT | O_CLOEXEC, 0666) : -1;
+        free(lp);
+        if (lockfd < 0 || flock(lockfd, LOCK_EX | LOCK_NB) < 0) {
+            die_msg("backup: %s: %s",
+                    dir,
+                    errno == EWOULDBLOCK ? "another backup is running there"
+                                         : strerror(errno));
+            if (lockfd >= 0)
+                close(lockfd);
+            return QCBT_EXIT_ERROR;
+        }
+    }
+    if (manifest_load(dir, &m) < 0) {
+        close(lockfd);
         return report_error();
+    }
     if (m.nr)
         prev = &m.backups[m.nr - 1];
 
@@ -744,6 +849,19 @@ cmd_backup(int argc, char **argv)
         goto fail;
     }
     eng.size = size;
+    if (size % 512) {
+        qcbt_error(ENOTSUP,
+                   "%s: export size %" PRId64 " is not a multiple "
+                   "of 512 bytes (qcow2 backups hold whole sectors)",
+                   uri,
+                   size);
+        goto fail;
+    }
+    /* A granted context is recorded even in a full backup: it covers
+     * everything after it, so the next --auto run can be incremental.
+     */
+    if (ctx && nbd_can_meta_context(eng.h[0], ctx) > 0)
+        granted_ctx = ctx;
 
     /* Any doubt means a full backup. */
     if (want_full)
@@ -811,6 +929,22 @@ cmd_backup(int argc, char **argv)
     }
     eng.progress = progress < 0 ? isatty(STDERR_FILENO) : progress;
 
+    /* The digest follows the transfer: a full backup starts from an empty
+     * disk, an incremental from the previous backup's running sum.
+     */
+    gdigest_init(&eng.dg, eng.size);
+    eng.digest_stream = digest;
+    if (digest && ctx) {
+        eng.prev = pc.c;
+        eng.scratch = malloc(eng.chunk);
+        if (!eng.scratch) {
+            qcbt_error(ENOMEM, "out of memory");
+            goto fail;
+        }
+        if (!gdigest_sum_parse(&eng.dg, prev->digest_sum))
+            eng.digest_stream = false;
+    }
+
     /* Write to a temporary name; only a complete, flushed backup gets its
      * real name and a manifest entry.
      */
@@ -855,10 +989,10 @@ cmd_backup(int argc, char **argv)
     e.file = fname;
     e.type = ctx ? "incremental" : "full";
     e.backing = ctx ? prev->file : NULL;
-    e.context = ctx ? (char *)ctx : NULL;
+    e.context = (char *)(ctx ? ctx : granted_ctx);
     e.checkpoint = NULL;
-    if (ctx && strncmp(ctx, "qemu:dirty-bitmap:", 18) == 0)
-        e.checkpoint = (char *)ctx + 18;
+    if (e.context && strncmp(e.context, "qemu:dirty-bitmap:", 18) == 0)
+        e.checkpoint = e.context + 18;
     e.uri = (char *)uri;
     e.export_name = nbd_get_export_name(eng.h[0]);
     now_iso(timebuf, sizeof timebuf);
@@ -869,18 +1003,28 @@ cmd_backup(int argc, char **argv)
     e.extents = eng.extents;
     e.requests = eng.requests;
     e.guest_digest = NULL;
-    if (digest) {
-        struct chain *nc;
+    e.digest_sum = NULL;
+    if (digest && eng.digest_stream) {
+        gdigest_final(&eng.dg, hex);
+        gdigest_sum_hex(&eng.dg, sumhex);
+        e.guest_digest = hex;
+        e.digest_sum = sumhex;
+    } else if (digest) {
+        /* The digest could not follow the transfer: read it back. */
+        struct chain *nc = NULL;
         struct chain_open_opts co = {.format = "qcow2"};
+        struct gdigest d;
 
         if (chain_open(finalpath, &co, &nc) < 0 ||
-            chain_guest_digest(nc, hex) < 0) {
+            chain_guest_digest(nc, &d, hex) < 0) {
             chain_close(nc);
             free(e.export_name);
             goto fail;
         }
         chain_close(nc);
+        gdigest_sum_hex(&d, sumhex);
         e.guest_digest = hex;
+        e.digest_sum = sumhex;
     }
     e.seconds = (mono_ms() - t0) / 1000.0;
     r = manifest_append(&m, &e);
@@ -940,6 +1084,7 @@ out:
             free(eng.slots[i].buf);
     free(eng.slots);
     free(eng.runs);
+    free(eng.scratch);
     free(eng.alloc.e);
     free(eng.dirty.e);
     if (eng.w)
@@ -949,5 +1094,7 @@ out:
     free(finalpath);
     free(prevpath);
     manifest_free(&m);
+    if (lockfd >= 0)
+        close(lockfd);
     return ret;
 }

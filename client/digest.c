@@ -52,27 +52,109 @@ all_zero(const unsigned char *p, size_t len)
     return acc == 0;
 }
 
-void
-gdigest_add(struct gdigest *d, uint64_t offset, const void *buf, size_t len)
+static void
+accumulate(struct gdigest *d,
+           uint64_t offset,
+           const void *buf,
+           size_t len,
+           bool add)
 {
     const unsigned char *p = buf;
     size_t pos;
 
     for (pos = 0; pos < len; pos += DIGEST_BLOCK) {
         size_t n = MIN((size_t)DIGEST_BLOCK, len - pos);
-        unsigned char off[8];
-        XXH3_state_t st;
         XXH128_hash_t h;
+        unsigned __int128 v;
 
         if (all_zero(p + pos, n))
             continue;
-        put_be64(off, offset + pos);
-        XXH3_128bits_reset(&st);
-        XXH3_128bits_update(&st, off, sizeof off);
-        XXH3_128bits_update(&st, p + pos, n);
-        h = XXH3_128bits_digest(&st);
-        d->sum += ((unsigned __int128)h.high64 << 64) | h.low64;
+        /* The sector's offset seeds its hash: equal sectors at different
+         * offsets never cancel out. */
+        h = XXH3_128bits_withSeed(p + pos, n, offset + pos);
+        v = ((unsigned __int128)h.high64 << 64) | h.low64;
+        if (add)
+            d->sum += v;
+        else
+            d->sum -= v;
     }
+}
+
+void
+gdigest_add(struct gdigest *d, uint64_t offset, const void *buf, size_t len)
+{
+    accumulate(d, offset, buf, len, true);
+}
+
+void
+gdigest_sub(struct gdigest *d, uint64_t offset, const void *buf, size_t len)
+{
+    accumulate(d, offset, buf, len, false);
+}
+
+void
+gdigest_sum_hex(const struct gdigest *d, char hex[DIGEST_HEX_LEN + 1])
+{
+    snprintf(hex,
+             DIGEST_HEX_LEN + 1,
+             "%016llx%016llx",
+             (unsigned long long)(d->sum >> 64),
+             (unsigned long long)d->sum);
+}
+
+bool
+gdigest_sum_parse(struct gdigest *d, const char *hex)
+{
+    unsigned __int128 v = 0;
+    int i;
+
+    if (!hex || strlen(hex) != DIGEST_HEX_LEN)
+        return false;
+    for (i = 0; i < DIGEST_HEX_LEN; i++) {
+        char c = hex[i];
+        unsigned x;
+
+        if (c >= '0' && c <= '9')
+            x = c - '0';
+        else if (c >= 'a' && c <= 'f')
+            x = c - 'a' + 10;
+        else
+            return false;
+        v = (v << 4) | x;
+    }
+    d->sum = v;
+    return true;
+}
+
+int
+gdigest_sub_chain(struct gdigest *d,
+                  struct chain *c,
+                  uint64_t offset,
+                  uint64_t len,
+                  void *scratch,
+                  size_t scratch_len)
+{
+    uint64_t end = MIN(offset + len, c->size), pos = offset;
+    int r;
+
+    while (pos < end) {
+        uint64_t n = MIN((uint64_t)scratch_len, end - pos);
+        struct chain_status st;
+
+        r = chain_block_status(c, pos, n, &st);
+        if (r < 0)
+            return r;
+        if (st.zero && !st.data) {
+            pos += MIN(n, st.len); /* zeros contributed nothing */
+            continue;
+        }
+        r = chain_read(c, scratch, n, pos);
+        if (r < 0)
+            return r;
+        gdigest_sub(d, pos, scratch, n);
+        pos += n;
+    }
+    return 0;
 }
 
 void
@@ -93,7 +175,9 @@ gdigest_final(const struct gdigest *d, char hex[DIGEST_HEX_LEN + 1])
 }
 
 int
-chain_guest_digest(struct chain *c, char hex[DIGEST_HEX_LEN + 1])
+chain_guest_digest(struct chain *c,
+                   struct gdigest *out,
+                   char hex[DIGEST_HEX_LEN + 1])
 {
     struct gdigest d;
     unsigned char *buf = malloc(SCAN_CHUNK);
@@ -122,7 +206,10 @@ chain_guest_digest(struct chain *c, char hex[DIGEST_HEX_LEN + 1])
         pos += n;
     }
     free(buf);
-    if (r == 0)
+    if (r == 0) {
         gdigest_final(&d, hex);
+        if (out)
+            *out = d;
+    }
     return r;
 }

@@ -10,6 +10,7 @@
 
 #include "error.h"
 #include "json.h"
+#include "digest.h"
 #include "manifest.h"
 
 #define MANIFEST_MAX_BYTES (64u * 1024 * 1024)
@@ -43,6 +44,7 @@ entry_free(struct backup_entry *e)
     free(e->time);
     free(e->backing);
     free(e->guest_digest);
+    free(e->digest_sum);
 }
 
 void
@@ -77,6 +79,7 @@ manifest_append(struct manifest *m, const struct backup_entry *e)
     c->time = dup_opt(e->time);
     c->backing = dup_opt(e->backing);
     c->guest_digest = dup_opt(e->guest_digest);
+    c->digest_sum = dup_opt(e->digest_sum);
     m->nr++;
     return 0;
 }
@@ -213,6 +216,7 @@ manifest_load(const char *dir, struct manifest *m)
             (r = get_str(o, "time", false, &e.time, i)) < 0 ||
             (r = get_str(o, "backing-file", false, &e.backing, i)) < 0 ||
             (r = get_str(o, "guest-digest", false, &e.guest_digest, i)) < 0 ||
+            (r = get_str(o, "guest-digest-sum", false, &e.digest_sum, i)) < 0 ||
             (r = get_u64(o, "virtual-size", &e.size, i)) < 0 ||
             (r = get_u64(o, "data-bytes", &e.data_bytes, i)) < 0 ||
             (r = get_u64(o, "zero-bytes", &e.zero_bytes, i)) < 0 ||
@@ -312,7 +316,8 @@ manifest_save(const char *dir, const struct manifest *m)
         put_str(fp, "export", e->export_name, true);
         put_str(fp, "time", e->time, true);
         put_str(fp, "guest-digest", e->guest_digest, true);
-        fprintf(fp, "      \"digest-algorithm\": \"xxh3-128-sum-64k\",\n");
+        put_str(fp, "guest-digest-sum", e->digest_sum, true);
+        fprintf(fp, "      \"digest-algorithm\": \"%s\",\n", DIGEST_ALGORITHM);
         fprintf(fp, "      \"virtual-size\": %" PRIu64 ",\n", e->size);
         fprintf(fp, "      \"data-bytes\": %" PRIu64 ",\n", e->data_bytes);
         fprintf(fp, "      \"zero-bytes\": %" PRIu64 ",\n", e->zero_bytes);

@@ -27,6 +27,7 @@ struct backup_entry {
     char *time;         /* ISO 8601 UTC */
     char *backing;      /* previous file, or NULL */
     char *guest_digest; /* see digest.h, or NULL */
+    char *digest_sum;   /* its running sum (hex), for the next backup */
     uint64_t size;      /* virtual size */
     uint64_t data_bytes, zero_bytes, extents, requests;
     double seconds;

@@ -36,6 +36,16 @@ join(const char *dir, const char *name)
     return p;
 }
 
+static int
+parse_index(const char *s, long *out)
+{
+    char *end;
+
+    errno = 0;
+    *out = strtol(s, &end, 10);
+    return (errno || end == s || *end || *out < 0) ? -1 : 0;
+}
+
 /* Open backup N of DIR (N < 0: the newest). */
 static int
 open_backup(const char *dir,
@@ -251,8 +261,7 @@ cmd_restore(int argc, char **argv)
     while ((opt = getopt_long(argc, argv, "O:h", opts, NULL)) != -1) {
         switch (opt) {
         case 'a':
-            at = atol(optarg);
-            if (at < 0) {
+            if (parse_index(optarg, &at) < 0) {
                 die_msg("restore: invalid --at '%s'", optarg);
                 return QCBT_EXIT_ERROR;
             }
@@ -402,13 +411,32 @@ verify_usage(FILE *fp)
             "holds.\n");
 }
 
+/* libnbd 1.14 does not check that a read's chunks cover the request. */
+static int
+count_chunk(void *opaque,
+            const void *subbuf,
+            size_t count,
+            uint64_t offset,
+            unsigned status,
+            int *error)
+{
+    uint64_t *seen = opaque;
+
+    (void)subbuf;
+    (void)offset;
+    (void)error;
+    if (status == LIBNBD_READ_DATA || status == LIBNBD_READ_HOLE)
+        *seen += count;
+    return 0;
+}
+
 /* Compare the chain with an NBD export, byte for byte. */
 static int
 compare_nbd(struct chain *c, const char *uri)
 {
     struct nbd_handle *h = nbd_create();
     unsigned char *a = malloc(RCHUNK), *b = malloc(RCHUNK);
-    uint64_t pos;
+    uint64_t pos, seen;
     int64_t size;
     int r = 0;
 
@@ -433,12 +461,29 @@ compare_nbd(struct chain *c, const char *uri)
     for (pos = 0; pos < c->size; pos += RCHUNK) {
         uint64_t n = MIN((uint64_t)RCHUNK, c->size - pos), i;
 
-        if (nbd_pread(h, a, n, pos, 0) < 0) {
+        seen = 0;
+        if (nbd_pread_structured(h,
+                                 a,
+                                 n,
+                                 pos,
+                                 (nbd_chunk_callback){.callback = count_chunk,
+                                                      .user_data = &seen},
+                                 0) < 0) {
             r = qcbt_error(EIO,
                            "%s: read at %" PRIu64 ": %s",
                            uri,
                            pos,
                            nbd_get_error());
+            goto out;
+        }
+        if (seen != n) {
+            r = qcbt_error(EPROTO,
+                           "%s: server sent %" PRIu64 " of %" PRIu64
+                           " bytes for the read at %" PRIu64,
+                           uri,
+                           seen,
+                           n,
+                           pos);
             goto out;
         }
         if ((r = chain_read(c, b, n, pos)) < 0)
@@ -485,7 +530,10 @@ cmd_verify(int argc, char **argv)
             against = optarg;
             break;
         case 'a':
-            at = atol(optarg);
+            if (parse_index(optarg, &at) < 0) {
+                die_msg("verify: invalid --at '%s'", optarg);
+                return QCBT_EXIT_ERROR;
+            }
             break;
         case 'h':
             verify_usage(stdout);
@@ -530,7 +578,7 @@ cmd_verify(int argc, char **argv)
             problem = "incremental backup does not build on the previous "
                       "one";
         } else if (e->guest_digest) {
-            if (chain_guest_digest(c, hex) < 0) {
+            if (chain_guest_digest(c, NULL, hex) < 0) {
                 snprintf(buf, sizeof buf, "%s", qcbt_error_get());
                 problem = buf;
             } else if (strcmp(hex, e->guest_digest) != 0) {

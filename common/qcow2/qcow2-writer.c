@@ -76,7 +76,8 @@ struct qcow2_writer {
     unsigned char *buf; /* write-behind buffer */
     size_t buf_cap, buf_len;
     uint64_t buf_off;
-    unsigned char *scratch; /* one cluster */
+    uint64_t wb_off, wb_len; /* last flushed range, being written back */
+    unsigned char *scratch;  /* one cluster */
 
     int error; /* sticky -errno after an I/O error, else 0 */
     char errmsg[WRITER_MSG_MAX];
@@ -160,6 +161,23 @@ flush_buffer(struct qcow2_writer *w)
         r = pwrite_all(w, w->buf, w->buf_len, w->buf_off, "clusters");
         if (r < 0)
             return r;
+        /* Write-behind (as nbdcopy does): start writeback of this range,
+         * wait for the previous one and drop it from the page cache, so
+         * a backup neither floods the cache nor stalls in dirty-page
+         * throttling, and the final fdatasync has little left to do.
+         */
+        sync_file_range(w->fd, w->buf_off, w->buf_len, SYNC_FILE_RANGE_WRITE);
+        if (w->wb_len) {
+            sync_file_range(w->fd,
+                            w->wb_off,
+                            w->wb_len,
+                            SYNC_FILE_RANGE_WAIT_BEFORE |
+                                SYNC_FILE_RANGE_WRITE |
+                                SYNC_FILE_RANGE_WAIT_AFTER);
+            posix_fadvise(w->fd, w->wb_off, w->wb_len, POSIX_FADV_DONTNEED);
+        }
+        w->wb_off = w->buf_off;
+        w->wb_len = w->buf_len;
     }
     w->buf_off += w->buf_len;
     w->buf_len = 0;

@@ -221,7 +221,15 @@ add_layers(struct chain *c,
             }
         }
         /* init_layer owns io from here on, success or not. */
-        r = init_layer(l, io, fmt, backing_dir, opts->allow_data_file);
+        /* BACKING_DIR stands in for the directory of the top layer only
+         * (opened through an io, it has no path); deeper layers are files
+         * and their names resolve against their own directory.
+         */
+        r = init_layer(l,
+                       io,
+                       fmt,
+                       idx == 0 ? backing_dir : NULL,
+                       opts->allow_data_file);
         if (r < 0)
             return qcbt_error_prefix(-r, "layer %zu (%s)", idx, l->path);
 
@@ -258,7 +266,9 @@ add_layers(struct chain *c,
                               "backing file '%s'",
                               idx,
                               bname);
-        path = resolve_name(backing_dir ? NULL : l->path, backing_dir, bname);
+        path = resolve_name((backing_dir && idx == 0) ? NULL : l->path,
+                            backing_dir,
+                            bname);
         if (!path)
             return qcbt_error(ENOMEM, "out of memory");
         r = qcbt_io_open_file(path, &io);

@@ -349,8 +349,8 @@ done
 run qemu-img create -q -f qcow2 -o cluster_size=65536,extended_l2=on "$IMG/extl2.qcow2" $((8 * MiB))
 pattern "$IMG/extl2.qcow2" qcow2 65536
 # base.raw <- mid.qcow2 <- top.qcow2, relative names, in one directory
-# (backing-dir= resolves every layer's relative backing name against DIR,
-# see nbdkit-qcbt-filter(1)).  Every byte of the base is written, so any
+# (backing-dir= stands in for the top image's directory, see
+# nbdkit-qcbt-filter(1)).  Every byte of the base is written, so any
 # read-through shows; the top is larger than the base.
 mkdir -p "$IMG/chain"
 run qemu-img create -q -f raw "$IMG/chain/base.raw" $((6 * MiB))
@@ -359,6 +359,14 @@ run qemu-img create -q -f qcow2 -o cluster_size=4096 -b base.raw -F raw "$IMG/ch
 pattern "$IMG/chain/mid.qcow2" qcow2 4096
 run qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 "$IMG/chain/top.qcow2" $((8 * MiB))
 pattern "$IMG/chain/top.qcow2" qcow2 65536
+# The same with the middle layer in a sub-directory naming its base
+# relative to itself: top -> sub/mid.qcow2 -> ../base.raw.
+mkdir -p "$IMG/nested/sub"
+run cp "$IMG/chain/base.raw" "$IMG/nested/base.raw"
+run qemu-img create -q -f qcow2 -o cluster_size=4096 -b ../base.raw -F raw "$IMG/nested/sub/mid.qcow2" $((6 * MiB))
+pattern "$IMG/nested/sub/mid.qcow2" qcow2 4096
+run qemu-img create -q -f qcow2 -b sub/mid.qcow2 -F qcow2 "$IMG/nested/top.qcow2" $((8 * MiB))
+pattern "$IMG/nested/top.qcow2" qcow2 65536
 
 # --- over the file plugin --------------------------------------------------------
 
@@ -380,6 +388,16 @@ if want file-chain; then
     expect_start_failure "backing file 'mid.qcow2'" "backing-dir" -- file "$IMG/chain/top.qcow2" || rc=1
     # A backing-dir= where the backing file is not.
     expect_start_failure "mid.qcow2" "No such file" -- file "$IMG/chain/top.qcow2" backing-dir="$IMG" || rc=1
+    case_result "$rc"
+fi
+
+if want file-chain-nested; then
+    # Deeper layers resolve their backing names against their own
+    # directory, as QEMU does.
+    begin_case file-chain-nested
+    reference "$IMG/nested/top.qcow2"
+    rc=0
+    serve_and_check map -- file "$IMG/nested/top.qcow2" backing-dir="$IMG/nested" || rc=1
     case_result "$rc"
 fi
 

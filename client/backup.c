@@ -652,17 +652,6 @@ fill_from_prev(void *opaque, void *buf, size_t len, uint64_t offset)
     return chain_read(p->c, buf, len, offset);
 }
 
-static char *
-join(const char *dir, const char *name)
-{
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-
-    if (p)
-        snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
 static void
 now_iso(char *buf, size_t len)
 {
@@ -799,7 +788,7 @@ cmd_backup(int argc, char **argv)
     }
     /* One backup at a time per directory. */
     {
-        char *lp = join(dir, ".lock");
+        char *lp = path_join(dir, ".lock");
 
         lockfd = lp ? open(lp, O_RDWR | O_CREAT | O_CLOEXEC, 0666) : -1;
         free(lp);
@@ -877,7 +866,7 @@ cmd_backup(int argc, char **argv)
     if (!why_full) {
         struct chain_open_opts co = {.format = "qcow2"};
 
-        prevpath = join(dir, prev->file);
+        prevpath = path_join(dir, prev->file);
         if (!prevpath || chain_open(prevpath, &co, &pc.c) < 0 ||
             pc.c->size != (uint64_t)size) {
             why_full = "the previous backup cannot be read back";
@@ -950,8 +939,8 @@ cmd_backup(int argc, char **argv)
      */
     snprintf(fname, sizeof fname, "backup-%04zu.qcow2", m.nr);
     snprintf(tmpname, sizeof tmpname, ".%s.part", fname);
-    tmppath = join(dir, tmpname);
-    finalpath = join(dir, fname);
+    tmppath = path_join(dir, tmpname);
+    finalpath = path_join(dir, fname);
     if (!tmppath || !finalpath) {
         qcbt_error(ENOMEM, "out of memory");
         goto fail;

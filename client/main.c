@@ -76,6 +76,17 @@ env_chain_opts(struct chain_open_opts *o)
     o->allow_data_file = v && (strcmp(v, "1") == 0 || strcmp(v, "yes") == 0);
 }
 
+char *
+path_join(const char *dir, const char *name)
+{
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+
+    if (p)
+        snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
 int
 parse_size(const char *s, uint64_t *out)
 {

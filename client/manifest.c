@@ -12,19 +12,9 @@
 #include "json.h"
 #include "digest.h"
 #include "manifest.h"
+#include "qcbt.h"
 
 #define MANIFEST_MAX_BYTES (64u * 1024 * 1024)
-
-static char *
-path_join(const char *dir, const char *name)
-{
-    size_t n = strlen(dir) + 1 + strlen(name) + 1;
-    char *p = malloc(n);
-
-    if (p)
-        snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
 
 static char *
 dup_opt(const char *s)

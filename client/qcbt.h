@@ -32,6 +32,9 @@ struct chain_open_opts;
  */
 void env_chain_opts(struct chain_open_opts *o);
 
+/* DIR/NAME, malloc'ed (NULL when out of memory). */
+char *path_join(const char *dir, const char *name);
+
 /* Parse a size with an optional K/M/G/T suffix (powers of 1024) or a
  * plain number of bytes.  Returns 0 or -1.
  */

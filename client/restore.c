@@ -25,17 +25,6 @@
 #define RCHUNK   (4u * 1024 * 1024) /* multiple of DIGEST_BLOCK */
 #define RTHREADS 2
 
-static char *
-join(const char *dir, const char *name)
-{
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-
-    if (p)
-        snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
 static int
 parse_index(const char *s, long *out)
 {
@@ -71,7 +60,7 @@ open_backup(const char *dir,
         return -1;
     }
     *e = &m->backups[at];
-    path = join(dir, (*e)->file);
+    path = path_join(dir, (*e)->file);
     if (!path) {
         qcbt_error(ENOMEM, "out of memory");
         return -1;
@@ -558,7 +547,7 @@ cmd_verify(int argc, char **argv)
         const struct backup_entry *e = &m.backups[i];
         struct chain_open_opts co = {.format = "qcow2"};
         struct chain *c = NULL;
-        char *path = join(dir, e->file);
+        char *path = path_join(dir, e->file);
         char hex[DIGEST_HEX_LEN + 1];
         const char *problem = NULL;
         char buf[600];

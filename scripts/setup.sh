@@ -7,7 +7,7 @@ packages=(
     build-essential cmake pkg-config clang-format
     libnbd-dev libnbd-bin nbdkit nbdkit-plugin-dev
     libglib2.0-dev libssl-dev libcmocka-dev zlib1g-dev libzstd-dev libxxhash-dev
-    qemu-utils qemu-system-common python3 python3-libnbd
+    qemu-utils qemu-system-common python3 python3-libnbd file
 )
 
 SUDO=

@@ -96,6 +96,62 @@ send_info_export(struct hs *h, uint32_t opt, const struct export *exp)
     return send_reply(h, opt, NBD_REP_INFO, b, sizeof b);
 }
 
+/* An NBD_REP_INFO carrying a string (name, description). */
+static int
+send_info_string(struct hs *h, uint32_t opt, uint16_t type, const char *str)
+{
+    size_t n = strlen(str);
+    unsigned char *b = malloc(2 + n);
+    int r;
+
+    if (!b)
+        return -1;
+    put_be16(b, type);
+    memcpy(b + 2, str, n);
+    r = send_reply(h, opt, NBD_REP_INFO, b, 2 + n);
+    free(b);
+    return r;
+}
+
+/* The export name that starts INFO, GO, LIST_META_CONTEXT and
+ * SET_META_CONTEXT payloads, followed by at least TAIL bytes.  Returns 0
+ * with *namelen set, 1 after an error reply (the option is consumed), -1
+ * when the connection broke.
+ */
+static int
+parse_export_name(struct hs *h,
+                  uint32_t opt,
+                  const unsigned char *p,
+                  uint32_t len,
+                  uint32_t tail,
+                  uint32_t *namelen)
+{
+    int r;
+
+    if (len < 4 + tail) {
+        r = send_error(h, opt, NBD_REP_ERR_INVALID, "option too short");
+        return r < 0 ? -1 : 1;
+    }
+    *namelen = get_be32(p);
+    if (*namelen > len - 4 - tail) {
+        r = send_error(h,
+                       opt,
+                       NBD_REP_ERR_INVALID,
+                       "export name length %u exceeds the option",
+                       *namelen);
+        return r < 0 ? -1 : 1;
+    }
+    if (*namelen > NBD_MAX_STRING) {
+        r = send_error(h,
+                       opt,
+                       NBD_REP_ERR_INVALID,
+                       "export name longer than %d bytes",
+                       NBD_MAX_STRING);
+        return r < 0 ? -1 : 1;
+    }
+    return 0;
+}
+
 /* NBD_OPT_INFO / NBD_OPT_GO.  Returns 1 to start transmission (GO), 0 to
  * continue, -1 to disconnect.
  */
@@ -108,22 +164,11 @@ opt_info_go(struct hs *h, uint32_t opt, const unsigned char *p, uint32_t len)
     bool want_name = false, want_desc = false;
     struct export *exp;
     char shown[100];
+    int r;
 
-    if (len < 6)
-        return send_error(h, opt, NBD_REP_ERR_INVALID, "option too short");
-    namelen = get_be32(p);
-    if (namelen > len - 6)
-        return send_error(h,
-                          opt,
-                          NBD_REP_ERR_INVALID,
-                          "export name length %u exceeds the option",
-                          namelen);
-    if (namelen > NBD_MAX_STRING)
-        return send_error(h,
-                          opt,
-                          NBD_REP_ERR_INVALID,
-                          "export name longer than %d bytes",
-                          NBD_MAX_STRING);
+    r = parse_export_name(h, opt, p, len, 2, &namelen);
+    if (r != 0)
+        return r < 0 ? -1 : 0;
     nreq = get_be16(p + 4 + namelen);
     if ((uint64_t)len != 6 + (uint64_t)namelen + 2 * (uint64_t)nreq)
         return send_error(h,
@@ -147,34 +192,11 @@ opt_info_go(struct hs *h, uint32_t opt, const unsigned char *p, uint32_t len)
                           "export '%s' not available",
                           show(shown, 64, (const char *)p + 4, namelen));
 
-    if (want_name) {
-        size_t n = strlen(exp->name);
-        unsigned char *b = malloc(2 + n);
-
-        if (!b)
-            return -1;
-        put_be16(b, NBD_INFO_NAME);
-        memcpy(b + 2, exp->name, n);
-        if (send_reply(h, opt, NBD_REP_INFO, b, 2 + n) < 0) {
-            free(b);
-            return -1;
-        }
-        free(b);
-    }
-    if (exp->description && (want_desc || opt == NBD_OPT_GO)) {
-        size_t n = strlen(exp->description);
-        unsigned char *b = malloc(2 + n);
-
-        if (!b)
-            return -1;
-        put_be16(b, NBD_INFO_DESCRIPTION);
-        memcpy(b + 2, exp->description, n);
-        if (send_reply(h, opt, NBD_REP_INFO, b, 2 + n) < 0) {
-            free(b);
-            return -1;
-        }
-        free(b);
-    }
+    if (want_name && send_info_string(h, opt, NBD_INFO_NAME, exp->name) < 0)
+        return -1;
+    if (exp->description && (want_desc || opt == NBD_OPT_GO) &&
+        send_info_string(h, opt, NBD_INFO_DESCRIPTION, exp->description) < 0)
+        return -1;
     {
         unsigned char b[14];
 
@@ -303,21 +325,9 @@ opt_meta_context(struct hs *h,
                           NBD_REP_ERR_INVALID,
                           "request option 'set meta context' when "
                           "structured reply is not negotiated");
-    if (len < 8)
-        return send_error(h, opt, NBD_REP_ERR_INVALID, "option too short");
-    namelen = get_be32(p);
-    if (namelen > len - 8)
-        return send_error(h,
-                          opt,
-                          NBD_REP_ERR_INVALID,
-                          "export name length %u exceeds the option",
-                          namelen);
-    if (namelen > NBD_MAX_STRING)
-        return send_error(h,
-                          opt,
-                          NBD_REP_ERR_INVALID,
-                          "export name longer than %d bytes",
-                          NBD_MAX_STRING);
+    r = parse_export_name(h, opt, p, len, 4, &namelen);
+    if (r != 0)
+        return r < 0 ? -1 : 0;
     nq = get_be32(p + 4 + namelen);
     pos = 8 + (uint64_t)namelen;
     if (nq > (len - pos) / 4)

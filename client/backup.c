@@ -15,9 +15,11 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -53,23 +55,59 @@ struct ext_list {
 };
 
 struct engine;
+struct slot;
 
+/* A thread that takes every slot in turn (struct engine). */
+struct stage {
+    const char *name;
+    int (*fn)(struct engine *eng, struct slot *s);
+    struct engine *eng;
+    pthread_t t;
+    bool running;
+    pthread_cond_t cv;
+    struct slot **q; /* nslots entries: a slot is queued at most once */
+    size_t q_head, q_len;
+    int err;
+    char msg[512];
+};
+
+/* A unit of work: a read in flight, then (queued) for the stages; or a
+ * run of zeros for them.  Slots not in use are on the free list.
+ */
 struct slot {
     struct engine *eng;
+    struct slot *next; /* on the free list */
     unsigned char *buf;
+    enum run_kind kind;
     uint64_t off;
-    uint32_t len;
+    uint64_t len;
     uint64_t seen; /* bytes covered by the reply's data and hole chunks */
-    bool busy;
+    size_t conn;
+    unsigned refs; /* stages not done with it */
 };
 
 struct engine {
     struct nbd_handle *h[MAX_CONNS];
     size_t nconn;
     unsigned depth;
-    struct slot *slots; /* nconn * depth */
+    struct slot *slots; /* nslots */
+    size_t nslots;
     unsigned in_flight[MAX_CONNS];
     uint32_t chunk;
+
+    /* Stages, each a thread: the event loop only moves bytes between the
+     * sockets and the slots; the qcow2 writer and the digest run on the
+     * other CPU(s).  A slot read (or a run of zeros) goes to every stage
+     * and back to the free list when the last one is done with it.
+     * Under mu: the queues, the free list, refs, errors, stop,
+     * main_waiting.
+     */
+    pthread_mutex_t mu;
+    struct stage stages[2];
+    size_t nstages;
+    struct slot *free_list;
+    bool stop, main_waiting;
+    int efd; /* eventfd: a slot came back while the loop was waiting */
 
     const char *ctx; /* dirty-bitmap context, NULL for a full backup */
     uint64_t size;
@@ -391,6 +429,203 @@ digest_update(struct engine *eng,
     return 0;
 }
 
+/* ---- the stages: writer and digest threads ----------------------------- */
+
+static void
+slot_put_locked(struct engine *eng, struct slot *s, bool *wake)
+{
+    s->next = eng->free_list;
+    eng->free_list = s;
+    *wake |= eng->main_waiting;
+    eng->main_waiting = false;
+}
+
+static void
+wake_main(struct engine *eng)
+{
+    uint64_t one = 1;
+    ssize_t n = write(eng->efd, &one, sizeof one);
+
+    (void)n; /* the counter cannot overflow here */
+}
+
+static void
+slot_put(struct engine *eng, struct slot *s)
+{
+    bool wake = false;
+
+    pthread_mutex_lock(&eng->mu);
+    slot_put_locked(eng, s, &wake);
+    pthread_mutex_unlock(&eng->mu);
+    if (wake)
+        wake_main(eng);
+}
+
+/* A free slot, or NULL (and the loop is woken when one comes back). */
+static struct slot *
+slot_get(struct engine *eng)
+{
+    struct slot *s;
+
+    pthread_mutex_lock(&eng->mu);
+    s = eng->free_list;
+    if (s)
+        eng->free_list = s->next;
+    else
+        eng->main_waiting = true;
+    pthread_mutex_unlock(&eng->mu);
+    return s;
+}
+
+/* Hand S to every stage. */
+static void
+queue_slot(struct engine *eng, struct slot *s)
+{
+    size_t i;
+
+    pthread_mutex_lock(&eng->mu);
+    s->refs = eng->nstages;
+    for (i = 0; i < eng->nstages; i++) {
+        struct stage *st = &eng->stages[i];
+
+        st->q[(st->q_head + st->q_len) % eng->nslots] = s;
+        st->q_len++;
+        pthread_cond_signal(&st->cv);
+    }
+    pthread_mutex_unlock(&eng->mu);
+}
+
+/* The first stage error (0 if none). */
+static int
+stage_error(struct engine *eng)
+{
+    int e = 0;
+    size_t i;
+
+    pthread_mutex_lock(&eng->mu);
+    for (i = 0; i < eng->nstages && !e; i++)
+        e = eng->stages[i].err;
+    pthread_mutex_unlock(&eng->mu);
+    return e;
+}
+
+static int
+write_slot(struct engine *eng, struct slot *s)
+{
+    if (s->kind == RUN_ZERO)
+        return qcow2_writer_zero(eng->w, s->off, s->len);
+    return qcow2_writer_write(eng->w, s->buf, s->len, s->off);
+}
+
+static int
+digest_slot(struct engine *eng, struct slot *s)
+{
+    return digest_update(eng,
+                         s->off,
+                         s->len,
+                         s->kind == RUN_ZERO ? NULL : s->buf);
+}
+
+static void *
+stage_main(void *opaque)
+{
+    struct stage *st = opaque;
+    struct engine *eng = st->eng;
+    bool failed = false;
+
+    for (;;) {
+        struct slot *s;
+        bool wake = false;
+        int r;
+
+        pthread_mutex_lock(&eng->mu);
+        while (st->q_len == 0 && !eng->stop)
+            pthread_cond_wait(&st->cv, &eng->mu);
+        if (st->q_len == 0) {
+            pthread_mutex_unlock(&eng->mu);
+            break;
+        }
+        s = st->q[st->q_head];
+        st->q_head = (st->q_head + 1) % eng->nslots;
+        st->q_len--;
+        pthread_mutex_unlock(&eng->mu);
+
+        /* After an error the rest is only handed back. */
+        r = failed ? 0 : st->fn(eng, s);
+
+        pthread_mutex_lock(&eng->mu);
+        if (r < 0) {
+            failed = true;
+            st->err = -r;
+            snprintf(st->msg, sizeof st->msg, "%s", qcbt_error_get());
+        }
+        if (--s->refs == 0)
+            slot_put_locked(eng, s, &wake);
+        pthread_mutex_unlock(&eng->mu);
+        if (wake)
+            wake_main(eng);
+    }
+    return NULL;
+}
+
+static int
+stages_start(struct engine *eng, bool digest)
+{
+    static const struct {
+        const char *name;
+        int (*fn)(struct engine *, struct slot *);
+    } kinds[] = {{"writer", write_slot}, {"digest", digest_slot}};
+    size_t i;
+    int r;
+
+    eng->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (eng->efd < 0)
+        return qcbt_error(errno, "eventfd: %s", strerror(errno));
+    eng->nstages = digest ? 2 : 1;
+    for (i = 0; i < eng->nstages; i++) {
+        struct stage *st = &eng->stages[i];
+
+        st->name = kinds[i].name;
+        st->fn = kinds[i].fn;
+        st->eng = eng;
+        st->q = calloc(eng->nslots, sizeof *st->q);
+        if (!st->q)
+            return qcbt_error(ENOMEM, "out of memory");
+        r = pthread_create(&st->t, NULL, stage_main, st);
+        if (r)
+            return qcbt_error(r,
+                              "cannot start the %s thread: %s",
+                              st->name,
+                              strerror(r));
+        st->running = true;
+    }
+    return 0;
+}
+
+/* Let the stages finish what is queued, and wait for them.  Returns the
+ * first stage error (set as the last error), or 0.
+ */
+static int
+stages_stop(struct engine *eng)
+{
+    size_t i;
+
+    pthread_mutex_lock(&eng->mu);
+    eng->stop = true;
+    for (i = 0; i < eng->nstages; i++)
+        pthread_cond_signal(&eng->stages[i].cv);
+    pthread_mutex_unlock(&eng->mu);
+    for (i = 0; i < eng->nstages; i++)
+        if (eng->stages[i].running) {
+            pthread_join(eng->stages[i].t, NULL);
+            eng->stages[i].running = false;
+        }
+    for (i = 0; i < eng->nstages; i++)
+        if (eng->stages[i].err)
+            return qcbt_error(eng->stages[i].err, "%s", eng->stages[i].msg);
+    return 0;
+}
+
 /* ---- reads ------------------------------------------------------------ */
 
 /* libnbd (1.14) does not check that a structured read reply covers the
@@ -419,63 +654,48 @@ read_done(void *opaque, int *error)
 {
     struct slot *s = opaque;
     struct engine *eng = s->eng;
-    size_t ci = (s - eng->slots) / eng->depth;
-    int r;
 
-    eng->in_flight[ci]--;
-    s->busy = false;
+    eng->in_flight[s->conn]--;
     if (*error) {
         if (!eng->io_err) {
             eng->io_err = *error;
             snprintf(eng->io_msg,
                      sizeof eng->io_msg,
-                     "read of %" PRIu32 " bytes at %" PRIu64 " failed: %s",
+                     "read of %" PRIu64 " bytes at %" PRIu64 " failed: %s",
                      s->len,
                      s->off,
                      strerror(*error));
         }
-        return 1;
-    }
-    if (eng->io_err)
-        return 1;
-    if (s->seen != s->len) {
+    } else if (!eng->io_err && s->seen != s->len) {
         eng->io_err = EPROTO;
         snprintf(eng->io_msg,
                  sizeof eng->io_msg,
-                 "server sent %" PRIu64 " of %" PRIu32
+                 "server sent %" PRIu64 " of %" PRIu64
                  " bytes for the read at %" PRIu64,
                  s->seen,
                  s->len,
                  s->off);
-        return 1;
     }
-    r = qcow2_writer_write(eng->w, s->buf, s->len, s->off);
-    if (r < 0) {
-        eng->io_err = -r;
-        snprintf(eng->io_msg, sizeof eng->io_msg, "%s", qcbt_error_get());
-        return 1;
-    }
-    r = digest_update(eng, s->off, s->len, s->buf);
-    if (r < 0) {
-        eng->io_err = -r;
-        snprintf(eng->io_msg, sizeof eng->io_msg, "%s", qcbt_error_get());
+    if (eng->io_err) {
+        slot_put(eng, s);
         return 1;
     }
     eng->data_bytes += s->len;
     eng->copied += s->len;
+    queue_slot(eng, s);
     return 1;
 }
 
 /* Issue the next piece of work on connection CI.  Returns 1 if something
- * was issued or done, 0 if there is no work in this window, -1 on error.
+ * was issued or queued, 0 if there is no work in this window or no free
+ * slot, -1 on error.
  */
 static int
 next_work(struct engine *eng, size_t ci)
 {
     struct run *run;
-    struct slot *s = NULL;
+    struct slot *s;
     uint64_t n;
-    unsigned k;
 
     while (eng->run_idx < eng->nruns &&
            eng->run_done == eng->runs[eng->run_idx].len) {
@@ -484,29 +704,25 @@ next_work(struct engine *eng, size_t ci)
     }
     if (eng->run_idx >= eng->nruns)
         return 0;
+    s = slot_get(eng);
+    if (!s)
+        return 0;
     run = &eng->runs[eng->run_idx];
+    s->kind = run->kind;
     if (run->kind == RUN_ZERO) {
-        int r = qcow2_writer_zero(eng->w, run->off, run->len);
-
-        if (r < 0 || digest_update(eng, run->off, run->len, NULL) < 0)
-            return -1;
+        s->off = run->off;
+        s->len = run->len;
         eng->zero_bytes += run->len;
         eng->copied += run->len;
         eng->run_done = run->len;
+        queue_slot(eng, s);
         return 1;
     }
-    for (k = 0; k < eng->depth; k++)
-        if (!eng->slots[ci * eng->depth + k].busy) {
-            s = &eng->slots[ci * eng->depth + k];
-            break;
-        }
-    if (!s)
-        return 0;
     n = MIN((uint64_t)eng->chunk, run->len - eng->run_done);
     s->off = run->off + eng->run_done;
     s->len = n;
     s->seen = 0;
-    s->busy = true;
+    s->conn = ci;
     if (nbd_aio_pread_structured(
             eng->h[ci],
             s->buf,
@@ -515,7 +731,7 @@ next_work(struct engine *eng, size_t ci)
             (nbd_chunk_callback){.callback = read_chunk, .user_data = s},
             (nbd_completion_callback){.callback = read_done, .user_data = s},
             0) < 0) {
-        s->busy = false;
+        slot_put(eng, s);
         qcbt_error(nbd_get_errno() ? nbd_get_errno() : EIO,
                    "read at %" PRIu64 ": %s",
                    s->off,
@@ -542,7 +758,7 @@ total_in_flight(const struct engine *eng)
 static int
 wait_some(struct engine *eng)
 {
-    struct pollfd pfd[MAX_CONNS];
+    struct pollfd pfd[MAX_CONNS + 1];
     size_t i;
 
     for (i = 0; i < eng->nconn; i++) {
@@ -553,8 +769,17 @@ wait_some(struct engine *eng)
                         ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0);
         pfd[i].revents = 0;
     }
-    if (poll(pfd, eng->nconn, 30000) < 0 && errno != EINTR)
+    pfd[i].fd = eng->efd;
+    pfd[i].events = POLLIN;
+    pfd[i].revents = 0;
+    if (poll(pfd, eng->nconn + 1, 30000) < 0 && errno != EINTR)
         return qcbt_error(errno, "poll: %s", strerror(errno));
+    if (pfd[eng->nconn].revents & POLLIN) {
+        uint64_t v;
+        ssize_t n = read(eng->efd, &v, sizeof v);
+
+        (void)n;
+    }
     for (i = 0; i < eng->nconn; i++) {
         int r = 0;
 
@@ -587,7 +812,7 @@ show_progress(struct engine *eng, bool final)
 }
 
 static int
-run_engine(struct engine *eng)
+run_loop(struct engine *eng)
 {
     bool window_done = true;
 
@@ -598,6 +823,8 @@ run_engine(struct engine *eng)
 
         if (eng->io_err)
             return qcbt_error(eng->io_err, "%s", eng->io_msg);
+        if (stage_error(eng))
+            return -1; /* stages_stop() reports it */
         /* Fill every connection's queue from the current window. */
         for (ci = 0; ci < eng->nconn; ci++) {
             while (eng->in_flight[ci] < eng->depth) {
@@ -627,8 +854,32 @@ run_engine(struct engine *eng)
         }
         show_progress(eng, false);
     }
-    show_progress(eng, true);
     return 0;
+}
+
+/* Copy everything; the stages are done with it all when this returns 0.
+ */
+static int
+run_engine(struct engine *eng, bool digest)
+{
+    int r = stages_start(eng, digest);
+
+    if (r == 0)
+        r = run_loop(eng);
+    if (r < 0 && !stage_error(eng)) {
+        /* Keep this error, not one a stage may add while stopping. */
+        char msg[512];
+        int e = qcbt_error_errno();
+
+        snprintf(msg, sizeof msg, "%s", qcbt_error_get());
+        stages_stop(eng);
+        return qcbt_error(e ? e : EIO, "%s", msg);
+    }
+    if (stages_stop(eng) < 0)
+        return -1;
+    if (r == 0)
+        show_progress(eng, true);
+    return r;
 }
 
 /* ---- the command ------------------------------------------------------- */
@@ -732,6 +983,10 @@ cmd_backup(int argc, char **argv)
     int64_t size, t0 = mono_ms();
     size_t i;
 
+    eng.efd = -1;
+    pthread_mutex_init(&eng.mu, NULL);
+    for (i = 0; i < 2; i++)
+        pthread_cond_init(&eng.stages[i].cv, NULL);
     while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (opt) {
         case OPT_FULL:
@@ -903,18 +1158,24 @@ cmd_backup(int argc, char **argv)
         if (mx > 0 && (uint64_t)mx < eng.chunk)
             eng.chunk = mx;
     }
-    eng.slots = calloc(eng.nconn * eng.depth, sizeof *eng.slots);
+    /* Slots for every request in flight, and some more for data waiting
+     * for the writer and digest threads (and for runs of zeros).
+     */
+    eng.nslots = eng.nconn * eng.depth + eng.nconn * eng.depth / 4;
+    eng.slots = calloc(eng.nslots, sizeof *eng.slots);
     if (!eng.slots) {
         qcbt_error(ENOMEM, "out of memory");
         goto fail;
     }
-    for (i = 0; i < eng.nconn * eng.depth; i++) {
+    for (i = 0; i < eng.nslots; i++) {
         eng.slots[i].eng = &eng;
         eng.slots[i].buf = malloc(eng.chunk);
         if (!eng.slots[i].buf) {
             qcbt_error(ENOMEM, "out of memory");
             goto fail;
         }
+        eng.slots[i].next = eng.free_list;
+        eng.free_list = &eng.slots[i];
     }
     eng.progress = progress < 0 ? isatty(STDERR_FILENO) : progress;
 
@@ -956,7 +1217,7 @@ cmd_backup(int argc, char **argv)
     if (qcow2_writer_create(tmppath, &wo, &eng.w) < 0)
         goto fail;
 
-    r = run_engine(&eng);
+    r = run_engine(&eng, digest && eng.digest_stream);
     if (r < 0) {
         qcow2_writer_abort(eng.w);
         eng.w = NULL;
@@ -1069,9 +1330,16 @@ out:
             nbd_close(eng.h[i]);
         }
     if (eng.slots)
-        for (i = 0; i < eng.nconn * eng.depth; i++)
+        for (i = 0; i < eng.nslots; i++)
             free(eng.slots[i].buf);
     free(eng.slots);
+    for (i = 0; i < 2; i++) {
+        free(eng.stages[i].q);
+        pthread_cond_destroy(&eng.stages[i].cv);
+    }
+    if (eng.efd >= 0)
+        close(eng.efd);
+    pthread_mutex_destroy(&eng.mu);
     free(eng.runs);
     free(eng.scratch);
     free(eng.alloc.e);

@@ -30,6 +30,14 @@
 #define WRITER_HEADER_LENGTH  112 /* what qemu writes for v3 */
 #define WRITER_REFCOUNT_ORDER 4   /* 16-bit refcounts, qemu's default */
 #define WRITER_MSG_MAX        512
+#define DIRECT_MIN            (64 * 1024) /* smaller writes are gathered */
+/* Write-behind: up to WRITER_WB_BYTES in writeback at once.  One buffer
+ * (what nbdcopy keeps) left this machine's disk idle between ranges; 256
+ * MiB keeps it busy (bench/bench-backup.sh: a full backup 3.9 -> 2.7 s)
+ * while the page cache holds at most that much of the backup.
+ */
+#define WRITER_WB_BYTES  (256u << 20)
+#define WRITER_WB_RANGES 64
 
 /* Feature-name table (qcow2.txt "Feature name table"), the 8 entries qemu
  * 7.2 writes, in its order.  qemu omits the table for clusters of 4 KiB
@@ -76,8 +84,12 @@ struct qcow2_writer {
     unsigned char *buf; /* write-behind buffer */
     size_t buf_cap, buf_len;
     uint64_t buf_off;
-    uint64_t wb_off, wb_len; /* last flushed range, being written back */
-    unsigned char *scratch;  /* one cluster */
+    uint64_t pend_off, pend_len; /* written, writeback not started yet */
+    struct {
+        uint64_t off, len;
+    } wb[WRITER_WB_RANGES]; /* being written back, oldest at wb_head */
+    unsigned wb_head, wb_nr, wb_max;
+    unsigned char *scratch; /* one cluster */
 
     int error; /* sticky -errno after an I/O error, else 0 */
     char errmsg[WRITER_MSG_MAX];
@@ -152,6 +164,41 @@ pwrite_all(struct qcow2_writer *w,
     return 0;
 }
 
+/* Host bytes [off, off + len) were appended to the file.  Write-behind:
+ * every buffer's worth, start writeback of what was appended; once
+ * WRITER_WB_BYTES are in writeback, wait for the oldest range and drop it
+ * from the page cache, so a backup neither floods the cache nor stalls in
+ * dirty-page throttling, and the final fdatasync has little left to do.
+ */
+static void
+appended(struct qcow2_writer *w, uint64_t off, uint64_t len)
+{
+    unsigned i;
+
+    if (w->pend_len == 0)
+        w->pend_off = off;
+    w->pend_len = off + len - w->pend_off;
+    if (w->pend_len < w->buf_cap)
+        return;
+    sync_file_range(w->fd, w->pend_off, w->pend_len, SYNC_FILE_RANGE_WRITE);
+    if (w->wb_nr == w->wb_max) {
+        i = w->wb_head;
+        sync_file_range(w->fd,
+                        w->wb[i].off,
+                        w->wb[i].len,
+                        SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                            SYNC_FILE_RANGE_WAIT_AFTER);
+        posix_fadvise(w->fd, w->wb[i].off, w->wb[i].len, POSIX_FADV_DONTNEED);
+        w->wb_head = (w->wb_head + 1) % WRITER_WB_RANGES;
+        w->wb_nr--;
+    }
+    i = (w->wb_head + w->wb_nr) % WRITER_WB_RANGES;
+    w->wb[i].off = w->pend_off;
+    w->wb[i].len = w->pend_len;
+    w->wb_nr++;
+    w->pend_len = 0;
+}
+
 static int
 flush_buffer(struct qcow2_writer *w)
 {
@@ -161,23 +208,7 @@ flush_buffer(struct qcow2_writer *w)
         r = pwrite_all(w, w->buf, w->buf_len, w->buf_off, "clusters");
         if (r < 0)
             return r;
-        /* Write-behind (as nbdcopy does): start writeback of this range,
-         * wait for the previous one and drop it from the page cache, so
-         * a backup neither floods the cache nor stalls in dirty-page
-         * throttling, and the final fdatasync has little left to do.
-         */
-        sync_file_range(w->fd, w->buf_off, w->buf_len, SYNC_FILE_RANGE_WRITE);
-        if (w->wb_len) {
-            sync_file_range(w->fd,
-                            w->wb_off,
-                            w->wb_len,
-                            SYNC_FILE_RANGE_WAIT_BEFORE |
-                                SYNC_FILE_RANGE_WRITE |
-                                SYNC_FILE_RANGE_WAIT_AFTER);
-            posix_fadvise(w->fd, w->wb_off, w->wb_len, POSIX_FADV_DONTNEED);
-        }
-        w->wb_off = w->buf_off;
-        w->wb_len = w->buf_len;
+        appended(w, w->buf_off, w->buf_len);
     }
     w->buf_off += w->buf_len;
     w->buf_len = 0;
@@ -464,6 +495,57 @@ check_range(struct qcow2_writer *w,
     return 0;
 }
 
+/* The common case of a backup: whole clusters this image does not hold
+ * yet, appended straight from the caller's buffer (no copy through the
+ * write-behind buffer).  Consumes the leading run of such clusters of
+ * [*offset, *offset + *len) and advances the arguments past it.
+ */
+static int
+direct_clusters(struct qcow2_writer *w,
+                const unsigned char **src,
+                uint64_t *len,
+                uint64_t *offset)
+{
+    uint64_t c = *offset >> w->cluster_bits, n = 0, i, bytes;
+    int r;
+
+    if (*offset & (w->cluster_size - 1))
+        return 0;
+    while ((n + 1) * w->cluster_size <= *len) {
+        uint64_t *entry = l2_entry(w, c + n);
+
+        if (entry == NULL)
+            return -ENOMEM;
+        if (*entry & QCOW2_L2E_OFFSET_MASK)
+            break;
+        n++;
+    }
+    bytes = n * w->cluster_size;
+    if (bytes < DIRECT_MIN)
+        return 0;
+    if (w->next_host > QCOW2_MAX_HOST_OFFSET - bytes)
+        return writer_fail(w,
+                           EFBIG,
+                           "image file would exceed the qcow2 limit of 2^56 "
+                           "bytes");
+    r = flush_buffer(w);
+    if (r < 0)
+        return r;
+    r = pwrite_all(w, *src, bytes, w->next_host, "clusters");
+    if (r < 0)
+        return r;
+    for (i = 0; i < n; i++)
+        *l2_entry(w, c + i) =
+            (w->next_host + i * w->cluster_size) | QCOW2_OFLAG_COPIED;
+    appended(w, w->next_host, bytes);
+    w->next_host += bytes;
+    w->buf_off = w->next_host;
+    *src += bytes;
+    *len -= bytes;
+    *offset += bytes;
+    return 0;
+}
+
 static int
 do_range(struct qcow2_writer *w,
          const unsigned char *src,
@@ -473,6 +555,11 @@ do_range(struct qcow2_writer *w,
     uint64_t mask = w->cluster_size - 1;
     int r;
 
+    if (src && w->nr_free == 0) {
+        r = direct_clusters(w, &src, &len, &offset);
+        if (r < 0)
+            return r;
+    }
     while (len > 0) {
         size_t a = (size_t)(offset & mask);
         size_t n = (size_t)MIN(len, (uint64_t)w->cluster_size - a);
@@ -711,6 +798,9 @@ qcow2_writer_create_fd(int fd,
     if (cap == 0)
         cap = cs;
     w->buf_cap = cap;
+    w->wb_max = (unsigned)MAX(
+        (size_t)1,
+        MIN((size_t)WRITER_WB_RANGES, (size_t)WRITER_WB_BYTES / cap));
     if (posix_memalign((void **)&w->buf, 4096, cap) != 0) {
         w->buf = NULL;
         goto enomem;

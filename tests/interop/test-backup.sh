@@ -542,4 +542,40 @@ if want interrupted; then
     end
 fi
 
+# ======================================================================
+# The file system refuses a write in the middle of a backup (a file size
+# limit: EFBIG, as ENOSPC would be): the writer thread's error stops the
+# backup with a message naming the file, DIR is left as it was, and the
+# next run is correct.
+if want write-error; then
+    begin write-error
+    sock=$CASE_DIR/src.sock
+    run qemu-img create -q -f qcow2 disk.qcow2 "$SIZE"
+    qio disk.qcow2 "write -P 1 0 $((8 << 20))"
+    run qemu-img bitmap --add disk.qcow2 X
+    snap disk.qcow2 0
+    start_srv qcbt-server "$sock" "$SERVER" -t -B X -k "$sock" disk.qcow2
+    backup b0.json --since X "$(uri "$sock")" D || true
+    stop_srv
+    qio disk.qcow2 "write -P 2 $((16 << 20)) $((40 << 20))"
+    snap disk.qcow2 1
+    cp D/manifest.json manifest.before
+    ls D >ls.before
+    start_srv qcbt-server "$sock" "$SERVER" -t -B X -k "$sock" disk.qcow2
+    recipe_note "(trap '' XFSZ; ulimit -f 16384; qcbt backup --since X $(uri "$sock") D)"
+    rc=0
+    (trap '' XFSZ; ulimit -f 16384; exec "$QCBT" backup --no-progress --since X "$(uri "$sock")" D) \
+        >efbig.out 2>&1 || rc=$?
+    ck "backup over the file size limit exits 1 (got $rc: $(head -c 300 efbig.out))" test "$rc" -eq 1
+    ck "the error names the file and the cause" grep -q 'backup-0001.qcow2.part.*File too large' efbig.out
+    ck "manifest unchanged after a write error" cmp manifest.before D/manifest.json
+    ck "no file left after a write error" test -z "$(ls -A D | grep -vxF -f ls.before | grep -vx '.lock' || true)"
+    ck "verify passes after a write error" "$QCBT" verify D
+    backup b1.json --auto "$(uri "$sock")" D &&
+        ck "the next run is incremental" $CHECK json b1.json D type=incremental
+    stop_srv
+    check_dir D 2
+    end
+fi
+
 finish_cases

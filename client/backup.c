@@ -186,9 +186,9 @@ backup_usage(FILE *fp)
             "backup-vda\n"
             "                    (qemu:dirty-bitmap:CONTEXT) or a full "
             "context name\n"
-            "  --connections N   parallel connections (default 4 when the "
-            "server\n"
-            "                    allows multi-conn, else 1)\n"
+            "  --connections N   parallel connections when the server allows "
+            "multi-conn\n"
+            "                    (default: one per CPU, at most 4)\n"
             "  --no-digest       do not compute the guest digest\n"
             "  --json            print the result as JSON\n"
             "\n"
@@ -1137,8 +1137,18 @@ cmd_backup(int argc, char **argv)
     }
     eng.ctx = ctx;
 
-    /* Connections: several only when the server says they are coherent. */
-    eng.nconn = conns ? (size_t)conns : 4;
+    /* Connections: several only when the server says they are coherent.
+     * By default one per CPU, up to 4 (as nbdcopy): on a 2-CPU machine 4
+     * connections cost more in wakeups than they gain (bench-backup.sh:
+     * the fragmented incremental 1.9 -> 1.75 s, the full 2.85 -> 2.65 s).
+     */
+    if (conns) {
+        eng.nconn = (size_t)conns;
+    } else {
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+
+        eng.nconn = ncpu < 1 ? 1 : ncpu > 4 ? 4 : (size_t)ncpu;
+    }
     if (eng.nconn > 1 && nbd_can_multi_conn(eng.h[0]) <= 0) {
         if (conns > 1)
             fprintf(stderr,

@@ -5,7 +5,9 @@
  * list of host clusters released by zero requests (reused first, refcount
  * 0 if still free at close) and a write-behind buffer holding the most
  * recently appended host clusters [buf_off, buf_off + buf_len), with
- * buf_off + buf_len == next_host.  Nothing but data clusters is written
+ * buf_off + buf_len == next_host.  Runs of whole new clusters bypass the
+ * buffer: it is flushed and they are appended from the caller's memory
+ * (direct_clusters).  Nothing but data clusters is written
  * before close, and cluster 0 (the header) is written last, so a file that
  * was not closed successfully does not start with the qcow2 magic.
  */

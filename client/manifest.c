@@ -215,6 +215,32 @@ manifest_load(const char *dir, struct manifest *m)
             r = qcbt_error_prefix(-r, "%s", path);
             goto out;
         }
+        {
+            /* A digest of another algorithm (a newer qcbt's) must neither
+             * be checked as ours nor continued by an incremental.
+             */
+            const struct json *alg = json_get(o, "digest-algorithm");
+
+            if ((e.guest_digest || e.digest_sum) && alg &&
+                (alg->type != JSON_STRING ||
+                 strcmp(alg->string, DIGEST_ALGORITHM) != 0)) {
+                char what[64];
+
+                qcbt_escape(what,
+                            sizeof what,
+                            alg->type == JSON_STRING ? alg->string : "?",
+                            alg->type == JSON_STRING ? strlen(alg->string) : 1);
+                entry_free(&e);
+                r = qcbt_error(ENOTSUP,
+                               "%s: backup %zu: digest algorithm \"%s\" is "
+                               "not supported (this qcbt knows \"%s\")",
+                               path,
+                               i,
+                               what,
+                               DIGEST_ALGORITHM);
+                goto out;
+            }
+        }
         json_get_int(o, "requests", (int64_t *)&e.requests);
         sec = json_get(o, "seconds");
         if (sec && sec->type == JSON_NUMBER)

@@ -23,7 +23,10 @@
 #   - --auto: full the first time, incremental after, full after a resize
 #     and when the context is not granted; the --json fields;
 #   - kill -9 in the middle of a backup (nbdkit's delay filter in front of
-#     qcbt-server) leaves DIR as it was and the next --auto is correct.
+#     qcbt-server) leaves DIR as it was and the next --auto is correct;
+#   - a write error (EFBIG) does the same, with the file named;
+#   - verify/restore catch a flipped data byte, a changed digest and a
+#     digest algorithm they do not know.
 #
 # Environment: QCBT (client), QCBT_SERVER or QCBT_BUILD_DIR (server),
 # CASES=REGEX to run some cases only, QCBT_KEEP_TMP=1 to keep the files.
@@ -97,6 +100,21 @@ ck_fails() {
     { printf '! %q ' "$@"; printf '\n'; } >>"$CASE_DIR/recipe.txt"
     if "$@" >"$CASE_DIR/ck.out" 2>&1; then
         note "[$CASE] FAIL: $what (it succeeded)"
+        CASE_RC=1
+    fi
+    return 0
+}
+
+# ck_fails_with WHAT REGEX CMD...: CMD must fail and say REGEX.
+ck_fails_with() {
+    local what=$1 re=$2
+    shift 2
+    { printf '! %q ' "$@"; printf '\n'; } >>"$CASE_DIR/recipe.txt"
+    if "$@" >"$CASE_DIR/ck.out" 2>&1; then
+        note "[$CASE] FAIL: $what (it succeeded)"
+        CASE_RC=1
+    elif ! grep -Eq "$re" "$CASE_DIR/ck.out"; then
+        note "[$CASE] FAIL: $what (no /$re/ in: $(head -c 300 "$CASE_DIR/ck.out"))"
         CASE_RC=1
     fi
     return 0
@@ -575,6 +593,63 @@ if want write-error; then
         ck "the next run is incremental" $CHECK json b1.json D type=incremental
     stop_srv
     check_dir D 2
+    end
+fi
+
+# ======================================================================
+# verify and restore catch what the manifest's digests are for: a flipped
+# byte in a backup's data cluster, a changed digest, a digest of an
+# algorithm this qcbt does not know; the intact older backup still
+# restores.
+if want verify-detects; then
+    begin verify-detects
+    sock=$CASE_DIR/src.sock
+    run qemu-img create -q -f qcow2 disk.qcow2 "$SIZE"
+    qio disk.qcow2 "write -P 1 0 $((8 << 20))"
+    run qemu-img bitmap --add disk.qcow2 X
+    snap disk.qcow2 0
+    start_srv qcbt-server "$sock" "$SERVER" -t -B X -k "$sock" disk.qcow2
+    backup b0.json --since X "$(uri "$sock")" D || true
+    stop_srv
+    qio disk.qcow2 "write -P 2 $((4 << 20)) $((8 << 20))"
+    snap disk.qcow2 1
+    start_srv qcbt-server "$sock" "$SERVER" -t -B X -k "$sock" disk.qcow2
+    backup b1.json --since X "$(uri "$sock")" D || true
+    stop_srv
+    ck "verify of the intact DIR" "$QCBT" verify D
+
+    # A data cluster of backup-0001.qcow2 (its own layer, depth 0).
+    cp -a D flip
+    off=$(qemu-img map --output=json -f qcow2 flip/backup-0001.qcow2 |
+        "$PYTHON" -c 'import json,sys; print(next(e["offset"] for e in json.load(sys.stdin) if e["data"] and e["depth"] == 0) + 1000)')
+    recipe_note "flip the byte at host offset $off of flip/backup-0001.qcow2"
+    "$PYTHON" -c 'import sys
+with open(sys.argv[1], "r+b") as f:
+    f.seek(int(sys.argv[2])); b = f.read(1); f.seek(int(sys.argv[2])); f.write(bytes([b[0] ^ 0x40]))' flip/backup-0001.qcow2 "$off"
+    ck "qemu-img check still passes (the metadata is intact)" qemu-img check -q flip/backup-0001.qcow2
+    ck_fails_with "verify finds the flipped byte" 'backup-0001.qcow2.*digest' "$QCBT" verify flip
+    ck_fails_with "restore refuses the flipped byte" 'does not match' "$QCBT" restore flip r1.raw
+    rm -f r0.raw
+    try "restore --at 0 of the intact full backup" "$QCBT" restore --at 0 flip r0.raw &&
+        ck "restore --at 0 == source at backup 0" qemu-img compare -q -f raw -F raw r0.raw ref0.raw
+
+    cp -a D sum
+    "$PYTHON" -c 'import json,sys
+p = sys.argv[1]; m = json.load(open(p))
+d = m["backups"][1]["guest-digest"]
+m["backups"][1]["guest-digest"] = ("1" if d[0] != "1" else "2") + d[1:]
+json.dump(m, open(p, "w"), indent=2)' sum/manifest.json
+    ck_fails_with "verify finds a changed digest" 'backup-0001.qcow2.*digest' "$QCBT" verify sum
+
+    cp -a D alg
+    "$PYTHON" -c 'import json,sys
+p = sys.argv[1]; m = json.load(open(p))
+m["backups"][1]["digest-algorithm"] = "sha256-sum-4096"
+json.dump(m, open(p, "w"), indent=2)' alg/manifest.json
+    ck_fails_with "verify names an unknown digest algorithm" 'digest algorithm "sha256-sum-4096" is not supported' \
+        "$QCBT" verify alg
+    ck_fails_with "backup refuses to continue an unknown digest" 'digest algorithm' \
+        "$QCBT" backup --no-progress --since X "$(uri "$sock")" alg
     end
 fi
 

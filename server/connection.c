@@ -150,6 +150,40 @@ unlink_connection(struct connection *c, bool negotiated)
     }
 }
 
+/* A lingering close.  Bytes the client sent that we never read (after
+ * DISC, or while we were stopping) would turn close() into a TCP reset,
+ * and a reset can make the client's kernel drop replies it has not
+ * delivered yet.  So: send our FIN, then read and discard until the
+ * client closes too, for at most LINGER_MS and LINGER_BYTES.
+ */
+#define LINGER_MS    2000
+#define LINGER_BYTES (1 << 20)
+
+static void
+linger_close(struct connection *c)
+{
+    int64_t deadline = now_ms() + LINGER_MS;
+    size_t total = 0;
+    char buf[4096];
+
+    if (shutdown(c->fd, SHUT_WR) < 0)
+        return;
+    while (total < LINGER_BYTES) {
+        struct pollfd p = {.fd = c->fd, .events = POLLIN};
+        int64_t left = deadline - now_ms();
+        ssize_t n;
+
+        if (left <= 0 || poll(&p, 1, (int)left) <= 0)
+            break;
+        n = recv(c->fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            continue;
+        if (n <= 0)
+            break;
+        total += (size_t)n;
+    }
+}
+
 void *
 connection_thread(void *arg)
 {
@@ -168,6 +202,7 @@ connection_thread(void *arg)
                 c->structured ? "structured" : "simple",
                 c->nr_meta);
         transmission(c);
+        linger_close(c);
     }
     srv_log(srv, LOG_INFO, "%s: disconnected", c->peer);
     unlink_connection(c, r == 1);

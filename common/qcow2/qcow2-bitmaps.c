@@ -484,6 +484,116 @@ cmp_data_ref(const void *a, const void *b)
 
 #define BME_TABLE_OFFSET_MASK_ 0x00fffffffffffe00ULL
 
+/* A host range a bitmap owns: its table or one of its data clusters. */
+struct owned {
+    uint64_t off, len;
+    size_t owner;
+    bool table;
+};
+
+static int
+cmp_owned(const void *a, const void *b)
+{
+    const struct owned *x = a, *y = b;
+
+    return x->off < y->off ? -1 : x->off > y->off;
+}
+
+/* The owned range overlapping [off, off+len), or NULL.  The ranges are
+ * sorted and do not overlap each other (except exact duplicates: data
+ * clusters shared between bitmaps, already refused), so only the last
+ * one starting before the end can.
+ */
+static const struct owned *
+owned_hit(const struct owned *o, size_t n, uint64_t off, uint64_t len)
+{
+    size_t lo = 0, hi = n;
+
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+
+        if (o[mid].off < off + len)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo && o[lo - 1].off + o[lo - 1].len > off)
+        return &o[lo - 1];
+    return NULL;
+}
+
+/* Guest data on a bitmap's table or data cluster: the guest's writes
+ * have been landing in the bitmap (or the bitmap's in the guest data),
+ * so the bitmap says nothing reliable.  QEMU finds this only with
+ * qemu-img check (refcounts); here every L2 table of the image is walked
+ * once, when its bitmaps are loaded.
+ */
+static int
+check_guest_overlap(struct qcow2_image *img,
+                    struct qcow2_bitmap_list *list,
+                    struct owned *o,
+                    size_t n)
+{
+    uint64_t cs = img->cluster_size;
+    size_t esize = img->extended_l2 ? 16 : 8;
+    unsigned char *t;
+    uint64_t i, k;
+
+    if (n == 0 || img->data_io != img->io)
+        return 0; /* guest data lives in another file */
+    qsort(o, n, sizeof *o, cmp_owned);
+    t = malloc(cs);
+    if (!t)
+        return qcbt_error(ENOMEM, "out of memory");
+    for (i = 0; i < img->hdr.l1_size; i++) {
+        uint64_t l2 = img->l1[i] & QCOW2_L1E_OFFSET_MASK;
+
+        if (!l2)
+            continue;
+        if (qcbt_io_read_exact(img->io, t, cs, l2, false, "L2 table") < 0) {
+            list->usable = false;
+            LAYER_BAD(list,
+                      "cannot check that guest data and bitmaps are apart: "
+                      "%s",
+                      qcbt_error_get());
+            break;
+        }
+        for (k = 0; k < img->l2_entries; k++) {
+            uint64_t e = get_be64(t + k * esize), off, len;
+            const struct owned *hit;
+
+            if (e & QCOW2_OFLAG_COMPRESSED) {
+                off = e & img->coffset_mask;
+                len = (((e >> img->csize_shift) & img->csize_mask) + 1) * 512 -
+                      (off & 511);
+            } else {
+                off = e & QCOW2_L2E_OFFSET_MASK;
+                len = cs;
+            }
+            if (!off)
+                continue;
+            hit = owned_hit(o, n, off, len);
+            if (hit && list->bitmaps[hit->owner].status == QCOW2_BITMAP_OK) {
+                struct qcow2_bitmap_info *bi = &list->bitmaps[hit->owner];
+                char name[80];
+
+                BITMAP_BAD(
+                    bi,
+                    "bitmap '%s': its %s at 0x%" PRIx64
+                    " is also guest data (guest offset 0x%" PRIx64
+                    ", host 0x%" PRIx64 ")",
+                    qcbt_escape(name, sizeof name, bi->name, strlen(bi->name)),
+                    hit->table ? "table" : "data cluster",
+                    hit->off,
+                    ((i << img->l2_bits) + k) * cs,
+                    off);
+            }
+        }
+    }
+    free(t);
+    return 0;
+}
+
 /* With a valid directory: the tables join the metadata map, and no data
  * cluster may sit on metadata or be shared between bitmaps.  A bitmap
  * breaking that is invalid (the others stay usable).
@@ -591,6 +701,32 @@ check_placement(struct qcow2_image *img, struct qcow2_bitmap_list *list)
                        refs[k].off,
                        na);
         }
+    }
+    /* Tables and data clusters against the guest's clusters. */
+    {
+        size_t no = 0;
+        struct owned *o = malloc((nrefs + list->nr + 1) * sizeof *o);
+
+        if (!o) {
+            r = qcbt_error(ENOMEM, "out of memory");
+            goto out;
+        }
+        for (i = 0; i < list->nr; i++)
+            if (list->bitmaps[i].table_size)
+                o[no++] =
+                    (struct owned){list->bitmaps[i].table_offset,
+                                   (uint64_t)list->bitmaps[i].table_size * 8,
+                                   i,
+                                   true};
+        for (k = 0; k < nrefs; k++)
+            o[no++] = (struct owned){refs[k].off,
+                                     img->cluster_size,
+                                     refs[k].owner,
+                                     false};
+        r = check_guest_overlap(img, list, o, no);
+        free(o);
+        if (r < 0)
+            goto out;
     }
     r = 0;
 out:

@@ -438,4 +438,55 @@ if want many; then
     case_result "$rc"
 fi
 
+# --- guest data on the bitmap's data cluster (made by QEMU, then damaged) ----
+# The guest L2 entry of cluster 0 is pointed at the data cluster of X: QEMU
+# opens the image and reads the bitmap's bits as guest data (only
+# qemu-img check finds it); qcbt must refuse X naming the overlap, not
+# publish bits the guest has been writing over.
+
+if want guest-overlap; then
+    begin_case guest-overlap
+    rc=0
+    run qemu-img create -q -f qcow2 img.qcow2 64M
+    run qemu-io -f qcow2 -c "write -P 0x11 0 64k" img.qcow2
+    run qemu-img bitmap --add img.qcow2 X
+    run qemu-io -f qcow2 -c "write -P 0x22 1M 64k" img.qcow2
+    run "$PYTHON" - img.qcow2 <<'PYEOF'
+import struct, sys
+f = open(sys.argv[1], "r+b")
+h = f.read(4096)
+cbits = struct.unpack(">I", h[20:24])[0]
+l1_off = struct.unpack(">Q", h[40:48])[0]
+hlen = struct.unpack(">I", h[100:104])[0]
+pos, dir_off = hlen, None
+while pos + 8 <= len(h):
+    t, n = struct.unpack(">II", h[pos:pos + 8])
+    if t == 0:
+        break
+    if t == 0x23852875:
+        dir_off = struct.unpack(">Q", h[pos + 8 + 16:pos + 8 + 24])[0]
+    pos += 8 + (n + 7) // 8 * 8
+assert dir_off, "no bitmaps extension"
+f.seek(dir_off)
+table_off = struct.unpack(">Q", f.read(8))[0]
+f.seek(table_off)
+data = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+assert data, "bitmap X has no data cluster"
+f.seek(l1_off)
+l2 = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+f.seek(l2)
+f.write(struct.pack(">Q", data | (1 << 63)))
+PYEOF
+    if qemu-img check -q img.qcow2 >check.out 2>&1; then
+        note "[$CASE] FAIL: qemu-img check found nothing wrong"
+        rc=1
+    fi
+    out=$("$QCBT" bitmap check img.qcow2 X 2>&1) && st=0 || st=$?
+    if [[ $st -ne 2 || $out != *"also guest data"* ]]; then
+        note "[$CASE] FAIL: qcbt bitmap check: exit $st (expected 2): $out"
+        rc=1
+    fi
+    case_result "$rc"
+fi
+
 finish_cases

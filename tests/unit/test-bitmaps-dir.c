@@ -1979,11 +1979,12 @@ log_case(char *log, size_t size, const char *what, const char *why)
         snprintf(log + used, size - used, "\n  %s: %s", what, why);
 }
 
-/* A43/A44 (catalogue): bitmap tables and data clusters on metadata the
- * reader can know without scanning the image (an L2 table listed in the
- * L1 table, a refcount block listed in the refcount table, another
- * bitmap's table) and data clusters shared between two bitmaps.  Every
- * such bitmap must be refused, by the directory check or by the loader.
+/* A43/A44 (catalogue): bitmap tables and data clusters on metadata (an
+ * L2 table listed in the L1 table, a refcount block listed in the
+ * refcount table, another bitmap's table), data clusters shared between
+ * two bitmaps, and guest data clusters (plain or compressed) on a bitmap's
+ * table or data.  Every such bitmap must be refused, by the directory
+ * check or by the loader.
  */
 static void
 test_tables_cross_metadata(void **state)
@@ -2042,6 +2043,43 @@ test_tables_cross_metadata(void **state)
              sizeof log,
              "data cluster shared by 'a' and 'b' (a)",
              never_loads(m, bs.len, "a", SUBS("'a'")));
+    free(m);
+    /* guest data (the L2 table maps guest cluster 7 at bs.guest_off;
+     * 512-byte clusters: one L2 table of 64 entries)
+     */
+    m = dup_buf(bs.buf, bs.len);
+    qb_put_be64(m, t + 8, bs.guest_off);
+    log_case(log,
+             sizeof log,
+             "data of 'b' on guest data",
+             never_loads(m, bs.len, "b", SUBS("guest data", "'b'")));
+    free(m);
+    m = dup_buf(bs.buf, bs.len);
+    qb_put_be64(m,
+                bs.l2_off + 7 * 8,
+                base_data(&bs, 0, 0) | QCOW2_OFLAG_COPIED);
+    log_case(log,
+             sizeof log,
+             "guest data on the data of 'a'",
+             never_loads(m, bs.len, "a", SUBS("guest data", "data cluster")));
+    qb_put_be64(m, bs.l2_off + 7 * 8, bs.table[2] | QCOW2_OFLAG_COPIED);
+    log_case(log,
+             sizeof log,
+             "guest data on the table of 'c'",
+             never_loads(m, bs.len, "c", SUBS("guest data", "table")));
+    free(m);
+    /* a compressed guest cluster whose bytes run into a data cluster of
+     * 'a' (two sectors starting 512 bytes before it)
+     */
+    m = dup_buf(bs.buf, bs.len);
+    qb_put_be64(m,
+                bs.l2_off + 7 * 8,
+                QCOW2_OFLAG_COMPRESSED | (1ULL << (62 - (9 - 8))) |
+                    (base_data(&bs, 0, 0) - 512));
+    log_case(log,
+             sizeof log,
+             "compressed guest data on the data of 'a'",
+             never_loads(m, bs.len, "a", SUBS("guest data")));
     free(m);
     base_free(&bs);
     if (log[0])

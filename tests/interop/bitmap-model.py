@@ -360,21 +360,29 @@ class Daemon:
             self.proc.kill()
             raise SystemExit("model: qemu-storage-daemon: no QMP socket")
         self.f = self.s.makefile("rw")
-        self.f.readline()                       # greeting
+        self.next_id = 0
+        while "QMP" not in self.read_msg("the greeting"):
+            pass
         self.cmd("qmp_capabilities")
 
+    def read_msg(self, what):
+        line = self.f.readline()
+        if not line:
+            raise SystemExit("model: QMP connection closed waiting for %s" % what)
+        return json.loads(line)
+
     def cmd(self, execute, **args):
-        msg = {"execute": execute}
+        # Replies are matched by id: a CI run once got {"return": {}} for
+        # x-debug-block-dirty-bitmap-sha256, a reply that was not its own.
+        self.next_id += 1
+        msg = {"execute": execute, "id": self.next_id}
         if args:
             msg["arguments"] = args
         self.f.write(json.dumps(msg) + "\n")
         self.f.flush()
         while True:
-            line = self.f.readline()
-            if not line:
-                raise SystemExit("model: QMP connection closed on %s" % execute)
-            r = json.loads(line)
-            if "event" not in r:
+            r = self.read_msg(execute)
+            if r.get("id") == self.next_id:
                 return r
 
     def quit(self):

@@ -560,6 +560,19 @@ if want interrupted; then
     end
 fi
 
+# first_backup SOCK: a new disk.qcow2 with 8 MiB of data and bitmap X
+# (the oracle ref0.raw), and its first backup in D through qcbt-server on
+# SOCK (stopped again).
+first_backup() {
+    run qemu-img create -q -f qcow2 disk.qcow2 "$SIZE"
+    qio disk.qcow2 "write -P 1 0 $((8 << 20))"
+    run qemu-img bitmap --add disk.qcow2 X
+    snap disk.qcow2 0
+    start_srv qcbt-server "$1" "$SERVER" -t -B X -k "$1" disk.qcow2
+    backup b0.json --since X "$(uri "$1")" D || true
+    stop_srv
+}
+
 # ======================================================================
 # The file system refuses a write in the middle of a backup (a file size
 # limit: EFBIG, as ENOSPC would be): the writer thread's error stops the
@@ -568,13 +581,7 @@ fi
 if want write-error; then
     begin write-error
     sock=$CASE_DIR/src.sock
-    run qemu-img create -q -f qcow2 disk.qcow2 "$SIZE"
-    qio disk.qcow2 "write -P 1 0 $((8 << 20))"
-    run qemu-img bitmap --add disk.qcow2 X
-    snap disk.qcow2 0
-    start_srv qcbt-server "$sock" "$SERVER" -t -B X -k "$sock" disk.qcow2
-    backup b0.json --since X "$(uri "$sock")" D || true
-    stop_srv
+    first_backup "$sock"
     qio disk.qcow2 "write -P 2 $((16 << 20)) $((40 << 20))"
     snap disk.qcow2 1
     cp D/manifest.json manifest.before
@@ -604,13 +611,7 @@ fi
 if want verify-detects; then
     begin verify-detects
     sock=$CASE_DIR/src.sock
-    run qemu-img create -q -f qcow2 disk.qcow2 "$SIZE"
-    qio disk.qcow2 "write -P 1 0 $((8 << 20))"
-    run qemu-img bitmap --add disk.qcow2 X
-    snap disk.qcow2 0
-    start_srv qcbt-server "$sock" "$SERVER" -t -B X -k "$sock" disk.qcow2
-    backup b0.json --since X "$(uri "$sock")" D || true
-    stop_srv
+    first_backup "$sock"
     qio disk.qcow2 "write -P 2 $((4 << 20)) $((8 << 20))"
     snap disk.qcow2 1
     start_srv qcbt-server "$sock" "$SERVER" -t -B X -k "$sock" disk.qcow2

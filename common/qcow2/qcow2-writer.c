@@ -41,27 +41,14 @@
 #define WRITER_WB_BYTES  (256u << 20)
 #define WRITER_WB_RANGES 64
 
-/* Feature-name table (qcow2.txt "Feature name table"), the 8 entries qemu
- * 7.2 writes, in its order.  qemu omits the table for clusters of 4 KiB
- * and less to leave room for the backing file name (qcow2_update_header).
+/* Feature-name table (qcow2.txt "Feature name table"): qcow2_known_features
+ * (qcow2.c), the 8 entries qemu 7.2 writes, in its order.  qemu omits the
+ * table for clusters of 4 KiB and less to leave room for the backing file
+ * name (qcow2_update_header).
  */
 #define WRITER_FEATURE_TABLE_MIN_CLUSTER 8192
-static const struct {
-    uint8_t type;
-    uint8_t bit;
-    const char *name;
-} writer_features[] = {
-    {0, 0, "dirty bit"},
-    {0, 1, "corrupt bit"},
-    {0, 2, "external data file"},
-    {0, 3, "compression type"},
-    {0, 4, "extended L2 entries"},
-    {1, 0, "lazy refcounts"},
-    {2, 0, "bitmaps"},
-    {2, 1, "raw external data"},
-};
-#define WRITER_NR_FEATURES (sizeof writer_features / sizeof writer_features[0])
-#define WRITER_FEATURE_LEN 48
+#define WRITER_NR_FEATURES               qcow2_nr_known_features
+#define WRITER_FEATURE_LEN               48
 
 struct qcow2_writer {
     int fd;
@@ -1004,11 +991,11 @@ write_header(struct qcow2_writer *w,
         put_be32(h + p + 4, WRITER_NR_FEATURES * WRITER_FEATURE_LEN);
         p += 8;
         for (i = 0; i < WRITER_NR_FEATURES; i++) {
-            h[p] = writer_features[i].type;
-            h[p + 1] = writer_features[i].bit;
+            h[p] = qcow2_known_features[i].type;
+            h[p + 1] = qcow2_known_features[i].bit;
             memcpy(h + p + 2,
-                   writer_features[i].name,
-                   strlen(writer_features[i].name));
+                   qcow2_known_features[i].name,
+                   strlen(qcow2_known_features[i].name));
             p += WRITER_FEATURE_LEN;
         }
     }

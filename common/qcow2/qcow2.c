@@ -232,10 +232,10 @@ qcow2_parse_header(const void *buf,
     return 0;
 }
 
-static const struct {
-    uint8_t type, bit;
-    const char *name;
-} builtin_features[] = {
+/* The features QEMU 7.2 names in its feature-name table, in its order
+ * (the writer writes exactly this table).
+ */
+const struct qcow2_known_feature qcow2_known_features[] = {
     {0, 0, "dirty bit"},
     {0, 1, "corrupt bit"},
     {0, 2, "external data file"},
@@ -245,6 +245,8 @@ static const struct {
     {2, 0, "bitmaps"},
     {2, 1, "raw external data"},
 };
+const size_t qcow2_nr_known_features =
+    sizeof qcow2_known_features / sizeof qcow2_known_features[0];
 
 const char *
 qcow2_feature_name(const struct qcow2_image *img, uint8_t type, uint8_t bit)
@@ -255,9 +257,10 @@ qcow2_feature_name(const struct qcow2_image *img, uint8_t type, uint8_t bit)
         if (img->features[i].type == type && img->features[i].bit == bit &&
             img->features[i].name[0])
             return img->features[i].name;
-    for (i = 0; i < sizeof builtin_features / sizeof builtin_features[0]; i++)
-        if (builtin_features[i].type == type && builtin_features[i].bit == bit)
-            return builtin_features[i].name;
+    for (i = 0; i < qcow2_nr_known_features; i++)
+        if (qcow2_known_features[i].type == type &&
+            qcow2_known_features[i].bit == bit)
+            return qcow2_known_features[i].name;
     return NULL;
 }
 

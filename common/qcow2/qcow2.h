@@ -72,6 +72,15 @@ struct qcow2_feature_name {
     char name[47]; /* NUL-terminated copy of the 46-byte field */
 };
 
+/* The feature names QEMU 7.2 knows (and writes, in this order). */
+struct qcow2_known_feature {
+    uint8_t type;
+    uint8_t bit;
+    const char *name;
+};
+extern const struct qcow2_known_feature qcow2_known_features[];
+extern const size_t qcow2_nr_known_features;
+
 struct qcow2_unknown_ext {
     uint32_t type;
     uint32_t len;

@@ -13,7 +13,6 @@
  * seed compares whole chains, both modes and every sub-range.
  */
 #include <errno.h>
-#include <ftw.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <setjmp.h>
@@ -35,6 +34,7 @@
 #include "merge.h"
 #include "qcow2-bitmaps.h"
 #include "qcow2-builder.h"
+#include "test-tmpdir.h"
 
 #define KiB 1024ULL
 #define MiB (1024ULL * 1024)
@@ -80,38 +80,6 @@ static uint64_t
 min_u64(uint64_t a, uint64_t b)
 {
     return a < b ? a : b;
-}
-
-static char tmpdir[PATH_MAX];
-
-static int
-rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    return remove(path);
-}
-
-static int
-setup_tmpdir(void **state)
-{
-    const char *t = getenv("TMPDIR");
-
-    snprintf(tmpdir,
-             sizeof tmpdir,
-             "%s/qcbt-test-merge-XXXXXX",
-             t && t[0] ? t : "/tmp");
-    if (!mkdtemp(tmpdir)) {
-        perror("mkdtemp");
-        return -1;
-    }
-    return 0;
-}
-
-static int
-teardown_tmpdir(void **state)
-{
-    if (tmpdir[0])
-        nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-    return 0;
 }
 
 static void
@@ -393,7 +361,7 @@ static void
 mchain_write(struct mchain *mc, const char *sub)
 {
     size_t i;
-    int n = snprintf(mc->dir, sizeof mc->dir, "%s/%s", tmpdir, sub);
+    int n = snprintf(mc->dir, sizeof mc->dir, "%s/%s", test_tmpdir, sub);
 
     assert_true(n > 0 && (size_t)n < sizeof mc->dir);
     if (mkdir(mc->dir, 0700) < 0)
@@ -1516,5 +1484,7 @@ main(void)
         cmocka_unit_test(test_random_chains),
     };
 
-    return cmocka_run_group_tests(tests, setup_tmpdir, teardown_tmpdir);
+    return cmocka_run_group_tests(tests,
+                                  test_tmpdir_setup,
+                                  test_tmpdir_teardown);
 }

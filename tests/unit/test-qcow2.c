@@ -9,7 +9,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <setjmp.h>
@@ -30,6 +29,7 @@
 #include "io.h"
 #include "qcow2.h"
 #include "qcow2-builder.h"
+#include "test-tmpdir.h"
 
 #define KiB 1024ULL
 #define MiB (1024ULL * 1024)
@@ -2421,38 +2421,6 @@ test_decompress_bounds(void **state)
 /* ------------------------------------------------------------------ */
 /* A1, A16, A19-A23: backing chains of real files */
 
-static char tmpdir[PATH_MAX];
-
-static int
-rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    return remove(path);
-}
-
-static int
-setup_tmpdir(void **state)
-{
-    const char *t = getenv("TMPDIR");
-
-    snprintf(tmpdir,
-             sizeof tmpdir,
-             "%s/qcbt-test-qcow2-XXXXXX",
-             t && t[0] ? t : "/tmp");
-    if (!mkdtemp(tmpdir)) {
-        perror("mkdtemp");
-        return -1;
-    }
-    return 0;
-}
-
-static int
-teardown_tmpdir(void **state)
-{
-    if (tmpdir[0])
-        nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-    return 0;
-}
-
 /* PATH of NAME inside the test's directory SUB (created on first use). */
 static const char *
 tpath(const char *sub, const char *name)
@@ -2461,13 +2429,13 @@ tpath(const char *sub, const char *name)
     static int next;
     char *p = buf[next++ % 4];
 
-    int n = snprintf(p, PATH_MAX, "%s/%s", tmpdir, sub);
+    int n = snprintf(p, PATH_MAX, "%s/%s", test_tmpdir, sub);
 
     assert_true(n > 0 && n < PATH_MAX);
     mkdir(p, 0700);
     if (name) {
         n = snprintf(p + n, PATH_MAX - n, "/%s", name);
-        assert_true(n > 0 && (size_t)n < PATH_MAX - strlen(tmpdir));
+        assert_true(n > 0 && (size_t)n < PATH_MAX - strlen(test_tmpdir));
     }
     return p;
 }
@@ -3259,5 +3227,7 @@ main(void)
         cmocka_unit_test(test_chain_lower_layer_corrupt),
     };
 
-    return cmocka_run_group_tests(tests, setup_tmpdir, teardown_tmpdir);
+    return cmocka_run_group_tests(tests,
+                                  test_tmpdir_setup,
+                                  test_tmpdir_teardown);
 }

@@ -469,19 +469,6 @@ qcow2_bitmaps_parse_dir(struct qcow2_image *img,
 
 static int cmp_u64(const void *a, const void *b);
 
-struct data_ref {
-    uint64_t off;
-    size_t owner;
-};
-
-static int
-cmp_data_ref(const void *a, const void *b)
-{
-    const struct data_ref *x = a, *y = b;
-
-    return x->off < y->off ? -1 : x->off > y->off;
-}
-
 #define BME_TABLE_OFFSET_MASK_ 0x00fffffffffffe00ULL
 
 /* A host range a bitmap owns: its table or one of its data clusters. */
@@ -601,7 +588,7 @@ check_guest_overlap(struct qcow2_image *img,
 static int
 check_placement(struct qcow2_image *img, struct qcow2_bitmap_list *list)
 {
-    struct data_ref *refs = NULL;
+    struct owned *refs = NULL;
     size_t nrefs = 0, cap = 0, i, k;
     unsigned char *t = NULL;
     int r;
@@ -665,7 +652,7 @@ check_placement(struct qcow2_image *img, struct qcow2_bitmap_list *list)
             }
             if (nrefs == cap) {
                 size_t nc = cap ? cap * 2 : 256;
-                struct data_ref *nr2 = realloc(refs, nc * sizeof *nr2);
+                struct owned *nr2 = realloc(refs, nc * sizeof *nr2);
 
                 if (!nr2) {
                     r = qcbt_error(ENOMEM, "out of memory");
@@ -674,11 +661,11 @@ check_placement(struct qcow2_image *img, struct qcow2_bitmap_list *list)
                 refs = nr2;
                 cap = nc;
             }
-            refs[nrefs++] = (struct data_ref){off, i};
+            refs[nrefs++] = (struct owned){off, img->cluster_size, i, false};
         }
     }
     if (nrefs > 1)
-        qsort(refs, nrefs, sizeof *refs, cmp_data_ref);
+        qsort(refs, nrefs, sizeof *refs, cmp_owned);
     for (k = 1; k < nrefs; k++) {
         if (refs[k].off == refs[k - 1].off &&
             refs[k].owner != refs[k - 1].owner) {
@@ -704,13 +691,14 @@ check_placement(struct qcow2_image *img, struct qcow2_bitmap_list *list)
     }
     /* Tables and data clusters against the guest's clusters. */
     {
-        size_t no = 0;
-        struct owned *o = malloc((nrefs + list->nr + 1) * sizeof *o);
+        size_t no = nrefs;
+        struct owned *o = realloc(refs, (nrefs + list->nr + 1) * sizeof *o);
 
         if (!o) {
             r = qcbt_error(ENOMEM, "out of memory");
             goto out;
         }
+        refs = o;
         for (i = 0; i < list->nr; i++)
             if (list->bitmaps[i].table_size)
                 o[no++] =
@@ -718,13 +706,7 @@ check_placement(struct qcow2_image *img, struct qcow2_bitmap_list *list)
                                    (uint64_t)list->bitmaps[i].table_size * 8,
                                    i,
                                    true};
-        for (k = 0; k < nrefs; k++)
-            o[no++] = (struct owned){refs[k].off,
-                                     img->cluster_size,
-                                     refs[k].owner,
-                                     false};
         r = check_guest_overlap(img, list, o, no);
-        free(o);
         if (r < 0)
             goto out;
     }

@@ -1,6 +1,7 @@
 /* qcbt: backing chains and the guest view. */
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -434,7 +435,12 @@ chain_close(struct chain *c)
 }
 
 /* Per-thread cache of the last decompressed cluster, so that small reads
- * inside one compressed cluster decompress it once.
+ * inside one compressed cluster decompress it once.  It holds up to a
+ * cluster (2 MiB) plus the compressed scratch (4 MiB) on the heap, and
+ * servers start threads per connection: the thread-specific key's
+ * destructor frees it when its thread exits (STYLE.md), and a thread that
+ * goes idle gives it back with chain_release_thread_cache().  zc_tls is
+ * only the fast way to the same pointer the key holds.
  */
 struct zcache {
     uint64_t chain_id;
@@ -445,7 +451,82 @@ struct zcache {
     unsigned char *cluster;
     unsigned char *scratch;
 };
-static __thread struct zcache zc;
+static __thread struct zcache *zc_tls;
+static pthread_key_t zcache_key;
+static pthread_once_t zcache_once = PTHREAD_ONCE_INIT;
+static atomic_bool zcache_key_ok;
+
+static void
+zcache_free(void *p)
+{
+    struct zcache *z = p;
+
+    if (!z)
+        return;
+    /* Called from the exiting (or releasing) thread itself. */
+    if (zc_tls == z)
+        zc_tls = NULL;
+    free(z->cluster);
+    free(z->scratch);
+    free(z);
+}
+
+static void
+zcache_key_create(void)
+{
+    if (pthread_key_create(&zcache_key, zcache_free) == 0)
+        atomic_store(&zcache_key_ok, true);
+}
+
+/* When this code is unloaded (dlclose of the nbdkit plugin or filter),
+ * threads that exit later must not call a destructor that is gone.
+ */
+__attribute__((destructor)) static void
+zcache_key_delete(void)
+{
+    if (atomic_exchange(&zcache_key_ok, false))
+        pthread_key_delete(zcache_key);
+}
+
+/* The calling thread's cache, made on first use.  NULL: out of memory
+ * (or no key), with the error set.
+ */
+static struct zcache *
+zcache_get(void)
+{
+    struct zcache *z = zc_tls;
+
+    if (z)
+        return z;
+    pthread_once(&zcache_once, zcache_key_create);
+    if (!atomic_load(&zcache_key_ok)) {
+        qcbt_error(EAGAIN, "cannot create the decompression cache key");
+        return NULL;
+    }
+    z = calloc(1, sizeof *z);
+    if (!z) {
+        qcbt_error(ENOMEM, "out of memory");
+        return NULL;
+    }
+    if (pthread_setspecific(zcache_key, z) != 0) {
+        free(z);
+        qcbt_error(ENOMEM, "out of memory");
+        return NULL;
+    }
+    zc_tls = z;
+    return z;
+}
+
+void
+chain_release_thread_cache(void)
+{
+    struct zcache *z = zc_tls;
+
+    if (!z)
+        return;
+    pthread_setspecific(zcache_key, NULL);
+    zcache_free(z);
+}
 
 static int
 read_compressed(struct chain *c,
@@ -457,31 +538,34 @@ read_compressed(struct chain *c,
 {
     struct qcow2_image *img = c->layers[li].qcow2;
     size_t need_s = qcow2_compressed_scratch_size(img);
+    struct zcache *zc = zcache_get();
     int r;
 
-    if (!(zc.chain_id == c->id && zc.layer == li && zc.entry == entry &&
-          zc.cluster)) {
-        if (zc.cluster_size < img->cluster_size) {
-            free(zc.cluster);
-            zc.cluster = malloc(img->cluster_size);
-            zc.cluster_size = zc.cluster ? img->cluster_size : 0;
+    if (!zc)
+        return -qcbt_error_errno();
+    if (!(zc->chain_id == c->id && zc->layer == li && zc->entry == entry &&
+          zc->cluster)) {
+        if (zc->cluster_size < img->cluster_size) {
+            free(zc->cluster);
+            zc->cluster = malloc(img->cluster_size);
+            zc->cluster_size = zc->cluster ? img->cluster_size : 0;
         }
-        if (zc.scratch_size < need_s) {
-            free(zc.scratch);
-            zc.scratch = malloc(need_s);
-            zc.scratch_size = zc.scratch ? need_s : 0;
+        if (zc->scratch_size < need_s) {
+            free(zc->scratch);
+            zc->scratch = malloc(need_s);
+            zc->scratch_size = zc->scratch ? need_s : 0;
         }
-        zc.chain_id = 0;
-        if (!zc.cluster || !zc.scratch)
+        zc->chain_id = 0;
+        if (!zc->cluster || !zc->scratch)
             return qcbt_error(ENOMEM, "out of memory");
-        r = qcow2_read_compressed(img, entry, zc.cluster, zc.scratch);
+        r = qcow2_read_compressed(img, entry, zc->cluster, zc->scratch);
         if (r < 0)
             return r;
-        zc.chain_id = c->id;
-        zc.layer = li;
-        zc.entry = entry;
+        zc->chain_id = c->id;
+        zc->layer = li;
+        zc->entry = entry;
     }
-    memcpy(buf, zc.cluster + (off & (img->cluster_size - 1)), n);
+    memcpy(buf, zc->cluster + (off & (img->cluster_size - 1)), n);
     return 0;
 }
 

@@ -70,6 +70,13 @@ void chain_close(struct chain *c);
  */
 int chain_read(struct chain *c, void *buf, size_t len, uint64_t offset);
 
+/* chain_read() keeps, per thread, the last decompressed cluster of a
+ * compressed image (up to 6 MiB with 2 MiB clusters).  It is freed when
+ * the thread exits; a long-lived thread that goes idle calls this to free
+ * it now.  Thread-safe (it touches the calling thread's cache only).
+ */
+void chain_release_thread_cache(void);
+
 /* Where guest range [offset, offset+len) lives, if it starts in plain
  * file data of one layer (a qcow2 data cluster run, a raw layer): *fd, the
  * host offset and *n > 0 bytes, so the caller may sendfile(2) them.  *n ==

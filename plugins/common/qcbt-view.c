@@ -229,7 +229,15 @@ qcbt_view_extents(const struct qcbt_view *v,
             if (r < 0)
                 return report(r);
             len = e.len;
-            type = e.dirty ? 0 : NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO;
+            /* ZERO promises that reads return zeros: only dirty-only
+             * reads of clean ranges do; otherwise they return the data.
+             */
+            if (e.dirty)
+                type = 0;
+            else if (v->dirty_only)
+                type = NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO;
+            else
+                type = NBDKIT_EXTENT_HOLE;
         } else {
             struct chain_status st;
 

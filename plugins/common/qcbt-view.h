@@ -9,8 +9,9 @@
  *   - without bitmap=, extents are the chain's allocation: data -> 0,
  *     otherwise HOLE; reads-as-zero -> ZERO (qemu-nbd's base:allocation);
  *   - with bitmap=NAME, extents are the "dirty view": dirty -> 0 (data),
- *     clean -> HOLE|ZERO; with dirty-only=true reads of clean ranges
- *     return zeros too, so a stock copier copies only changed data.
+ *     clean -> HOLE.  ZERO is a promise about reads, so clean ranges carry
+ *     it only with dirty-only=true, where their reads return zeros: then
+ *     a stock copier copies only changed data.
  *
  * Every function that fails has already reported the failure with
  * nbdkit_error() (the message from qcbt_error_get()) and returns -errno

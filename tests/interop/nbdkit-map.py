@@ -4,7 +4,8 @@
 alloc: REF is `qemu-img map --output=json`; NBD `nbdinfo --map --json`:
        at every byte, data == !(type & 1) and zero == bool(type & 2).
 dirty: REF is `qcbt bitmap dump --json`: dirty (type 1) must be type 0 in
-       NBD, clean (type 0) type 3.
+       NBD, clean (type 0) type 1 (hole; not zero: reads return the data).
+dirty-only: the same, but clean must be type 3 (hole, reads as zeros).
 Both maps must cover [0, SIZE) contiguously.  Exit 1 on a difference.
 """
 import json
@@ -30,9 +31,10 @@ if mode == "alloc":
     ref = runs(refp, lambda e: f"data={e['data']} zero={e['zero']}", "start")
     nbd = runs(nbdp, lambda e: f"data={not e['type'] & 1} zero={bool(e['type'] & 2)}",
                "offset")
-elif mode == "dirty":
+elif mode in ("dirty", "dirty-only"):
+    clean = 3 if mode == "dirty-only" else 1
     ref = runs(refp, lambda e: "dirty" if e["type"] == 1 else "clean", "offset")
-    nbd = runs(nbdp, lambda e: {0: "dirty", 3: "clean"}.get(e["type"], f"type {e['type']}"),
+    nbd = runs(nbdp, lambda e: {0: "dirty", clean: "clean"}.get(e["type"], f"type {e['type']}"),
                "offset")
 else:
     sys.exit(f"unknown mode {mode}")

@@ -9,9 +9,11 @@
 #   - allocation: `nbdinfo --map --json` == `qemu-img map --output=json`
 #     (data <-> no hole flag, zero <-> zero flag) at every byte;
 #   - dirty view (bitmap=NAME): `nbdinfo --map` == `qcbt bitmap dump --json`
-#     (dirty <-> type 0, clean <-> type 3), strict and tolerant, with the
-#     strict refusal; dirty-only reads (clean ranges are zeros) with
-#     `nbdcopy --no-extents` and `nbdcopy --destination-is-zero`;
+#     (dirty <-> type 0, clean <-> type 1, or type 3 with dirty-only=true),
+#     strict and tolerant, with the strict refusal; dirty-only reads (clean
+#     ranges are zeros) with `nbdcopy --no-extents` and
+#     `nbdcopy --destination-is-zero`; nbdcopy (extents on) of the dirty
+#     view without dirty-only copies the guest data;
 #   - flags (read-only, multi-conn, no zero/fast zero, cache), --dump-plugin
 #     fields, -D qcbt.* debug flags;
 #   - malformed images (bad magic, unknown incompatible bit, truncated,
@@ -534,6 +536,55 @@ if want malformed; then
         grep -q 'L2 table offset .* past the end of the file' nbdkit.log ||
             { note "[$CASE] the read error was not logged: $(tail -n 3 nbdkit.log)"; rc=1; }
     else
+        rc=1
+    fi
+    case_result "$rc"
+fi
+
+# --- the dirty view's zero flag (issue 11) -------------------------------------
+
+if want dirty-zero-flag; then
+    # NBD_STATE_ZERO promises that reads return zeros.  Without dirty-only
+    # reads of clean ranges return the guest data, so clean is a hole
+    # without the zero flag, and nbdcopy (which trusts the flag and writes
+    # zeros there) copies the guest data.  With dirty-only=true clean reads
+    # are zeros, and the flag is back.
+    begin_case dirty-zero-flag
+    make_bitmap_chain c yes
+    run qemu-img convert -O raw c/top.qcow2 ref.raw
+    size=$(virtual_size c/top.qcow2)
+    "$QCBT" bitmap dump --json c/top.qcow2 b0 >dump.json 2>dump.err ||
+        fail "[$CASE] qcbt bitmap dump failed: $(cat dump.err)"
+    dirty_only_expected ref.raw dump.json expected.raw
+    rc=0
+    for view in all dirty-only; do
+        params=(file=c/top.qcow2 bitmap=b0)
+        [[ $view == dirty-only ]] && params+=(dirty-only=true)
+        cmd='nbdcopy "$uri" '"$view"'.raw && nbdinfo --map --json "$uri" >'"$view"'-map.json'
+        { printf '%q ' env "${NBDKIT_ENV[@]}" nbdkit -U - "$PLUGIN" "${params[@]}" --run "$cmd"
+          printf '\n'; } >>"$CASE_DIR/recipe.txt"
+        if ! timeout 300 env "${NBDKIT_ENV[@]}" nbdkit -U - "$PLUGIN" "${params[@]}" --run "$cmd" \
+            >run.out 2>&1 </dev/null; then
+            note "[$CASE] $view: nbdkit --run nbdcopy, nbdinfo failed: $(cat run.out)"
+            rc=1
+            continue
+        fi
+        sanitizer_clean run.out || rc=1
+        if [[ $view == all ]]; then
+            cmp ref.raw all.raw >cmp.out 2>&1 ||
+                { note "[$CASE] nbdcopy of the dirty view is not the guest data: $(cat cmp.out)"; rc=1; }
+            "$PYTHON" "$NBDMAP" dirty dump.json all-map.json "$size" ||
+                { note "[$CASE] clean ranges of the dirty view are not hole-only (type 1)"; rc=1; }
+        else
+            cmp expected.raw dirty-only.raw >cmp.out 2>&1 ||
+                { note "[$CASE] nbdcopy of the dirty-only view: $(cat cmp.out)"; rc=1; }
+            "$PYTHON" "$NBDMAP" dirty-only dump.json dirty-only-map.json "$size" ||
+                { note "[$CASE] clean ranges of the dirty-only view are not hole+zero (type 3)"; rc=1; }
+        fi
+    done
+    # Not vacuous: clean ranges hold data (zeroing them changes the disk).
+    if cmp -s ref.raw expected.raw; then
+        note "[$CASE] no clean range holds data: the case tests nothing"
         rc=1
     fi
     case_result "$rc"

@@ -169,6 +169,18 @@ classify(struct qcow2_image *img,
     }
     if (entry & (QCOW2_L2E_STD_RESERVED | (1ULL << 62)))
         return corrupt(img, guest, "reserved bits set", entry);
+    /* qcow2.txt "Standard Cluster Descriptor": bit 0 is the zero flag
+     * only from version 3 on.  QEMU fails the read of such an entry in a
+     * version 2 image ("Zero cluster entry found in pre-v3 image"), with
+     * or without a host offset; reading zeros would hide the data.
+     * (A compressed descriptor's bit 0 is part of its offset: above.)
+     */
+    if (img->hdr.version < 3 && (entry & QCOW2_OFLAG_ZERO))
+        return corrupt(img,
+                       guest,
+                       "reserved bit 0 (the zero flag) set in a "
+                       "version 2 image",
+                       entry);
     if (host && !IS_ALIGNED(host, img->cluster_size))
         return corrupt(img, guest, "data offset not cluster aligned", entry);
 

@@ -449,5 +449,56 @@ if want err-truncated-tables; then
     expect_error_all "layer 0" "top.qcow2" -- -f qcow2 top.qcow2
 fi
 
+if want err-v2-zero-flag; then
+    # qcow2 v2 (compat=0.10) has no zero flag: bit 0 of a standard L2
+    # entry is reserved.  QEMU fails the read ("Zero cluster entry found in
+    # pre-v3 image"); reading it as a zero cluster would hide the data.
+    begin_case err-v2-zero-flag
+    run qemu-img create -q -f qcow2 -o compat=0.10 top.qcow2 $((1 * MiB))
+    run qemu-io -f qcow2 -c "write -P 0x5a 0 64k" -c "write -P 0x6b 128k 64k" top.qcow2
+    recipe_note "set bit 0 of the L2 entry of guest cluster 0 (python)"
+    "$PYTHON" - top.qcow2 0 <<'PYEOF' || fail "[$CASE] cannot poke the L2 entry"
+import struct, sys
+path, gc = sys.argv[1], int(sys.argv[2])
+with open(path, "r+b") as f:
+    h = f.read(72)
+    assert struct.unpack(">I", h[4:8])[0] == 2, "not a v2 image"
+    cbits = struct.unpack(">I", h[20:24])[0]
+    l1_off = struct.unpack(">Q", h[40:48])[0]
+    l2_bits = cbits - 3
+    f.seek(l1_off + 8 * (gc >> l2_bits))
+    l2 = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+    pos = l2 + 8 * (gc & ((1 << l2_bits) - 1))
+    f.seek(pos)
+    e = struct.unpack(">Q", f.read(8))[0]
+    assert e & 0x00fffffffffffe00, "cluster not allocated"
+    f.seek(pos)
+    f.write(struct.pack(">Q", e | 1))
+PYEOF
+    rc=0
+    # The oracle: QEMU refuses the read (-r: it would mark a writable
+    # image corrupt) but still reads the good cluster.
+    if qemu-io -r -f qcow2 -c "read 0 64k" top.qcow2 >qemu-io.out 2>&1; then
+        note "[$CASE] qemu-io read of the entry succeeded: $(cat qemu-io.out)"
+        rc=1
+    fi
+    qemu-io -r -f qcow2 -c "read -P 0x6b 128k 64k" top.qcow2 >qemu-io.out 2>&1 ||
+        { note "[$CASE] qemu-io read of the good cluster failed: $(cat qemu-io.out)"; rc=1; }
+    for cmd in cat map; do
+        expect_qcbt_error "top.qcow2" "reserved bit 0" "version 2" \
+            "guest offset 0x0" -- "$cmd" top.qcow2 || rc=1
+    done
+    expect_qcbt_error "top.qcow2" "reserved bit 0" -- \
+        cat --offset 4096 --length 1 top.qcow2 || rc=1
+    if ! "$QCBT" cat --offset $((128 * 1024)) --length 65536 top.qcow2 >good.raw 2>qcbt-cat.err; then
+        note "[$CASE] qcbt cat of the good cluster failed: $(cat qcbt-cat.err)"
+        rc=1
+    elif [[ $(od -An -v -tx1 good.raw | tr -s ' \n' '\n' | sort -u | tr -d '\n') != 6b ]]; then
+        note "[$CASE] qcbt cat of the good cluster read wrong bytes"
+        rc=1
+    fi
+    case_result "$rc"
+fi
+
 cd "$TMPD" || exit 1
 finish_cases

@@ -1592,13 +1592,13 @@ struct entry_image {
 };
 
 static void
-entry_image_new(struct entry_image *ei)
+entry_image_new_version(struct entry_image *ei, unsigned version)
 {
     static const uint64_t gcs[4] = {0, 1, 512, 1024};
     unsigned char cl[4096];
     int i;
 
-    ei->b = qb_new(3, 12, 8 * MiB, false, false);
+    ei->b = qb_new(version, 12, 8 * MiB, false, false);
     ei->model = calloc(1, 8 * MiB);
     assert_non_null(ei->model);
     for (i = 0; i < 4; i++) {
@@ -1606,6 +1606,12 @@ entry_image_new(struct entry_image *ei)
         ei->host[i] = qb_write_cluster(ei->b, gcs[i], cl);
         memcpy(ei->model + gcs[i] * 4096, cl, 4096);
     }
+}
+
+static void
+entry_image_new(struct entry_image *ei)
+{
+    entry_image_new_version(ei, 3);
 }
 
 static void
@@ -1803,6 +1809,138 @@ test_bad_l2_entry(void **state)
             assert_int_equal(x.len, 4096);
             qcow2_close(q);
         }
+        free(img);
+        entry_image_free(&ei);
+    }
+}
+
+/* Version 2 images have no zero flag: bit 0 of a standard L2 entry is
+ * reserved there, and QEMU fails the read ("Zero cluster entry found in
+ * pre-v3 image") whether or not the entry has a host offset.  Reading
+ * zeros instead would hide the data the entry points at.  A compressed
+ * descriptor's bit 0 is part of its host offset and stays valid.
+ */
+static void
+test_v2_zero_flag(void **state)
+{
+    struct {
+        const char *what;
+        bool keep_host; /* the entry still points at gc 1's data */
+        uint64_t bits;
+    } cases[] = {
+        {"v2 bit 0 with data offset and copied", true, (1ULL << 63) | 1},
+        {"v2 bit 0 with data offset", true, 1},
+        {"v2 bit 0 alone", false, 1},
+        {"v2 bit 0 and copied, no offset", false, (1ULL << 63) | 1},
+    };
+    size_t i;
+
+    for (i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct entry_image ei;
+        unsigned char *img;
+        size_t len;
+
+        entry_image_new_version(&ei, 2);
+        qb_set_l2(ei.b,
+                  1,
+                  (cases[i].keep_host ? ei.host[1] : 0) | cases[i].bits,
+                  0);
+        img = qb_finish(ei.b, &len);
+        expect_range_fails(img,
+                           len,
+                           ei.model,
+                           4096,
+                           4096,
+                           0,
+                           4096,
+                           cases[i].what,
+                           "reserved bit 0",
+                           MAP_FAILS);
+        expect_range_fails(img,
+                           len,
+                           ei.model,
+                           4096 + 17,
+                           1,
+                           2 * MiB,
+                           4096,
+                           cases[i].what,
+                           "version 2",
+                           MAP_FAILS);
+        /* a read covering the good and the bad cluster fails too */
+        expect_range_fails(img,
+                           len,
+                           ei.model,
+                           0,
+                           8192,
+                           2 * MiB,
+                           4096,
+                           cases[i].what,
+                           "guest offset 0x1000",
+                           READ_FAILS);
+        /* the mapping of the good cluster stops before the bad one */
+        {
+            struct qcow2_image *q = expect_open_ok(img, len, cases[i].what);
+            struct qcow2_extent x;
+
+            assert_int_equal(qcow2_map(q, 0, 8 * MiB, &x), 0);
+            assert_int_equal(x.kind, QCOW2_DATA);
+            assert_int_equal(x.len, 4096);
+            qcow2_close(q);
+        }
+        free(img);
+        entry_image_free(&ei);
+    }
+
+    /* The same entry in a version 3 image is a zero cluster. */
+    {
+        struct entry_image ei;
+        struct chain *c;
+        unsigned char *img, out[4096], zero[4096] = {0};
+        size_t len;
+
+        entry_image_new_version(&ei, 3);
+        qb_set_l2(ei.b, 1, ei.host[1] | (1ULL << 63) | 1, 0);
+        img = qb_finish(ei.b, &len);
+        c = chain_mem(img, len, "v3 zero-alloc");
+        assert_int_equal(chain_read(c, out, sizeof out, 4096), 0);
+        assert_memory_equal(out, zero, sizeof out);
+        chain_close(c);
+        free(img);
+        entry_image_free(&ei);
+    }
+
+    /* A compressed cluster whose host offset is odd (bit 0 set) reads. */
+    {
+        struct entry_image ei;
+        struct qcow2_image *q;
+        struct qcow2_extent x;
+        struct chain *c;
+        unsigned char cl[4096], out[4096], *img;
+        void *z = NULL;
+        size_t n, len;
+        uint64_t off, entry;
+
+        entry_image_new_version(&ei, 2);
+        fill_compressible(cl, sizeof cl, 77);
+        n = qb_compress(QB_DEFLATE, cl, sizeof cl, &z);
+        if (qb_file_len(ei.b) % 2 == 0)
+            qb_append(ei.b, "", 1);
+        off = qb_append(ei.b, z, n);
+        assert_true(off & 1);
+        entry = qb_compressed_entry(ei.b, off, n);
+        assert_true(entry & 1);
+        qb_set_l2(ei.b, 1, entry, 0);
+        img = qb_finish(ei.b, &len);
+        q = expect_open_ok(img, len, "v2 compressed at an odd offset");
+        assert_int_equal(qcow2_map(q, 4096, 4096, &x), 0);
+        assert_int_equal(x.kind, QCOW2_COMPRESSED);
+        qcow2_close(q);
+        c = chain_mem(img, len, "v2 compressed at an odd offset");
+        if (chain_read(c, out, sizeof out, 4096) < 0)
+            fail_msg("v2 compressed at an odd offset: %s", qcbt_error_get());
+        assert_memory_equal(out, cl, sizeof out);
+        chain_close(c);
+        free(z);
         free(img);
         entry_image_free(&ei);
     }
@@ -3206,6 +3344,7 @@ main(void)
         cmocka_unit_test(test_bad_data_file_header),
         cmocka_unit_test(test_bad_l1_entry),
         cmocka_unit_test(test_bad_l2_entry),
+        cmocka_unit_test(test_v2_zero_flag),
         cmocka_unit_test(test_bad_l2_run_past_eof),
         cmocka_unit_test(test_bad_extended_l2),
         cmocka_unit_test(test_l1_points_at_metadata),

@@ -143,43 +143,22 @@ merge_allocation(struct chain *c, size_t li, struct bitmap *dst)
     return 0;
 }
 
-int
-merge_run(struct merge_ctx *ctx,
-          const char *name,
-          const struct merge_opts *opts,
-          struct merge_result **out)
+/* Fill RES (allocated, range set) with the merge of NAME over
+ * [top, base).  Returns 0 (usable or refused) or -errno; on -errno RES is
+ * half-built and the caller frees it.
+ */
+static int
+merge_into(struct merge_ctx *ctx,
+           const char *name,
+           const struct merge_opts *opts,
+           struct merge_result *res)
 {
-    static const struct merge_opts defaults;
     struct chain *c = ctx->chain;
     const struct qcow2_bitmap_list *list;
     const struct qcow2_bitmap_info *bi;
-    struct merge_result *res;
-    size_t top, base, i, k = SIZE_MAX, topmost;
+    size_t top = res->top, base = res->base, i, k = SIZE_MAX, topmost;
     bool found = false;
     int r;
-
-    if (!opts)
-        opts = &defaults;
-    top = opts->top;
-    base = opts->base ? opts->base : c->nr_layers;
-    if (top >= base || base > c->nr_layers)
-        return qcbt_error(EINVAL, "invalid layer range [%zu, %zu)", top, base);
-
-    res = calloc(1, sizeof *res);
-    if (!res)
-        return qcbt_error(ENOMEM, "out of memory");
-    res->layers = calloc(c->nr_layers, sizeof *res->layers);
-    res->name = strdup(name);
-    if (!res->layers || !res->name) {
-        merge_result_free(res);
-        return qcbt_error(ENOMEM, "out of memory");
-    }
-    res->mode = opts->mode;
-    res->top = top;
-    res->base = base;
-    res->nr_layers = c->nr_layers;
-    res->usable = true;
-    *out = res;
 
     /* Lk: the deepest layer of the range that holds NAME.  A layer whose
      * directory cannot be walked below it may hide a deeper X: no answer.
@@ -363,6 +342,53 @@ merge_run(struct merge_ctx *ctx,
         }
         res->nr_fallbacks++;
     }
+    return 0;
+}
+
+int
+merge_run(struct merge_ctx *ctx,
+          const char *name,
+          const struct merge_opts *opts,
+          struct merge_result **out)
+{
+    static const struct merge_opts defaults;
+    struct chain *c = ctx->chain;
+    struct merge_result *res;
+    size_t top, base;
+    int r;
+
+    /* The result is the caller's only on success: on -errno *out is NULL
+     * and nothing is left to free.
+     */
+    *out = NULL;
+    if (!opts)
+        opts = &defaults;
+    top = opts->top;
+    base = opts->base ? opts->base : c->nr_layers;
+    if (top >= base || base > c->nr_layers)
+        return qcbt_error(EINVAL, "invalid layer range [%zu, %zu)", top, base);
+
+    res = calloc(1, sizeof *res);
+    if (!res)
+        return qcbt_error(ENOMEM, "out of memory");
+    res->layers = calloc(c->nr_layers, sizeof *res->layers);
+    res->name = strdup(name);
+    if (!res->layers || !res->name) {
+        merge_result_free(res);
+        return qcbt_error(ENOMEM, "out of memory");
+    }
+    res->mode = opts->mode;
+    res->top = top;
+    res->base = base;
+    res->nr_layers = c->nr_layers;
+    res->usable = true;
+
+    r = merge_into(ctx, name, opts, res);
+    if (r < 0) {
+        merge_result_free(res);
+        return r;
+    }
+    *out = res;
     return 0;
 }
 

@@ -79,7 +79,8 @@ struct merge_opts {
 
 /* Merge NAME over the range.  Returns 0 and *out in every case where an
  * answer exists, usable or refused (out->usable, out->error); -errno only
- * for out-of-memory or bad arguments.  Free with merge_result_free().
+ * for out-of-memory, a result too large or bad arguments, and then *out is
+ * NULL (nothing to free).  Free a result with merge_result_free().
  */
 int merge_run(struct merge_ctx *ctx,
               const char *name,

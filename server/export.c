@@ -60,7 +60,10 @@ add_bitmap(struct export *exp,
         free(context);
         return r;
     }
-    for (i = 0; i < res->nr_layers; i++)
+    for (i = 0; i < res->nr_layers; i++) {
+        const char *path = exp->chain->layers[i].path;
+        char esc[1024]; /* the path comes from a backing file name */
+
         if (res->layers[i].source == MERGE_SRC_ALLOCATION)
             fprintf(stderr,
                     "qcbt-server: warning: export '%s', bitmap "
@@ -69,8 +72,9 @@ add_bitmap(struct export *exp,
                     exp->name,
                     source,
                     i,
-                    exp->chain->layers[i].path,
+                    qcbt_escape(esc, sizeof esc, path, strlen(path)),
                     res->layers[i].reason);
+    }
 
     b = realloc(exp->bitmaps, (exp->nr_bitmaps + 1) * sizeof *b);
     if (!b) {

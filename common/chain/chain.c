@@ -274,14 +274,17 @@ add_layers(struct chain *c,
             return qcbt_error(ENOMEM, "out of memory");
         r = qcbt_io_open_file(path, &io);
         if (r < 0) {
-            /* The open's own message starts with the path: keep the rest
-             * ("No such file or directory", "not a regular file", ...).
+            /* The open's own message starts with the path (made safe
+             * like every message): keep the rest ("No such file or
+             * directory", "not a regular file", ...).
              */
-            char detail[512];
+            char detail[512], shown[1024];
             const char *m = qcbt_error_get();
-            size_t pl = strlen(path);
+            size_t pl;
 
-            if (strncmp(m, path, pl) == 0 && strncmp(m + pl, ": ", 2) == 0)
+            qcbt_escape(shown, sizeof shown, path, strlen(path));
+            pl = strlen(shown);
+            if (strncmp(m, shown, pl) == 0 && strncmp(m + pl, ": ", 2) == 0)
                 m += pl + 2;
             snprintf(detail, sizeof detail, "%s", m);
             r = qcbt_error(-r,

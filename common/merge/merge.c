@@ -95,6 +95,8 @@ refuse(struct merge_result *r, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(r->error, sizeof r->error, fmt, ap);
     va_end(ap);
+    /* It quotes layer paths and bitmap names: image strings. */
+    qcbt_sanitize(r->error);
 }
 
 static void fallback(struct merge_layer *ml, const char *fmt, ...)
@@ -109,6 +111,7 @@ fallback(struct merge_layer *ml, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(ml->reason, sizeof ml->reason, fmt, ap);
     va_end(ap);
+    qcbt_sanitize(ml->reason);
 }
 
 /* Why X@layer cannot be used, or NULL if it can. */

@@ -32,10 +32,23 @@ int qcbt_error_errno(void);
 
 void qcbt_error_clear(void);
 
-/* Copy a string from an untrusted source into dst (size dstlen) for a
- * message: control characters become '?', at most maxlen bytes are kept
- * and "..." marks a truncation.  Returns dst.
+/* Names and strings from images (backing and data file names, formats,
+ * bitmap and feature names, paths built from them) and from peers must
+ * never reach a terminal or a log line raw: an ESC sequence would be run
+ * by the terminal, a newline would forge a second line.  Every message
+ * recorded by qcbt_error() and qcbt_error_prefix() is made safe as
+ * qcbt_sanitize() says; text printed directly uses qcbt_escape().
+ */
+
+/* Copy SRCLEN bytes of SRC (untrusted, need not be NUL-terminated) into
+ * DST (DSTLEN bytes) for a message: control characters (C0, DEL, C1) and
+ * bytes that are not UTF-8 become '?', valid UTF-8 text passes; if it does
+ * not fit, "..." marks the truncation (never inside a UTF-8 sequence).
+ * DST may be SRC.  Returns DST.
  */
 char *qcbt_escape(char *dst, size_t dstlen, const char *src, size_t srclen);
+
+/* qcbt_escape() of the NUL-terminated S onto itself.  Returns S. */
+char *qcbt_sanitize(char *s);
 
 #endif /* QCBT_ERROR_H */

@@ -91,14 +91,18 @@ build_dirty(struct qcbt_view *v, const struct qcbt_view_opts *o)
         merge_result_free(res);
         return -EINVAL;
     }
-    for (i = 0; i < res->nr_layers; i++)
+    for (i = 0; i < res->nr_layers; i++) {
+        const char *path = v->chain->layers[i].path;
+        char esc[1024]; /* the path comes from a backing file name */
+
         if (res->layers[i].source == MERGE_SRC_ALLOCATION)
             nbdkit_debug("qcbt: bitmap '%s': layer %zu (%s) contributes its "
                          "allocation map: %s",
                          o->bitmap,
                          i,
-                         v->chain->layers[i].path,
+                         qcbt_escape(esc, sizeof esc, path, strlen(path)),
                          res->layers[i].reason);
+    }
     nbdkit_debug("qcbt: bitmap '%s' (%s): granularity %" PRIu64 ", %" PRIu64
                  " of %" PRIu64 " bits dirty, %zu fallback layer(s)",
                  o->bitmap,
@@ -124,13 +128,17 @@ qcbt_view_init(struct qcbt_view *v,
     v->chain = chain;
     v->size = chain->size;
     v->dirty_only = o->dirty_only;
-    for (i = 0; i < chain->nr_layers; i++)
+    for (i = 0; i < chain->nr_layers; i++) {
+        const char *path = chain->layers[i].path;
+        char esc[1024]; /* the path comes from a backing file name */
+
         nbdkit_debug("qcbt: layer %zu: %s (%s%s), %" PRIu64 " bytes",
                      i,
-                     chain->layers[i].path,
+                     qcbt_escape(esc, sizeof esc, path, strlen(path)),
                      chain_fmt_name(chain->layers[i].fmt),
                      chain->layers[i].fmt_probed ? ", probed" : "",
                      chain->layers[i].size);
+    }
     if (o->bitmap) {
         r = build_dirty(v, o);
         if (r < 0) {

@@ -500,5 +500,24 @@ PYEOF
     case_result "$rc"
 fi
 
+if want err-hostile-backing-name; then
+    # A crafted image names its backing file with an escape sequence and a
+    # newline: the error must stay one line without control bytes (no
+    # colours, titles or forged second lines on the user's terminal).
+    begin_case err-hostile-backing-name
+    run qemu-img create -q -f qcow2 -u -F qcow2 -b $'evil\e[31mRED\e]0;owned\a\nforged line' \
+        top.qcow2 $((1 * MiB))
+    rc=0
+    for cmd in cat map info; do
+        expect_qcbt_error "layer 1" "evil?[31mRED?]0;owned??forged line" -- "$cmd" top.qcow2 || rc=1
+        "$QCBT" "$cmd" top.qcow2 >/dev/null 2>hostile.err || true
+        if LC_ALL=C tr -d '\n' <hostile.err | LC_ALL=C grep -q '[[:cntrl:]]'; then
+            note "[$CASE] qcbt $cmd printed control bytes: $(od -c hostile.err | head -n 4)"
+            rc=1
+        fi
+    done
+    case_result "$rc"
+fi
+
 cd "$TMPD" || exit 1
 finish_cases

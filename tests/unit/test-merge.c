@@ -1545,6 +1545,103 @@ test_error_after_result(void **state)
     chain_close(c);
 }
 
+/* One line a terminal shows as text: no C0 control, DEL or C1 control,
+ * nothing that is not UTF-8.
+ */
+static void
+check_clean_line(const char *msg, const char *what)
+{
+    const unsigned char *p = (const unsigned char *)msg;
+
+    for (; *p; p++)
+        if (*p < 0x20 || *p == 0x7f || *p >= 0x80)
+            fail_msg("%s: byte 0x%02x in \"%s\"", what, *p, msg);
+}
+
+/* Refusals and fallback reasons quote layer paths (built from backing
+ * names) and bitmap names, both from the images: they reach terminals and
+ * logs, so they are made safe like every other message.
+ */
+static void
+test_hostile_names(void **state)
+{
+    static const char name[] = "X\x1b[1m\n";
+    static const char mid[] = "m\x1b[2J\n.qcow2";
+    static const char base[] = "b\x1b]0;t\x07.qcow2";
+    static const char *const files[3] = {"top.qcow2", mid, base};
+    static const uint32_t flags[3] = {
+        QB_BME_AUTO | QB_BME_IN_USE,
+        QB_BME_AUTO,
+        QB_BME_AUTO | QB_BME_IN_USE,
+    };
+    char dir[PATH_MAX + 16], path[PATH_MAX + 64];
+    struct chain_open_opts o = {.format = "qcow2"};
+    struct merge_result *res;
+    struct merge_ctx *ctx;
+    struct chain *c;
+    unsigned char bits = 0xff, *img;
+    size_t len, i;
+
+    snprintf(dir, sizeof dir, "%s/hostile", test_tmpdir);
+    if (mkdir(dir, 0700) < 0)
+        fail_msg("mkdir %s: %s", dir, strerror(errno));
+    for (i = 0; i < 3; i++) {
+        struct qb *b = qb_new(3, 16, 1 * MiB, false, false);
+
+        if (i < 2)
+            qb_set_backing(b, files[i + 1], "qcow2");
+        qb_add_bitmap(b, name, 16, flags[i], &bits, 1);
+        qb_store_bitmaps(b);
+        img = qb_finish(b, &len);
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        write_file(path, img, len);
+        free(img);
+        qb_free(b);
+    }
+    snprintf(path, sizeof path, "%s/top.qcow2", dir);
+    qcbt_error_clear();
+    if (chain_open(path, &o, &c) < 0)
+        fail_msg("chain_open %s: %s", path, qcbt_error_get());
+    assert_int_equal(c->nr_layers, 3);
+    assert_int_equal(merge_ctx_new(c, &ctx), 0);
+
+    /* tolerant: the top falls back (X in use), the base refuses */
+    assert_int_equal(merge_run(ctx,
+                               name,
+                               &(struct merge_opts){.mode = MERGE_TOLERANT},
+                               &res),
+                     0);
+    assert_false(res->usable);
+    assert_int_equal(res->layers[0].source, MERGE_SRC_ALLOCATION);
+    check_clean_line(res->layers[0].reason, "fallback reason");
+    check_msg(res->layers[0].reason,
+              "fallback reason",
+              (const char *const[]){"'X?[1m?'", "in use", NULL});
+    check_clean_line(res->error, "tolerant refusal");
+    check_msg(res->error,
+              "tolerant refusal",
+              (const char *const[]){"layer 2", "b?]0;t?.qcow2", NULL});
+    merge_result_free(res);
+
+    /* a refusal naming the middle layer's path */
+    assert_int_equal(
+        merge_run(
+            ctx,
+            name,
+            &(struct merge_opts){.mode = MERGE_STRICT, .top = 1, .base = 3},
+            &res),
+        0);
+    assert_false(res->usable);
+    check_clean_line(res->error, "strict refusal");
+    check_msg(res->error,
+              "strict refusal",
+              (const char *const[]){"layer 2", "b?]0;t?.qcow2", NULL});
+    merge_result_free(res);
+
+    merge_ctx_free(ctx);
+    chain_close(c);
+}
+
 int
 main(void)
 {
@@ -1562,6 +1659,7 @@ main(void)
         cmocka_unit_test(test_layer_sizes),
         cmocka_unit_test(test_random_chains),
         cmocka_unit_test(test_error_after_result),
+        cmocka_unit_test(test_hostile_names),
     };
 
     return cmocka_run_group_tests(tests,

@@ -3313,6 +3313,168 @@ test_chain_lower_layer_corrupt(void **state)
     chain_close(c);
 }
 
+/* A message made from image strings must be one line a terminal shows as
+ * text: no C0 control byte (ESC, CR, LF, BEL), no DEL, no C1 control
+ * (U+0080..U+009F, CSI is U+009B) and no byte that is not UTF-8.
+ */
+static void
+check_clean_line(const char *msg, const char *what)
+{
+    const unsigned char *p = (const unsigned char *)msg;
+
+    while (*p) {
+        size_t len = *p < 0x80             ? 1
+                     : (*p & 0xe0) == 0xc0 ? 2
+                     : (*p & 0xf0) == 0xe0 ? 3
+                     : (*p & 0xf8) == 0xf0 ? 4
+                                           : 0;
+        size_t i;
+
+        if (len == 0)
+            fail_msg("%s: byte 0x%02x is not UTF-8 in \"%s\"", what, *p, msg);
+        for (i = 1; i < len; i++)
+            if ((p[i] & 0xc0) != 0x80)
+                fail_msg("%s: broken UTF-8 in \"%s\"", what, msg);
+        if (*p < 0x20 || *p == 0x7f || (*p == 0xc2 && p[1] < 0xa0))
+            fail_msg("%s: control character 0x%02x%02x in \"%s\"",
+                     what,
+                     p[0],
+                     len > 1 ? p[1] : 0,
+                     msg);
+        p += len;
+    }
+}
+
+/* Backing file names, backing formats and the paths built from them come
+ * from the image: a crafted image must not send escape sequences or extra
+ * lines to the terminal (or a log) through an error message.
+ */
+static void
+test_chain_hostile_names(void **state)
+{
+    const char *evil = "evil\x1b[31mRED\nsecond\r\x07\x9b"
+                       "2J\xc2\x9b"
+                       "1m";
+    struct qb *b;
+
+    /* a missing backing file: its name (and the path) in the message */
+    write_overlay(tpath("names", "top.qcow2"), 1 * MiB, evil, "qcow2");
+    expect_chain_fail(tpath("names", "top.qcow2"),
+                      NULL,
+                      "missing hostile backing",
+                      ENOENT,
+                      "evil?[31mRED?second???2J?1m",
+                      "layer 1");
+    check_clean_line(qcbt_error_get(), "missing hostile backing");
+    /* the system error follows once, not the path again */
+    {
+        const char *m = qcbt_error_get(), *p = m;
+        int n = 0;
+
+        while ((p = strstr(p, "evil?[31m")) != NULL) {
+            n++;
+            p++;
+        }
+        if (n != 2)
+            fail_msg("the name appears %d times (want 2) in \"%s\"", n, m);
+    }
+
+    /* a protocol-looking name (OSC sequence) */
+    write_overlay(tpath("names", "top.qcow2"),
+                  1 * MiB,
+                  "x:\x1b]0;owned\x07",
+                  "qcow2");
+    expect_chain_fail(tpath("names", "top.qcow2"),
+                      NULL,
+                      "protocol hostile backing",
+                      ENOTSUP,
+                      "protocol",
+                      "x:?]0;owned?");
+    check_clean_line(qcbt_error_get(), "protocol hostile backing");
+
+    /* a hostile backing format */
+    write_overlay(tpath("names", "base.qcow2"), 1 * MiB, NULL, NULL);
+    write_overlay(tpath("names", "top.qcow2"),
+                  1 * MiB,
+                  "base.qcow2",
+                  "vm\x1b[2Jdk\n");
+    expect_chain_fail(tpath("names", "top.qcow2"),
+                      NULL,
+                      "hostile backing format",
+                      ENOTSUP,
+                      "backing format",
+                      "vm?[2Jdk?");
+    check_clean_line(qcbt_error_get(), "hostile backing format");
+
+    /* a backing file that exists under a hostile name and is corrupt:
+     * the layer's path (built from the name) is in the message
+     */
+    b = qb_new(3, 9, 1 * MiB, false, false);
+    qb_hdr(b)->version = 7;
+    write_qcow2(tpath("names", "b\x1b[1m\n.qcow2"), b);
+    write_overlay(tpath("names", "top.qcow2"),
+                  1 * MiB,
+                  "b\x1b[1m\n.qcow2",
+                  "qcow2");
+    expect_chain_fail(tpath("names", "top.qcow2"),
+                      NULL,
+                      "corrupt hostile backing",
+                      0,
+                      "b?[1m?.qcow2",
+                      "version");
+    check_clean_line(qcbt_error_get(), "corrupt hostile backing");
+
+    /* UTF-8 text is kept as it is */
+    write_overlay(tpath("names", "top.qcow2"),
+                  1 * MiB,
+                  "\xc3\xa9t\xc3\xa9-\xe6\x97\xa5.qcow2",
+                  "qcow2");
+    expect_chain_fail(tpath("names", "top.qcow2"),
+                      NULL,
+                      "UTF-8 backing name",
+                      ENOENT,
+                      "'\xc3\xa9t\xc3\xa9-\xe6\x97\xa5.qcow2'",
+                      NULL);
+    check_clean_line(qcbt_error_get(), "UTF-8 backing name");
+}
+
+/* qcbt_escape: the one helper for image strings in text */
+static void
+test_escape(void **state)
+{
+    char buf[64];
+
+    assert_string_equal(qcbt_escape(buf, sizeof buf, "a\x1b[0m\n", 6),
+                        "a?[0m?");
+    /* C1 controls, raw or UTF-8 encoded; invalid UTF-8; DEL */
+    assert_string_equal(qcbt_escape(buf, sizeof buf, "\x9b\xc2\x9b\x7f|", 5),
+                        "???|");
+    /* overlong NUL, a surrogate, above U+10FFFF, a truncated sequence */
+    assert_string_equal(qcbt_escape(buf,
+                                    sizeof buf,
+                                    "\xc0\x80\xed\xa0\x80\xf4\x90\x80\x80\xe6",
+                                    10),
+                        "??????????");
+    /* NBSP and later pass */
+    assert_string_equal(qcbt_escape(buf, sizeof buf, "\xc2\xa0\xe6\x97\xa5", 5),
+                        "\xc2\xa0\xe6\x97\xa5");
+    /* truncation: "..." and never half a UTF-8 sequence */
+    assert_string_equal(qcbt_escape(buf, 8, "abcdefgh", 8), "abcd...");
+    assert_string_equal(qcbt_escape(buf, 9, "abcdefgh", 8), "abcdefgh");
+    assert_string_equal(qcbt_escape(buf, 9, "abc\xe6\x97\xa5xyz", 9), "abc...");
+    assert_string_equal(qcbt_escape(buf, 10, "abc\xe6\x97\xa5xyz", 9),
+                        "abc\xe6\x97\xa5xyz");
+    /* in place */
+    snprintf(buf, sizeof buf, "x\x1b[2J\xc3\xa9\ny");
+    assert_string_equal(qcbt_sanitize(buf), "x?[2J\xc3\xa9?y");
+    /* messages are made safe whatever went into them */
+    qcbt_error(EIO, "%s: bad", "n\x1b]0;t\x07\n");
+    assert_string_equal(qcbt_error_get(), "n?]0;t??: bad");
+    qcbt_error_prefix(EIO, "p\r%s", "\x9b");
+    assert_string_equal(qcbt_error_get(), "p??: n?]0;t??: bad");
+    qcbt_error_clear();
+}
+
 int
 main(void)
 {
@@ -3364,6 +3526,8 @@ main(void)
         cmocka_unit_test(test_chain_data_file_policy),
         cmocka_unit_test(test_chain_open_io_no_backing_dir),
         cmocka_unit_test(test_chain_lower_layer_corrupt),
+        cmocka_unit_test(test_chain_hostile_names),
+        cmocka_unit_test(test_escape),
     };
 
     return cmocka_run_group_tests(tests,

@@ -1061,14 +1061,11 @@ cmd_backup(int argc, char **argv)
             backup_usage(stdout);
             return QCBT_EXIT_OK;
         default:
-            backup_usage(stderr);
-            return QCBT_EXIT_ERROR;
+            return usage_getopt_error("backup", argc, argv, "h", opts);
         }
     }
-    if (argc - optind != 2) {
-        die_msg("backup: expected URI DIR (see 'qcbt backup --help')");
-        return QCBT_EXIT_ERROR;
-    }
+    if (argc - optind != 2)
+        return usage_error("backup", "expected URI DIR");
     if (want_full && (since || bitmap)) {
         die_msg("backup: --full cannot be combined with --since/--bitmap");
         return QCBT_EXIT_ERROR;

@@ -418,30 +418,25 @@ cmd_bitmap(int argc, char **argv)
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
+    static const char optstring[] = "f:h";
     struct bopts o = {.layer = -1};
     struct chain_open_opts copts = {0};
     struct chain *c = NULL;
     struct merge_ctx *ctx = NULL;
-    const char *sub;
+    static const char *const subs[] = {"list", "check", "dump", "sha256"};
+    const char *sub = NULL;
+    char cmd[16] = "bitmap";
     int opt, ret, nargs;
+    size_t i;
     char *end;
 
-    if (argc < 2 || strcmp(argv[1], "--help") == 0 ||
-        strcmp(argv[1], "-h") == 0) {
-        bitmap_usage(argc < 2 ? stderr : stdout);
-        return argc < 2 ? QCBT_EXIT_ERROR : QCBT_EXIT_OK;
-    }
-    sub = argv[1];
-    if (strcmp(sub, "list") && strcmp(sub, "check") && strcmp(sub, "dump") &&
-        strcmp(sub, "sha256")) {
-        die_msg("bitmap: unknown subcommand '%s' (list, check, dump, "
-                "sha256)",
-                sub);
-        return QCBT_EXIT_ERROR;
-    }
-    argc--;
-    argv++;
-    while ((opt = getopt_long(argc, argv, "f:h", opts, NULL)) != -1) {
+    /* Options may come before or after the subcommand (getopt permutes);
+     * messages name the subcommand when it comes first.
+     */
+    for (i = 0; argc > 1 && i < sizeof subs / sizeof subs[0]; i++)
+        if (strcmp(argv[1], subs[i]) == 0)
+            snprintf(cmd, sizeof cmd, "bitmap %s", subs[i]);
+    while ((opt = getopt_long(argc, argv, optstring, opts, NULL)) != -1) {
         switch (opt) {
         case 'j':
             o.json = true;
@@ -452,10 +447,8 @@ cmd_bitmap(int argc, char **argv)
         case 'L':
             errno = 0;
             o.layer = strtol(optarg, &end, 10);
-            if (errno || *end || o.layer < 0) {
-                die_msg("bitmap: invalid --layer '%s'", optarg);
-                return QCBT_EXIT_ERROR;
-            }
+            if (errno || *end || end == optarg || o.layer < 0)
+                return usage_error(cmd, "invalid --layer '%s'", optarg);
             break;
         case 'f':
             copts.format = optarg;
@@ -464,21 +457,30 @@ cmd_bitmap(int argc, char **argv)
             bitmap_usage(stdout);
             return QCBT_EXIT_OK;
         default:
-            bitmap_usage(stderr);
-            return QCBT_EXIT_ERROR;
+            return usage_getopt_error(cmd, argc, argv, optstring, opts);
         }
     }
+    if (optind >= argc)
+        return usage_error("bitmap",
+                           "expected a subcommand: list, check, dump or "
+                           "sha256");
+    for (i = 0; i < sizeof subs / sizeof subs[0]; i++)
+        if (strcmp(argv[optind], subs[i]) == 0)
+            sub = subs[i];
+    if (!sub)
+        return usage_error(
+            "bitmap",
+            "unknown subcommand '%s': list, check, dump or sha256",
+            argv[optind]);
+    snprintf(cmd, sizeof cmd, "bitmap %s", sub);
+    optind++;
     nargs = strcmp(sub, "list") == 0 ? 1 : 2;
-    if (argc - optind != nargs) {
-        die_msg("bitmap %s: expected %s (see 'qcbt bitmap --help')",
-                sub,
-                nargs == 1 ? "IMAGE" : "IMAGE NAME");
-        return QCBT_EXIT_ERROR;
-    }
-    if (o.layer >= 0 && strcmp(sub, "sha256") != 0) {
-        die_msg("bitmap %s: --layer is only for sha256", sub);
-        return QCBT_EXIT_ERROR;
-    }
+    if (argc - optind != nargs)
+        return usage_error(cmd,
+                           "expected %s",
+                           nargs == 1 ? "IMAGE" : "IMAGE NAME");
+    if (o.layer >= 0 && strcmp(sub, "sha256") != 0)
+        return usage_error(cmd, "--layer is only for sha256");
     o.format = copts.format;
     o.image = argv[optind];
     o.name = nargs == 2 ? argv[optind + 1] : NULL;

@@ -63,6 +63,7 @@ cmd_cat(int argc, char **argv)
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
+    static const char optstring[] = "f:h";
     struct chain_open_opts copts = {0};
     struct chain *c = NULL;
     uint64_t offset = 0, length = UINT64_MAX, end, pos;
@@ -71,36 +72,29 @@ cmd_cat(int argc, char **argv)
     struct stat st;
     int opt, r, ret = QCBT_EXIT_ERROR;
 
-    while ((opt = getopt_long(argc, argv, "f:h", opts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, optstring, opts, NULL)) != -1) {
         switch (opt) {
         case 'f':
             copts.format = optarg;
             break;
         case 'o':
-            if (parse_size(optarg, &offset) < 0) {
-                die_msg("cat: invalid --offset '%s'", optarg);
-                return QCBT_EXIT_ERROR;
-            }
+            if (parse_size(optarg, &offset) < 0)
+                return usage_error("cat", "invalid --offset '%s'", optarg);
             break;
         case 'l':
-            if (parse_size(optarg, &length) < 0) {
-                die_msg("cat: invalid --length '%s'", optarg);
-                return QCBT_EXIT_ERROR;
-            }
+            if (parse_size(optarg, &length) < 0)
+                return usage_error("cat", "invalid --length '%s'", optarg);
             have_length = true;
             break;
         case 'h':
             cat_usage(stdout);
             return QCBT_EXIT_OK;
         default:
-            cat_usage(stderr);
-            return QCBT_EXIT_ERROR;
+            return usage_getopt_error("cat", argc, argv, optstring, opts);
         }
     }
-    if (optind != argc - 1) {
-        die_msg("cat: expected exactly one IMAGE (see 'qcbt cat --help')");
-        return QCBT_EXIT_ERROR;
-    }
+    if (optind != argc - 1)
+        return usage_error("cat", "expected exactly one IMAGE");
 
     env_chain_opts(&copts);
 

@@ -319,6 +319,7 @@ cmd_info(int argc, char **argv)
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
+    static const char optstring[] = "f:h";
     struct chain_open_opts copts = {0};
     struct chain *c = NULL;
     bool json = false;
@@ -326,7 +327,7 @@ cmd_info(int argc, char **argv)
     int opt;
     char sz[32];
 
-    while ((opt = getopt_long(argc, argv, "f:h", opts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, optstring, opts, NULL)) != -1) {
         switch (opt) {
         case 'f':
             copts.format = optarg;
@@ -338,14 +339,11 @@ cmd_info(int argc, char **argv)
             info_usage(stdout);
             return QCBT_EXIT_OK;
         default:
-            info_usage(stderr);
-            return QCBT_EXIT_ERROR;
+            return usage_getopt_error("info", argc, argv, optstring, opts);
         }
     }
-    if (optind != argc - 1) {
-        die_msg("info: expected exactly one IMAGE (see 'qcbt info --help')");
-        return QCBT_EXIT_ERROR;
-    }
+    if (optind != argc - 1)
+        return usage_error("info", "expected exactly one IMAGE");
     env_chain_opts(&copts);
     if (chain_open(argv[optind], &copts, &c) < 0)
         return report_error();

@@ -70,6 +70,7 @@ cmd_map(int argc, char **argv)
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
+    static const char optstring[] = "f:h";
     struct chain_open_opts copts = {0};
     struct chain *c = NULL;
     bool json = false, have = false, first = true;
@@ -77,7 +78,7 @@ cmd_map(int argc, char **argv)
     uint64_t pos;
     int opt, ret = QCBT_EXIT_ERROR;
 
-    while ((opt = getopt_long(argc, argv, "f:h", opts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, optstring, opts, NULL)) != -1) {
         switch (opt) {
         case 'f':
             copts.format = optarg;
@@ -90,22 +91,20 @@ cmd_map(int argc, char **argv)
             if (strcmp(optarg, "json") == 0)
                 json = true;
             else if (strcmp(optarg, "human") != 0) {
-                die_msg("map: unknown --output '%s' (json or human)", optarg);
-                return QCBT_EXIT_ERROR;
+                return usage_error("map",
+                                   "--output '%s' is not json or human",
+                                   optarg);
             }
             break;
         case 'h':
             map_usage(stdout);
             return QCBT_EXIT_OK;
         default:
-            map_usage(stderr);
-            return QCBT_EXIT_ERROR;
+            return usage_getopt_error("map", argc, argv, optstring, opts);
         }
     }
-    if (optind != argc - 1) {
-        die_msg("map: expected exactly one IMAGE (see 'qcbt map --help')");
-        return QCBT_EXIT_ERROR;
-    }
+    if (optind != argc - 1)
+        return usage_error("map", "expected exactly one IMAGE");
     env_chain_opts(&copts);
     if (chain_open(argv[optind], &copts, &c) < 0)
         return report_error();

@@ -1,5 +1,6 @@
 /* qcbt: command-line tool entry point and subcommand dispatch. */
 #include <errno.h>
+#include <getopt.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -66,6 +67,100 @@ report_error(void)
 
     die_msg("%s", msg[0] ? msg : "unknown error");
     return QCBT_EXIT_ERROR;
+}
+
+int
+usage_error(const char *command, const char *fmt, ...)
+{
+    va_list ap;
+
+    fprintf(stderr, "qcbt: %s: ", command);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fprintf(stderr,
+            " (see qcbt %.*s --help)\n",
+            (int)strcspn(command, " "),
+            command);
+    return QCBT_EXIT_ERROR;
+}
+
+/* The long option the user's "--NAME[=...]" (NLEN bytes of NAME) means:
+ * an exact match or the only one NAME abbreviates, as getopt_long() takes
+ * it.  *nmatch counts the abbreviated candidates.
+ */
+static const struct option *
+find_long(const struct option *lo, const char *name, size_t nlen, int *nmatch)
+{
+    const struct option *found = NULL;
+
+    *nmatch = 0;
+    for (; lo && lo->name; lo++) {
+        if (strncmp(lo->name, name, nlen) != 0)
+            continue;
+        if (strlen(lo->name) == nlen) {
+            *nmatch = 1;
+            return lo;
+        }
+        found = lo;
+        (*nmatch)++;
+    }
+    return *nmatch == 1 ? found : NULL;
+}
+
+int
+usage_getopt_error(const char *command,
+                   int argc,
+                   char **argv,
+                   const char *optstring,
+                   const struct option *longopts)
+{
+    const char *arg = optind > 0 && optind <= argc ? argv[optind - 1] : "";
+    const char *p;
+
+    /* A long option: getopt_long() leaves optopt 0 when it does not know
+     * the name, or the option's value when its argument is wrong.  (In a
+     * cluster of short options argv[optind - 1] may be an earlier long
+     * option: then optopt names the short one.)
+     */
+    if (strncmp(arg, "--", 2) == 0 && arg[2]) {
+        const char *name = arg + 2;
+        size_t nlen = strcspn(name, "=");
+        int nmatch;
+        const struct option *lo = find_long(longopts, name, nlen, &nmatch);
+
+        if (optopt == 0 && nmatch > 1)
+            return usage_error(command,
+                               "option '--%.*s' is ambiguous",
+                               (int)nlen,
+                               name);
+        if (optopt == 0)
+            return usage_error(command,
+                               "unrecognized option '--%.*s'",
+                               (int)nlen,
+                               name);
+        if (lo && lo->val == optopt && lo->has_arg == no_argument &&
+            name[nlen] == '=')
+            return usage_error(command,
+                               "option '--%s' doesn't allow an argument",
+                               lo->name);
+        if (lo && lo->val == optopt && lo->has_arg == required_argument &&
+            name[nlen] != '=')
+            return usage_error(command,
+                               "option '--%s' requires an argument",
+                               lo->name);
+    }
+    if (optopt > 0 && optopt < 256) {
+        p = strchr(optstring, optopt);
+        if (p && optopt != ':' && p[1] == ':')
+            return usage_error(command,
+                               "option requires an argument -- '%c'",
+                               optopt);
+        if (optopt >= 0x20 && optopt < 0x7f)
+            return usage_error(command, "invalid option -- '%c'", optopt);
+        return usage_error(command, "invalid option -- 0x%02x", optopt);
+    }
+    return usage_error(command, "invalid option");
 }
 
 void
@@ -139,8 +234,10 @@ main(int argc, char **argv)
 {
     size_t i;
 
+    /* Subcommands report option errors themselves, on one line. */
+    opterr = 0;
     if (argc < 2) {
-        usage(stderr);
+        die_msg("missing command (see qcbt --help)");
         return QCBT_EXIT_ERROR;
     }
     if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
@@ -151,6 +248,8 @@ main(int argc, char **argv)
                     char *a[] = {argv[2], (char *)"--help", NULL};
                     return commands[i].fn(2, a);
                 }
+            die_msg("help: unknown command '%s' (see qcbt --help)", argv[2]);
+            return QCBT_EXIT_ERROR;
         }
         usage(stdout);
         return QCBT_EXIT_OK;
@@ -162,6 +261,9 @@ main(int argc, char **argv)
     for (i = 0; i < sizeof commands / sizeof commands[0]; i++)
         if (strcmp(argv[1], commands[i].name) == 0)
             return commands[i].fn(argc - 1, argv + 1);
-    die_msg("unknown command '%s' (see 'qcbt --help')", argv[1]);
+    if (argv[1][0] == '-')
+        die_msg("unrecognized option '%s' (see qcbt --help)", argv[1]);
+    else
+        die_msg("unknown command '%s' (see qcbt --help)", argv[1]);
     return QCBT_EXIT_ERROR;
 }

@@ -24,6 +24,27 @@ void die_msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Print the last common/ error as "qcbt: MSG" and return QCBT_EXIT_ERROR. */
 int report_error(void);
 
+struct option;
+
+/* A usage error of COMMAND ("info", "bitmap list"): print one line,
+ * "qcbt: COMMAND: MSG (see qcbt CMD --help)" where CMD is COMMAND's first
+ * word, and return QCBT_EXIT_ERROR.
+ */
+int usage_error(const char *command, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* The usage error for getopt_long() returning '?' (main() clears opterr,
+ * so getopt prints nothing): an unrecognized, ambiguous or invalid short
+ * option, a missing or unexpected argument, named as the user wrote it.
+ * OPTSTRING and LONGOPTS are those given to getopt_long().  Returns
+ * QCBT_EXIT_ERROR.
+ */
+int usage_getopt_error(const char *command,
+                       int argc,
+                       char **argv,
+                       const char *optstring,
+                       const struct option *longopts);
+
 struct chain_open_opts;
 
 /* Options every command takes from the environment:

@@ -35,6 +35,21 @@ parse_index(const char *s, long *out)
     return (errno || end == s || *end || *out < 0) ? -1 : 0;
 }
 
+/* DIR's manifest.  A missing manifest is an empty one for backup (a new
+ * DIR); here DIR must exist, and its absence is the system's error.
+ */
+static int
+load_dir(const char *dir, struct manifest *m)
+{
+    struct stat st;
+
+    if (stat(dir, &st) < 0)
+        return qcbt_error(errno, "%s: %s", dir, strerror(errno));
+    if (!S_ISDIR(st.st_mode))
+        return qcbt_error(ENOTDIR, "%s: %s", dir, strerror(ENOTDIR));
+    return manifest_load(dir, m);
+}
+
 /* Open backup N of DIR (N < 0: the newest). */
 static int
 open_backup(const char *dir,
@@ -47,7 +62,7 @@ open_backup(const char *dir,
     char *path;
     int r;
 
-    if (manifest_load(dir, m) < 0)
+    if (load_dir(dir, m) < 0)
         return -1;
     if (m->nr == 0) {
         qcbt_error(ENOENT, "%s: no backups (no %s)", dir, MANIFEST_NAME);
@@ -507,40 +522,36 @@ cmd_verify(int argc, char **argv)
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
+    static const char optstring[] = "h";
     const char *against = NULL, *dir;
     struct manifest m = {0};
     long at = -1;
     int opt, bad = 0;
     size_t i;
 
-    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, optstring, opts, NULL)) != -1) {
         switch (opt) {
         case 'A':
             against = optarg;
             break;
         case 'a':
-            if (parse_index(optarg, &at) < 0) {
-                die_msg("verify: invalid --at '%s'", optarg);
-                return QCBT_EXIT_ERROR;
-            }
+            if (parse_index(optarg, &at) < 0)
+                return usage_error("verify", "invalid --at '%s'", optarg);
             break;
         case 'h':
             verify_usage(stdout);
             return QCBT_EXIT_OK;
         default:
-            verify_usage(stderr);
-            return QCBT_EXIT_ERROR;
+            return usage_getopt_error("verify", argc, argv, optstring, opts);
         }
     }
-    if (argc - optind != 1) {
-        die_msg("verify: expected DIR (see 'qcbt verify --help')");
-        return QCBT_EXIT_ERROR;
-    }
+    if (argc - optind != 1)
+        return usage_error("verify", "expected DIR");
     dir = argv[optind];
-    if (manifest_load(dir, &m) < 0)
+    if (load_dir(dir, &m) < 0)
         return report_error();
     if (m.nr == 0) {
-        die_msg("verify: %s has no backups", dir);
+        die_msg("verify: %s has no backups (no %s)", dir, MANIFEST_NAME);
         return QCBT_EXIT_ERROR;
     }
     for (i = 0; i < m.nr; i++) {

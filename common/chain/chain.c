@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "byteorder.h"
 #include "chain.h"
 #include "error.h"
 #include "minmax.h"
@@ -62,15 +63,171 @@ resolve_name(const char *base_path, const char *dir, const char *name)
     return r;
 }
 
-static int
-probe_format(struct qcbt_io *io, enum chain_fmt *fmt)
-{
-    unsigned char magic[4];
-    ssize_t n = io->ops->pread(io->opaque, magic, sizeof magic, 0);
+/* Format probing, as QEMU does it (block.c find_image_format(): each
+ * driver's .bdrv_probe scores the first BLOCK_PROBE_BUF_SIZE bytes of the
+ * file, zero-filled past its end; the best score wins; an empty file is
+ * raw).  Every format QEMU would recognise and that qcbt does not decode
+ * is refused by name: read as raw, a VMDK, VHDX, QED ... container would
+ * be served as the disk (wrong data, wrong size).
+ */
+#define PROBE_BUF_SIZE 2048
 
-    if (n < 0)
-        return qcbt_error(-n, "%s: %s", io->name, strerror(-n));
-    *fmt = qcow2_probe(magic, n) ? CHAIN_FMT_QCOW2 : CHAIN_FMT_RAW;
+enum probed { PROBED_RAW, PROBED_QCOW2, PROBED_OTHER };
+
+/* The little-endian u32 at P (VDI, Bochs and Parallels headers). */
+static uint32_t
+probe_le32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+           (uint32_t)p[3] << 24;
+}
+
+static bool
+probe_bytes(const unsigned char *buf, size_t off, const char *s, size_t len)
+{
+    return memcmp(buf + off, s, len) == 0;
+}
+
+/* vmdk_probe(): binary sparse extents ("KDMV", VMFS "COWD"), or a text
+ * descriptor whose first line that is neither a '#' comment nor blank
+ * (spaces only) is "version=1", "2" or "3".
+ */
+static bool
+probe_vmdk(const unsigned char *buf)
+{
+    const unsigned char *p = buf, *end = buf + PROBE_BUF_SIZE;
+
+    if (probe_bytes(buf, 0, "KDMV", 4) || probe_bytes(buf, 0, "COWD", 4))
+        return true;
+    while (p < end) {
+        if (*p == '#') {
+            while (p < end && *p != '\n')
+                p++;
+            p++;
+            continue;
+        }
+        if (*p == ' ') {
+            while (p < end && *p == ' ')
+                p++;
+            if (p < end && *p == '\r')
+                p++;
+            if (p == end || *p != '\n')
+                return false;
+            p++;
+            continue;
+        }
+        if ((size_t)(end - p) >= 10 && memcmp(p, "version=", 8) == 0 &&
+            p[8] >= '1' && p[8] <= '3' &&
+            (p[9] == '\n' ||
+             ((size_t)(end - p) >= 11 && p[9] == '\r' && p[10] == '\n')))
+            return true;
+        return false;
+    }
+    return false;
+}
+
+/* What BUF (PROBE_BUF_SIZE bytes) holds.  FILENAME (may be NULL) is only
+ * for the one probe QEMU makes by name (dmg).  *OTHER names a format we do
+ * not decode, as QEMU names its driver.
+ */
+static enum probed
+probe_buffer(const unsigned char *buf, const char *filename, const char **other)
+{
+    static const char cloop[] =
+        "#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t "
+        "iso9660 /dev/cloop $1\n";
+    size_t fl;
+
+    *other = NULL;
+    if (qcow2_probe(buf, PROBE_BUF_SIZE)) {
+        /* qcow_probe(): version 1 is the old qcow format.  Other versions
+         * stay qcow2 and qcow2_open() refuses them (QEMU would fall back
+         * to raw for version 0: a damaged qcow2 is not a disk).
+         */
+        if (get_be32(buf + 4) == 1)
+            *other = "qcow";
+        return *other ? PROBED_OTHER : PROBED_QCOW2;
+    }
+    if (probe_vmdk(buf))
+        *other = "vmdk";
+    else if (probe_bytes(buf, 0, "QED\0", 4))
+        *other = "qed";
+    else if (probe_le32(buf + 0x40) == 0xbeda107f)
+        *other = "vdi";
+    else if (probe_bytes(buf, 0, "vhdxfile", 8))
+        *other = "vhdx";
+    else if (probe_bytes(buf, 0, "conectix", 8))
+        *other = "vpc";
+    else if (probe_bytes(buf, 0, "LUKS\xba\xbe", 6) && get_be16(buf + 6) == 1)
+        *other = "luks";
+    else if (probe_bytes(buf, 0, "Bochs Virtual HD Image", 23) &&
+             probe_bytes(buf, 32, "Redolog", 8) &&
+             probe_bytes(buf, 48, "Growing", 8) &&
+             (probe_le32(buf + 64) == 0x00020000 ||
+              probe_le32(buf + 64) == 0x00010000))
+        *other = "bochs";
+    else if ((probe_bytes(buf, 0, "WithoutFreeSpace", 16) ||
+              probe_bytes(buf, 0, "WithouFreSpacExt", 16)) &&
+             probe_le32(buf + 16) == 2)
+        *other = "parallels";
+    else if (probe_bytes(buf, 0, cloop, sizeof cloop - 1))
+        *other = "cloop";
+    else if (filename && (fl = strlen(filename)) > 4 &&
+             strcmp(filename + fl - 4, ".dmg") == 0)
+        *other = "dmg";
+    return *other ? PROBED_OTHER : PROBED_RAW;
+}
+
+/* The format of layer IDX (file PATH, read through IO).  NAME is the
+ * format the user gave (top) or the overlay recorded (backing), NULL to
+ * probe; an unknown NAME for the top was refused by the caller.  "raw" is
+ * taken as given, as QEMU does (the bytes are the disk, whatever they
+ * look like).  "qcow2" is checked for another known format only to say
+ * which one it is; qcow2_open() does the rest.  Sets *FMT and *PROBED.
+ */
+static int
+layer_format(struct qcbt_io *io,
+             size_t idx,
+             const char *path,
+             const char *name,
+             enum chain_fmt *fmt,
+             bool *probed)
+{
+    unsigned char buf[PROBE_BUF_SIZE] = {0};
+    const char *other;
+    enum probed kind;
+    int r;
+
+    *probed = name == NULL;
+    if (name && strcmp(name, "raw") == 0) {
+        *fmt = CHAIN_FMT_RAW;
+        return 0;
+    }
+    if (name && strcmp(name, "qcow2") != 0)
+        return qcbt_error(ENOTSUP,
+                          "layer %zu (%s): unsupported backing format '%s' "
+                          "(qcbt reads qcow2 and raw)",
+                          idx,
+                          path,
+                          name);
+    if (io->size == 0 && !name) {
+        *fmt = CHAIN_FMT_RAW;
+        return 0;
+    }
+    if (io->size > 0) {
+        r = qcbt_io_read_exact(io, buf, sizeof buf, 0, true, "header");
+        if (r < 0)
+            return qcbt_error_prefix(-r, "layer %zu (%s)", idx, path);
+    }
+    kind = probe_buffer(buf, name ? NULL : path, &other);
+    if (kind == PROBED_OTHER)
+        return qcbt_error(ENOTSUP,
+                          "layer %zu (%s): image format %s is not supported "
+                          "(qcbt reads qcow2 and raw)",
+                          idx,
+                          path,
+                          other);
+    *fmt = name || kind == PROBED_QCOW2 ? CHAIN_FMT_QCOW2 : CHAIN_FMT_RAW;
     return 0;
 }
 
@@ -168,11 +325,13 @@ free_layer(struct chain_layer *l)
     free(l->data_file_path);
 }
 
+/* Open the chain from TOP_IO (owned from here on, success or not) whose
+ * format is TOP_FORMAT ("qcow2", "raw", or NULL to probe).
+ */
 static int
 add_layers(struct chain *c,
            struct qcbt_io *top_io,
-           enum chain_fmt top_fmt,
-           bool top_probed,
+           const char *top_format,
            const char *top_path,
            const char *backing_dir,
            const struct chain_open_opts *opts)
@@ -180,8 +339,9 @@ add_layers(struct chain *c,
     unsigned max_depth =
         opts && opts->max_depth ? opts->max_depth : CHAIN_MAX_DEPTH_DEFAULT;
     struct qcbt_io *io = top_io;
-    enum chain_fmt fmt = top_fmt;
-    bool probed = top_probed;
+    const char *fmt_name = top_format;
+    enum chain_fmt fmt = CHAIN_FMT_RAW;
+    bool probed = false;
     char *path = strdup(top_path);
     int r;
 
@@ -205,7 +365,6 @@ add_layers(struct chain *c,
         l = &c->layers[idx];
         memset(l, 0, sizeof *l);
         l->path = path;
-        l->fmt_probed = probed;
         c->nr_layers++;
 
         /* Loops are detected by file identity, not by name. */
@@ -221,6 +380,12 @@ add_layers(struct chain *c,
                                   i);
             }
         }
+        r = layer_format(io, idx, l->path, fmt_name, &fmt, &probed);
+        if (r < 0) {
+            qcbt_io_free(io);
+            return r;
+        }
+        l->fmt_probed = probed;
         /* init_layer owns io from here on, success or not. */
         /* BACKING_DIR stands in for the directory of the top layer only
          * (opened through an io, it has no path); deeper layers are files
@@ -298,28 +463,8 @@ add_layers(struct chain *c,
             free(path);
             return r;
         }
-        if (bfmt) {
-            if (parse_format(bfmt, &fmt) < 0) {
-                r = qcbt_error(ENOTSUP,
-                               "layer %zu (%s): unsupported backing "
-                               "format '%s'",
-                               idx + 1,
-                               path,
-                               bfmt);
-                qcbt_io_free(io);
-                free(path);
-                return r;
-            }
-            probed = false;
-        } else {
-            r = probe_format(io, &fmt);
-            if (r < 0) {
-                qcbt_io_free(io);
-                free(path);
-                return r;
-            }
-            probed = true;
-        }
+        /* The next layer's format: recorded, or probed (layer_format). */
+        fmt_name = bfmt;
     }
 }
 
@@ -344,12 +489,16 @@ chain_open(const char *path,
     static const struct chain_open_opts defaults;
     struct chain *c;
     struct qcbt_io *io;
-    enum chain_fmt fmt = CHAIN_FMT_RAW;
-    bool probed = false;
+    enum chain_fmt fmt;
     int r;
 
     if (!opts)
         opts = &defaults;
+    if (opts->format && parse_format(opts->format, &fmt) < 0)
+        return qcbt_error(ENOTSUP,
+                          "unsupported format '%s' (qcow2 or "
+                          "raw)",
+                          opts->format);
     c = calloc(1, sizeof *c);
     if (!c)
         return qcbt_error(ENOMEM, "out of memory");
@@ -358,25 +507,7 @@ chain_open(const char *path,
         free(c);
         return r;
     }
-    if (opts->format) {
-        if (parse_format(opts->format, &fmt) < 0) {
-            qcbt_io_free(io);
-            free(c);
-            return qcbt_error(ENOTSUP,
-                              "unsupported format '%s' (qcow2 or "
-                              "raw)",
-                              opts->format);
-        }
-    } else {
-        r = probe_format(io, &fmt);
-        if (r < 0) {
-            qcbt_io_free(io);
-            free(c);
-            return r;
-        }
-        probed = true;
-    }
-    r = add_layers(c, io, fmt, probed, path, NULL, opts);
+    r = add_layers(c, io, opts->format, path, NULL, opts);
     return finish_open(c, r, out);
 }
 
@@ -390,37 +521,19 @@ chain_open_io(struct qcbt_io *io,
     struct chain_open_opts o = opts ? *opts : (struct chain_open_opts){0};
 
     struct chain *c;
-    enum chain_fmt fmt = CHAIN_FMT_RAW;
-    bool probed = false;
+    enum chain_fmt fmt;
     int r;
 
+    if (format && parse_format(format, &fmt) < 0) {
+        qcbt_io_free(io);
+        return qcbt_error(ENOTSUP, "unsupported format '%s'", format);
+    }
     c = calloc(1, sizeof *c);
     if (!c) {
         qcbt_io_free(io);
         return qcbt_error(ENOMEM, "out of memory");
     }
-    if (format) {
-        if (parse_format(format, &fmt) < 0) {
-            qcbt_io_free(io);
-            free(c);
-            return qcbt_error(ENOTSUP, "unsupported format '%s'", format);
-        }
-    } else {
-        r = probe_format(io, &fmt);
-        if (r < 0) {
-            qcbt_io_free(io);
-            free(c);
-            return r;
-        }
-        probed = true;
-    }
-    r = add_layers(c,
-                   io,
-                   fmt,
-                   probed,
-                   io->name,
-                   backing_dir ? backing_dir : "",
-                   &o);
+    r = add_layers(c, io, format, io->name, backing_dir ? backing_dir : "", &o);
     return finish_open(c, r, out);
 }
 

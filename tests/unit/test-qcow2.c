@@ -27,6 +27,7 @@
 #include "chain.h"
 #include "error.h"
 #include "io.h"
+#include "minmax.h"
 #include "qcow2.h"
 #include "qcow2-builder.h"
 #include "test-tmpdir.h"
@@ -3313,6 +3314,215 @@ test_chain_lower_layer_corrupt(void **state)
     chain_close(c);
 }
 
+/* Other image formats: probed as QEMU probes them (block.c
+ * find_image_format and each driver's .bdrv_probe) and refused by name,
+ * for the top and for backing files, probed or given as qcow2; given as
+ * raw they are raw bytes, as in QEMU.
+ */
+struct foreign {
+    const char *fmt;
+    const char *file;
+    unsigned char head[600];
+    size_t len; /* file length (>= the header written) */
+};
+
+static void
+le32_at(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+    p[2] = (unsigned char)(v >> 16);
+    p[3] = (unsigned char)(v >> 24);
+}
+
+static size_t
+make_foreign(struct foreign *f)
+{
+    static const char cloop[] =
+        "#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t "
+        "iso9660 /dev/cloop $1\n";
+    static struct foreign all[] = {
+        {"vmdk", "sparse.vmdk", "KDMV\x01", 4096},
+        {"vmdk", "vmfs.vmdk", "COWD", 4096},
+        {"vmdk", "desc.vmdk", "# Disk DescriptorFile\n   \r\nversion=1\n", 0},
+        {"vmdk", "desc-crlf.vmdk", "#c\r\nversion=3\r\nCID=1\r\n", 0},
+        {"qed", "d.qed", "QED\0\0\0\1\0", 4096},
+        {"vdi", "d.vdi", "<<< QEMU VM Virtual Disk Image >>>\n", 1024},
+        {"vhdx", "d.vhdx", "vhdxfile", 65536},
+        {"vpc", "d.vpc", "conectix", 2560},
+        {"luks", "d.luks", "LUKS\xba\xbe\0\1aes", 4096},
+        {"qcow", "d.qcow", "QFI\xfb\0\0\0\1", 4096},
+        {"bochs", "d.bochs", "Bochs Virtual HD Image", 4096},
+        {"parallels", "d.hdd", "WithoutFreeSpace\2", 4096},
+        {"parallels", "d2.hdd", "WithouFreSpacExt\2", 4096},
+        {"cloop", "d.cloop", "", 4096},
+        {"dmg", "random.dmg", "\x01\x02", 4096},
+    };
+    static size_t next;
+
+    if (next == sizeof all / sizeof all[0]) {
+        next = 0;
+        return 0;
+    }
+    *f = all[next++];
+    if (strcmp(f->file, "d.vdi") == 0)
+        le32_at(f->head + 0x40, 0xbeda107f);
+    if (strcmp(f->fmt, "bochs") == 0) {
+        memcpy(f->head + 32, "Redolog", 8);
+        memcpy(f->head + 48, "Growing", 8);
+        le32_at(f->head + 64, 0x00020000);
+    }
+    if (strcmp(f->fmt, "cloop") == 0)
+        memcpy(f->head, cloop, sizeof cloop - 1);
+    if (f->len == 0)
+        f->len = strlen((const char *)f->head);
+    return 1;
+}
+
+static void
+write_foreign(const char *path, const struct foreign *f)
+{
+    unsigned char *buf = calloc(1, f->len);
+
+    assert_non_null(buf);
+    memcpy(buf, f->head, MIN(f->len, sizeof f->head));
+    write_file(path, buf, f->len);
+    free(buf);
+}
+
+static void
+test_chain_foreign_formats(void **state)
+{
+    char msg[256];
+    struct foreign f;
+    struct chain *c;
+
+    while (make_foreign(&f)) {
+        const char *path = tpath("foreign", f.file);
+        char what[64];
+
+        write_foreign(path, &f);
+        snprintf(msg, sizeof msg, "image format %s is not supported", f.fmt);
+        snprintf(what, sizeof what, "%s probed", f.file);
+        expect_chain_fail(path, NULL, what, ENOTSUP, msg, "layer 0");
+        check_err(-ENOTSUP, what, f.file, "qcbt reads qcow2 and raw", NULL);
+
+        /* the plugin, the filter and -f qcow2 give the format: the
+         * refusal still says what the file is (not for dmg: QEMU
+         * recognises it by its name only)
+         */
+        if (strcmp(f.fmt, "dmg") != 0) {
+            snprintf(what, sizeof what, "%s as qcow2", f.file);
+            expect_chain_fail(path,
+                              &(struct chain_open_opts){.format = "qcow2"},
+                              what,
+                              ENOTSUP,
+                              msg,
+                              "layer 0");
+        }
+
+        /* given as raw: the container's bytes, as qemu-nbd -f raw */
+        c = expect_chain_ok(path,
+                            &(struct chain_open_opts){.format = "raw"},
+                            "foreign as raw");
+        assert_int_equal(c->nr_layers, 1);
+        assert_int_equal(c->layers[0].fmt, CHAIN_FMT_RAW);
+        assert_int_equal(c->size, (f.len + 511) / 512 * 512);
+        chain_close(c);
+
+        /* as a backing file: probed, recorded as qcow2, recorded as raw */
+        write_overlay(tpath("foreign", "top.qcow2"), 1 * MiB, f.file, NULL);
+        snprintf(what, sizeof what, "%s probed backing", f.file);
+        expect_chain_fail(tpath("foreign", "top.qcow2"),
+                          NULL,
+                          what,
+                          ENOTSUP,
+                          msg,
+                          "layer 1");
+        if (strcmp(f.fmt, "dmg") != 0) {
+            write_overlay(tpath("foreign", "top.qcow2"),
+                          1 * MiB,
+                          f.file,
+                          "qcow2");
+            snprintf(what, sizeof what, "%s qcow2 backing", f.file);
+            expect_chain_fail(tpath("foreign", "top.qcow2"),
+                              NULL,
+                              what,
+                              ENOTSUP,
+                              msg,
+                              "layer 1");
+        }
+        write_overlay(tpath("foreign", "top.qcow2"), 1 * MiB, f.file, "raw");
+        c = expect_chain_ok(tpath("foreign", "top.qcow2"),
+                            NULL,
+                            "foreign raw backing");
+        assert_int_equal(c->nr_layers, 2);
+        assert_int_equal(c->layers[1].fmt, CHAIN_FMT_RAW);
+        chain_close(c);
+        /* the format it records is refused by name */
+        write_overlay(tpath("foreign", "top.qcow2"), 1 * MiB, f.file, f.fmt);
+        snprintf(what, sizeof what, "%s recorded backing", f.file);
+        expect_chain_fail(tpath("foreign", "top.qcow2"),
+                          NULL,
+                          what,
+                          ENOTSUP,
+                          "backing format",
+                          f.fmt);
+    }
+
+    /* through an io (the filter's path, and chain_open_io probing) */
+    {
+        struct foreign v;
+        struct qcbt_io *io;
+        int r;
+
+        make_foreign(&v);
+        assert_string_equal(v.fmt, "vmdk");
+        assert_int_equal(qcbt_io_open_mem(v.head, sizeof v.head, "d.vmdk", &io),
+                         0);
+        qcbt_error_clear();
+        r = chain_open_io(io, NULL, NULL, NULL, &c);
+        check_err(r, "io probed", "image format vmdk", NULL);
+        assert_int_equal(qcbt_io_open_mem(v.head, sizeof v.head, "d.vmdk", &io),
+                         0);
+        qcbt_error_clear();
+        r = chain_open_io(io, "qcow2", NULL, NULL, &c);
+        check_err(r, "io as qcow2", "image format vmdk", NULL);
+        while (make_foreign(&v))
+            ;
+    }
+
+    /* what QEMU probes as raw stays raw */
+    {
+        static const struct {
+            const char *what;
+            const char *bytes;
+        } raw[] = {
+            {"empty", ""},
+            {"blank line before version", "\nversion=1\n"},
+            {"version 4 descriptor", "version=4\n"},
+            {"descriptor without newline", "version=1"},
+            {"spaces then text", "  x\nversion=1\n"},
+            {"LUKS version 2", "LUKS\xba\xbe\0\2"},
+            {"parallels version 3", "WithoutFreeSpace\3"},
+            {"bochs without its type", "Bochs Virtual HD Image"},
+            {"QED without NUL", "QEDX"},
+            {"half a cloop header", "#!/bin/sh\n#V2.0 Format\n"},
+        };
+        size_t i;
+
+        for (i = 0; i < sizeof raw / sizeof raw[0]; i++) {
+            const char *path = tpath("foreign", "maybe.img");
+
+            write_file(path, raw[i].bytes, strlen(raw[i].bytes));
+            c = expect_chain_ok(path, NULL, raw[i].what);
+            assert_int_equal(c->layers[0].fmt, CHAIN_FMT_RAW);
+            assert_true(c->layers[0].fmt_probed);
+            chain_close(c);
+        }
+    }
+}
+
 /* A message made from image strings must be one line a terminal shows as
  * text: no C0 control byte (ESC, CR, LF, BEL), no DEL, no C1 control
  * (U+0080..U+009F, CSI is U+009B) and no byte that is not UTF-8.
@@ -3526,6 +3736,7 @@ main(void)
         cmocka_unit_test(test_chain_data_file_policy),
         cmocka_unit_test(test_chain_open_io_no_backing_dir),
         cmocka_unit_test(test_chain_lower_layer_corrupt),
+        cmocka_unit_test(test_chain_foreign_formats),
         cmocka_unit_test(test_chain_hostile_names),
         cmocka_unit_test(test_escape),
     };

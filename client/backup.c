@@ -8,14 +8,25 @@
  * written through the buffered qcow2 writer; dirty ranges that read as
  * zero become zero clusters, never skipped; clean ranges stay unallocated
  * and read through to the previous backup.  Any doubt means a full
- * backup, never "nothing changed".
+ * backup (--auto, --fallback-full) or exit 2 (--since), never "nothing
+ * changed".
+ *
+ * DIR changes in one step: the finished file is renamed from its
+ * temporary name to backup-NNNN.qcow2, which nothing refers to until the
+ * manifest that records it replaces the old one (the commit point).  What
+ * a run that failed or died before that leaves (the temporary file, an
+ * unrecorded backup-NNNN.qcow2 with the next number) is removed by the
+ * failing run itself when it can, else by the next run, under the lock.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +41,7 @@
 #include "chain.h"
 #include "digest.h"
 #include "error.h"
+#include "json-out.h"
 #include "json.h"
 #include "manifest.h"
 #include "minmax.h"
@@ -86,9 +98,19 @@ struct slot {
     unsigned refs; /* stages not done with it */
 };
 
+/* A connection: the first is opened before the engine starts; the others
+ * connect in the background and join as they become ready, so a server
+ * that refuses or never answers connection k (qemu-nbd -e N keeps it in
+ * its listen queue) leaves the backup with the k it has.
+ */
+enum conn_state { CONN_OFF, CONN_CONNECTING, CONN_READY };
+
 struct engine {
     struct nbd_handle *h[MAX_CONNS];
-    size_t nconn;
+    enum conn_state cst[MAX_CONNS];
+    size_t nconn;   /* handles opened */
+    size_t nready;  /* of which ready: they carry the reads */
+    size_t refused; /* connections the server refused or closed */
     unsigned depth;
     struct slot *slots; /* nslots */
     size_t nslots;
@@ -129,6 +151,17 @@ struct engine {
     uint64_t data_bytes, zero_bytes, extents, requests, copied;
     int io_err;
     char io_msg[512];
+    /* Reads cut short by a dead connection (ENOTCONN), per connection:
+     * how many, and the lowest offset.
+     */
+    unsigned cut_n[MAX_CONNS];
+    uint64_t cut_off[MAX_CONNS];
+
+    /* The server closed connection lost_conn (-1: none did) while the
+     * engine was doing lost_what.
+     */
+    int lost_conn;
+    char lost_what[160];
 
     bool progress;
     int64_t last_progress;
@@ -155,48 +188,96 @@ mono_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* ---- notices ---------------------------------------------------------- */
+
+/* A notice (why a backup is full, fewer connections than asked) is not an
+ * error, so it never starts with "qcbt: ": a failure prints exactly one
+ * such line.  Notices are "qcbt backup: ..." lines, printed at once on a
+ * terminal (or with --progress), otherwise kept and printed once the
+ * backup is recorded, so that a failed run's stderr is its error line.
+ */
+static bool notice_now;
+static char notice_buf[4096];
+static size_t notice_len;
+
+static void notice(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static void
+notice(const char *fmt, ...)
+{
+    char line[1024];
+    va_list ap;
+    int n;
+
+    va_start(ap, fmt);
+    n = vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    if (notice_now) {
+        fprintf(stderr, "qcbt backup: %s\n", line);
+        return;
+    }
+    n = snprintf(notice_buf + notice_len,
+                 sizeof notice_buf - notice_len,
+                 "qcbt backup: %s\n",
+                 line);
+    if (n > 0 && (size_t)n < sizeof notice_buf - notice_len)
+        notice_len += n;
+    else
+        notice_buf[notice_len] = '\0'; /* no room: drop this one */
+}
+
+static void
+notices_flush(void)
+{
+    fputs(notice_buf, stderr);
+    notice_len = 0;
+    notice_buf[0] = '\0';
+}
+
 static void
 backup_usage(FILE *fp)
 {
-    fprintf(fp,
-            "Usage: qcbt backup [--full | --since NAME | --auto] [--bitmap "
-            "CONTEXT]\n"
-            "                   [--connections N] [--progress|--no-progress]"
-            "\n"
-            "                   [--no-digest] [--json] URI DIR\n"
-            "\n"
-            "Back up the NBD export URI (nbd://, nbd+unix://, ...) into DIR, "
-            "one\n"
-            "disk per directory.  Each backup is a qcow2 file; an "
-            "incremental one\n"
-            "has the previous backup as its backing file, so the newest file "
-            "is\n"
-            "the disk at that time for qemu-img, qemu-nbd and a VM.\n"
-            "\n"
-            "  --full            copy everything allocated\n"
-            "  --since NAME      copy what changed since checkpoint NAME "
-            "(context\n"
-            "                    qemu:dirty-bitmap:NAME); full if that is "
-            "not\n"
-            "                    possible (no previous backup, context not "
-            "granted,\n"
-            "                    size changed)\n"
-            "  --auto            like --since with the checkpoint of the "
-            "previous\n"
-            "                    backup; full when in doubt (the default)\n"
-            "  --bitmap CONTEXT  the dirty-bitmap context to use, e.g. "
-            "backup-vda\n"
-            "                    (qemu:dirty-bitmap:CONTEXT) or a full "
-            "context name\n"
-            "  --connections N   parallel connections when the server allows "
-            "multi-conn\n"
-            "                    (default: one per CPU, at most 4)\n"
-            "  --no-digest       do not compute the guest digest\n"
-            "  --json            print the result as JSON\n"
-            "\n"
-            "Exit status: 0 backup written and recorded; 1 error (DIR is left "
-            "as it\n"
-            "was).\n");
+    fputs(
+        "Usage: qcbt backup [--full | --since NAME | --auto] "
+        "[--fallback-full]\n"
+        "                   [--bitmap CONTEXT] [--connections N]\n"
+        "                   [--progress|--no-progress] [--no-digest] [--json]\n"
+        "                   URI DIR\n"
+        "\n"
+        "Back up the NBD export URI (nbd://, nbd+unix://, ...) into DIR, one\n"
+        "disk per directory.  Each backup is a qcow2 file; an incremental one\n"
+        "has the previous backup as its backing file, so the newest file is\n"
+        "the disk at that time for qemu-img, qemu-nbd and a VM.\n"
+        "\n"
+        "  --full            copy everything allocated\n"
+        "  --since NAME      copy what changed since checkpoint NAME (context\n"
+        "                    qemu:dirty-bitmap:NAME); the first backup in DIR\n"
+        "                    is full; exit 2 if an incremental is not "
+        "possible\n"
+        "                    (context not offered, size changed, previous\n"
+        "                    backup unreadable)\n"
+        "  --auto            like --since with the checkpoint of the previous\n"
+        "                    backup; full when in doubt (the default)\n"
+        "  --fallback-full   with --since or --bitmap: full instead of exit 2\n"
+        "  --bitmap CONTEXT  the dirty-bitmap context to use, e.g. backup-vda\n"
+        "                    (qemu:dirty-bitmap:CONTEXT) or a full context "
+        "name\n"
+        "  --connections N   parallel connections when the server allows\n"
+        "                    multi-conn (default: one per CPU, at most 4); "
+        "the\n"
+        "                    ones the server accepts\n"
+        "  --no-digest       do not compute the guest digest\n"
+        "  --json            print the result as JSON\n"
+        "\n"
+        "Notices (why a backup is full, fewer connections) are lines\n"
+        "\"qcbt backup: ...\" on stderr, once the backup is recorded (at once\n"
+        "on a terminal); an error is one line \"qcbt: ...\".\n"
+        "\n"
+        "Exit status: 0 backup written and recorded; 1 error; 2 a full backup\n"
+        "is needed (--since, --bitmap).  On error DIR is left as it was.\n",
+        fp);
 }
 
 /* ---- block status ---------------------------------------------------- */
@@ -314,6 +395,48 @@ push_run(struct engine *eng, uint64_t off, uint64_t len, enum run_kind kind)
     return 0;
 }
 
+/* libnbd (1.14) reports a server that went away as a recv/send error
+ * (ECONNRESET, EPIPE, or "server disconnected unexpectedly" at EOF) and
+ * completes the commands in flight with ENOTCONN.  A protocol violation
+ * also kills the handle, but keeps its own message.
+ */
+static bool
+peer_closed(int err, const char *msg)
+{
+    return err == ECONNRESET || err == EPIPE || err == ENOTCONN ||
+           err == ESHUTDOWN ||
+           (msg && strstr(msg, "disconnected unexpectedly"));
+}
+
+/* A libnbd call on connection CI failed: record its error as "PREFIX:
+ * libnbd's message", and note whether the server closed the connection
+ * (and what the engine was doing: the failed read, else WHAT).
+ */
+static int
+nbd_fail(struct engine *eng, size_t ci, const char *prefix, const char *what)
+{
+    int err = nbd_get_errno();
+    const char *msg = nbd_get_error();
+
+    if (eng->lost_conn < 0 && peer_closed(err, msg) &&
+        (nbd_aio_is_dead(eng->h[ci]) || nbd_aio_is_closed(eng->h[ci]))) {
+        eng->lost_conn = (int)ci;
+        if (eng->cut_n[ci])
+            snprintf(eng->lost_what,
+                     sizeof eng->lost_what,
+                     "reading at offset %" PRIu64 " (%u read%s in flight)",
+                     eng->cut_off[ci],
+                     eng->cut_n[ci],
+                     eng->cut_n[ci] == 1 ? "" : "s");
+        else
+            snprintf(eng->lost_what, sizeof eng->lost_what, "%s", what);
+    }
+    return qcbt_error(err ? err : EIO,
+                      "%s: %s",
+                      prefix,
+                      msg ? msg : "unknown error");
+}
+
 /* Map the next window [map_pos, ...) into runs. */
 static int
 map_window(struct engine *eng)
@@ -331,11 +454,13 @@ map_window(struct engine *eng)
     eng->req_off = pos;
     eng->req_len = MIN(MAP_WINDOW, eng->size - pos);
     eng->map_err = 0;
-    if (nbd_block_status(eng->h[0], eng->req_len, pos, cb, 0) < 0)
-        return qcbt_error(nbd_get_errno() ? nbd_get_errno() : EIO,
-                          "block status at %" PRIu64 ": %s",
-                          pos,
-                          nbd_get_error());
+    if (nbd_block_status(eng->h[0], eng->req_len, pos, cb, 0) < 0) {
+        char prefix[64], what[96];
+
+        snprintf(prefix, sizeof prefix, "block status at %" PRIu64, pos);
+        snprintf(what, sizeof what, "mapping the disk at offset %" PRIu64, pos);
+        return nbd_fail(eng, 0, prefix, what);
+    }
     if (eng->map_err)
         return qcbt_error(eng->map_err, "%s", eng->map_msg);
     if (!eng->alloc.got || (eng->ctx && !eng->dirty.got))
@@ -694,6 +819,10 @@ read_done(void *opaque, int *error)
     struct engine *eng = s->eng;
 
     eng->in_flight[s->conn]--;
+    if (*error == ENOTCONN) {
+        if (!eng->cut_n[s->conn]++ || s->off < eng->cut_off[s->conn])
+            eng->cut_off[s->conn] = s->off;
+    }
     if (*error) {
         if (!eng->io_err) {
             eng->io_err = *error;
@@ -769,12 +898,16 @@ next_work(struct engine *eng, size_t ci)
             (nbd_chunk_callback){.callback = read_chunk, .user_data = s},
             (nbd_completion_callback){.callback = read_done, .user_data = s},
             0) < 0) {
+        char prefix[64], what[96];
+
+        snprintf(prefix, sizeof prefix, "read at %" PRIu64, s->off);
+        snprintf(what,
+                 sizeof what,
+                 "reading %" PRIu64 " bytes at offset %" PRIu64,
+                 s->len,
+                 s->off);
         slot_put(eng, s);
-        qcbt_error(nbd_get_errno() ? nbd_get_errno() : EIO,
-                   "read at %" PRIu64 ": %s",
-                   s->off,
-                   nbd_get_error());
-        return -1;
+        return nbd_fail(eng, ci, prefix, what);
     }
     eng->in_flight[ci]++;
     eng->requests++;
@@ -793,43 +926,98 @@ total_in_flight(const struct engine *eng)
     return t;
 }
 
+/* Connection CI finished or failed its handshake: it joins the engine, or
+ * is dropped (the server accepted fewer connections).  An export that
+ * looks different from the first connection's is an error.
+ */
+static int
+conn_settle(struct engine *eng, size_t ci)
+{
+    struct nbd_handle *h = eng->h[ci];
+    int64_t size;
+
+    if (nbd_aio_is_connecting(h))
+        return 0;
+    if (!nbd_aio_is_ready(h)) {
+        if (getenv("QCBT_DEBUG"))
+            fprintf(stderr,
+                    "qcbt backup: debug: connection %zu not opened: %s\n",
+                    ci,
+                    nbd_get_error() ? nbd_get_error() : "closed");
+        nbd_close(h);
+        eng->h[ci] = NULL;
+        eng->cst[ci] = CONN_OFF;
+        eng->refused++;
+        return 0;
+    }
+    size = nbd_get_size(h);
+    if (size != (int64_t)eng->size)
+        return qcbt_error(EPROTO,
+                          "connection %zu: the export's size is %" PRId64
+                          ", the first connection's %" PRIu64,
+                          ci,
+                          size,
+                          eng->size);
+    eng->cst[ci] = CONN_READY;
+    eng->nready++;
+    return 0;
+}
+
 static int
 wait_some(struct engine *eng)
 {
     struct pollfd pfd[MAX_CONNS + 1];
-    size_t i;
+    size_t idx[MAX_CONNS];
+    size_t i, n = 0;
 
     for (i = 0; i < eng->nconn; i++) {
-        unsigned dir = nbd_aio_get_direction(eng->h[i]);
+        unsigned dir;
 
-        pfd[i].fd = nbd_aio_get_fd(eng->h[i]);
-        pfd[i].events = ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+        /* (One that failed at once has no socket left to poll.) */
+        if (eng->cst[i] == CONN_CONNECTING && conn_settle(eng, i) < 0)
+            return -1;
+        if (eng->cst[i] == CONN_OFF)
+            continue;
+        dir = nbd_aio_get_direction(eng->h[i]);
+        pfd[n].fd = nbd_aio_get_fd(eng->h[i]);
+        pfd[n].events = ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
                         ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0);
-        pfd[i].revents = 0;
+        pfd[n].revents = 0;
+        idx[n++] = i;
     }
-    pfd[i].fd = eng->efd;
-    pfd[i].events = POLLIN;
-    pfd[i].revents = 0;
-    if (poll(pfd, eng->nconn + 1, 30000) < 0 && errno != EINTR)
+    pfd[n].fd = eng->efd;
+    pfd[n].events = POLLIN;
+    pfd[n].revents = 0;
+    if (poll(pfd, n + 1, 30000) < 0 && errno != EINTR)
         return qcbt_error(errno, "poll: %s", strerror(errno));
-    if (pfd[eng->nconn].revents & POLLIN) {
+    if (pfd[n].revents & POLLIN) {
         uint64_t v;
-        ssize_t n = read(eng->efd, &v, sizeof v);
+        ssize_t nr = read(eng->efd, &v, sizeof v);
 
-        (void)n;
+        (void)nr;
     }
-    for (i = 0; i < eng->nconn; i++) {
+    for (i = 0; i < n; i++) {
+        size_t ci = idx[i];
+        short ev = pfd[i].events, rev = pfd[i].revents;
         int r = 0;
 
-        if (pfd[i].revents & (POLLIN | POLLHUP | POLLERR))
-            r = nbd_aio_notify_read(eng->h[i]);
-        else if (pfd[i].revents & POLLOUT)
-            r = nbd_aio_notify_write(eng->h[i]);
-        if (r < 0)
-            return qcbt_error(nbd_get_errno() ? nbd_get_errno() : EIO,
-                              "connection %zu: %s",
-                              i,
-                              nbd_get_error());
+        /* A hang-up or error goes to the direction libnbd waits for: a
+         * connection still connecting waits to write (the connect), and
+         * notify_read would not move it on.
+         */
+        if ((ev & POLLIN) && (rev & (POLLIN | POLLHUP | POLLERR)))
+            r = nbd_aio_notify_read(eng->h[ci]);
+        else if ((ev & POLLOUT) && (rev & (POLLOUT | POLLHUP | POLLERR)))
+            r = nbd_aio_notify_write(eng->h[ci]);
+        if (eng->cst[ci] == CONN_CONNECTING) {
+            if (conn_settle(eng, ci) < 0)
+                return -1;
+        } else if (r < 0) {
+            char prefix[32];
+
+            snprintf(prefix, sizeof prefix, "connection %zu", ci);
+            return nbd_fail(eng, ci, prefix, "waiting for read replies");
+        }
     }
     return 0;
 }
@@ -843,7 +1031,7 @@ show_progress(struct engine *eng, bool final)
         return;
     eng->last_progress = now;
     fprintf(stderr,
-            "\rqcbt: backup %3d%% mapped, %.1f MiB copied%s",
+            "\rqcbt backup: %3d%% mapped, %.1f MiB copied%s",
             (int)(eng->size ? eng->map_pos * 100 / eng->size : 100),
             eng->copied / 1048576.0,
             final ? "\n" : "  ");
@@ -863,9 +1051,10 @@ run_loop(struct engine *eng)
             return qcbt_error(eng->io_err, "%s", eng->io_msg);
         if (stage_error(eng))
             return -1; /* stages_stop() reports it */
-        /* Fill every connection's queue from the current window. */
+        /* Fill every ready connection's queue from the current window. */
         for (ci = 0; ci < eng->nconn; ci++) {
-            while (eng->in_flight[ci] < eng->depth) {
+            while (eng->cst[ci] == CONN_READY &&
+                   eng->in_flight[ci] < eng->depth) {
                 r = next_work(eng, ci);
                 if (r < 0)
                     return r;
@@ -884,7 +1073,7 @@ run_loop(struct engine *eng)
         }
         if (window_done && total_in_flight(eng) == 0)
             break;
-        if (!issued || total_in_flight(eng) >= eng->nconn * eng->depth ||
+        if (!issued || total_in_flight(eng) >= eng->nready * eng->depth ||
             window_done) {
             r = wait_some(eng);
             if (r < 0)
@@ -952,29 +1141,258 @@ now_iso(char *buf, size_t len)
 }
 
 static struct nbd_handle *
-open_handle(const char *uri, const char *ctx, int idx)
+handle_new(int idx)
 {
     struct nbd_handle *h = nbd_create();
     char name[32];
 
-    if (!h)
+    if (!h) {
+        qcbt_error(ENOMEM, "%s", nbd_get_error());
         return NULL;
+    }
     snprintf(name, sizeof name, "qcbt-backup-%d", idx);
     nbd_set_handle_name(h, name);
     /* Every read's coverage is checked (read_chunk), so libnbd need not
      * zero the buffers first. */
     nbd_set_pread_initialize(h, false);
-    if (nbd_add_meta_context(h, "base:allocation") < 0 ||
-        (ctx && nbd_add_meta_context(h, ctx) < 0) ||
-        nbd_connect_uri(h, uri) < 0) {
-        qcbt_error(nbd_get_errno() ? nbd_get_errno() : EIO,
-                   "%s: %s",
-                   uri,
-                   nbd_get_error());
-        nbd_close(h);
+    return h;
+}
+
+/* What the server lists for "qemu:dirty-bitmap:", for a message. */
+struct offers {
+    const char *want;
+    char list[768];
+    size_t used;
+    unsigned n;
+    bool full, has_want;
+};
+
+static int
+offer_cb(void *opaque, const char *name)
+{
+    struct offers *o = opaque;
+    char esc[256];
+    int k;
+
+    o->n++;
+    if (o->want && strcmp(name, o->want) == 0)
+        o->has_want = true;
+    if (o->full)
+        return 0;
+    qcbt_escape(esc, sizeof esc, name, strlen(name));
+    /* Keep room for ", ..." */
+    k = snprintf(o->list + o->used,
+                 sizeof o->list - o->used,
+                 "%s%s",
+                 o->used ? ", " : "",
+                 esc);
+    if (k < 0 || (size_t)k + 6 >= sizeof o->list - o->used) {
+        o->list[o->used] = '\0';
+        o->full = true;
+    } else {
+        o->used += k;
+    }
+    return 0;
+}
+
+/* The first connection.  It is negotiated in libnbd's option mode so that
+ * with a context CTX the server's dirty-bitmap contexts can be listed
+ * (for the message when CTX is missing) before base:allocation and CTX
+ * are requested and the export opened.  OFFERS says what the server
+ * listed ("it offers: A, B", or why there is no list); *LISTED whether
+ * CTX was among them.
+ */
+static struct nbd_handle *
+open_first(const char *uri,
+           const char *ctx,
+           char *offers,
+           size_t len,
+           bool *listed)
+{
+    struct nbd_handle *h = handle_new(0);
+    struct offers *o = NULL;
+
+    snprintf(offers, len, "it did not list its contexts");
+    *listed = false;
+    if (!h)
         return NULL;
+    if (nbd_set_opt_mode(h, true) < 0 || nbd_connect_uri(h, uri) < 0)
+        goto fail;
+    if (nbd_aio_is_negotiating(h)) {
+        if (ctx) {
+            o = calloc(1, sizeof *o);
+            if (!o) {
+                qcbt_error(ENOMEM, "out of memory");
+                nbd_close(h);
+                return NULL;
+            }
+            o->want = ctx;
+            if (nbd_add_meta_context(h, "qemu:dirty-bitmap:") < 0)
+                goto fail;
+            if (nbd_opt_list_meta_context(
+                    h,
+                    (nbd_context_callback){.callback = offer_cb,
+                                           .user_data = o}) >= 0) {
+                *listed = o->has_want;
+                if (o->n == 0)
+                    snprintf(offers, len, "it offers no dirty bitmap");
+                else
+                    snprintf(offers,
+                             len,
+                             "it offers: %s%s",
+                             o->list,
+                             o->full ? ", ..." : "");
+            } else if (!nbd_aio_is_negotiating(h)) {
+                goto fail;
+            }
+            if (nbd_clear_meta_contexts(h) < 0)
+                goto fail;
+        }
+        if (nbd_add_meta_context(h, "base:allocation") < 0 ||
+            (ctx && nbd_add_meta_context(h, ctx) < 0) || nbd_opt_go(h) < 0)
+            goto fail;
+    }
+    free(o);
+    return h;
+
+fail:
+    qcbt_error(nbd_get_errno() ? nbd_get_errno() : EIO,
+               "%s: %s",
+               uri,
+               nbd_get_error());
+    free(o);
+    nbd_close(h);
+    return NULL;
+}
+
+/* Connection IDX > 0, connecting in the background: it joins the engine
+ * when ready (wait_some, conn_settle), or is dropped.  Only the first
+ * connection asks for block status, so no meta context is requested.
+ */
+static struct nbd_handle *
+open_extra(const char *uri, int idx)
+{
+    struct nbd_handle *h = handle_new(idx);
+
+    if (h && nbd_aio_connect_uri(h, uri) < 0) {
+        if (getenv("QCBT_DEBUG"))
+            fprintf(stderr,
+                    "qcbt backup: debug: connection %d not opened: %s\n",
+                    idx,
+                    nbd_get_error());
+        nbd_close(h);
+        h = NULL;
     }
     return h;
+}
+
+static void
+fsync_dir(const char *dir)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+
+    if (fd >= 0) {
+        fsync(fd);
+        close(fd);
+    }
+}
+
+static bool
+manifest_has(const struct manifest *m, const char *file)
+{
+    size_t i;
+
+    for (i = 0; i < m->nr; i++)
+        if (strcmp(m->backups[i].file, file) == 0)
+            return true;
+    return false;
+}
+
+static bool
+ends_with(const char *s, const char *suffix)
+{
+    size_t n = strlen(s), k = strlen(suffix);
+
+    return n >= k && strcmp(s + n - k, suffix) == 0;
+}
+
+/* Remove what a backup that failed or died before its commit point left
+ * in DIR (the caller holds the lock, so no run is writing them): partial
+ * files ".backup-*.qcow2.part", the manifest's temporary file, and
+ * backup-NNNN.qcow2 with the next number when the manifest does not
+ * record it (renamed, then killed before the manifest was saved).
+ */
+static void
+clean_leftovers(const char *dir, const struct manifest *m)
+{
+    char next[64], gone[256] = "";
+    size_t used = 0;
+    struct dirent *de;
+    DIR *d = opendir(dir);
+
+    if (!d)
+        return;
+    snprintf(next, sizeof next, "backup-%04zu.qcow2", m->nr);
+    while ((de = readdir(d))) {
+        const char *n = de->d_name;
+        int k;
+
+        if (!((strncmp(n, ".backup-", 8) == 0 && ends_with(n, ".qcow2.part")) ||
+              strcmp(n, "." MANIFEST_NAME ".tmp") == 0 ||
+              (strcmp(n, next) == 0 && !manifest_has(m, n))))
+            continue;
+        if (unlinkat(dirfd(d), n, 0) < 0)
+            continue;
+        k = snprintf(gone + used,
+                     sizeof gone - used,
+                     "%s%s",
+                     used ? ", " : "",
+                     n);
+        if (k > 0 && (size_t)k < sizeof gone - used)
+            used += k;
+    }
+    closedir(d);
+    if (used) {
+        fsync_dir(dir);
+        notice("removed what an unfinished backup left: %s", gone);
+    }
+}
+
+/* The server closed a connection: say so in the user's terms, with what
+ * the engine was doing and what DIR kept (replaces libnbd's message).
+ */
+static void
+explain_lost(const struct engine *eng,
+             const char *dir,
+             const char *ctx,
+             const struct backup_entry *prev)
+{
+    char conn[64] = "", kept[400], name[256];
+
+    if (eng->nready > 1)
+        snprintf(conn, sizeof conn, " (one of %zu connections)", eng->nready);
+    if (ctx) {
+        if (strncmp(ctx, "qemu:dirty-bitmap:", 18) == 0)
+            ctx += 18;
+        qcbt_escape(name, sizeof name, ctx, strlen(ctx));
+        snprintf(kept,
+                 sizeof kept,
+                 "the next backup starts again from checkpoint %s",
+                 name);
+    } else if (prev) {
+        qcbt_escape(name, sizeof name, prev->file, strlen(prev->file));
+        snprintf(kept, sizeof kept, "its newest backup is still %s", name);
+    } else {
+        snprintf(kept, sizeof kept, "it holds no backup yet");
+    }
+    qcbt_error(ECONNRESET,
+               "the server closed the connection%s while %s, %" PRIu64
+               " bytes copied; %s is unchanged: %s",
+               conn,
+               eng->lost_what,
+               eng->copied,
+               dir,
+               kept);
 }
 
 int
@@ -984,6 +1402,7 @@ cmd_backup(int argc, char **argv)
         OPT_FULL = 256,
         OPT_SINCE,
         OPT_AUTO,
+        OPT_FALLBACK,
         OPT_BITMAP,
         OPT_CONNS,
         OPT_PROGRESS,
@@ -995,6 +1414,7 @@ cmd_backup(int argc, char **argv)
         {"full", no_argument, NULL, OPT_FULL},
         {"since", required_argument, NULL, OPT_SINCE},
         {"auto", no_argument, NULL, OPT_AUTO},
+        {"fallback-full", no_argument, NULL, OPT_FALLBACK},
         {"bitmap", required_argument, NULL, OPT_BITMAP},
         {"connections", required_argument, NULL, OPT_CONNS},
         {"progress", no_argument, NULL, OPT_PROGRESS},
@@ -1006,7 +1426,10 @@ cmd_backup(int argc, char **argv)
     };
     const char *since = NULL, *bitmap = NULL, *uri, *dir;
     bool want_full = false, json = false, digest = true;
+    bool auto_given = false, fallback_full = false, strict;
+    bool part_made = false, final_made = false, listed = false;
     int progress = -1, conns = 0, opt, ret = QCBT_EXIT_ERROR, r;
+    int fail_rc = QCBT_EXIT_ERROR;
     struct manifest m = {0};
     struct backup_entry *prev = NULL;
     struct backup_entry e = {0};
@@ -1015,6 +1438,7 @@ cmd_backup(int argc, char **argv)
     struct qcow2_writer_opts wo = {0};
     char ctxbuf[4200], fname[64], tmpname[80], timebuf[32];
     char hex[DIGEST_HEX_LEN + 1], sumhex[DIGEST_HEX_LEN + 1];
+    char offers[1024], why_buf[1400];
     char *tmppath = NULL, *finalpath = NULL, *prevpath = NULL;
     const char *ctx = NULL, *why_full = NULL, *granted_ctx = NULL;
     int lockfd = -1;
@@ -1022,6 +1446,7 @@ cmd_backup(int argc, char **argv)
     size_t i;
 
     eng.efd = -1;
+    eng.lost_conn = -1;
     pthread_mutex_init(&eng.mu, NULL);
     for (i = 0; i < 2; i++)
         pthread_cond_init(&eng.stages[i].cv, NULL);
@@ -1034,6 +1459,10 @@ cmd_backup(int argc, char **argv)
             since = optarg;
             break;
         case OPT_AUTO:
+            auto_given = true;
+            break;
+        case OPT_FALLBACK:
+            fallback_full = true;
             break;
         case OPT_BITMAP:
             bitmap = optarg;
@@ -1070,8 +1499,14 @@ cmd_backup(int argc, char **argv)
         die_msg("backup: --full cannot be combined with --since/--bitmap");
         return QCBT_EXIT_ERROR;
     }
+    /* A checkpoint the user named must be usable; only --auto and
+     * --fallback-full turn doubt into a full backup.
+     */
+    strict = (since || bitmap) && !auto_given && !fallback_full;
     uri = argv[optind];
     dir = argv[optind + 1];
+    eng.progress = progress < 0 ? isatty(STDERR_FILENO) : progress;
+    notice_now = eng.progress;
     if (mkdir(dir, 0777) < 0 && errno != EEXIST) {
         die_msg("backup: %s: %s", dir, strerror(errno));
         return QCBT_EXIT_ERROR;
@@ -1096,6 +1531,7 @@ cmd_backup(int argc, char **argv)
         close(lockfd);
         return report_error();
     }
+    clean_leftovers(dir, &m);
     if (m.nr)
         prev = &m.backups[m.nr - 1];
 
@@ -1119,9 +1555,11 @@ cmd_backup(int argc, char **argv)
         }
     }
 
-    eng.h[0] = open_handle(uri, ctx, 0);
+    eng.h[0] = open_first(uri, ctx, offers, sizeof offers, &listed);
     if (!eng.h[0])
         goto fail;
+    eng.cst[0] = CONN_READY;
+    eng.nconn = eng.nready = 1;
     size = nbd_get_size(eng.h[0]);
     if (size < 0) {
         qcbt_error(EIO, "%s: %s", uri, nbd_get_error());
@@ -1142,18 +1580,35 @@ cmd_backup(int argc, char **argv)
     if (ctx && nbd_can_meta_context(eng.h[0], ctx) > 0)
         granted_ctx = ctx;
 
-    /* Any doubt means a full backup. */
-    if (want_full)
+    /* Any doubt means a full backup (or, for a named checkpoint, exit 2). */
+    if (want_full) {
         why_full = "--full";
-    else if (!ctx)
+    } else if (!ctx) {
         why_full = "no checkpoint given and none recorded";
-    else if (!prev)
+    } else if (!granted_ctx) {
+        char ectx[256];
+
+        qcbt_escape(ectx, sizeof ectx, ctx, strlen(ctx));
+        if (strict) {
+            qcbt_error(ENOENT,
+                       listed ? "the server did not grant %s (%s)"
+                              : "the server offers no %s (%s)",
+                       ectx,
+                       offers);
+            fail_rc = QCBT_EXIT_FULL;
+            goto fail;
+        }
+        snprintf(why_buf,
+                 sizeof why_buf,
+                 "the server did not grant %s (%s)",
+                 ectx,
+                 offers);
+        why_full = why_buf;
+    } else if (!prev) {
         why_full = "no previous backup";
-    else if (nbd_can_meta_context(eng.h[0], ctx) <= 0)
-        why_full = "the server did not grant the dirty-bitmap context";
-    else if (prev->size != (uint64_t)size)
+    } else if (prev->size != (uint64_t)size) {
         why_full = "the disk size changed";
-    if (!why_full) {
+    } else {
         struct chain_open_opts co = {.format = "qcow2"};
 
         prevpath = path_join(dir, prev->file);
@@ -1163,38 +1618,67 @@ cmd_backup(int argc, char **argv)
             qcbt_error_clear();
         }
     }
+    if (why_full && strict && prev && ctx) {
+        /* Size changed or the previous backup is unreadable: the
+         * incremental asked for cannot be made.
+         */
+        qcbt_error(EINVAL,
+                   "no incremental backup since %s is possible: %s "
+                   "(--auto or --fallback-full make a full backup)",
+                   strncmp(ctx, "qemu:dirty-bitmap:", 18) == 0 ? ctx + 18 : ctx,
+                   why_full);
+        fail_rc = QCBT_EXIT_FULL;
+        goto fail;
+    }
     if (why_full) {
         ctx = NULL;
         chain_close(pc.c);
         pc.c = NULL;
         if (!want_full)
-            fprintf(stderr, "qcbt: full backup: %s\n", why_full);
+            notice("full backup: %s", why_full);
     }
     eng.ctx = ctx;
+
+    /* The file this run writes: it must not be a recorded one. */
+    snprintf(fname, sizeof fname, "backup-%04zu.qcow2", m.nr);
+    if (manifest_has(&m, fname)) {
+        qcbt_error(EEXIST,
+                   "%s: %s is already recorded in the manifest, as an "
+                   "older backup",
+                   dir,
+                   fname);
+        goto fail;
+    }
 
     /* Connections: several only when the server says they are coherent.
      * By default one per CPU, up to 4 (as nbdcopy): on a 2-CPU machine 4
      * connections cost more in wakeups than they gain (bench-backup.sh:
      * the fragmented incremental 1.9 -> 1.75 s, the full 2.85 -> 2.65 s).
+     * The others connect while the first one works and join when ready;
+     * a server may accept fewer (qemu-nbd -e N, nbdkit's limit filter).
      */
-    if (conns) {
-        eng.nconn = (size_t)conns;
-    } else {
-        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    {
+        size_t want;
 
-        eng.nconn = ncpu < 1 ? 1 : ncpu > 4 ? 4 : (size_t)ncpu;
-    }
-    if (eng.nconn > 1 && nbd_can_multi_conn(eng.h[0]) <= 0) {
-        if (conns > 1)
-            fprintf(stderr,
-                    "qcbt: the server does not allow multi-conn: "
-                    "using one connection\n");
-        eng.nconn = 1;
-    }
-    for (i = 1; i < eng.nconn; i++) {
-        eng.h[i] = open_handle(uri, ctx, (int)i);
-        if (!eng.h[i])
-            goto fail;
+        if (conns) {
+            want = (size_t)conns;
+        } else {
+            long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+
+            want = ncpu < 1 ? 1 : ncpu > 4 ? 4 : (size_t)ncpu;
+        }
+        if (want > 1 && nbd_can_multi_conn(eng.h[0]) <= 0) {
+            if (conns > 1)
+                notice("the server does not allow multi-conn: using one "
+                       "connection");
+            want = 1;
+        }
+        for (i = 1; i < want; i++) {
+            eng.h[i] = open_extra(uri, (int)i);
+            eng.cst[i] = eng.h[i] ? CONN_CONNECTING : CONN_OFF;
+            eng.refused += !eng.h[i];
+        }
+        eng.nconn = want;
     }
     eng.depth = DEFAULT_DEPTH;
     eng.chunk = CHUNK;
@@ -1222,7 +1706,6 @@ cmd_backup(int argc, char **argv)
         eng.slots[i].next = eng.free_list;
         eng.free_list = &eng.slots[i];
     }
-    eng.progress = progress < 0 ? isatty(STDERR_FILENO) : progress;
 
     /* The digest follows the transfer: a full backup starts from an empty
      * disk, an incremental from the previous backup's running sum.
@@ -1242,10 +1725,9 @@ cmd_backup(int argc, char **argv)
     gdigest_init(&eng.dg_new, eng.size);
     eng.digest_new = eng.digest_stream && !eng.prev;
 
-    /* Write to a temporary name; only a complete, flushed backup gets its
-     * real name and a manifest entry.
+    /* Write to a temporary name (never recorded); the finished file gets
+     * its real name only just before the manifest that records it.
      */
-    snprintf(fname, sizeof fname, "backup-%04zu.qcow2", m.nr);
     snprintf(tmpname, sizeof tmpname, ".%s.part", fname);
     tmppath = path_join(dir, tmpname);
     finalpath = path_join(dir, fname);
@@ -1263,25 +1745,18 @@ cmd_backup(int argc, char **argv)
     }
     if (qcow2_writer_create(tmppath, &wo, &eng.w) < 0)
         goto fail;
+    part_made = true;
 
     r = run_engine(&eng, eng.digest_stream && eng.prev);
     if (r < 0) {
-        qcow2_writer_abort(eng.w);
-        eng.w = NULL;
-        unlink(tmppath);
+        if (eng.lost_conn >= 0 && !stage_error(&eng))
+            explain_lost(&eng, dir, ctx, prev);
         goto fail;
     }
     r = qcow2_writer_close(eng.w);
     eng.w = NULL;
-    if (r < 0) {
-        unlink(tmppath);
+    if (r < 0)
         goto fail;
-    }
-    if (rename(tmppath, finalpath) < 0) {
-        qcbt_error(errno, "%s: %s", finalpath, strerror(errno));
-        unlink(tmppath);
-        goto fail;
-    }
 
     e.file = fname;
     e.type = ctx ? "incremental" : "full";
@@ -1308,12 +1783,14 @@ cmd_backup(int argc, char **argv)
         e.guest_digest = hex;
         e.digest_sum = sumhex;
     } else if (digest) {
-        /* The digest could not follow the transfer: read it back. */
+        /* The digest could not follow the transfer: read it back (the
+         * backing file name resolves in DIR, as for the final name).
+         */
         struct chain *nc = NULL;
         struct chain_open_opts co = {.format = "qcow2"};
         struct gdigest d;
 
-        if (chain_open(finalpath, &co, &nc) < 0 ||
+        if (chain_open(tmppath, &co, &nc) < 0 ||
             chain_guest_digest(nc, &d, hex) < 0) {
             chain_close(nc);
             free(e.export_name);
@@ -1326,19 +1803,51 @@ cmd_backup(int argc, char **argv)
     }
     e.seconds = (mono_ms() - t0) / 1000.0;
     r = manifest_append(&m, &e);
-    if (r == 0)
-        r = manifest_save(dir, &m);
     if (r < 0) {
         free(e.export_name);
         goto fail;
     }
 
+    /* Commit: the finished file gets its name (nothing refers to it yet),
+     * then the manifest that records it replaces the old one.  Killed in
+     * between, the run leaves an unrecorded backup-NNNN.qcow2 that the
+     * next run removes (clean_leftovers).
+     */
+    if (manifest_test_fault("kill-before-rename"))
+        raise(SIGKILL);
+    if (rename(tmppath, finalpath) < 0) {
+        qcbt_error(errno, "%s: %s", finalpath, strerror(errno));
+        free(e.export_name);
+        goto fail;
+    }
+    part_made = false;
+    final_made = true;
+    fsync_dir(dir);
+    if (manifest_test_fault("kill-before-commit"))
+        raise(SIGKILL);
+    r = manifest_save(dir, &m);
+    if (r < 0) {
+        free(e.export_name);
+        goto fail;
+    }
+    final_made = false;
+
+    /* Fewer connections than asked for: say why, unless the backup was
+     * over before the others could have helped.
+     */
+    if (conns > 1 && eng.nready < eng.nconn &&
+        (eng.refused || eng.requests > eng.depth))
+        notice("%zu of %zu connections used: the server %s the others",
+               eng.nready,
+               eng.nconn,
+               eng.refused ? "refused" : "did not answer");
+    notices_flush();
     if (json) {
         printf("{\"file\": \"%s\", \"type\": \"%s\", \"reason\": ",
                fname,
                e.type);
         if (why_full)
-            printf("\"%s\"", why_full);
+            json_string(stdout, why_full);
         else
             printf("null");
         printf(", \"virtual-size\": %" PRIu64 ", \"data-bytes\": %" PRIu64
@@ -1350,7 +1859,7 @@ cmd_backup(int argc, char **argv)
                e.zero_bytes,
                e.extents,
                e.requests,
-               eng.nconn,
+               eng.nready,
                e.seconds,
                digest ? "\"" : "",
                digest ? hex : "null",
@@ -1370,11 +1879,26 @@ cmd_backup(int argc, char **argv)
     goto out;
 
 fail:
+    /* Nothing is recorded: remove what this run made. */
+    if (eng.w) {
+        qcow2_writer_abort(eng.w);
+        eng.w = NULL;
+    }
+    if (part_made)
+        unlink(tmppath);
+    if (final_made) {
+        unlink(finalpath);
+        fsync_dir(dir);
+    }
+    if (eng.progress && eng.last_progress)
+        fputc('\n', stderr); /* end the progress line */
     report_error();
+    ret = fail_rc;
 out:
     for (i = 0; i < MAX_CONNS; i++)
         if (eng.h[i]) {
-            nbd_shutdown(eng.h[i], 0);
+            if (eng.cst[i] == CONN_READY)
+                nbd_shutdown(eng.h[i], 0);
             nbd_close(eng.h[i]);
         }
     if (eng.slots)
@@ -1392,8 +1916,6 @@ out:
     free(eng.scratch);
     free(eng.alloc.e);
     free(eng.dirty.e);
-    if (eng.w)
-        qcow2_writer_abort(eng.w);
     chain_close(pc.c);
     free(tmppath);
     free(finalpath);

@@ -45,7 +45,7 @@ usage(FILE *fp)
             "\n"
             "Run 'qcbt COMMAND --help' for a command's options.\n"
             "Exit status: 0 success, 1 error, 2 a full backup is "
-            "needed (bitmap check).\n");
+            "needed (bitmap check, backup --since).\n");
 }
 
 void

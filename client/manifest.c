@@ -296,6 +296,14 @@ put_str(FILE *fp, const char *key, const char *v, bool comma)
     fputs(comma ? ",\n" : "\n", fp);
 }
 
+bool
+manifest_test_fault(const char *point)
+{
+    const char *v = getenv("QCBT_TEST_FAIL_AT");
+
+    return v && strcmp(v, point) == 0;
+}
+
 int
 manifest_save(const char *dir, const struct manifest *m)
 {
@@ -309,7 +317,13 @@ manifest_save(const char *dir, const struct manifest *m)
         r = qcbt_error(ENOMEM, "out of memory");
         goto out;
     }
-    fp = fopen(tmp, "w");
+    if (manifest_test_fault("manifest-enospc")) {
+        /* As when the file system has no free inode left. */
+        errno = ENOSPC;
+        fp = NULL;
+    } else {
+        fp = fopen(tmp, "w");
+    }
     if (!fp) {
         r = qcbt_error(errno, "%s: %s", tmp, strerror(errno));
         goto out;
@@ -357,6 +371,7 @@ manifest_save(const char *dir, const struct manifest *m)
         r = qcbt_error(errno, "%s: %s", path, strerror(errno));
         goto out;
     }
+    /* The rename is the commit point; make it durable. */
     dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd >= 0) {
         fsync(dfd);

@@ -43,8 +43,21 @@ struct manifest {
  */
 int manifest_load(const char *dir, struct manifest *m);
 
-/* Write DIR/manifest.json atomically. */
+/* Write DIR/manifest.json atomically: DIR/.manifest.json.tmp is written,
+ * fsync'ed and renamed over it, then DIR is fsync'ed.  That rename is the
+ * commit point of a backup.  On failure the temporary file is removed and
+ * the old manifest is untouched.
+ */
 int manifest_save(const char *dir, const struct manifest *m);
+
+/* Test-only fault injection, for tests/interop/test-backup-errors.sh:
+ * true when the environment variable QCBT_TEST_FAIL_AT equals POINT.
+ * The points (see docs/semantics.md): "manifest-enospc" (manifest_save
+ * fails as on a file system without free inodes), "kill-before-rename"
+ * and "kill-before-commit" (backup raises SIGKILL just before renaming
+ * the finished file, and just before saving the manifest).
+ */
+bool manifest_test_fault(const char *point);
 
 /* Append a copy of E (strings duplicated). */
 int manifest_append(struct manifest *m, const struct backup_entry *e);

@@ -7,7 +7,10 @@
 #   strict mode (set -euo pipefail), $TMPD (private temp dir, removed on
 #   exit), cleanup_pid PID (killed on exit), $QCBT, $PYTHON, $TESTS_DIR,
 #   requires CMD..., fail MSG..., skip MSG..., note MSG...,
-#   expect_qcbt_error NEEDLE -- ARGS... (checks the single-line error contract).
+#   expect_qcbt_error NEEDLE -- ARGS... (checks the single-line error contract),
+#   waiting for events, never for a fixed time: pid_alive, wait_until,
+#   wait_gone, wait_nbd URI [PID]; serve_activated (a TCP server on a port
+#   bound before it starts).
 #
 # Exit status convention (ctest SKIP_RETURN_CODE 77): 77 is used ONLY for a
 # tool that cannot exist on this machine.  A missing dependency that the
@@ -69,6 +72,163 @@ export SOCK=$TMPD/nbd.sock
 trap _qcbt_cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+# --- waiting for events ---------------------------------------------------
+#
+# Tests run under `ctest -j2` on a loaded 2-core machine, and under ASan:
+# never a fixed sleep that assumes something has happened by then.  Wait
+# for the event itself, and fail early when the process that should cause
+# it has died; the overall bound ($QCBT_WAIT seconds) only catches hangs.
+
+QCBT_WAIT=${QCBT_WAIT:-120}
+
+# pid_alive PID: the process exists and is not a zombie.
+pid_alive() {
+    local st
+    st=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    st=${st##*) }
+    [[ ${st:0:1} != [ZX] ]]
+}
+
+# wait_until [-p PID]... [-t SECONDS] -- CMD...: run CMD until it succeeds.
+# Returns 1, with a note saying why, when a PID has exited first or after
+# SECONDS (default $QCBT_WAIT).
+wait_until() {
+    local pids=() bound=$QCBT_WAIT end p delay=0.01
+    while [[ $1 != -- ]]; do
+        case $1 in
+        -p) pids+=("$2") ;;
+        -t) bound=$2 ;;
+        *) fail "wait_until: bad option $1" ;;
+        esac
+        shift 2
+    done
+    shift
+    end=$((EPOCHSECONDS + bound))
+    while ! "$@"; do
+        for p in "${pids[@]}"; do
+            if ! pid_alive "$p"; then
+                "$@" && return 0 # it happened just before the exit
+                note "gave up waiting for '$*': process $p has exited"
+                return 1
+            fi
+        done
+        if ((EPOCHSECONDS >= end)); then
+            note "gave up waiting for '$*' after ${bound}s"
+            return 1
+        fi
+        sleep "$delay"
+        case $delay in
+        0.01) delay=0.02 ;;
+        0.02) delay=0.05 ;;
+        0.05) delay=0.1 ;;
+        *) delay=0.2 ;;
+        esac
+    done
+}
+
+# pid_gone PID: the opposite of pid_alive.
+pid_gone() { ! pid_alive "$1"; }
+
+# wait_gone PID [SECONDS]: until PID has exited (default bound $QCBT_WAIT);
+# returns 1 if it is still running then.
+wait_gone() {
+    wait_until -t "${2:-$QCBT_WAIT}" -- pid_gone "$1"
+}
+
+# wait_nbd URI [PID]: until an NBD server accepts a connection at URI
+# (nbd+unix:///...?socket=PATH, nbd://HOST:PORT/..., a socket path or
+# HOST:PORT) and sends its greeting.  A socket file alone proves nothing:
+# it exists from bind(), before listen().  The probe reads the greeting and
+# closes, so it never reaches transmission (a server without -t does not
+# take it for its last client).  Returns 1, with a note, if PID exits first
+# or after $QCBT_WAIT seconds.
+wait_nbd() {
+    "$PYTHON" - "$1" "${2:-0}" "$QCBT_WAIT" "${0##*/}" <<'PYEOF'
+import socket, sys, time, urllib.parse
+uri, pid, bound, me = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+u = urllib.parse.urlsplit(uri)
+if u.scheme in ("nbd+unix", "nbds+unix"):
+    addr = urllib.parse.parse_qs(u.query)["socket"][0]
+elif u.scheme in ("nbd", "nbds"):
+    addr = (u.hostname, u.port or 10809)
+elif "/" in uri or ":" not in uri:
+    addr = uri
+else:
+    h, p = uri.rsplit(":", 1)
+    addr = (h, int(p))
+
+
+def alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+end = time.monotonic() + bound
+delay, why = 0.01, "nothing tried"
+while True:
+    left = end - time.monotonic()
+    if left <= 0:
+        sys.exit("%s: wait_nbd: %s does not answer after %gs (%s)" %
+                 (me, uri, bound, why))
+    s = socket.socket(socket.AF_UNIX if isinstance(addr, str)
+                      else socket.AF_INET)
+    s.settimeout(left)
+    try:
+        s.connect(addr)
+        g = b""
+        while len(g) < 8:
+            b = s.recv(8 - len(g))
+            if not b:
+                break
+            g += b
+        if g == b"NBDMAGIC":
+            sys.exit(0)
+        why = "greeting %r" % g
+    except socket.timeout:
+        why = "no greeting"
+    except OSError as e:
+        why = e.strerror or str(e)
+    finally:
+        s.close()
+    if pid and not alive(pid):
+        sys.exit("%s: wait_nbd: %s: server process %d has exited (%s)" %
+                 (me, uri, pid, why))
+    time.sleep(delay)
+    delay = min(delay * 2, 0.2)
+PYEOF
+}
+
+# serve_activated [--unix PATH] LOG CMD...: start the NBD server CMD
+# (qcbt-server, qemu-nbd, nbdkit: all take systemd socket activation) in the
+# background, on a TCP socket on 127.0.0.1 that socket-activate.py binds to
+# a free port (or a unix socket at PATH) and hands over as descriptor 3
+# (LISTEN_FDS=1, LISTEN_PID).  The port is never released between choosing
+# it and serving, so no other process can take it, and a client that
+# connects before CMD is ready waits in the backlog: no readiness wait is
+# needed.  CMD's stdout and stderr are appended to LOG.  Sets ACT_PORT (the
+# port, or PATH), and ACT_PID (CMD's pid: kill and wait work on it; it is
+# registered with cleanup_pid).
+serve_activated() {
+    local unix=() log fd
+    if [[ $1 == --unix ]]; then
+        unix=(--unix "$2")
+        shift 2
+    fi
+    log=$1
+    shift
+    exec {fd}< <(exec "$PYTHON" "$TESTS_DIR/interop/socket-activate.py" "${unix[@]}" -- "$@" </dev/null 2>>"$log")
+    ACT_PID=$!
+    cleanup_pid "$ACT_PID"
+    if ! read -r ACT_PORT <&"$fd"; then
+        exec {fd}<&-
+        fail "socket activation of $1 failed: $(tail -n 5 "$log")"
+    fi
+    exec {fd}<&-
+}
 
 # --- tools ----------------------------------------------------------------
 

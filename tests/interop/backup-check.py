@@ -18,7 +18,8 @@
       output (type bit 0 = dirty); DUMP_TXT: the dirty extents printed by
       examples/read-dirty-bitmap.py ("dirty OFFSET LENGTH data|zero").
       The dirty ranges must be equal (adjacent ranges merged), and with
-      RAW (the guest view) every "zero" piece must read as zeros.
+      RAW (the guest view) every "zero" piece must read as zeros.  Exit 3
+      ("oracle broke") when MAP_JSON, the reference, is not a map.
 Exit 0 when everything holds; otherwise one line per problem and exit 1.
 """
 import json
@@ -46,7 +47,12 @@ def check_json(out, d, conds):
         lines = [l for l in f.read().splitlines() if l.strip()]
     if len(lines) != 1:
         return [f"expected one line of JSON on stdout, got {len(lines)}"]
-    j = json.loads(lines[0])
+    try:
+        j = json.loads(lines[0])
+    except ValueError as e:
+        return [f"stdout is not JSON ({e}): {lines[0][:200]!r}"]
+    if not isinstance(j, dict):
+        return [f"stdout is not a JSON object: {lines[0][:200]!r}"]
     for k, t in FIELDS.items():
         if k not in j:
             bad.append(f"field {k!r} missing")
@@ -132,10 +138,18 @@ def main():
             i = next(i for i, b in enumerate(data) if b)
             bad.append(f"{a[1]}: byte {off + i} is not zero")
     elif cmd == "map-compare":
-        with open(a[1]) as f:
-            m = json.load(f)
-        want = merged([e["offset"], e["length"]] for e in m
-                      if e["type"] & 1)
+        # MAP_JSON is the reference: if it is not a map, the oracle broke
+        # and the example cannot be judged (exit 3).
+        try:
+            with open(a[1]) as f:
+                m = json.load(f)
+            want = merged([e["offset"], e["length"]] for e in m
+                          if e["type"] & 1)
+            if not m:
+                raise ValueError("empty map")
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            print(f"backup-check: oracle broke: {a[1]}: {e}")
+            return 3
         got, zeros = [], []
         with open(a[2]) as f:
             for line in f:

@@ -24,18 +24,48 @@ qc() {
     return "$rc"
 }
 
-# cap OUT CMD...: run a reference command with stdout to OUT (logged); a
-# failure is a broken test.
+# cap OUT CMD...: run a reference command (an oracle) with stdout to OUT
+# (logged); a failure or no output is a broken test: "oracle broke".
 cap() {
     local out=$1
     shift
     { printf '%q ' "$@"; printf '> %q\n' "$out"; } >>"$CASE_DIR/recipe.txt"
     "$@" >"$out" 2>>"$CASE_DIR/run.log" ||
-        fail "[$CASE] reference command failed: $* ($(tail -n 3 "$CASE_DIR/run.log"))"
+        fail "[$CASE] oracle broke: $* failed ($(tail -n 3 "$CASE_DIR/run.log"))"
+    [[ -s $out ]] || fail "[$CASE] oracle broke: $* printed nothing ($(tail -n 3 "$CASE_DIR/run.log"))"
 }
 
 sha_file() { sha256sum "$1" | cut -d' ' -f1; }
 hex64() { grep -oE '\b[0-9a-f]{64}\b' "$1" | head -n 1; }
+
+# An oracle (QEMU's tools, the model) that fails or gives no answer is a
+# broken test, never a qcbt mismatch: the script stops with
+# "oracle broke: ..." and what the oracle said.
+
+# qemu_digest OUT [--alone] IMAGE NAME: x-debug-block-dirty-bitmap-sha256
+# of NAME from a read-only qemu-storage-daemon (model qemu-sha256), the
+# line "NAME DIGEST" in OUT (read it with hex64 OUT).  Every caller asks for
+# a bitmap QEMU sees, so "NAME error: ..." is no answer either.
+qemu_digest() {
+    local out=$1 name=${!#} rc=0
+    shift
+    { printf '%q ' model qemu-sha256 "$@"; printf '> %q\n' "$out"; } >>"$CASE_DIR/recipe.txt"
+    model qemu-sha256 "$@" >"$out" 2>"$out.err" || rc=$?
+    if [[ $rc -ne 0 ]] ||
+        ! awk -v n="$name" '$1 == n && NF == 2 && length($2) == 64 && $2 ~ /^[0-9a-f]+$/ { ok = 1 } END { exit !ok }' "$out"; then
+        fail "[$CASE] oracle broke: model qemu-sha256 $* (exit $rc) gave no digest for $name: $(cat "$out" "$out.err" | tail -n 5)"
+    fi
+}
+
+# mcompare ARGS...: model compare ARGS (exit 0 equal, 1 different: the
+# difference is on stderr); an EXPECTED map that is not a map (the oracle's
+# answer) stops the test as "oracle broke".
+mcompare() {
+    local rc=0
+    model compare "$@" || rc=$?
+    [[ $rc -le 1 ]] || fail "[$CASE] oracle broke: model compare $* (exit $rc, see above)"
+    return "$rc"
+}
 
 # crash IMG QEMU-IO-ARGS...: a qemu-io session killed by SIGKILL after a
 # flush: every bitmap it loaded stays in-use on disk.
@@ -113,7 +143,7 @@ qemu_union() {
         run qemu-img bitmap --merge "$b" -b "${layers[i]}" -F qcow2 "$u" qcbt-union
     done
     cap "$out" nbdinfo --map=qemu:dirty-bitmap:qcbt-union --json -- [ qemu-nbd -r -f qcow2 -B qcbt-union "$u" ]
-    cap "$out.sha" model qemu-sha256 "$u" qcbt-union
+    qemu_digest "$out.sha" "$u" qcbt-union
 }
 
 # info_get FILE KEY: a top-level field of a model --info file.
@@ -148,7 +178,7 @@ verify_merge() {
         mrc=0
         { printf 'model dump %s %s --info model-%s.info %q %q > model-%s.json\n' "${mopt[*]}" "${MODEL_OPTS[*]}" "$mode" "$top" "$b" "$mode"; } >>"$CASE_DIR/recipe.txt"
         model dump "${mopt[@]}" "${MODEL_OPTS[@]}" --info "model-$mode.info" "$top" "$b" >"model-$mode.json" 2>"model-$mode.err" || mrc=$?
-        [[ $mrc -eq 0 || $mrc -eq 2 ]] || fail "[$CASE] model failed: $(cat "model-$mode.err")"
+        [[ $mrc -eq 0 || $mrc -eq 2 ]] || fail "[$CASE] oracle broke: model dump (exit $mrc): $(tail -n 5 "model-$mode.err")"
         first=$("$PYTHON" -c 'import json,sys; v = json.load(open(sys.argv[1]))["violations"]; print(v[0] if v else "")' "model-$mode.info")
         case $want in
         ok) [[ $mrc -eq 0 ]] || fail "[$CASE] TEST BUG: model refuses $mode merge ($first), case expects ok" ;;
@@ -167,7 +197,7 @@ verify_merge() {
                 note "[$CASE] qcbt bitmap dump --json ${mopt[*]} exit $qrc, the model merges: $(cat "qcbt-$mode.json.err")"
                 rc=1
             else
-                model compare --size "$size" --context "$CASE $mode: model vs qcbt dump" \
+                mcompare --size "$size" --context "$CASE $mode: model vs qcbt dump" \
                     "model-$mode.json" "qcbt-$mode.json" || rc=1
             fi
             cap "model-$mode.sha" model digest --granularity "$g" --size "$size" "model-$mode.json"
@@ -189,10 +219,10 @@ verify_merge() {
             # QEMU's own union, for chains QEMU can merge (strict ok)
             if [[ $mode == strict && -z ${NO_QEMU_UNION:-} ]]; then
                 qemu_union "$top" "$b" "$g" "$k" qemu-union.json
-                model compare --loose --size "$size" --context "$CASE MODEL vs QEMU union" \
+                mcompare --loose --size "$size" --context "$CASE MODEL vs QEMU union" \
                     qemu-union.json model-strict.json || { note "[$CASE] MODEL BUG (model != QEMU)"; rc=1; }
                 if [[ -s qcbt-strict.json ]]; then
-                    model compare --size "$size" --context "$CASE strict: QEMU union vs qcbt dump" \
+                    mcompare --size "$size" --context "$CASE strict: QEMU union vs qcbt dump" \
                         qemu-union.json qcbt-strict.json || rc=1
                 fi
                 if [[ $digest != "$(hex64 qemu-union.json.sha)" ]]; then
@@ -241,7 +271,7 @@ for l in json.load(sys.stdin):
     for i in "${!infos[@]}"; do
         read -r st f <<<"${infos[i]}"
         [[ $st == - ]] && continue
-        cap "qemu-layer$i.sha" model qemu-sha256 --alone "$f" "$b"
+        qemu_digest "qemu-layer$i.sha" --alone "$f" "$b"
         q=$(hex64 "qemu-layer$i.sha")
         qrc=0
         qc "qcbt-layer$i.sha" bitmap sha256 --layer "$i" "$top" "$b" || qrc=$?

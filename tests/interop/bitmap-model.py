@@ -14,16 +14,23 @@
     bitmap-model.py compare [--size N] [--context TEXT] [--loose]
                             EXPECTED.json ACTUAL.json
         Compare two dirty maps (nbdinfo --map --json shape) over the whole
-        disk.  Exit 0 equal, 1 different or malformed (first differing
-        extent on stderr).  ACTUAL must also honour the dump contract (exact
-        keys, contiguous, adjacent equal extents merged) unless --loose.
+        disk.  Exit 0 equal, 1 different or ACTUAL malformed (first
+        differing extent on stderr), 3 EXPECTED (the oracle's answer)
+        malformed or empty: "oracle broke".  ACTUAL must also honour the
+        dump contract (exact keys, contiguous, adjacent equal extents
+        merged) unless --loose.
     bitmap-model.py digest --granularity G --size N DUMP.json
         SHA-256 of the bitmap a dump describes, computed like QEMU's
         x-debug-block-dirty-bitmap-sha256 (qcow2-format.md 14.9).
     bitmap-model.py qemu-sha256 [--alone] IMAGE NAME...
         QEMU's x-debug-block-dirty-bitmap-sha256 for each NAME, from a
         read-only qemu-storage-daemon (--alone: the layer without its
-        backing chain).  One "NAME DIGEST" line per name ("NAME error: ...").
+        backing chain).  One "NAME DIGEST" line per name ("NAME error: ..."
+        when QEMU refuses that name, e.g. it has no such bitmap).  Any other
+        failure (the daemon does not start, a QMP reply that is not the
+        answer, no answer) prints nothing on stdout, the reason on stderr,
+        and exits 1; the daemon is killed, never left running.
+        $QCBT_QSD replaces qemu-storage-daemon (tests of this oracle).
     bitmap-model.py qemu-add IMAGE GRANULARITY PREFIX COUNT [--disabled]
         Add COUNT persistent bitmaps PREFIX0..PREFIX<COUNT-1> through QMP.
     bitmap-model.py qemu-bitmaps IMAGE
@@ -47,14 +54,16 @@ those bit ranges clipped to the disk size.
 """
 
 import argparse
+import atexit
+import ctypes
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 # --------------------------------------------------------------------------
 # QEMU facts
@@ -258,20 +267,29 @@ def load_dump(path, label, contract):
 
 
 def compare(exp, act, size=None, context="", loose=False, out=sys.stderr):
-    """Exit status 0/1; reports the first differing range."""
+    """Exit status 0/1; reports the first differing range.  3 when EXPECTED
+    (an oracle's answer) is not a map: the oracle broke, qcbt is not to
+    blame."""
     pre = "[%s] " % context if context else ""
     try:
         e, esize = load_dump(exp, "expected", False)
+    except DumpError as err:
+        print("%soracle broke: %s" % (pre, err), file=out)
+        return 3
+    try:
         a, asize = load_dump(act, "actual", not loose)
     except DumpError as err:
         print(pre + str(err), file=out)
         return 1
     size = esize if size is None else size
-    for label, s in (("expected", esize), ("actual", asize)):
-        if s != size:
-            print("%s%s map ends at %d, disk size is %d" % (pre, label, s, size),
-                  file=out)
-            return 1
+    if esize != size or (not e and size):
+        print("%soracle broke: expected map ends at %d, disk size is %d" %
+              (pre, esize, size), file=out)
+        return 3
+    if asize != size:
+        print("%sactual map ends at %d, disk size is %d" % (pre, asize, size),
+              file=out)
+        return 1
     i = j = 0
     pos = 0
     while pos < size:
@@ -335,64 +353,197 @@ def set_bits(buf, lo, hi):
 
 # --------------------------------------------------------------------------
 # QMP through qemu-storage-daemon
+#
+# The daemon gets one end of a socketpair as its monitor (--chardev
+# socket,fd=N): the connection exists before the monitor does, so QEMU
+# raises the monitor's "opened" event once.  With a listening socket and a
+# client polling until it connects, QEMU 7.2 could raise it twice (the
+# accept in the main loop racing the monitor's setup in its I/O thread):
+# a second greeting, and the session dropped back into capabilities
+# negotiation after qmp_capabilities, so every later command was refused.
+# Every reply is checked; anything unexpected (a second greeting, a reply
+# that is not ours, a refused command, EOF, no answer within QMP_TIMEOUT)
+# kills the daemon and exits non-zero with the reason and the daemon's
+# stderr, so callers can tell "the oracle broke" from "qcbt is wrong".
+
+QMP_TIMEOUT = 300       # per reply; only catches a hung daemon
+
+
+class QmpError(Exception):
+    pass
 
 
 class Daemon:
+    live = set()        # daemons to kill if this process exits early
+
     def __init__(self, blockdev):
-        self.dir = tempfile.mkdtemp(prefix="qcbt-qsd.")
-        self.sock = os.path.join(self.dir, "qmp.sock")
-        self.proc = subprocess.Popen(
-            ["qemu-storage-daemon", "--blockdev", json.dumps(blockdev),
-             "--chardev", "socket,path=%s,server=on,wait=off,id=c0" % self.sock,
-             "--monitor", "chardev=c0"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.s = socket.socket(socket.AF_UNIX)
-        for _ in range(2000):                   # up to 20 s
-            if self.proc.poll() is not None:
-                raise SystemExit("model: qemu-storage-daemon failed: %s" %
-                                 self.proc.stderr.read().strip())
-            try:
-                self.s.connect(self.sock)
-                break
-            except OSError:                     # not there / not listening yet
-                time.sleep(0.01)
-        else:
-            self.proc.kill()
-            raise SystemExit("model: qemu-storage-daemon: no QMP socket")
-        self.f = self.s.makefile("rw")
+        self.proc = None
+        self.err = tempfile.TemporaryFile(mode="w+")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.proc = subprocess.Popen(
+                [QSD, "--blockdev", json.dumps(blockdev),
+                 "--chardev", "socket,id=c0,fd=%d" % theirs.fileno(),
+                 "--monitor", "chardev=c0"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=self.err, pass_fds=(theirs.fileno(),),
+                preexec_fn=die_with_parent)
+        except OSError as e:
+            ours.close()
+            raise SystemExit("model: cannot start %s: %s" % (QSD, e))
+        finally:
+            theirs.close()
+        Daemon.live.add(self)
+        self.s = ours
+        self.s.settimeout(QMP_TIMEOUT)
+        self.rbuf = b""
         self.next_id = 0
-        while "QMP" not in self.read_msg("the greeting"):
-            pass
-        self.cmd("qmp_capabilities")
+        try:
+            g = self.read_msg("the greeting")
+            if "QMP" not in g:
+                raise QmpError("expected the QMP greeting, got %s" % dumps1(g))
+            r = self.cmd("qmp_capabilities")
+            if r.get("return") != {}:
+                raise QmpError("qmp_capabilities: %s" % dumps1(r))
+        except QmpError as e:
+            self.fail(e)
+
+    def fail(self, why):
+        """Kill the daemon; exit with WHY and what the daemon said."""
+        self.kill()
+        raise SystemExit("model: qemu-storage-daemon: %s%s" % (why,
+                         self.stderr_text(" (its stderr: %s)")))
+
+    def stderr_text(self, fmt):
+        try:
+            self.err.seek(0)
+            t = self.err.read().strip()
+        except (OSError, ValueError):
+            t = ""
+        return fmt % t if t else ""
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc:
+            try:
+                self.proc.wait(timeout=QMP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        Daemon.live.discard(self)
+        self.s.close()
 
     def read_msg(self, what):
-        line = self.f.readline()
-        if not line:
-            raise SystemExit("model: QMP connection closed waiting for %s" % what)
-        return json.loads(line)
+        """The next QMP message; events are skipped, a second greeting is
+        an error."""
+        while True:
+            while b"\n" not in self.rbuf:
+                try:
+                    b = self.s.recv(65536)
+                except socket.timeout:
+                    raise QmpError("no answer to %s in %d s" %
+                                   (what, QMP_TIMEOUT))
+                except OSError as e:
+                    raise QmpError("waiting for %s: %s" % (what, e))
+                if not b:
+                    raise QmpError("connection closed waiting for %s%s" %
+                                   (what, self.exit_text()))
+                self.rbuf += b
+            line, self.rbuf = self.rbuf.split(b"\n", 1)
+            if not line.strip():
+                continue
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                raise QmpError("not JSON waiting for %s: %r" % (what, line))
+            if not isinstance(msg, dict):
+                raise QmpError("not a QMP message: %r" % line)
+            if "event" in msg:
+                continue
+            if "QMP" in msg and self.next_id > 0:
+                raise QmpError("a second greeting waiting for %s: the "
+                               "monitor restarted its session" % what)
+            return msg
+
+    def exit_text(self):
+        rc = self.proc.poll()
+        return "" if rc is None else " (the daemon exited with status %d)" % rc
 
     def cmd(self, execute, **args):
-        # Replies are matched by id: a CI run once got {"return": {}} for
-        # x-debug-block-dirty-bitmap-sha256, a reply that was not its own.
+        """Send one command; return its reply ({"return": ...} or, for a
+        command QEMU ran and refused, {"error": ...}).  Replies are matched
+        by id: any other reply means the session is out of step."""
         self.next_id += 1
         msg = {"execute": execute, "id": self.next_id}
         if args:
             msg["arguments"] = args
-        self.f.write(json.dumps(msg) + "\n")
-        self.f.flush()
-        while True:
-            r = self.read_msg(execute)
-            if r.get("id") == self.next_id:
-                return r
+        try:
+            self.s.sendall((json.dumps(msg) + "\n").encode())
+        except OSError as e:
+            raise QmpError("sending %s: %s%s" % (execute, e, self.exit_text()))
+        r = self.read_msg(execute)
+        if r.get("id") != self.next_id:
+            raise QmpError("reply %s to %s (id %d) is not its own" %
+                           (dumps1(r), execute, self.next_id))
+        if "return" not in r and "error" not in r:
+            raise QmpError("malformed reply to %s: %s" % (execute, dumps1(r)))
+        if "error" in r and r["error"].get("class") != "GenericError":
+            # CommandNotFound (e.g. a session back in capabilities
+            # negotiation), a malformed command: the oracle is broken.
+            raise QmpError("%s refused: %s" % (execute, dumps1(r["error"])))
+        return r
+
+    def run(self, execute, **args):
+        """cmd(), with any QMP failure fatal (the daemon is killed)."""
+        try:
+            return self.cmd(execute, **args)
+        except QmpError as e:
+            self.fail(e)
 
     def quit(self):
-        self.cmd("quit")
-        rc = self.proc.wait(timeout=120)
-        err = self.proc.stderr.read().strip()
-        os.unlink(self.sock) if os.path.exists(self.sock) else None
-        os.rmdir(self.dir)
+        r = self.run("quit")
+        if "error" in r:
+            self.fail("quit refused: %s" % dumps1(r["error"]))
+        try:
+            rc = self.proc.wait(timeout=QMP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.fail("still running %d s after quit" % QMP_TIMEOUT)
+        Daemon.live.discard(self)
+        self.s.close()
         if rc != 0:
-            raise SystemExit("model: qemu-storage-daemon exit %d: %s" % (rc, err))
+            raise SystemExit("model: qemu-storage-daemon exit %d%s" %
+                             (rc, self.stderr_text(": %s")))
+
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+ORACLE_PID = os.getpid()
+
+
+def die_with_parent():
+    """In the daemon, before exec: SIGKILL when the oracle dies, however
+    it dies (no orphan daemons)."""
+    LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != ORACLE_PID:      # the oracle died before prctl
+        os._exit(1)
+
+
+def kill_daemons():
+    for d in list(Daemon.live):
+        d.kill()
+
+
+def on_signal(sig, frame):
+    raise SystemExit("model: killed by signal %d" % sig)
+
+
+def dumps1(v):
+    t = json.dumps(v)
+    return t if len(t) <= 500 else t[:500] + "..."
+
+
+QSD = os.environ.get("QCBT_QSD", "qemu-storage-daemon")
+atexit.register(kill_daemons)
 
 
 def blockdev(image, read_only, no_backing):
@@ -407,7 +558,7 @@ def qemu_sha256(image, names, no_backing):
     d = Daemon(blockdev(image, True, no_backing))
     out = []
     for n in names:
-        r = d.cmd("x-debug-block-dirty-bitmap-sha256", node="n0", name=n)
+        r = d.run("x-debug-block-dirty-bitmap-sha256", node="n0", name=n)
         if "return" in r:
             out.append("%s %s" % (n, r["return"]["sha256"]))
         else:
@@ -418,7 +569,9 @@ def qemu_sha256(image, names, no_backing):
 
 def qemu_bitmaps(image):
     d = Daemon(blockdev(image, True, True))
-    r = d.cmd("query-named-block-nodes", flat=True)
+    r = d.run("query-named-block-nodes", flat=True)
+    if "error" in r:
+        d.fail("query-named-block-nodes: %s" % dumps1(r["error"]))
     d.quit()
     for n in r["return"]:
         if n["node-name"] == "n0":
@@ -452,9 +605,9 @@ def qemu_add(image, gran, prefix, count, disabled):
                              "granularity": gran, "persistent": True,
                              "disabled": disabled}}
                    for i in range(start, min(count, start + batch))]
-        r = d.cmd("transaction", actions=actions)
+        r = d.run("transaction", actions=actions)
         if "error" in r:
-            raise SystemExit("model: transaction failed: %s" % r["error"])
+            d.fail("transaction failed: %s" % dumps1(r["error"]))
     d.quit()
 
 
@@ -497,6 +650,8 @@ def main(argv):
     s.add_argument("prefix")
     s.add_argument("count", type=int)
     a = p.parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
 
     if a.cmd == "dump":
         layers = facts(a.image, a.name)

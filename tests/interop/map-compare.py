@@ -16,9 +16,10 @@ Unless --no-strict, CANDIDATE must also honour qcbt's contract: exactly the
 keys start, length, depth, present, zero, data, and adjacent extents with
 equal depth/present/zero/data merged.
 
-Exit 0 when the maps agree, 1 on the first difference or a malformed map
-(printed to stderr with the guest range and both extents), 2 on usage
-errors.
+Exit 0 when the maps agree, 1 on the first difference or a malformed
+CANDIDATE (printed to stderr with the guest range and both extents), 2 on
+usage errors, 3 when REFERENCE (the oracle's answer) is malformed, empty or
+does not cover the disk: "oracle broke", the candidate cannot be judged.
 """
 
 import argparse
@@ -159,19 +160,27 @@ def main():
         p.error("only one map can come from stdin")
     la, lb = (args.labels.split(",", 1) + ["candidate"])[:2]
 
+    prefix = f"map-compare: {args.context}: " if args.context else "map-compare: "
+    # The reference is the oracle's answer: if it is not a map of the whole
+    # disk, the oracle broke and the candidate cannot be judged (exit 3).
     try:
         a = load(args.reference, la)
-        b = load(args.candidate, lb)
         size = args.size
         enda = validate(a, la, size, strict=False)
         if size is None:
             size = enda
+        if not a and args.size != 0:
+            raise MapError(f"{la}: empty map")
+    except MapError as e:
+        print(f"{prefix}oracle broke: {e}", file=sys.stderr)
+        return 3
+    try:
+        b = load(args.candidate, lb)
         validate(b, lb, size, strict=not args.no_strict)
         diff = compare(a, b, la, lb)
     except MapError as e:
         diff = f"malformed map: {e}"
     if diff is not None:
-        prefix = f"map-compare: {args.context}: " if args.context else "map-compare: "
         print(prefix + diff, file=sys.stderr)
         return 1
     return 0

@@ -39,7 +39,7 @@ check_dump() {
     size=$(virtual_size "$img" qcow2)
     ref_map "$img" "$b" "ref-$b.json"
     if qc "qcbt-$b.json" bitmap dump --json "$img" "$b"; then
-        model compare --size "$size" --context "$CASE dump --json $b" \
+        mcompare --size "$size" --context "$CASE dump --json $b" \
             "ref-$b.json" "qcbt-$b.json" || rc=1
     else
         st=$?
@@ -48,7 +48,7 @@ check_dump() {
     fi
     if qc "qcbt-$b.txt" bitmap dump "$img" "$b"; then
         if model text2json <"qcbt-$b.txt" >"qcbt-$b.txt.json" 2>"qcbt-$b.txt.json.err"; then
-            model compare --size "$size" --context "$CASE dump (text) $b" \
+            mcompare --size "$size" --context "$CASE dump (text) $b" \
                 "ref-$b.json" "qcbt-$b.txt.json" || rc=1
             if ! cmp -s "ref-$b.json.txt" "qcbt-$b.txt"; then
                 note "[$CASE] note: text output differs from nbdinfo --map in layout only:"
@@ -71,9 +71,8 @@ check_dump() {
 check_sha() {
     local img=$1 b=$2 g=$3 size rc=0 q m s0 sm
     size=$(virtual_size "$img" qcow2)
-    cap "qemu-$b.sha" model qemu-sha256 --alone "$img" "$b"
+    qemu_digest "qemu-$b.sha" --alone "$img" "$b"
     q=$(hex64 "qemu-$b.sha")
-    [[ -n $q ]] || fail "[$CASE] no digest from QEMU: $(cat "qemu-$b.sha")"
     [[ -f ref-$b.json ]] || ref_map "$img" "$b" "ref-$b.json"
     cap "model-$b.sha" model digest --granularity "$g" --size "$size" "ref-$b.json"
     m=$(hex64 "model-$b.sha")
@@ -347,7 +346,7 @@ if want names; then
         pushd "n$i" >/dev/null
         ref_map img.qcow2 "$n" ref.json
         if qc dump.json bitmap dump --json img.qcow2 "$n"; then
-            model compare --context "$CASE name #$i" ref.json dump.json || rc=1
+            mcompare --context "$CASE name #$i" ref.json dump.json || rc=1
         else
             note "[$CASE] qcbt bitmap dump --json of bitmap #$i failed: $(cat dump.json.err)"
             rc=1
@@ -399,7 +398,7 @@ if not ok:
     fi
     # QEMU hashes an in-use bitmap as all zeros (it never loads it); qcbt
     # may refuse instead, but must not print some other digest.
-    cap qemu-bad.sha model qemu-sha256 --alone img.qcow2 bad
+    qemu_digest qemu-bad.sha --alone img.qcow2 bad
     if qc qcbt-bad.sha bitmap sha256 --layer 0 img.qcow2 bad; then
         if [[ $(hex64 qcbt-bad.sha) != "$(hex64 qemu-bad.sha)" ]]; then
             note "[$CASE] sha256 --layer 0 of in-use bitmap: qcbt $(cat qcbt-bad.sha), QEMU $(cat qemu-bad.sha)"
@@ -486,6 +485,103 @@ PYEOF
         note "[$CASE] FAIL: qcbt bitmap check: exit $st (expected 2): $out"
         rc=1
     fi
+    case_result "$rc"
+fi
+
+# --- the QEMU oracle itself -------------------------------------------------
+# A stand-in qemu-storage-daemon ($QCBT_QSD) misbehaves as QEMU 7.2 did when
+# its monitor raised "opened" twice: after qmp_capabilities a second
+# greeting, then every command refused as in capabilities negotiation, and
+# (like QEMU) it keeps running when its monitor goes away.  The oracle must
+# fail at once saying so, kill the daemon, and its callers must report
+# "oracle broke", never a qcbt mismatch.  A daemon that never answers must
+# die with the oracle, even when the oracle is killed (SIGKILL).
+
+if want oracle-qmp; then
+    begin_case oracle-qmp
+    rc=0
+    cat >fake-qsd.py <<'PYEOF'
+import json, os, socket, sys, time
+mode, state = os.environ["FAKE_QSD_MODE"], os.environ["FAKE_QSD_STATE"]
+spec = sys.argv[sys.argv.index("--chardev") + 1]
+opts = dict(kv.split("=", 1) for kv in spec.split(",")[1:])
+with open(state, "w") as f:
+    f.write("%d\n" % os.getpid())
+if "fd" in opts:
+    s = socket.socket(fileno=int(opts["fd"]))
+else:                               # the old way: a listening socket
+    ls = socket.socket(socket.AF_UNIX)
+    ls.bind(opts["path"])
+    ls.listen(1)
+    s, _ = ls.accept()
+greeting = {"QMP": {"version": {}, "capabilities": ["oob"]}}
+send = lambda m: s.sendall((json.dumps(m) + "\r\n").encode())
+send(greeting)
+ready = False
+for line in s.makefile("r"):
+    m = json.loads(line)
+    ex, i = m.get("execute"), m.get("id")
+    if ex == "qmp_capabilities":
+        send({"return": {}, "id": i})
+        if mode == "double-greeting":
+            send(greeting)          # and back in capabilities negotiation
+        else:
+            ready = True
+    elif not ready:
+        send({"error": {"class": "CommandNotFound", "desc":
+              "Expecting capabilities negotiation with 'qmp_capabilities'"},
+              "id": i})
+    elif ex == "quit":
+        send({"return": {}, "id": i})
+        sys.exit(0)
+    else:                           # mode "hang": no answer, ever
+        with open(state, "a") as f:
+            f.write("hung\n")
+while True:                         # the monitor is gone; QEMU runs on
+    time.sleep(60)
+PYEOF
+    run qemu-img create -q -f qcow2 img.qcow2 1M
+    run qemu-img bitmap --add img.qcow2 b0
+    export QCBT_QSD=$CASE_DIR/fake-qsd.py FAKE_QSD_STATE=$CASE_DIR/qsd.state
+    chmod +x fake-qsd.py
+    sed -i "1i #!$PYTHON" fake-qsd.py
+
+    # A second greeting: the oracle fails at once, saying why, no orphan.
+    t0=$EPOCHSECONDS
+    st=0
+    FAKE_QSD_MODE=double-greeting model qemu-sha256 --alone img.qcow2 b0 >oracle.out 2>oracle.err || st=$?
+    qpid=$(head -n 1 qsd.state)
+    if [[ $st -eq 0 || -s oracle.out ]] || ! grep -q "second greeting" oracle.err; then
+        note "[$CASE] FAIL: a second QMP greeting: exit $st, stdout '$(cat oracle.out)', stderr '$(cat oracle.err)'"
+        rc=1
+    fi
+    if ((EPOCHSECONDS - t0 > 60)); then
+        note "[$CASE] FAIL: the oracle took $((EPOCHSECONDS - t0)) s to give up"
+        rc=1
+    fi
+    pid_alive "$qpid" && { note "[$CASE] FAIL: the daemon $qpid outlived the oracle"; kill -KILL "$qpid"; rc=1; }
+    # ... and its callers say "oracle broke", not that qcbt is wrong.
+    st=0
+    (FAKE_QSD_MODE=double-greeting qemu_digest caller.sha --alone img.qcow2 b0) 2>caller.err || st=$?
+    if [[ $st -eq 0 ]] || ! grep -q "oracle broke: .*second greeting" caller.err; then
+        note "[$CASE] FAIL: qemu_digest with a broken oracle: exit $st: $(cat caller.err)"
+        rc=1
+    fi
+
+    # A daemon that never answers dies with the oracle, even on SIGKILL.
+    rm -f qsd.state
+    FAKE_QSD_MODE=hang "$PYTHON" "$MODEL" qemu-sha256 --alone img.qcow2 b0 >/dev/null 2>hang.err &
+    opid=$!
+    if wait_until -p "$opid" -- grep -qs hung qsd.state; then
+        qpid=$(head -n 1 qsd.state)
+        kill -KILL "$opid"
+        wait "$opid" 2>/dev/null || true
+        wait_gone "$qpid" || { note "[$CASE] FAIL: the daemon $qpid outlived the killed oracle"; kill -KILL "$qpid"; rc=1; }
+    else
+        note "[$CASE] FAIL: the stand-in daemon never got the digest command: $(cat hang.err)"
+        rc=1
+    fi
+    unset QCBT_QSD FAKE_QSD_STATE
     case_result "$rc"
 fi
 

@@ -43,29 +43,42 @@ bad() {
 cat >nmap.py <<'EOF'
 """nmap.py LABEL SIZE REF.json OURS.json  (nbdinfo --map --json output)
 Merge adjacent extents with equal type, check both cover [0, SIZE)
-exactly, compare.  Exit 1 with the first differing range."""
+exactly, compare.  Exit 1 with the first differing range; 3 when REF
+(qemu's answer) is not a map of the export: the oracle broke."""
 import json, sys
 
 label, size = sys.argv[1], int(sys.argv[2])
 
 def load(path, who):
     out, pos = [], 0
-    for e in json.load(open(path)):
-        o, l, t = e["offset"], e["length"], e["type"]
-        if o != pos:
-            sys.exit(f"{label}: {who}: extent at {o}, expected {pos}")
-        if l <= 0:
-            sys.exit(f"{label}: {who}: extent of length {l} at {o}")
-        if out and out[-1][2] == t:
-            out[-1][1] += l
-        else:
-            out.append([o, l, t])
-        pos += l
+    try:
+        exts = json.load(open(path))
+        for e in exts:
+            o, l, t = e["offset"], e["length"], e["type"]
+            if o != pos:
+                raise ValueError(f"extent at {o}, expected {pos}")
+            if l <= 0:
+                raise ValueError(f"extent of length {l} at {o}")
+            if out and out[-1][2] == t:
+                out[-1][1] += l
+            else:
+                out.append([o, l, t])
+            pos += l
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{label}: {who}: {path}: {e}")
     if pos != size:
-        sys.exit(f"{label}: {who}: map ends at {pos}, export size {size}")
+        raise ValueError(f"{label}: {who}: map ends at {pos}, export size {size}")
     return out
 
-ref, ours = load(sys.argv[3], "qemu"), load(sys.argv[4], "qcbt")
+try:
+    ref = load(sys.argv[3], "qemu")
+except ValueError as e:
+    print(f"oracle broke: {e}", file=sys.stderr)
+    sys.exit(3)
+try:
+    ours = load(sys.argv[4], "qcbt")
+except ValueError as e:
+    sys.exit(str(e))
 if ref != ours:
     def at(m, x):
         for o, l, t in m:
@@ -147,19 +160,25 @@ cmp_ctx() {
         return
     fi
     if ! nbdinfo --map="$rctx" --json "$(uri "$rs")" >"$tag.qemu.json" 2>"$tag.err"; then
-        bad "$tag: qemu-nbd map of $rctx failed: $(cat "$tag.err")"
-        return
+        fail "oracle broke: $tag: nbdinfo --map of qemu-nbd's $rctx failed: $(cat "$tag.err")"
     fi
     if ! nbdinfo --map="$octx" --json "$(uri "$os")" >"$tag.qcbt.json" 2>"$tag.err"; then
         bad "$tag: qcbt map of $octx failed: $(cat "$tag.err")"
         return
     fi
     ncmp=$((ncmp + 1))
-    if out=$("$PYTHON" nmap.py "$tag: $octx" "$size" "$tag.qemu.json" "$tag.qcbt.json" 2>&1); then
-        note "ok: $tag: $octx equals qemu-nbd's $rctx ($out)"
-    else
-        bad "$out"
-    fi
+    nmap "$tag: $octx" "$size" "$tag.qemu.json" "$tag.qcbt.json" "qemu-nbd's $rctx"
+}
+
+# nmap LABEL SIZE REF OURS WHAT: compare with nmap.py, report.
+nmap() {
+    local out st=0
+    out=$("$PYTHON" nmap.py "$1" "$2" "$3" "$4" 2>&1) || st=$?
+    case $st in
+    0) note "ok: $1 equals $5 ($out)" ;;
+    1) bad "$out" ;;
+    *) fail "$out" ;;
+    esac
 }
 
 # cmp_data TAG SRV IMG [FMT]: nbdcopy from our server == qemu-img convert
@@ -167,7 +186,8 @@ cmp_ctx() {
 cmp_data() {
     local tag=$1 srv=$2 img=$3 fmt=${4:-qcow2} size
     size=$(nbdinfo --size "$(uri "$srv")")
-    qemu-img convert -f "$fmt" -O raw "$img" "$tag.ref.raw"
+    qemu-img convert -f "$fmt" -O raw "$img" "$tag.ref.raw" ||
+        fail "oracle broke: $tag: qemu-img convert -O raw $img failed"
     truncate -s "$size" "$tag.ref.raw"   # qemu exports whole sectors
     rm -f "$tag.copy.raw"
     if nbdcopy "$(uri "$srv")" "$tag.copy.raw" 2>"$tag.err" &&
@@ -218,13 +238,13 @@ d = json.load(sys.stdin)
 for b in d["format-specific"]["data"].get("bitmaps", []):
     if b["name"] == sys.argv[1]:
         print(b["granularity"])' "$bm")
-    [[ -n $gran ]] || { bad "$tag: $bm not in $top"; return; }
+    [[ -n $gran ]] || fail "TEST BUG: $tag: $bm not in $top"
     cp "$top" "$dir/qemu-merged.qcow2"
     qemu-img bitmap --add -g "$gran" --disable "$dir/qemu-merged.qcow2" __merged
     for l in "$@"; do
         fmt=$(qemu-img info -U --output=json "$l" | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["format"])')
         qemu-img bitmap --merge "$bm" -b "$l" -F "$fmt" "$dir/qemu-merged.qcow2" __merged ||
-            { bad "$tag: qemu-img bitmap --merge $bm -b $l failed"; return; }
+            fail "oracle broke: $tag: qemu-img bitmap --merge $bm -b $l failed"
     done
     serve "$tag-q" qemu-nbd -r -f qcow2 -t -A -B __merged "$dir/qemu-merged.qcow2" || return
     serve "$tag-c" "$SERVER" -t -A -B "$bm" "$top" || { unserve "$tag-q"; return; }
@@ -401,21 +421,20 @@ if want c4-short-backing; then
     maps=()
     for l in c4/top.qcow2 c4/base.qcow2; do
         n=c4-layer-$(basename "$l" .qcow2)
-        serve "$n" qemu-nbd -r -f qcow2 -t -B X "$l" || continue
-        nbdinfo --map=qemu:dirty-bitmap:X --json "$(uri "$n")" >"$n.json"
+        serve "$n" qemu-nbd -r -f qcow2 -t -B X "$l"
+        nbdinfo --map=qemu:dirty-bitmap:X --json "$(uri "$n")" >"$n.json" 2>"$n.err" ||
+            fail "oracle broke: c4: nbdinfo --map of qemu-nbd -B X $l failed: $(cat "$n.err")"
         maps+=("$n.json")
         unserve "$n"
     done
-    "$PYTHON" union.py $size 4096 "${maps[@]}" >c4-X.qemu.json
+    "$PYTHON" union.py $size 4096 "${maps[@]}" >c4-X.qemu.json ||
+        fail "oracle broke: c4: the union of qemu-nbd's per-layer maps failed"
     serve c4-q qemu-nbd -r -f qcow2 -t -A c4/top.qcow2
     serve c4-c "$SERVER" -t -A -B X c4/top.qcow2
     if nbdinfo --map=qemu:dirty-bitmap:X --json "$(uri c4-c)" >c4-X.qcbt.json 2>c4-X.err; then
         ncmp=$((ncmp + 1))
-        if out=$("$PYTHON" nmap.py "c4: qemu:dirty-bitmap:X" $size c4-X.qemu.json c4-X.qcbt.json 2>&1); then
-            note "ok: c4-X: qemu:dirty-bitmap:X equals the union of qemu-nbd's per-layer maps ($out)"
-        else
-            bad "$out"
-        fi
+        nmap "c4: qemu:dirty-bitmap:X" $size c4-X.qemu.json c4-X.qcbt.json \
+            "the union of qemu-nbd's per-layer maps"
     else
         bad "c4: qcbt map of X failed: $(cat c4-X.err)"
     fi

@@ -283,6 +283,57 @@ listen_tcp(const char *addr, const char *port, int *fds)
     return n;
 }
 
+/* Socket activation, as systemd starts services (sd_listen_fds(3)) and as
+ * qemu-nbd and nbdkit take it: when LISTEN_PID is this process, LISTEN_FDS
+ * listening sockets are inherited from descriptor 3 on.  Returns how many
+ * (0: not activated).  The variables are removed so that they cannot be
+ * taken by a process started later.
+ */
+#define QCBT_LISTEN_FDS_START 3
+
+static size_t nr_activated;
+
+static size_t
+listen_activated(int *fds)
+{
+    const char *pid_s = getenv("LISTEN_PID");
+    const char *fds_s = getenv("LISTEN_FDS");
+    char *end;
+    long pid, n;
+    size_t i;
+
+    if (!pid_s || !fds_s)
+        return 0;
+    errno = 0;
+    pid = strtol(pid_s, &end, 10);
+    if (errno || end == pid_s || *end || pid != (long)getpid())
+        return 0; /* meant for another process */
+    errno = 0;
+    n = strtol(fds_s, &end, 10);
+    if (errno || end == fds_s || *end || n < 0 || n > MAX_LISTEN)
+        die("socket activation: LISTEN_FDS=%s: expected 0..%d",
+            fds_s,
+            MAX_LISTEN);
+    unsetenv("LISTEN_PID");
+    unsetenv("LISTEN_FDS");
+    unsetenv("LISTEN_FDNAMES");
+    for (i = 0; i < (size_t)n; i++) {
+        int fd = QCBT_LISTEN_FDS_START + (int)i, listening = 0;
+        socklen_t len = sizeof listening;
+
+        if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) < 0)
+            die("socket activation: descriptor %d: %s", fd, strerror(errno));
+        if (!listening)
+            die("socket activation: descriptor %d is not a listening socket",
+                fd);
+        if (fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
+            die("socket activation: descriptor %d: %s", fd, strerror(errno));
+        fds[i] = fd;
+    }
+    nr_activated = (size_t)n;
+    return nr_activated;
+}
+
 static void
 accept_one(int lfd)
 {
@@ -542,10 +593,19 @@ main(int argc, char **argv)
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGHUP, &sa, NULL);
 
-    if (sock)
+    nl = listen_activated(lfds);
+    if (nl > 0) {
+        if (sock || bind_addr)
+            srv_log(&server,
+                    LOG_ERROR,
+                    "socket activation: -k/-b/-p are ignored, serving "
+                    "the inherited sockets");
+        sock = NULL; /* not ours to unlink at exit */
+    } else if (sock) {
         lfds[nl++] = listen_unix(sock);
-    else
+    } else {
         nl = listen_tcp(bind_addr, port, lfds);
+    }
 
     if (do_fork) {
         pid_t pid;
@@ -587,12 +647,18 @@ main(int argc, char **argv)
         (void)ignored;
         close(ready_pipe[1]);
     }
-    srv_log(&server,
-            LOG_INFO,
-            "listening on %s%s%s",
-            sock ? sock : "port ",
-            sock ? "" : port,
-            "");
+    if (nr_activated)
+        srv_log(&server,
+                LOG_INFO,
+                "listening on %zu inherited socket(s)",
+                nr_activated);
+    else
+        srv_log(&server,
+                LOG_INFO,
+                "listening on %s%s%s",
+                sock ? sock : "port ",
+                sock ? "" : port,
+                "");
 
     for (;;) {
         struct pollfd pfds[MAX_LISTEN + 1];

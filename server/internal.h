@@ -29,6 +29,8 @@
 #define BLOCK_SIZE_MIN       1
 #define BLOCK_SIZE_PREFERRED 4096
 #define BLOCK_SIZE_MAX       (32u << 20)
+#define WORKER_BUF_KEEP      READ_CHUNK /* kept between requests */
+#define IDLE_RELEASE_MS      1000 /* a worker idle this long frees buffers */
 
 struct export_bitmap {
     char *source;               /* bitmap name in the image */
@@ -61,6 +63,7 @@ struct server {
     unsigned max_connections;
     unsigned threads;           /* workers per connection */
     unsigned handshake_timeout; /* seconds to reach transmission */
+    unsigned idle_timeout;      /* seconds without requests; 0: none */
     bool persistent;
     int verbose;
 
@@ -92,6 +95,7 @@ struct connection {
     pthread_mutex_t write_lock; /* one reply (or chunk) at a time */
     atomic_bool closing;        /* stop reading new requests */
     atomic_uint in_flight;
+    _Atomic int64_t last_active; /* now_ms() when a request last ended */
 };
 
 /* log.c-ish helpers (main.c). */

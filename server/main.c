@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <malloc.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -89,6 +90,9 @@ usage(FILE *fp)
         "      --handshake-timeout S drop clients not in transmission "
         "after S\n"
         "                            seconds (default 10)\n"
+        "      --idle-timeout S      drop clients that send no request "
+        "for S\n"
+        "                            seconds (default 0: never)\n"
         "Process:\n"
         "  -t, --persistent          keep running after the last client\n"
         "      --fork                return once the server is listening\n"
@@ -437,7 +441,8 @@ main(int argc, char **argv)
         OPT_EXPORT,
         OPT_FORK,
         OPT_PIDFILE,
-        OPT_HSTIMEOUT
+        OPT_HSTIMEOUT,
+        OPT_IDLETIMEOUT
     };
     static const struct option opts[] = {
         {"format", required_argument, NULL, 'f'},
@@ -454,6 +459,7 @@ main(int argc, char **argv)
         {"shared", required_argument, NULL, 'e'},
         {"threads", required_argument, NULL, 'T'},
         {"handshake-timeout", required_argument, NULL, OPT_HSTIMEOUT},
+        {"idle-timeout", required_argument, NULL, OPT_IDLETIMEOUT},
         {"persistent", no_argument, NULL, 't'},
         {"fork", no_argument, NULL, OPT_FORK},
         {"pid-file", required_argument, NULL, OPT_PIDFILE},
@@ -472,6 +478,14 @@ main(int argc, char **argv)
     int opt, ready_pipe[2] = {-1, -1};
     struct sigaction sa;
     unsigned v;
+
+    /* Buffers of 128 KiB and more (worker buffers, decompressed
+     * clusters) get their own mappings, so freeing them (after a large
+     * request, when a worker goes idle) gives the memory back to the
+     * system.  Setting the threshold stops glibc from raising it to the
+     * size of the last buffer freed and keeping such buffers in its heaps.
+     */
+    mallopt(M_MMAP_THRESHOLD, 128 * 1024);
 
     main_exp.name = "";
     while (
@@ -525,6 +539,10 @@ main(int argc, char **argv)
         case OPT_HSTIMEOUT:
             if (!parse_uint(optarg, 1, 3600, &server.handshake_timeout))
                 die("invalid --handshake-timeout '%s'", optarg);
+            break;
+        case OPT_IDLETIMEOUT:
+            if (!parse_uint(optarg, 0, 86400, &server.idle_timeout))
+                die("invalid --idle-timeout '%s' (0..86400)", optarg);
             break;
         case 't':
             server.persistent = true;

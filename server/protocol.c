@@ -5,16 +5,22 @@
  * reads one request (and drains a refused write payload), releases it, and
  * serves the request; replies go out under the write lock, chunk by chunk,
  * so replies to different requests interleave and may complete out of
- * order.  Buffers belong to the worker: no allocation per request.
+ * order.  Buffers belong to the worker: no allocation per request while
+ * requests keep coming, but a worker keeps at most WORKER_BUF_KEEP after
+ * a request and frees all it holds (data buffer, extent arrays, the
+ * chain's decompression cache) once it has waited IDLE_RELEASE_MS for
+ * work: an idle connection holds little memory.
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #include "byteorder.h"
 #include "error.h"
@@ -34,7 +40,7 @@ struct worker {
     pthread_t thread;
     unsigned char *buf; /* data buffer */
     size_t bufsize;
-    struct extent **ext; /* per selected context */
+    struct extent **ext; /* per selected context, NULL until used */
     size_t *next;        /* extents filled per context */
     uint64_t *ends;      /* coverage end per context */
 };
@@ -60,6 +66,30 @@ grow_buf(struct worker *w, size_t size)
     w->buf = nb;
     w->bufsize = size;
     return 0;
+}
+
+static void
+free_buf(struct worker *w)
+{
+    free(w->buf);
+    w->buf = NULL;
+    w->bufsize = 0;
+}
+
+/* Give back everything the worker holds for requests; called on the
+ * worker's own thread (the decompression cache is per thread).
+ */
+static void
+worker_release(struct worker *w)
+{
+    size_t i;
+
+    free_buf(w);
+    for (i = 0; w->ext && i < w->c->nr_meta; i++) {
+        free(w->ext[i]);
+        w->ext[i] = NULL;
+    }
+    chain_release_thread_cache();
 }
 
 static int
@@ -433,6 +463,9 @@ block_status(struct worker *w, const struct request *rq)
     int r = 0;
 
     for (ci = 0; ci < c->nr_meta; ci++) {
+        if (!w->ext[ci] &&
+            !(w->ext[ci] = malloc(MAX_EXTENTS * sizeof **w->ext)))
+            return send_error(c, rq, NBD_ENOMEM, "out of memory");
         if (fill_context(w, ci, c->meta_ids[ci], rq->offset, end, cap) < 0)
             return send_error(c,
                               rq,
@@ -564,17 +597,83 @@ handle(struct worker *w, const struct request *rq)
     return send_error(c, rq, NBD_EINVAL, "invalid request");
 }
 
+/* Wait until the next request starts to arrive, or the connection ends
+ * (the read that follows sees which).  A reader left waiting
+ * IDLE_RELEASE_MS gives its buffers back.  With --idle-timeout: -1 once
+ * no request has been read or served for that long.
+ */
+static int
+wait_request(struct worker *w)
+{
+    struct connection *c = w->c;
+    int64_t idle_ms = (int64_t)c->srv->idle_timeout * 1000;
+    int64_t release_at = now_ms() + IDLE_RELEASE_MS;
+    int64_t busy_until = 0; /* a request was still being served then */
+    bool released = false;
+
+    for (;;) {
+        struct pollfd p = {.fd = c->fd, .events = POLLIN};
+        int64_t now = now_ms(), wake = -1, idle_from;
+        int r;
+
+        if (!released)
+            wake = release_at;
+        if (idle_ms) {
+            idle_from = MAX(atomic_load(&c->last_active), busy_until);
+            if (wake < 0 || idle_from + idle_ms < wake)
+                wake = idle_from + idle_ms;
+        }
+        r = poll(&p, 1, wake < 0 ? -1 : (int)MIN(MAX(wake - now, 0), 60000));
+        if (r > 0)
+            return 0;
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        now = now_ms();
+        if (!released && now >= release_at) {
+            worker_release(w);
+            released = true;
+        }
+        if (!idle_ms)
+            continue;
+        /* Serving a request (last_active is stored before in_flight
+         * drops) is not idle.
+         */
+        if (atomic_load(&c->in_flight) > 0) {
+            busy_until = now;
+            continue;
+        }
+        if (now - atomic_load(&c->last_active) >= idle_ms &&
+            now - busy_until >= idle_ms) {
+            srv_log(c->srv,
+                    LOG_INFO,
+                    "%s: idle for %u s: disconnecting",
+                    c->peer,
+                    c->srv->idle_timeout);
+            return -1;
+        }
+    }
+}
+
 /* Read the next request.  0: got one; -1: the connection is over. */
 static int
 next_request(struct worker *w, struct request *rq, bool *skip)
 {
     struct connection *c = w->c;
     unsigned char h[28];
+    int64_t deadline = -1;
 
     *skip = false;
     if (atomic_load(&c->closing))
         return -1;
-    if (conn_read(c, h, sizeof h) < 0)
+    if (wait_request(w) < 0)
+        return -1;
+    /* A request that starts must arrive whole within the idle timeout. */
+    if (c->srv->idle_timeout)
+        deadline = now_ms() + (int64_t)c->srv->idle_timeout * 1000;
+    if (conn_read_deadline(c, h, sizeof h, deadline) < 0)
         return -1;
     if (get_be32(h) != NBD_REQUEST_MAGIC) {
         srv_log(c->srv,
@@ -608,6 +707,28 @@ next_request(struct worker *w, struct request *rq, bool *skip)
     return 0;
 }
 
+/* Take the read lock.  A worker left waiting IDLE_RELEASE_MS (another
+ * worker is reading and the connection is quiet) gives its buffers back
+ * first.
+ */
+static void
+lock_reader(struct worker *w)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += IDLE_RELEASE_MS / 1000;
+    ts.tv_nsec += (long)(IDLE_RELEASE_MS % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+    if (pthread_mutex_clocklock(&w->c->read_lock, CLOCK_MONOTONIC, &ts) == 0)
+        return;
+    worker_release(w);
+    pthread_mutex_lock(&w->c->read_lock);
+}
+
 static void *
 worker_loop(void *arg)
 {
@@ -619,7 +740,7 @@ worker_loop(void *arg)
         bool shutdown_reply;
         int r;
 
-        pthread_mutex_lock(&c->read_lock);
+        lock_reader(w);
         r = next_request(w, &rq, &shutdown_reply);
         if (r < 0)
             atomic_store(&c->closing, true);
@@ -632,6 +753,10 @@ worker_loop(void *arg)
             r = send_error(c, &rq, NBD_ESHUTDOWN, "server shutting down");
         else
             r = handle(w, &rq);
+        /* A large plain read's buffer goes at once, not when idle. */
+        if (w->bufsize > WORKER_BUF_KEEP)
+            free_buf(w);
+        atomic_store(&c->last_active, now_ms());
         atomic_fetch_sub(&c->in_flight, 1);
         if (r < 0) {
             atomic_store(&c->closing, true);
@@ -645,8 +770,6 @@ worker_loop(void *arg)
 static int
 worker_init(struct worker *w, struct connection *c)
 {
-    size_t i;
-
     memset(w, 0, sizeof *w);
     w->c = c;
     if (c->nr_meta) {
@@ -655,11 +778,6 @@ worker_init(struct worker *w, struct connection *c)
         w->ends = calloc(c->nr_meta, sizeof *w->ends);
         if (!w->ext || !w->next || !w->ends)
             return -1;
-        for (i = 0; i < c->nr_meta; i++) {
-            w->ext[i] = malloc(MAX_EXTENTS * sizeof **w->ext);
-            if (!w->ext[i])
-                return -1;
-        }
     }
     return 0;
 }
@@ -686,6 +804,7 @@ transmission(struct connection *c)
 
     if (!ws)
         return;
+    atomic_store(&c->last_active, now_ms());
     for (i = 0; i < n; i++)
         if (worker_init(&ws[i], c) < 0)
             goto out;

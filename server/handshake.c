@@ -78,8 +78,13 @@ static uint16_t
 transmission_flags(const struct connection *c)
 {
     uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_SEND_FLUSH |
-                 NBD_FLAG_SEND_CACHE | NBD_FLAG_CAN_MULTI_CONN;
+                 NBD_FLAG_SEND_CACHE;
 
+    /* Multi-conn invites more connections (nbdcopy opens 4): only when
+     * -e lets a second one in.
+     */
+    if (c->srv->max_connections > 1)
+        f |= NBD_FLAG_CAN_MULTI_CONN;
     if (c->structured)
         f |= NBD_FLAG_SEND_DF;
     return f;

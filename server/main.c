@@ -326,7 +326,10 @@ listen_activated(int *fds)
         socklen_t len = sizeof listening;
 
         if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) < 0)
-            die("socket activation: descriptor %d: %s", fd, strerror(errno));
+            die("socket activation: descriptor %d is not a listening "
+                "socket: %s",
+                fd,
+                strerror(errno));
         if (!listening)
             die("socket activation: descriptor %d is not a listening socket",
                 fd);

@@ -120,6 +120,75 @@ die(const char *fmt, ...)
     exit(1);
 }
 
+/* A mistake on the command line: one line, with a pointer to --help. */
+static void usage_error(const char *fmt, ...)
+    __attribute__((format(printf, 1, 2), noreturn));
+
+static void
+usage_error(const char *fmt, ...)
+{
+    va_list ap;
+
+    fputs("qcbt-server: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputs(" (see qcbt-server --help)\n", stderr);
+    exit(1);
+}
+
+/* getopt_long (with opterr = 0) returned RET, '?' or ':', for the
+ * argument it just looked at: say what is wrong with it, in one line.
+ */
+static void
+bad_option(int ret,
+           char **argv,
+           const struct option *opts,
+           const char *shortopts)
+{
+    const char *arg = argv[optind - 1];
+    size_t len = strcspn(arg, "=");
+    bool is_long = !strncmp(arg, "--", 2) && len > 2;
+    bool val_is_long = false;
+    char names[256] = "";
+    size_t i, nr = 0;
+
+    for (i = 0; opts[i].name; i++)
+        if (optopt && opts[i].val == optopt)
+            val_is_long = true;
+    if (ret == ':') {
+        if (is_long && val_is_long)
+            usage_error("option '%.*s' needs a value", (int)len, arg);
+        usage_error("option '-%c' needs a value", optopt);
+    }
+    if (optopt == 0 && is_long) {
+        /* Unknown, or a prefix of several long options. */
+        for (i = 0; opts[i].name; i++) {
+            if (!strncmp(opts[i].name, arg + 2, len - 2)) {
+                size_t used = strlen(names);
+
+                snprintf(names + used,
+                         sizeof names - used,
+                         "%s--%s",
+                         nr++ ? ", " : "",
+                         opts[i].name);
+            }
+        }
+        if (nr > 1)
+            usage_error("option '%.*s' is ambiguous (%s)",
+                        (int)len,
+                        arg,
+                        names);
+        usage_error("unrecognized option '%.*s'", (int)len, arg);
+    }
+    if (is_long && arg[len] == '=' && val_is_long)
+        usage_error("option '%.*s' takes no value", (int)len, arg);
+    if (optopt > 0 && optopt < 256 && optopt != ':' &&
+        !strchr(shortopts, optopt))
+        usage_error("unrecognized option '-%c'", optopt);
+    usage_error("unrecognized option '%s'", arg);
+}
+
 static bool
 parse_uint(const char *s, unsigned min, unsigned max, unsigned *out)
 {
@@ -168,7 +237,7 @@ parse_on(const char *key, const char *v)
     if (!strcmp(v, "off") || !strcmp(v, "false") || !strcmp(v, "0") ||
         !strcmp(v, "no"))
         return false;
-    die("--export: %s=%s: expected on or off", key, v);
+    usage_error("--export: %s=%s: expected on or off", key, v);
     return false;
 }
 
@@ -187,7 +256,7 @@ parse_export(const char *spec)
         char *v = strchr(item, '=');
 
         if (!v)
-            die("--export: '%s' is not KEY=VALUE", item);
+            usage_error("--export: '%s' is not KEY=VALUE", item);
         *v++ = '\0';
         if (!strcmp(item, "name")) {
             e->name = strdup(v);
@@ -207,12 +276,12 @@ parse_export(const char *spec)
         } else if (!strcmp(item, "allocation-depth")) {
             e->alloc_depth = parse_on(item, v);
         } else {
-            die("--export: unknown key '%s'", item);
+            usage_error("--export: unknown key '%s'", item);
         }
     }
     free(copy);
     if (!have_name || !e->image)
-        die("--export: name= and image= are required");
+        usage_error("--export: name= and image= are required");
 }
 
 static void
@@ -472,6 +541,7 @@ main(int argc, char **argv)
         {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
     };
+    static const char shortopts[] = ":f:x:D:B:Ak:b:p:e:T:tvrhV";
     struct export main_exp = {0};
     const char *sock = NULL, *bind_addr = NULL, *port = "10809";
     const char *pid_file = NULL;
@@ -491,10 +561,8 @@ main(int argc, char **argv)
     mallopt(M_MMAP_THRESHOLD, 128 * 1024);
 
     main_exp.name = "";
-    while (
-        (opt =
-             getopt_long(argc, argv, "f:x:D:B:Ak:b:p:e:T:tvrhV", opts, NULL)) !=
-        -1) {
+    opterr = 0; /* our messages: one line each */
+    while ((opt = getopt_long(argc, argv, shortopts, opts, NULL)) != -1) {
         switch (opt) {
         case 'f':
             main_exp.format = optarg;
@@ -528,24 +596,25 @@ main(int argc, char **argv)
             break;
         case 'p':
             if (!parse_uint(optarg, 1, 65535, &v))
-                die("invalid port '%s'", optarg);
+                usage_error("invalid --port '%s' (1..65535)", optarg);
             port = optarg;
             break;
         case 'e':
             if (!parse_uint(optarg, 1, 65536, &server.max_connections))
-                die("invalid --shared '%s' (1..65536)", optarg);
+                usage_error("invalid --shared '%s' (1..65536)", optarg);
             break;
         case 'T':
             if (!parse_uint(optarg, 1, 64, &server.threads))
-                die("invalid --threads '%s' (1..64)", optarg);
+                usage_error("invalid --threads '%s' (1..64)", optarg);
             break;
         case OPT_HSTIMEOUT:
             if (!parse_uint(optarg, 1, 3600, &server.handshake_timeout))
-                die("invalid --handshake-timeout '%s'", optarg);
+                usage_error("invalid --handshake-timeout '%s' (1..3600)",
+                            optarg);
             break;
         case OPT_IDLETIMEOUT:
             if (!parse_uint(optarg, 0, 86400, &server.idle_timeout))
-                die("invalid --idle-timeout '%s' (0..86400)", optarg);
+                usage_error("invalid --idle-timeout '%s' (0..86400)", optarg);
             break;
         case 't':
             server.persistent = true;
@@ -568,12 +637,13 @@ main(int argc, char **argv)
             printf("qcbt-server %s\n", QCBT_VERSION);
             return 0;
         default:
-            usage(stderr);
-            return 1;
+            bad_option(opt, argv, opts, shortopts);
         }
     }
     if (optind < argc - 1)
-        die("expected one IMAGE (see --help)");
+        usage_error("expected one IMAGE, got '%s' and '%s'",
+                    argv[optind],
+                    argv[optind + 1]);
     if (optind == argc - 1) {
         struct export *e = new_export();
 
@@ -581,19 +651,20 @@ main(int argc, char **argv)
         *e = main_exp;
         have_main = true;
     } else if (main_exp.nr_bitmap_args || main_exp.format) {
-        die("-B/-f apply to IMAGE, which is missing (see --help)");
+        usage_error("-B/-f apply to IMAGE, which is missing");
     }
     if (server.nr_exports == 0)
-        die("nothing to serve: give an IMAGE or --export (see --help)");
+        usage_error("nothing to serve: give an IMAGE or --export");
     (void)have_main;
     for (i = 0; i < server.nr_exports; i++) {
         size_t j;
 
         for (j = 0; j < i; j++)
             if (!strcmp(server.exports[i].name, server.exports[j].name))
-                die("export name '%s' used twice", server.exports[i].name);
+                usage_error("export name '%s' used twice",
+                            server.exports[i].name);
         if (strlen(server.exports[i].name) > 4096)
-            die("export name too long");
+            usage_error("export name too long");
     }
 
     /* Build every export (chain, merged bitmaps) before listening: a

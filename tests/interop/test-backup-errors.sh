@@ -47,9 +47,10 @@ MiB=$((1 << 20))
 want() { [[ -z ${CASES:-} || $1 =~ $CASES ]]; }
 uri() { printf 'nbd+unix:///?socket=%s' "$1"; }
 
-# Mounts made by a case, unmounted on exit before the temp dir goes.
+# Mounts made by a case, unmounted on exit before the temp dir goes
+# (set +e: "(exit $_rc)" hands the exit status on to _qcbt_cleanup).
 MOUNTS=()
-trap '_rc=$?; for _m in "${MOUNTS[@]}"; do umount "$_m" 2>/dev/null; done; (exit $_rc); _qcbt_cleanup' EXIT
+trap '_rc=$?; set +e; for _m in "${MOUNTS[@]}"; do umount "$_m" 2>/dev/null; done; (exit $_rc); _qcbt_cleanup' EXIT
 
 # ---- servers ------------------------------------------------------------
 

@@ -46,23 +46,25 @@ else
     remove_work=1
 fi
 cd "$work"
-rm -rf base.qcow2 overlay.qcow2 backups restored.raw nbd.sock
+rm -rf base.qcow2 overlay.qcow2 backups restored.raw nbd.sock server.pid
 server_pid=
 stop_server() {
     if [[ -n $server_pid ]]; then
         kill "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
+        # not our child (--fork): wait for it to go, at most a minute
+        for _ in $(seq 600); do
+            kill -0 "$server_pid" 2>/dev/null || break
+            sleep 0.1
+        done
         server_pid=
     fi
 }
 trap 'stop_server; if [[ -n $remove_work ]]; then rm -rf "$work"; fi' EXIT
 serve() { # IMAGE: export IMAGE's chain with checkpoint ckpt on ./nbd.sock
-    rm -f nbd.sock
-    "$QCBT_SERVER" -t -B ckpt -k "$work/nbd.sock" "$1" &
-    server_pid=$!
-    for _ in $(seq 100); do [[ -S nbd.sock ]] && return; sleep 0.05; done
-    echo "$0: qcbt-server did not start" >&2
-    exit 1
+    # --fork returns once the server accepts connections: no waiting.
+    "$QCBT_SERVER" --fork --pid-file "$work/server.pid" -t -B ckpt \
+        -k "$work/nbd.sock" "$1"
+    server_pid=$(cat "$work/server.pid")
 }
 uri="nbd+unix:///?socket=$work/nbd.sock"
 step() { printf '\n== %s\n' "$*"; }

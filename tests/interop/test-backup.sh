@@ -45,27 +45,24 @@ uri() { printf 'nbd+unix:///?socket=%s' "$1"; }
 # ---- servers (started in the background, stopped by PID) --------------
 
 SRV_PID=
-# start_srv LOG SOCK CMD...: start CMD, wait until SOCK accepts.
+# start_srv LOG SOCK CMD...: start CMD, wait until SOCK accepts
+# connections (the socket file alone exists before listen()).
 start_srv() {
-    local log=$1 sock=$2 i
+    local log=$1 sock=$2
     shift 2
     rm -f "$sock"
     { printf '%q ' "$@"; printf '&\n'; } >>"$CASE_DIR/recipe.txt"
     "$@" >"$CASE_DIR/$log.log" 2>&1 &
     SRV_PID=$!
     cleanup_pid "$SRV_PID"
-    for ((i = 0; i < 200; i++)); do
-        [[ -S $sock ]] && return 0
-        kill -0 "$SRV_PID" 2>/dev/null ||
-            fail "[$CASE] $1 exited at start: $(tail -n 5 "$CASE_DIR/$log.log")"
-        sleep 0.05
-    done
-    fail "[$CASE] $1 did not create $sock"
+    wait_nbd "$sock" "$SRV_PID" ||
+        fail "[$CASE] $1 did not start: $(tail -n 5 "$CASE_DIR/$log.log")"
 }
 
 stop_srv() {
     [[ -n $SRV_PID ]] || return 0
     kill -TERM "$SRV_PID" 2>/dev/null || true
+    wait_gone "$SRV_PID" || kill -KILL "$SRV_PID" 2>/dev/null || true
     wait "$SRV_PID" 2>/dev/null || true
     SRV_PID=
 }

@@ -55,9 +55,8 @@ recipe_note "$SERVER -t -B ckpt -k $sock top.qcow2 &"
 "$SERVER" -t -B ckpt -k "$sock" top.qcow2 >server.log 2>&1 &
 pid=$!
 cleanup_pid "$pid"
-for _ in $(seq 200); do [[ -S $sock ]] && break; sleep 0.05; done
-[[ -S $sock ]] || fail "qcbt-server did not start: $(cat server.log)"
 uri="nbd+unix:///?socket=$sock"
+wait_nbd "$uri" "$pid" || fail "qcbt-server did not start: $(cat server.log)"
 
 recipe_note "$EXAMPLES/read-dirty-bitmap.py $uri ckpt >example.txt"
 "$PYTHON" "$EXAMPLES/read-dirty-bitmap.py" "$uri" ckpt >example.txt 2>example.err ||

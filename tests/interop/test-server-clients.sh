@@ -200,35 +200,33 @@ h.shutdown()
 print(f"{calls} block status calls", file=sys.stderr)
 EOF
 
-# start_server NAME ARGS...: run qcbt-server in the background (SPID), wait
-# for its socket ($SOCKP) or port ($PORTP).
+# start_server LOG ARGS...: run qcbt-server in the background (SPID) and
+# wait until its unix socket $SOCKP accepts connections.  With TCP=1 it
+# serves a TCP port on 127.0.0.1 bound before it starts (socket activation:
+# no -k/-b/-p, no wait), and sets PORT.
 start_server() {
     local log=$1
     shift
-    [[ -z ${SOCKP:-} ]] || rm -f "$SOCKP"
+    if [[ -n ${TCP:-} ]]; then
+        serve_activated "$log" "$SERVER" "$@"
+        SPID=$ACT_PID
+        PORT=$ACT_PORT
+        return 0
+    fi
+    rm -f "$SOCKP"
     "$SERVER" "$@" 2>"$log" &
     SPID=$!
     cleanup_pid "$SPID"
-    for _ in $(seq 300); do
-        if [[ -n ${SOCKP:-} && -S $SOCKP ]]; then return 0; fi
-        if [[ -n ${PORTP:-} ]] && nbdinfo --size "nbd://127.0.0.1:$PORTP/${EXPNAME:-}" >/dev/null 2>&1; then
-            return 0
-        fi
-        kill -0 "$SPID" 2>/dev/null || fail "server exited at start ($*): $(cat "$log")"
-        sleep 0.1
-    done
-    fail "server did not start ($*): $(cat "$log")"
+    wait_nbd "nbd+unix:///?socket=$SOCKP" "$SPID" ||
+        fail "server did not start ($*): $(cat "$log")"
 }
 
-# stop_server: SIGTERM, expect exit status 0 within 10 s.
+# stop_server: SIGTERM, expect exit status 0 (the bound only catches a
+# server that ignores it).
 stop_server() {
     local st=0
     kill -TERM "$SPID" 2>/dev/null || true
-    for _ in $(seq 100); do
-        kill -0 "$SPID" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -0 "$SPID" 2>/dev/null && { bad "server ignores SIGTERM"; kill -KILL "$SPID"; }
+    wait_gone "$SPID" || { bad "server ignores SIGTERM"; kill -KILL "$SPID"; }
     wait "$SPID" || st=$?
     [[ $st -eq 0 ]] || bad "server exit status $st after SIGTERM"
 }
@@ -448,8 +446,7 @@ else
 fi
 stop_server
 
-PORT=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-SOCKP='' PORTP=$PORT start_server tcp.log -b 127.0.0.1 -p "$PORT" -t -A -B ck top.qcow2
+TCP=1 start_server tcp.log -t -A -B ck top.qcow2
 T=nbd://127.0.0.1:$PORT
 got=$(contexts "$T/" | sort)
 want=$'base:allocation\nqemu:allocation-depth\nqemu:dirty-bitmap:ck'
@@ -457,7 +454,29 @@ want=$'base:allocation\nqemu:allocation-depth\nqemu:dirty-bitmap:ck'
 check_bitmap "$T/" "" qemu:dirty-bitmap:ck $CHAIN_SIZE chain.ck.model tcp-ck
 check_data "$T/" chain.raw tcp
 stop_server
-PORTP=
+
+# Socket activation (used above): the inherited socket replaces -k, which
+# is neither created nor removed; LISTEN_PID naming another process is not
+# for us; an inherited descriptor that is not listening is an error.
+rm -f "$TMPD/unused.sock"
+TCP=1 start_server act.log -t -k "$TMPD/unused.sock" -B b0 single.qcow2
+[[ $(nbdinfo --size "nbd://127.0.0.1:$PORT/") -eq $SINGLE_SIZE ]] &&
+    ok "socket activation: served on the inherited socket" ||
+    bad "socket activation: nbdinfo --size on the inherited socket"
+stop_server
+[[ -e $TMPD/unused.sock ]] && bad "socket activation: -k $TMPD/unused.sock was created" ||
+    ok "socket activation: -k ignored ($(grep -m1 'socket activation' act.log))"
+SOCKP=$U LISTEN_PID=1 LISTEN_FDS=1 start_server notme.log -t -k "$U" -B b0 single.qcow2
+[[ $(nbdinfo --size "$(uri)") -eq $SINGLE_SIZE ]] &&
+    ok "socket activation: LISTEN_PID of another process is ignored" ||
+    bad "socket activation: LISTEN_PID=1 not ignored: $(cat notme.log)"
+stop_server
+st=0
+timeout 300 bash -c 'exec 3</dev/null; LISTEN_FDS=1 LISTEN_PID=$$ exec "$0" "$@"' \
+    "$SERVER" -t single.qcow2 >notlistening.out 2>&1 </dev/null || st=$?
+[[ $st -eq 1 ]] && grep -q "descriptor 3 is not a listening socket" notlistening.out &&
+    ok "socket activation: a descriptor that is not listening: $(cat notlistening.out)" ||
+    bad "socket activation: a descriptor that is not listening: exit $st: $(cat notlistening.out)"
 
 # --- 3. a bitmap-less overlay (tolerant), and --strict refusing it ----------
 SOCKP=$U start_server ovl.log -k "$U" -t -B ck ovl.qcow2
@@ -476,7 +495,7 @@ expect_refused() {
     while [[ $1 != -- ]]; do needles+=("$1"); shift; done
     shift
     rm -f "$U"
-    timeout 20 "$SERVER" -k "$U" "$@" >refused.out 2>refused.err </dev/null || st=$?
+    timeout 300 "$SERVER" -k "$U" "$@" >refused.out 2>refused.err </dev/null || st=$?
     if [[ $st -ne 1 ]]; then
         bad "$tag: exit status $st (expected 1): $(cat refused.err)"
         return
@@ -559,7 +578,7 @@ stop_server
 # --- 6. --fork --pid-file; without -t the server exits after its last client ---
 rm -f "$U" pidfile
 st=0
-timeout 30 "$SERVER" --fork --pid-file "$TMPD/pidfile" -k "$U" -B b0 single.qcow2 \
+timeout 300 "$SERVER" --fork --pid-file "$TMPD/pidfile" -k "$U" -B b0 single.qcow2 \
     2>fork.log || st=$?
 if [[ $st -ne 0 ]]; then
     bad "--fork: exit status $st: $(cat fork.log)"
@@ -574,8 +593,7 @@ else
             bad "--fork: server gone before any client"
         [[ $(nbdinfo --size "$(uri)") -eq $SINGLE_SIZE ]] || bad "--fork: nbdinfo --size"
         # ... and exits after the last one (no -t).
-        for _ in $(seq 50); do kill -0 "$FPID" 2>/dev/null || break; sleep 0.1; done
-        if kill -0 "$FPID" 2>/dev/null; then
+        if ! wait_gone "$FPID"; then
             bad "--fork without -t: still running after its only client left"
         else
             ok "--fork without -t: exited after the last client"
@@ -611,8 +629,9 @@ h = nbd.NBD()
 h.connect_uri(sys.argv[1])
 open(sys.argv[2], "w").write("connected\n")
 # Hold the connection until told to go, then disconnect; or notice the
-# server going away.
-for _ in range(600):
+# server going away.  The bound only catches a test that never says "go".
+end = time.monotonic() + 600
+while time.monotonic() < end:
     if open(sys.argv[2]).read().strip() == "go":
         h.shutdown()
         sys.exit(0)
@@ -627,7 +646,7 @@ EOF
 "$PYTHON" hold.py "$(uri)" hold.state 2>hold.err &
 HPID=$!
 cleanup_pid "$HPID"
-for _ in $(seq 100); do [[ -s hold.state ]] && break; sleep 0.1; done
+wait_until -p "$HPID" -- test -s hold.state || bad "last client: the first client did not connect: $(cat hold.err)"
 nbdinfo --size "$(uri)" >/dev/null || bad "last client: second client failed"
 sleep 0.5
 kill -0 "$SPID" 2>/dev/null && ok "no -t: still serving while a client remains" ||
@@ -635,9 +654,8 @@ kill -0 "$SPID" 2>/dev/null && ok "no -t: still serving while a client remains" 
 echo go >hold.state
 wait "$HPID" || bad "hold.py exit status $? ($(cat hold.err))"
 st=0
-for _ in $(seq 50); do kill -0 "$SPID" 2>/dev/null || break; sleep 0.1; done
-if kill -0 "$SPID" 2>/dev/null; then
-    bad "no -t: still running 5 s after the last client left"
+if ! wait_gone "$SPID"; then
+    bad "no -t: still running $QCBT_WAIT s after the last client left"
     stop_server
 else
     wait "$SPID" || st=$?
@@ -651,13 +669,11 @@ rm -f hold.state
 "$PYTHON" hold.py "$(uri)" hold.state 2>hold.err &
 HPID=$!
 cleanup_pid "$HPID"
-for _ in $(seq 100); do [[ -s hold.state ]] && break; sleep 0.1; done
-[[ -s hold.state ]] || bad "SIGTERM: the client did not connect"
+wait_until -p "$HPID" -- test -s hold.state || bad "SIGTERM: the client did not connect: $(cat hold.err)"
 kill -TERM "$SPID"
 st=0
-for _ in $(seq 100); do kill -0 "$SPID" 2>/dev/null || break; sleep 0.1; done
-if kill -0 "$SPID" 2>/dev/null; then
-    bad "SIGTERM with a client connected: still running after 10 s"
+if ! wait_gone "$SPID"; then
+    bad "SIGTERM with a client connected: still running after $QCBT_WAIT s"
     kill -KILL "$SPID"
 fi
 wait "$SPID" || st=$?

@@ -123,7 +123,9 @@ for b in range((size + gran - 1) // gran):
 json.dump(out, sys.stdout)
 EOF2
 
-# serve NAME CMD...: start a server on $TMPD/NAME.sock; sets SPIDS[NAME].
+# serve NAME CMD...: start a server on $TMPD/NAME.sock, wait until it
+# accepts connections; sets SPIDS[NAME].  qemu-nbd is the oracle: if it
+# does not start, the test is broken ("oracle broke"), not qcbt.
 declare -A SPIDS
 serve() {
     local name=$1 sock=$TMPD/$1.sock
@@ -132,11 +134,8 @@ serve() {
     "$@" -k "$sock" 2>"$name.log" &
     SPIDS[$name]=$!
     cleanup_pid "${SPIDS[$name]}"
-    for _ in $(seq 300); do
-        [[ -S $sock ]] && nbdinfo --size "nbd+unix:///?socket=$sock" >/dev/null 2>&1 && return 0
-        kill -0 "${SPIDS[$name]}" 2>/dev/null || { bad "$name: server exited at start: $(cat "$name.log")"; return 1; }
-        sleep 0.1
-    done
+    wait_nbd "nbd+unix:///?socket=$sock" "${SPIDS[$name]}" 2>>"$name.log" && return 0
+    [[ $1 != qemu-nbd ]] || fail "oracle broke: $name: qemu-nbd did not start: $(cat "$name.log")"
     bad "$name: server did not start: $(cat "$name.log")"
     return 1
 }
@@ -145,6 +144,7 @@ unserve() {
     for name in "$@"; do
         [[ -n ${SPIDS[$name]:-} ]] || continue
         kill -TERM "${SPIDS[$name]}" 2>/dev/null || true
+        wait_gone "${SPIDS[$name]}" || kill -KILL "${SPIDS[$name]}" 2>/dev/null || true
         wait "${SPIDS[$name]}" 2>/dev/null || true
         unset "SPIDS[$name]"
     done

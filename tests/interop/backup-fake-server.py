@@ -1,11 +1,15 @@
 #!/usr/bin/python3
 """A small, deliberately misbehaving NBD server for the backup agent's tests.
 
-    backup-fake-server.py --socket SOCK --image RAW [--dirty FILE]
+    backup-fake-server.py [--socket SOCK] --image RAW [--dirty FILE]
                           [--bitmap NAME] [--bad MODE] [--bad-at OFFSET]
-                          [--delay SECONDS] [--pid-file FILE]
+                          [--delay SECONDS] [--stall-after BYTES
+                          --stall-file FILE] [--pid-file FILE]
 
-Serves RAW (read-only) over a unix socket, speaking just enough of the NBD
+Serves RAW (read-only) over a unix socket -- SOCK, or the listening socket
+it is handed by socket activation (LISTEN_FDS=1, LISTEN_PID: see
+socket-activate.py; then it is connectable before this starts) -- speaking
+just enough of the NBD
 protocol for libnbd (fixed newstyle; OPT_STRUCTURED_REPLY,
 OPT_SET_META_CONTEXT, OPT_GO/INFO; READ, BLOCK_STATUS, FLUSH, DISC) with
 two meta contexts: base:allocation (64 KiB blocks that read as zero are
@@ -42,7 +46,13 @@ which is why this exists.
   wrong-size            after the first connection, the export is 1 MiB
                         larger (a size change between connections)
 
---delay S sleeps S seconds before every read reply (for kill -9 tests).
+--delay S sleeps S seconds before every read reply.
+
+--stall-after BYTES: once BYTES of read data have been served (over all
+connections), every further read hangs for good, and FILE is created: the
+signal that a client is now stuck in the middle of its reads (kill -9
+tests: a kill after that signal lands mid-backup, however loaded the
+machine is).
 Each connection is served by its own thread; multi-conn is not advertised.
 """
 import argparse
@@ -194,6 +204,8 @@ class Conn:
     def read(self, cookie, off, ln):
         if self.a.delay:
             time.sleep(self.a.delay)
+        if self.a.stall_after is not None:
+            self.a.stall_gate(ln)
         bad = self.bad_here(off, ln) and self.a.bad
         if bad == "read-eio":
             return self.error(cookie, EIO, "injected read error")
@@ -297,13 +309,15 @@ class Conn:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("--socket", required=True)
+    ap.add_argument("--socket")
     ap.add_argument("--image", required=True)
     ap.add_argument("--dirty")
     ap.add_argument("--bitmap", default="X")
     ap.add_argument("--bad", default="")
     ap.add_argument("--bad-at", type=int, default=0)
     ap.add_argument("--delay", type=float, default=0.0)
+    ap.add_argument("--stall-after", type=int)
+    ap.add_argument("--stall-file")
     ap.add_argument("--pid-file")
     a = ap.parse_args()
     a.dirty_runs = []
@@ -312,11 +326,33 @@ def main():
             a.dirty_runs = sorted(tuple(int(x, 0) for x in line.split())
                                   for line in f if line.strip())
 
-    if os.path.exists(a.socket):
-        os.unlink(a.socket)
-    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    ls.bind(a.socket)
-    ls.listen(16)
+    if (a.stall_after is None) != (a.stall_file is None):
+        ap.error("--stall-after and --stall-file go together")
+    served, lock = [0], threading.Lock()
+
+    def stall_gate(ln):
+        with lock:
+            if served[0] < a.stall_after:
+                served[0] += ln
+                return
+            if not os.path.exists(a.stall_file):
+                with open(a.stall_file + ".tmp", "w") as f:
+                    f.write(f"{served[0]}\n")
+                os.rename(a.stall_file + ".tmp", a.stall_file)
+        threading.Event().wait()        # for good
+    a.stall_gate = stall_gate
+
+    if (os.environ.get("LISTEN_PID") == str(os.getpid()) and
+            os.environ.get("LISTEN_FDS") == "1"):
+        ls = socket.socket(fileno=3)        # socket activation
+    elif a.socket:
+        if os.path.exists(a.socket):
+            os.unlink(a.socket)
+        ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ls.bind(a.socket)
+        ls.listen(16)
+    else:
+        ap.error("--socket is required without socket activation")
     if a.pid_file:
         with open(a.pid_file, "w") as f:
             f.write(f"{os.getpid()}\n")

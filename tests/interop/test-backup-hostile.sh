@@ -40,23 +40,17 @@ want() { [[ -z ${CASES:-} || $1 =~ $CASES ]]; }
 uri() { printf 'nbd+unix:///?socket=%s' "$1"; }
 
 FAKE_PID=
-# fake SOCK IMAGE DIRTY-FILE [ARGS...]: start the fake server on SOCK.
+# fake SOCK IMAGE DIRTY-FILE [ARGS...]: start the fake server on SOCK.  SOCK
+# listens before the server starts (socket activation), so clients can
+# connect at once: no waiting for the server.
 fake() {
-    local sock=$1 img=$2 dirty=$3 i
+    local sock=$1 img=$2 dirty=$3
     shift 3
-    rm -f "$sock"
     { printf '%q ' "$PYTHON" "$FAKE" --socket "$sock" --image "$img" --dirty "$dirty" "$@"; printf '&\n'; } \
         >>"$CASE_DIR/recipe.txt"
-    "$PYTHON" "$FAKE" --socket "$sock" --image "$img" --dirty "$dirty" "$@" \
-        >>"$CASE_DIR/fake.log" 2>&1 &
-    FAKE_PID=$!
-    cleanup_pid "$FAKE_PID"
-    for ((i = 0; i < 200; i++)); do
-        [[ -S $sock ]] && return 0
-        kill -0 "$FAKE_PID" 2>/dev/null || fail "[$CASE] the fake server exited: $(tail -n 5 "$CASE_DIR/fake.log")"
-        sleep 0.05
-    done
-    fail "[$CASE] the fake server did not create $sock"
+    serve_activated --unix "$sock" "$CASE_DIR/fake.log" \
+        "$PYTHON" "$FAKE" --image "$img" --dirty "$dirty" "$@"
+    FAKE_PID=$ACT_PID
 }
 
 unfake() {
@@ -138,7 +132,7 @@ hostile() {
     cp -a "$SETUP/D" E
     fake "$CASE_DIR/bad.sock" "$SETUP/r2.raw" "$SETUP/r2.dirty" --bad "$mode" "$@"
     recipe_note "qcbt backup --since X $(uri "$CASE_DIR/bad.sock") E  # must fail: exit 1, one line"
-    timeout 60 "$QCBT" backup --since X --no-progress "$(uri "$CASE_DIR/bad.sock")" E \
+    timeout 300 "$QCBT" backup --since X --no-progress "$(uri "$CASE_DIR/bad.sock")" E \
         >out 2>err </dev/null || rc=$?
     unfake
     if [[ $rc -ne 1 ]]; then
@@ -216,21 +210,20 @@ want short-coverage && legal short-coverage incremental ""
 # backup, never "nothing changed".
 want no-bitmap-context && LEGAL_ARGS=--auto legal no-bitmap-context full "did not grant"
 
-# kill -9 in the middle of an incremental (every read takes 0.4 s).
+# kill -9 in the middle of an incremental: the server serves the first
+# 2 MiB of reads (of 7.6 MiB), then holds every read back and says so; the
+# kill comes after that signal, so it lands mid-backup however slow the
+# machine is.
 if want killed; then
     begin_case killed
     CASE_RC=0
     cp -a "$SETUP/D" E
-    fake "$CASE_DIR/slow.sock" "$SETUP/r2.raw" "$SETUP/r2.dirty" --delay 0.4
-    recipe_note "qcbt backup --since X $(uri "$CASE_DIR/slow.sock") E &  # kill -9 once the partial file exists"
+    fake "$CASE_DIR/slow.sock" "$SETUP/r2.raw" "$SETUP/r2.dirty" \
+        --stall-after $((2 * MiB)) --stall-file "$CASE_DIR/stalled"
+    recipe_note "qcbt backup --since X $(uri "$CASE_DIR/slow.sock") E &  # kill -9 once the server stalls"
     "$QCBT" backup --since X --no-progress "$(uri "$CASE_DIR/slow.sock")" E >killed.out 2>&1 &
     bp=$!
-    for ((i = 0; i < 200; i++)); do
-        [[ -e E/.backup-0002.qcow2.part ]] && break
-        sleep 0.05
-    done
-    sleep 0.6
-    if kill -0 "$bp" 2>/dev/null; then
+    if wait_until -p "$bp" -- test -e "$CASE_DIR/stalled"; then
         kill -KILL "$bp"
         wait "$bp" 2>/dev/null || true
         dir_unchanged_but_part() {
@@ -241,7 +234,7 @@ if want killed; then
         dir_unchanged_but_part
     else
         wait "$bp" || true
-        bad "the backup finished before it could be killed: $(cat killed.out)"
+        bad "the backup ended before the server stalled: $(cat killed.out)"
     fi
     unfake
     # The next run (same server, now fast) is incremental and exact, and

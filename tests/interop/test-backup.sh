@@ -67,6 +67,39 @@ stop_srv() {
     SRV_PID=
 }
 
+# read_bytes_at_least LOG N: nbdkit's log filter (LOG) shows reads of N
+# bytes or more completed.
+read_bytes_at_least() {
+    "$PYTHON" - "$@" <<'PYEOF'
+import re, sys
+count, done = {}, 0
+for line in open(sys.argv[1], errors="replace"):
+    m = re.search(r"(connection=\d+) (\.\.\.)?Read id=(\d+)", line)
+    if not m:
+        continue
+    key = (m.group(1), m.group(3))
+    if not m.group(2):
+        c = re.search(r"count=(0x[0-9a-f]+|\d+)", line)
+        count[key] = int(c.group(1), 0) if c else 0
+    elif "return=0" in line:
+        done += count.pop(key, 0)
+sys.exit(0 if done >= int(sys.argv[2]) else 1)
+PYEOF
+}
+
+# nbdkit_pause SOCK p|r: pause (after the requests in flight) or resume
+# nbdkit's pause filter, waiting for its acknowledgement.
+nbdkit_pause() {
+    "$PYTHON" - "$@" <<'PYEOF'
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(300)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode())
+sys.exit(0 if s.recv(1) == sys.argv[2].upper().encode() else 1)
+PYEOF
+}
+
 # ---- checks (record a failure, go on) ---------------------------------
 
 CASE_RC=0
@@ -508,21 +541,20 @@ if want interrupted; then
     backup b1.json --since X "$(uri "$sock")" D || true
     cp D/manifest.json manifest.before
     ls D >ls.before
-    # nbdkit's delay filter in front of qcbt-server: every read takes 2 s.
-    # (nbdkit does not pass qemu:dirty-bitmap contexts on, so --auto falls
-    # back to a full backup: 48 MiB in 2 MiB reads, many seconds.)
+    # nbdkit in front of qcbt-server (it does not pass qemu:dirty-bitmap
+    # contexts on, so --auto falls back to a full backup: 48 MiB): the rate
+    # filter lets the data through at 4 MB/s; once its log shows the client
+    # has 8 MiB, the pause filter holds every further read, so the backup
+    # is stuck mid-way when it is killed, however loaded the machine is.
     sp=$SRV_PID
-    start_srv nbdkit-delay "$slow" nbdkit -f -U "$slow" --filter=delay nbd socket="$sock" rdelay=2
+    start_srv nbdkit-slow "$slow" nbdkit -f -U "$slow" --filter=log --filter=rate --filter=pause \
+        nbd socket="$sock" rate=32M logfile="$CASE_DIR/requests.log" pause-control="$CASE_DIR/pause.sock"
     np=$SRV_PID
-    recipe_note "qcbt backup --auto $(uri "$slow") D &  # then kill -9 once D/.backup-0002.qcow2.part exists"
+    recipe_note "qcbt backup --auto $(uri "$slow") D &  # then pause nbdkit after 8 MiB of reads and kill -9"
     "$QCBT" backup --auto --no-progress "$(uri "$slow")" D >killed.out 2>&1 &
     bp=$!
-    for ((i = 0; i < 200; i++)); do
-        [[ -e D/.backup-0002.qcow2.part ]] && break
-        sleep 0.05
-    done
-    sleep 1
-    if kill -0 "$bp" 2>/dev/null; then
+    if wait_until -p "$bp" -- read_bytes_at_least "$CASE_DIR/requests.log" $((8 << 20)) &&
+        nbdkit_pause "$CASE_DIR/pause.sock" p && kill -0 "$bp" 2>/dev/null; then
         kill -KILL "$bp"
         wait "$bp" 2>/dev/null || true
         ck "manifest unchanged after kill -9" cmp manifest.before D/manifest.json
@@ -535,9 +567,10 @@ if want interrupted; then
                 qemu-img compare -q -f raw -F raw r.raw ref1.raw
     else
         wait "$bp" || true
-        note "[$CASE] FAIL: the backup finished before it could be killed: $(cat killed.out)"
+        note "[$CASE] FAIL: the backup ended before it was stuck mid-way: $(cat killed.out)"
         CASE_RC=1
     fi
+    nbdkit_pause "$CASE_DIR/pause.sock" r || true
     SRV_PID=$np
     stop_srv
     SRV_PID=$sp

@@ -25,6 +25,7 @@ check that every socket is closed and the process gone within the bound
 """
 
 import argparse
+import itertools
 import os
 import re
 import select
@@ -70,6 +71,12 @@ EPERM, EIO, EINVAL, ENOSPC, ESHUTDOWN = 1, 5, 22, 28, 108
 MAX_EXTENTS = 131072  # qemu's per-chunk cap, which qcbt documents
 MiB = 1 << 20
 
+# The bound on anything that must happen (a reply, a close, a slot coming
+# back): generous, so that only a hang exceeds it, even with an ASan server
+# on a loaded machine.  Checks that something happens *early enough* (the
+# handshake deadline) allow this much slack; the early side stays exact.
+WAIT = 120
+
 
 class Fail(Exception):
     pass
@@ -89,7 +96,7 @@ def check(cond, msg):
 
 
 class Conn:
-    def __init__(self, addr, timeout=10.0, rcvbuf=None):
+    def __init__(self, addr, timeout=WAIT, rcvbuf=None):
         if isinstance(addr, tuple):
             self.s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -455,7 +462,7 @@ def probe(args, tag=""):
         c.req(CMD_BLOCK_STATUS, 0, 0x99, 0, c.size)
         check_bs(c.result(0x99), set(c.ids.values()), 0, c.size, c.size)
         c.req(CMD_DISC)
-        check(c.wait_closed(5), "server did not close after DISC")
+        check(c.wait_closed(WAIT), "server did not close after DISC")
     finally:
         c.close()
 
@@ -487,7 +494,7 @@ def b01_idle_dropped(args):
         c.greet(cflags=None)
         # While it idles, others are served.
         probe(args, "while a client idles")
-        expect_closed(c, args.hs_timeout + 3, "idle client")
+        expect_closed(c, args.hs_timeout + WAIT, "idle client")
         dt = time.monotonic() - t0
         check(dt >= args.hs_timeout - 0.5,
               f"idle client dropped after {dt:.1f}s, before the deadline")
@@ -503,7 +510,9 @@ def b01_slowloris(args):
         c.greet(cflags=None)
         msg = struct.pack(">I", 3) + struct.pack(">QII", OPTS_MAGIC, OPT_LIST, 0)
         closed = False
-        for b in msg * 10:
+        # One byte every 0.4 s never resets the deadline: the server drops
+        # the client (after HS_TIMEOUT; the bound leaves room for load).
+        for b in itertools.cycle(msg):
             try:
                 c.send(bytes([b]))
             except (BrokenPipeError, ConnectionResetError):
@@ -512,13 +521,11 @@ def b01_slowloris(args):
             if c.wait_closed(0.4):
                 closed = True
                 break
-            if time.monotonic() - t0 > args.hs_timeout + 3:
+            if time.monotonic() - t0 > args.hs_timeout + WAIT:
                 break
         dt = time.monotonic() - t0
-        check(closed or c.wait_closed(1),
-              f"trickling client still connected after {dt:.1f}s")
-        check(dt <= args.hs_timeout + 2.5, f"trickling client dropped only "
-              f"after {dt:.1f}s (deadline {args.hs_timeout}s)")
+        check(closed, f"trickling client still connected after {dt:.1f}s "
+              f"(deadline {args.hs_timeout}s)")
     finally:
         c.close()
 
@@ -531,9 +538,24 @@ def b01_options_then_idle(args):
         c.sr()
         _, t, _ = c.opt(OPT_LIST)
         check(t == REP_ACK, "LIST failed")
-        expect_closed(c, args.hs_timeout + 3, "client idle after options")
+        expect_closed(c, args.hs_timeout + WAIT, "client idle after options")
     finally:
         c.close()
+
+
+def settle(args, before):
+    """Wait until the server has torn down every connection of a case (it
+    holds no socket it did not hold BEFORE), so that the probe finds a free
+    slot however slowly the server runs."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        extra = server_sockets(args.pid) - before
+        if not extra:
+            return
+        check(time.monotonic() < deadline,
+              f"the server still holds {len(extra)} connection(s) of the "
+              f"case {WAIT}s after it ended")
+        time.sleep(0.05)
 
 
 def server_sockets(pid):
@@ -572,11 +594,11 @@ def b01_not_reading_handshake(args):
             except (socket.timeout, BlockingIOError, BrokenPipeError,
                     ConnectionResetError):
                 break
-        c.s.settimeout(10)
+        c.s.settimeout(WAIT)
         check(ours & server_sockets(args.pid),
               "the server closed the connection before the deadline")
         while ours & server_sockets(args.pid):
-            check(time.monotonic() - t0 < args.hs_timeout + 4,
+            check(time.monotonic() - t0 < args.hs_timeout + WAIT,
                   "client not reading option replies still connected after "
                   f"{time.monotonic() - t0:.1f}s (handshake deadline "
                   f"{args.hs_timeout}s)")
@@ -599,8 +621,12 @@ def b02_connection_flood(args):
             except OSError:
                 break
         greeted, refused = 0, 0
+        # Each is greeted or closed; the bound only catches a server that
+        # does neither.
+        deadline = time.monotonic() + WAIT
         for f in flood:
-            r, _, _ = select.select([f.s], [], [], 2.0)
+            r, _, _ = select.select([f.s], [], [],
+                                    max(0.0, deadline - time.monotonic()))
             try:
                 b = f.s.recv(18) if r else None
             except OSError:
@@ -614,7 +640,7 @@ def b02_connection_flood(args):
               "one client connected")
         check(greeted + refused == len(flood),
               f"{len(flood) - greeted - refused} excess sockets neither "
-              "greeted nor closed within 2s")
+              f"greeted nor closed within {WAIT}s")
         # The established client keeps being served.
         r = good.read(0, 4096)
         check(r["err"] == 0 and r["data"] == ref_read(args.ref, 0, 4096),
@@ -623,7 +649,7 @@ def b02_connection_flood(args):
             f.close()
         flood = []
         # Slots come back.
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + WAIT
         while True:
             try:
                 probe(args, "after the flood")
@@ -675,7 +701,7 @@ def b02_fd_exhaustion(args):
     finally:
         for c in socks:
             c.close()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT
     while True:
         try:
             probe(args, "after descriptor exhaustion")
@@ -699,7 +725,7 @@ def b03_unknown_client_flags(args):
                 c.send_opt(OPT_LIST)
             except (BrokenPipeError, ConnectionResetError):
                 continue
-            check(c.wait_closed(3), f"client flags 0x{fl:x} accepted")
+            check(c.wait_closed(WAIT), f"client flags 0x{fl:x} accepted")
         finally:
             c.close()
 
@@ -764,7 +790,7 @@ def b04_option_too_long(args):
                 c.send(b"x" * 1000)
             except (BrokenPipeError, ConnectionResetError):
                 continue
-            check(c.wait_closed(3),
+            check(c.wait_closed(WAIT),
                   f"option length {length:#x}: connection not closed")
         finally:
             c.close()
@@ -804,7 +830,7 @@ def b04_bad_option_magic(args):
     try:
         c.greet()
         c.send(struct.pack(">QII", 0x1122334455667788, OPT_LIST, 0))
-        expect_closed(c, 3, "bad option magic")
+        expect_closed(c, WAIT, "bad option magic")
     finally:
         c.close()
 
@@ -835,7 +861,7 @@ def b05_endless_options(args):
             check(answered < 100000, f"option {opt}: no option budget "
                   f"({answered} answered)")
             check(answered >= 32, f"option {opt}: only {answered} answered")
-            check(dt < 20, f"option {opt}: {dt:.1f}s to hit the budget")
+            check(dt < WAIT, f"option {opt}: {dt:.1f}s to hit the budget")
         finally:
             c.close()
 
@@ -879,7 +905,7 @@ def b06_long_names(args):
         try:
             c.greet()
             c.send_opt(OPT_EXPORT_NAME, name)
-            expect_closed(c, 3, f"EXPORT_NAME of an unknown {len(name)}-byte "
+            expect_closed(c, WAIT, f"EXPORT_NAME of an unknown {len(name)}-byte "
                           "name")
         finally:
             c.close()
@@ -1022,7 +1048,8 @@ def b10_set_meta_bad_counts(args):
         check(t == REP_ACK and not ids, f"100k tiny queries: 0x{t:x} {ids}")
         ctx, t, _ = c.meta(OPT_LIST_META, b"", [b"q:"] * 100000)
         check(t == REP_ACK and not ctx, f"100k LIST queries: 0x{t:x}")
-        check(time.monotonic() - t0 < 10, "100k queries took > 10s")
+        # Quadratic parsing would take hours; ASan and load, seconds.
+        check(time.monotonic() - t0 < WAIT, f"100k queries took > {WAIT}s")
         # The same bitmap 40k times: selected once, one id.
         q = b"qemu:dirty-bitmap:b0"
         ids, ctx, t = c.set_meta(b"", [q] * 40000 + [b"base:allocation"] * 100)
@@ -1205,7 +1232,7 @@ def b18_bad_request_magic(args):
         try:
             c.send(struct.pack(">IHHQQI", magic, 0, CMD_READ, 1, 0, 512))
             # An error reply before closing is allowed (qemu sends one).
-            end = time.monotonic() + 3
+            end = time.monotonic() + WAIT
             closed = False
             while time.monotonic() < end:
                 try:
@@ -1314,7 +1341,7 @@ def b21_oversized_requests(args):
         try:
             c.req(CMD_WRITE, 0, 720, 0, ln, b"\x11" * 1024)
             closed = False
-            end = time.monotonic() + 3
+            end = time.monotonic() + WAIT
             while time.monotonic() < end:
                 try:
                     r = c.reply()
@@ -1491,7 +1518,7 @@ def b25_pipeline_flood(args):
         # Others are not starved.
         t1 = time.monotonic()
         probe(args, "while a client floods without reading")
-        check(time.monotonic() - t1 < 5, "probe starved by the flood")
+        check(time.monotonic() - t1 < 30, "probe starved by the flood")
         check(mid - before < 256 * 1024,
               f"RSS grew {mid - before} KiB during the flood")
     finally:
@@ -1524,7 +1551,7 @@ def b26_half_close(args):
         c.send(struct.pack(">IHHQQI", REQ_MAGIC, 0, CMD_WRITE, 1, 0, MiB) +
                b"\0" * 100000)
         c.s.shutdown(socket.SHUT_WR)
-        expect_closed(c, 5, "half-close mid write payload")
+        expect_closed(c, WAIT, "half-close mid write payload")
     finally:
         c.close()
     # Mid request header.
@@ -1532,7 +1559,7 @@ def b26_half_close(args):
     try:
         c.send(struct.pack(">IHHQQI", REQ_MAGIC, 0, CMD_READ, 1, 0, 512)[:13])
         c.s.shutdown(socket.SHUT_WR)
-        expect_closed(c, 5, "half-close mid request header")
+        expect_closed(c, WAIT, "half-close mid request header")
     finally:
         c.close()
     # Half-close after complete requests: they are answered, then EOF.
@@ -1542,7 +1569,7 @@ def b26_half_close(args):
         c.s.shutdown(socket.SHUT_WR)
         r = c.read_pending = c.result(2)
         check(r["err"] == 0, "READ before half-close not answered")
-        expect_closed(c, 5, "half-close after a request")
+        expect_closed(c, WAIT, "half-close after a request")
     finally:
         c.close()
     # Mid option payload.
@@ -1551,7 +1578,7 @@ def b26_half_close(args):
         c.greet()
         c.send(struct.pack(">QII", OPTS_MAGIC, OPT_GO, 1000) + b"\0" * 10)
         c.s.shutdown(socket.SHUT_WR)
-        expect_closed(c, 5, "half-close mid option")
+        expect_closed(c, WAIT, "half-close mid option")
     finally:
         c.close()
     # RST while the server writes a large read reply.
@@ -1783,7 +1810,7 @@ def x_parallel_stress(args):
     for t in ts:
         t.start()
     for t in ts:
-        t.join(60)
+        t.join(3 * WAIT)
     check(not any(t.is_alive() for t in ts), "stress workers hung")
     check(not errors, "; ".join(errors[:3]))
 
@@ -1846,7 +1873,9 @@ def sigterm(args):
     gone = time.monotonic() - t0
     still = alive(args.pid)
     for what, c in conns:
-        if what.startswith("hung") and not c.wait_closed(1):
+        # With the server gone the kernel has closed its end: wait for
+        # the EOF behind the replies still queued.
+        if what.startswith("hung") and not c.wait_closed(1 if still else WAIT):
             bad.append(what)
         c.close()
     print(f"# sockets closed after {dt:.1f}s; server "
@@ -1908,9 +1937,9 @@ def main():
             continue
         t0 = time.monotonic()
         try:
+            before = server_sockets(args.pid)
             fn(args)
-            # Give the server a moment to tear the connections down.
-            time.sleep(0.1)
+            settle(args, before)
             probe(args, f"after {name}")
             rss = rss_kib(args.pid)
             check(rss - rss0 < args.rss_limit_mib * 1024,

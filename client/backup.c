@@ -408,9 +408,35 @@ peer_closed(int err, const char *msg)
            (msg && strstr(msg, "disconnected unexpectedly"));
 }
 
+static bool
+conn_dead(const struct engine *eng, size_t ci)
+{
+    return eng->h[ci] &&
+           (nbd_aio_is_dead(eng->h[ci]) || nbd_aio_is_closed(eng->h[ci]));
+}
+
+/* The server closed connection CI: remember it, and what the engine was
+ * doing (the reads it cut short, else WHAT).
+ */
+static void
+mark_lost(struct engine *eng, size_t ci, const char *what)
+{
+    if (eng->lost_conn >= 0)
+        return;
+    eng->lost_conn = (int)ci;
+    if (eng->cut_n[ci])
+        snprintf(eng->lost_what,
+                 sizeof eng->lost_what,
+                 "reading at offset %" PRIu64 " (%u read%s in flight)",
+                 eng->cut_off[ci],
+                 eng->cut_n[ci],
+                 eng->cut_n[ci] == 1 ? "" : "s");
+    else
+        snprintf(eng->lost_what, sizeof eng->lost_what, "%s", what);
+}
+
 /* A libnbd call on connection CI failed: record its error as "PREFIX:
- * libnbd's message", and note whether the server closed the connection
- * (and what the engine was doing: the failed read, else WHAT).
+ * libnbd's message", and note whether the server closed the connection.
  */
 static int
 nbd_fail(struct engine *eng, size_t ci, const char *prefix, const char *what)
@@ -418,19 +444,8 @@ nbd_fail(struct engine *eng, size_t ci, const char *prefix, const char *what)
     int err = nbd_get_errno();
     const char *msg = nbd_get_error();
 
-    if (eng->lost_conn < 0 && peer_closed(err, msg) &&
-        (nbd_aio_is_dead(eng->h[ci]) || nbd_aio_is_closed(eng->h[ci]))) {
-        eng->lost_conn = (int)ci;
-        if (eng->cut_n[ci])
-            snprintf(eng->lost_what,
-                     sizeof eng->lost_what,
-                     "reading at offset %" PRIu64 " (%u read%s in flight)",
-                     eng->cut_off[ci],
-                     eng->cut_n[ci],
-                     eng->cut_n[ci] == 1 ? "" : "s");
-        else
-            snprintf(eng->lost_what, sizeof eng->lost_what, "%s", what);
-    }
+    if (peer_closed(err, msg) && conn_dead(eng, ci))
+        mark_lost(eng, ci, what);
     return qcbt_error(err ? err : EIO,
                       "%s: %s",
                       prefix,
@@ -1047,8 +1062,17 @@ run_loop(struct engine *eng)
         size_t ci;
         int r;
 
-        if (eng->io_err)
+        if (eng->io_err) {
+            /* Reads cut short (ENOTCONN) with no libnbd call failing: the
+             * socket failed inside a call that queued a request (a send
+             * to a server that is gone), never a protocol error, which
+             * the call that meets it reports.
+             */
+            for (ci = 0; ci < eng->nconn && eng->io_err == ENOTCONN; ci++)
+                if (eng->cut_n[ci] && conn_dead(eng, ci))
+                    mark_lost(eng, ci, "reading");
             return qcbt_error(eng->io_err, "%s", eng->io_msg);
+        }
         if (stage_error(eng))
             return -1; /* stages_stop() reports it */
         /* Fill every ready connection's queue from the current window. */

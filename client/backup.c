@@ -13,10 +13,12 @@
  *
  * DIR changes in one step: the finished file is renamed from its
  * temporary name to backup-NNNN.qcow2, which nothing refers to until the
- * manifest that records it replaces the old one (the commit point).  What
- * a run that failed or died before that leaves (the temporary file, an
- * unrecorded backup-NNNN.qcow2 with the next number) is removed by the
- * failing run itself when it can, else by the next run, under the lock.
+ * manifest that records it (already written to its temporary name)
+ * replaces the old one (the commit point).  What a run that failed or
+ * died before that leaves (the temporary files, an unrecorded
+ * backup-NNNN.qcow2 with the next number beside the temporary manifest)
+ * is removed by the failing run itself when it can, else by the next run,
+ * under the lock.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -1340,11 +1342,28 @@ ends_with(const char *s, const char *suffix)
     return n >= k && strcmp(s + n - k, suffix) == 0;
 }
 
+/* rename(2) that never replaces an existing NEWPATH (EEXIST). */
+static int
+rename_noreplace(const char *oldpath, const char *newpath)
+{
+    if (renameat2(AT_FDCWD, oldpath, AT_FDCWD, newpath, RENAME_NOREPLACE) == 0)
+        return 0;
+    if (errno != EINVAL && errno != ENOSYS)
+        return -1;
+    /* A file system without RENAME_NOREPLACE: link fails on EEXIST. */
+    if (link(oldpath, newpath) < 0)
+        return -1;
+    unlink(oldpath);
+    return 0;
+}
+
 /* Remove what a backup that failed or died before its commit point left
  * in DIR (the caller holds the lock, so no run is writing them): partial
  * files ".backup-*.qcow2.part", the manifest's temporary file, and
  * backup-NNNN.qcow2 with the next number when the manifest does not
- * record it (renamed, then killed before the manifest was saved).
+ * record it and the temporary manifest is there too (renamed, then killed
+ * before the manifest was committed: see the commit in cmd_backup).
+ * Without the temporary manifest such a file is not ours to remove.
  */
 static void
 clean_leftovers(const char *dir, const struct manifest *m)
@@ -1352,18 +1371,22 @@ clean_leftovers(const char *dir, const struct manifest *m)
     char next[64], gone[256] = "";
     size_t used = 0;
     struct dirent *de;
+    struct stat st;
+    bool pending;
     DIR *d = opendir(dir);
 
     if (!d)
         return;
+    pending =
+        fstatat(dirfd(d), MANIFEST_TMP_NAME, &st, AT_SYMLINK_NOFOLLOW) == 0;
     snprintf(next, sizeof next, "backup-%04zu.qcow2", m->nr);
     while ((de = readdir(d))) {
         const char *n = de->d_name;
         int k;
 
         if (!((strncmp(n, ".backup-", 8) == 0 && ends_with(n, ".qcow2.part")) ||
-              strcmp(n, "." MANIFEST_NAME ".tmp") == 0 ||
-              (strcmp(n, next) == 0 && !manifest_has(m, n))))
+              strcmp(n, MANIFEST_TMP_NAME) == 0 ||
+              (pending && strcmp(n, next) == 0 && !manifest_has(m, n))))
             continue;
         if (unlinkat(dirfd(d), n, 0) < 0)
             continue;
@@ -1452,6 +1475,7 @@ cmd_backup(int argc, char **argv)
     bool want_full = false, json = false, digest = true;
     bool auto_given = false, fallback_full = false, strict;
     bool part_made = false, final_made = false, listed = false;
+    bool tmp_manifest_made = false;
     int progress = -1, conns = 0, opt, ret = QCBT_EXIT_ERROR, r;
     int fail_rc = QCBT_EXIT_ERROR;
     struct manifest m = {0};
@@ -1832,15 +1856,33 @@ cmd_backup(int argc, char **argv)
         goto fail;
     }
 
-    /* Commit: the finished file gets its name (nothing refers to it yet),
-     * then the manifest that records it replaces the old one.  Killed in
-     * between, the run leaves an unrecorded backup-NNNN.qcow2 that the
-     * next run removes (clean_leftovers).
+    /* Commit: the new manifest is written to its temporary name first,
+     * then the finished file gets its name (nothing refers to it yet, and
+     * an existing file of that name is never replaced), then the manifest
+     * replaces the old one.  Killed in between, the run leaves an
+     * unrecorded backup-NNNN.qcow2 beside the temporary manifest, which
+     * proves it is this kind of leftover: the next run removes both
+     * (clean_leftovers).  An unrecorded backup-NNNN.qcow2 without it
+     * (a lost manifest) is never removed.
      */
+    r = manifest_prepare(dir, &m);
+    if (r < 0) {
+        free(e.export_name);
+        goto fail;
+    }
+    tmp_manifest_made = true;
     if (manifest_test_fault("kill-before-rename"))
         raise(SIGKILL);
-    if (rename(tmppath, finalpath) < 0) {
-        qcbt_error(errno, "%s: %s", finalpath, strerror(errno));
+    if (rename_noreplace(tmppath, finalpath) < 0) {
+        if (errno == EEXIST)
+            qcbt_error(EEXIST,
+                       "%s exists but %s does not record it (a lost "
+                       "manifest?): move it away to back up into %s",
+                       finalpath,
+                       MANIFEST_NAME,
+                       dir);
+        else
+            qcbt_error(errno, "%s: %s", finalpath, strerror(errno));
         free(e.export_name);
         goto fail;
     }
@@ -1849,11 +1891,12 @@ cmd_backup(int argc, char **argv)
     fsync_dir(dir);
     if (manifest_test_fault("kill-before-commit"))
         raise(SIGKILL);
-    r = manifest_save(dir, &m);
+    r = manifest_commit(dir);
     if (r < 0) {
         free(e.export_name);
         goto fail;
     }
+    tmp_manifest_made = false;
     final_made = false;
 
     /* Fewer connections than asked for: say why, unless the backup was
@@ -1910,10 +1953,17 @@ fail:
     }
     if (part_made)
         unlink(tmppath);
-    if (final_made) {
+    if (final_made)
         unlink(finalpath);
-        fsync_dir(dir);
+    if (tmp_manifest_made) {
+        char *tm = path_join(dir, MANIFEST_TMP_NAME);
+
+        if (tm)
+            unlink(tm);
+        free(tm);
     }
+    if (final_made || tmp_manifest_made)
+        fsync_dir(dir);
     if (eng.progress && eng.last_progress)
         fputc('\n', stderr); /* end the progress line */
     report_error();

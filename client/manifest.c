@@ -305,15 +305,14 @@ manifest_test_fault(const char *point)
 }
 
 int
-manifest_save(const char *dir, const struct manifest *m)
+manifest_prepare(const char *dir, const struct manifest *m)
 {
-    char *path = path_join(dir, MANIFEST_NAME);
-    char *tmp = path_join(dir, "." MANIFEST_NAME ".tmp");
+    char *tmp = path_join(dir, MANIFEST_TMP_NAME);
     FILE *fp = NULL;
     size_t i;
-    int r = 0, dfd;
+    int r = 0;
 
-    if (!path || !tmp) {
+    if (!tmp) {
         r = qcbt_error(ENOMEM, "out of memory");
         goto out;
     }
@@ -367,8 +366,29 @@ manifest_save(const char *dir, const struct manifest *m)
         goto out;
     }
     fp = NULL;
+out:
+    if (fp)
+        fclose(fp);
+    if (r < 0 && tmp)
+        unlink(tmp);
+    free(tmp);
+    return r;
+}
+
+int
+manifest_commit(const char *dir)
+{
+    char *path = path_join(dir, MANIFEST_NAME);
+    char *tmp = path_join(dir, MANIFEST_TMP_NAME);
+    int r = 0, dfd;
+
+    if (!path || !tmp) {
+        r = qcbt_error(ENOMEM, "out of memory");
+        goto out;
+    }
     if (rename(tmp, path) < 0) {
         r = qcbt_error(errno, "%s: %s", path, strerror(errno));
+        unlink(tmp);
         goto out;
     }
     /* The rename is the commit point; make it durable. */
@@ -378,10 +398,6 @@ manifest_save(const char *dir, const struct manifest *m)
         close(dfd);
     }
 out:
-    if (fp)
-        fclose(fp);
-    if (r < 0 && tmp)
-        unlink(tmp);
     free(path);
     free(tmp);
     return r;

@@ -43,16 +43,22 @@ struct manifest {
  */
 int manifest_load(const char *dir, struct manifest *m);
 
-/* Write DIR/manifest.json atomically: DIR/.manifest.json.tmp is written,
- * fsync'ed and renamed over it, then DIR is fsync'ed.  That rename is the
- * commit point of a backup.  On failure the temporary file is removed and
- * the old manifest is untouched.
+/* The manifest's temporary file, written before a backup's commit point. */
+#define MANIFEST_TMP_NAME "." MANIFEST_NAME ".tmp"
+
+/* Write M to DIR/.manifest.json.tmp and fsync it.  On failure the
+ * temporary file is removed.  The old manifest is untouched either way.
  */
-int manifest_save(const char *dir, const struct manifest *m);
+int manifest_prepare(const char *dir, const struct manifest *m);
+
+/* Rename DIR/.manifest.json.tmp over DIR/manifest.json and fsync DIR:
+ * the commit point of a backup.
+ */
+int manifest_commit(const char *dir);
 
 /* Test-only fault injection, for tests/interop/test-backup-errors.sh:
  * true when the environment variable QCBT_TEST_FAIL_AT equals POINT.
- * The points (see docs/semantics.md): "manifest-enospc" (manifest_save
+ * The points (see docs/semantics.md): "manifest-enospc" (manifest_prepare
  * fails as on a file system without free inodes), "kill-before-rename"
  * and "kill-before-commit" (backup raises SIGKILL just before renaming
  * the finished file, and just before saving the manifest).

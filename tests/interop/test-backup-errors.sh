@@ -13,6 +13,9 @@
 #     commit point: the manifest is unchanged and verify passes; the next
 #     run, even one that fails (server gone), removes what was left, and
 #     the run after that is a correct incremental;
+#   - lost-manifest: DIR holds backup-0000.qcow2 but no manifest.json (and
+#     no temporary manifest): the run fails in one line naming the file
+#     and leaves DIR byte-identical;
 #   - since-unknown: --since/--bitmap naming a context the server does not
 #     offer is exit 2 with one line naming the context and what the server
 #     offers (qcbt-server and qemu-nbd), and nothing is written; a size
@@ -312,6 +315,25 @@ for point in kill-before-commit kill-before-rename; do
     next_is_incremental "$sock"
     end
 done
+
+# ======================================================================
+# A lost manifest: an unrecorded backup-0000.qcow2 without the temporary
+# manifest beside it is not a leftover of ours.  The next run must neither
+# remove nor replace it, and must say so in one line.
+if want lost-manifest; then
+    begin lost-manifest
+    sock=$CASE_DIR/src.sock
+    setup_disk "$sock"
+    mv D/manifest.json manifest.saved
+    dir_state D >state.before
+    qb f.out --full "$(uri "$sock")" D
+    one_line f.out.err 1 'backup-0000\.qcow2 exists but manifest\.json does not record it'
+    same_state D state.before
+    # With the manifest back, the set is whole again.
+    mv manifest.saved D/manifest.json
+    next_is_incremental "$sock"
+    end
+fi
 
 # ======================================================================
 # Item 2: a named checkpoint the server does not offer.

@@ -20,14 +20,22 @@
  * name the client asked for, so that data and metadata always come from
  * the same image.  .prepare checks that the image still has the size it
  * had at start.
+ *
+ * When the view cannot be built nbdkit exits, except under nbdkit --run,
+ * where that would leave the command waiting for ever: connections are
+ * refused instead (refuse_instead_of_exit()).
  */
 #include <nbdkit-filter.h>
 
+#include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "chain.h"
 #include "error.h"
@@ -61,6 +69,11 @@ static struct qcbt_view_opts vopts;
 static struct qcbt_view view;
 static bool view_ready;
 static uint64_t next_size; /* size of the plugin's image at start */
+
+/* Set in .after_fork when the view could not be built but nbdkit must keep
+ * running to refuse connections (see refuse_instead_of_exit()).
+ */
+static bool view_failed;
 
 /* The next context the current thread's request reads through. */
 static __thread nbdkit_next *cur_next;
@@ -161,8 +174,78 @@ next_cache(nbdkit_next *next, uint64_t offset, uint64_t len, int *err)
 /* --- building the view once ------------------------------------------------
  */
 
+/* Listening sockets we look for; nbdkit binds one or two (IPv4, IPv6). */
+#define MAX_LISTEN_SOCKETS 16
+
+/* Should a failed .after_fork refuse connections rather than exit?
+ *
+ * nbdkit --run forks after binding its socket: the parent runs the
+ * command, the child (this process) serves.  Both hold the listening
+ * socket, and the parent never closes its copy.  If the child exits
+ * (nbdkit exits when .after_fork fails) the command's connections are
+ * queued on the parent's copy, which nobody accepts: the command, and so
+ * nbdkit --run, waits forever.  The same holds for any parent that shares
+ * the socket with us (socket activation).
+ * So when our parent holds one of our listening sockets we stay and refuse
+ * every connection, which ends the command with an error; otherwise
+ * (-f, a daemon, -s) nbdkit exits as it always did.
+ *
+ * Linux /proc; where the parent's descriptors cannot be read, false.
+ */
+static bool
+refuse_instead_of_exit(void)
+{
+    struct stat mine[MAX_LISTEN_SOCKETS], st;
+    size_t n = 0, i;
+    bool shared = false;
+    struct dirent *de;
+    char path[64];
+    DIR *d;
+
+    d = opendir("/proc/self/fd");
+    if (!d)
+        return false;
+    while (n < MAX_LISTEN_SOCKETS && (de = readdir(d)) != NULL) {
+        int acc = 0, fd;
+        socklen_t len = sizeof acc;
+        char *end;
+
+        errno = 0;
+        fd = (int)strtol(de->d_name, &end, 10);
+        if (de->d_name[0] < '0' || de->d_name[0] > '9' || *end || errno ||
+            fd == dirfd(d))
+            continue;
+        if (fstat(fd, &st) == -1 || !S_ISSOCK(st.st_mode) ||
+            getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &len) == -1 || !acc)
+            continue;
+        mine[n++] = st;
+    }
+    closedir(d);
+    if (n == 0)
+        return false;
+
+    snprintf(path, sizeof path, "/proc/%ld/fd", (long)getppid());
+    d = opendir(path);
+    if (!d)
+        return false;
+    while (!shared && (de = readdir(d)) != NULL) {
+        if (de->d_name[0] == '.' ||
+            fstatat(dirfd(d), de->d_name, &st, 0) == -1 ||
+            !S_ISSOCK(st.st_mode))
+            continue;
+        for (i = 0; i < n; i++)
+            if (st.st_dev == mine[i].st_dev && st.st_ino == mine[i].st_ino)
+                shared = true;
+    }
+    closedir(d);
+    return shared;
+}
+
+/* Read the metadata through a context of its own and build the view.
+ * 0, or -1 with the reason reported.
+ */
 static int
-qcbt_filter_after_fork(nbdkit_backend *backend)
+build_view(nbdkit_backend *backend)
 {
     struct chain_open_opts copts = {.format = "qcow2"};
     nbdkit_next *next;
@@ -212,6 +295,19 @@ out:
     return r;
 }
 
+static int
+qcbt_filter_after_fork(nbdkit_backend *backend)
+{
+    if (build_view(backend) == 0)
+        return 0;
+    if (!refuse_instead_of_exit())
+        return -1;
+    nbdkit_debug("qcbt: our parent (nbdkit --run) shares the listening "
+                 "socket: refusing connections instead of exiting");
+    view_failed = true;
+    return 0;
+}
+
 static void
 qcbt_filter_cleanup(nbdkit_backend *backend)
 {
@@ -229,6 +325,13 @@ qcbt_filter_open(nbdkit_next_open *next,
                  const char *exportname,
                  int is_tls)
 {
+    /* The reason was logged when nbdkit started: one line per client. */
+    if (view_failed) {
+        nbdkit_error("qcbt: the image could not be opened when nbdkit "
+                     "started (see the first error): refusing the "
+                     "connection");
+        return NULL;
+    }
     /* Read-only, and the default export: see the top of the file. */
     if (next(context, 1, "") == -1)
         return NULL;

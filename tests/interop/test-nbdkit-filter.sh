@@ -20,7 +20,10 @@
 #     reads;
 #   - flags, -D qcbt.io, export names, an image that changed size;
 #   - malformed images (bad magic, unknown incompatible bit, truncated):
-#     nbdkit exits non-zero at start with one error naming the reason.
+#     nbdkit exits non-zero at start with one error naming the reason;
+#   - the same errors under nbdkit --run (raw bytes, a chain without
+#     backing-dir=, a missing bitmap, a failing plugin, 150 mutated images):
+#     the command ends at once, refused, instead of waiting for ever.
 # An ASan-built filter (cmake -DQCBT_SANITIZE=ON) is detected and run under
 # nbdkit with libasan preloaded; any sanitizer report fails the test.
 #
@@ -550,6 +553,158 @@ if want malformed; then
     # The same bytes through the nbd plugin.
     start_bg qemu-nbd "$CASE_DIR/raw.sock" qemu-nbd -r -t -f raw -k "$CASE_DIR/raw.sock" incompat.qcow2
     expect_start_failure "unsupported incompatible feature" -- nbd socket="$CASE_DIR/raw.sock" || rc=1
+    case_result "$rc"
+fi
+
+# --- errors under nbdkit --run (issue 11) ------------------------------------------
+
+# captive NAME CMD -- NBDKIT-ARGS...: nbdkit -U - --filter=qcbt ARGS --run
+# CMD; its output in NAME.out, its exit status in CAPTIVE_RC.  Returns 1 if
+# it hangs (the bound, $QCBT_WAIT s, only catches hangs) or a sanitizer
+# reported.  nbdkit --run forks after binding its socket and the parent
+# keeps a copy: a server that exits without answering leaves the
+# command's connection queued there for ever.
+captive() {
+    local name=$1 cmd=$2 marker=$CASE_DIR/$1.cmd-rc pid rc=0
+    shift 3
+    rm -f "$marker"
+    # The command records its status: it ended, whatever nbdkit does next.
+    cmd="$cmd"$'\n''r=$?; echo "$r" >'"$(printf %q "$marker")"'; exit "$r"'
+    { printf '%q ' env "${NBDKIT_ENV[@]}" nbdkit -U - --filter="$FILTER" "$@" --run "$cmd"
+      printf '\n'; } >>"$CASE_DIR/recipe.txt"
+    timeout -k 5 "$QCBT_WAIT" env "${NBDKIT_ENV[@]}" nbdkit -U - --filter="$FILTER" "$@" --run "$cmd" \
+        >"$name.out" 2>&1 </dev/null &
+    pid=$!
+    cleanup_pid "$pid"
+    if [[ -n $ASAN_EXIT_HANG ]]; then
+        # Under libasan nbdkit may hang in exit once the command has ended
+        # (probed above; the --run parent then waits for it): not a hang of
+        # the filter.  timeout leads its own process group.
+        wait_until -t "$QCBT_WAIT" -- captive_ended "$pid" "$marker" || true
+        if [[ -s $marker ]] && ! wait_gone "$pid" 10; then
+            note "[$CASE] $name: the command ended, nbdkit hung in exit (the libasan exit hang): killed"
+            kill -KILL -- "-$pid" 2>/dev/null || true
+        fi
+    fi
+    wait "$pid" 2>/dev/null || rc=$?
+    if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+        if [[ -z $ASAN_EXIT_HANG || ! -s $marker ]]; then
+            note "[$CASE] $name: nbdkit --run hung (killed after ${QCBT_WAIT}s): $(head -n 3 "$name.out")"
+            return 1
+        fi
+        rc=$(cat "$marker")
+    fi
+    CAPTIVE_RC=$rc
+    sanitizer_clean "$name.out"
+}
+captive_ended() { pid_gone "$1" || [[ -s $2 ]]; }
+
+# captive_refused NAME NEEDLE... -- NBDKIT-ARGS...: a command that connects
+# three times (nbdinfo, nbdcopy with 4 connections, nbdinfo) ends promptly
+# and non-zero, and an error line of nbdkit names the reason (has every
+# NEEDLE).
+captive_refused() {
+    local name=$1 needles=() n line=
+    shift
+    while [[ $1 != -- ]]; do
+        needles+=("$1")
+        shift
+    done
+    captive "$name" 'nbdinfo --size "$uri"; nbdcopy -C 4 "$uri" null:; nbdinfo --size "$uri"' "$@" || return 1
+    if [[ $CAPTIVE_RC -eq 0 ]]; then
+        note "[$CASE] $name: nbdkit --run succeeded over a bad image: $(cat "$name.out")"
+        return 1
+    fi
+    while IFS= read -r line; do
+        for n in "${needles[@]}"; do
+            [[ $line == *"$n"* ]] || continue 2
+        done
+        note "[$CASE] $name: ok (exit $CAPTIVE_RC): $line"
+        return 0
+    done < <(grep -F 'nbdkit: error:' "$name.out")
+    note "[$CASE] $name: no error line of nbdkit has '${needles[*]}': $(cat "$name.out")"
+    return 1
+}
+
+if want run-errors; then
+    # The filter reads the image in .after_fork, after nbdkit --run has
+    # forked: an error there must end the command, not leave it waiting.
+    begin_case run-errors
+    rc=0
+    run truncate -s 10M disk.raw
+    captive_refused raw "not a qcow2 image" -- file disk.raw || rc=1
+    captive_refused no-backing-dir "backing file 'mid.qcow2'" "backing-dir" -- file "$IMG/chain/top.qcow2" || rc=1
+    captive_refused no-bitmap "bitmap 'nope'" -- file "$IMG/chain/top.qcow2" backing-dir="$IMG/chain" bitmap=nope || rc=1
+    # The plugin beneath fails in .after_fork too (nothing at socket=).
+    captive_refused no-server "cannot open the underlying plugin" -- nbd socket="$CASE_DIR/nothing.sock" || rc=1
+    # A good image still serves under --run.
+    if captive good 'nbdinfo --size "$uri"' -- file "$IMG/plain.qcow2"; then
+        [[ $CAPTIVE_RC -eq 0 && $(head -n 1 good.out) == "$(virtual_size "$IMG/plain.qcow2")" ]] ||
+            { note "[$CASE] good: $(cat good.out)"; rc=1; }
+    else
+        rc=1
+    fi
+    # Without --run (-f), nbdkit still exits at start with the reason.
+    expect_start_failure "not a qcow2 image" -- file disk.raw || rc=1
+    expect_start_failure "bitmap 'nope'" -- file "$IMG/chain/top.qcow2" backing-dir="$IMG/chain" bitmap=nope || rc=1
+    case_result "$rc"
+fi
+
+if want run-malformed; then
+    # 150 images mutated from a small qcow2 with bitmaps (fixed seed),
+    # copied with nbdcopy (size, extents, reads) under nbdkit --run, half of
+    # them with bitmap=: each ends, served or refused with an error; the
+    # first hang stops the sweep.
+    begin_case run-malformed
+    run qemu-img create -q -f qcow2 -o cluster_size=4096 small.qcow2 1M
+    run qemu-io -f qcow2 -c "write -P 0x11 0 64k" -c "write -z 128k 64k" small.qcow2
+    run qemu-img bitmap --add small.qcow2 b0
+    run qemu-io -f qcow2 -c "write -P 0x22 300k 20k" -c "write -P 0x23 900k 4k" small.qcow2
+    run "$PYTHON" - small.qcow2 150 <<'PYEOF'
+import random, sys
+src, n = sys.argv[1], int(sys.argv[2])
+data = open(src, "rb").read()
+rng = random.Random(20240611)
+for i in range(n):
+    d = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        r = rng.random()
+        if r < 0.5:
+            off = rng.randrange(0, 112)  # the header
+        elif r < 0.7:
+            off = rng.randrange(112, 4096)  # header extensions
+        else:
+            off = rng.randrange(4096, len(d))  # tables, bitmaps, data
+        if rng.random() < 0.5:
+            d[off] ^= 1 << rng.randrange(8)
+        else:
+            d[off] = rng.randrange(256)
+    open("m%03d.qcow2" % i, "wb").write(d)
+PYEOF
+    rc=0 served=0 refused=0
+    for ((i = 0; i < 150; i++)); do
+        img=$(printf 'm%03d' "$i")
+        params=(file "$img.qcow2")
+        ((i % 2)) || params+=(bitmap=b0)
+        if ! captive "$img" 'nbdcopy -C 1 "$uri" null:' -- "${params[@]}"; then
+            rc=1
+            break
+        fi
+        if [[ $CAPTIVE_RC -eq 0 ]]; then
+            served=$((served + 1))
+        elif grep -q 'error:' "$img.out"; then
+            refused=$((refused + 1))
+        else
+            note "[$CASE] $img: exit $CAPTIVE_RC without an error message: $(head -n 3 "$img.out")"
+            rc=1
+        fi
+    done
+    note "[$CASE] $served served, $refused ended with an error"
+    # Not vacuous: both outcomes occur.
+    if [[ $rc -eq 0 ]] && ((served < 10 || refused < 10)); then
+        note "[$CASE] the sweep does not exercise both outcomes"
+        rc=1
+    fi
     case_result "$rc"
 fi
 

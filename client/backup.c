@@ -50,10 +50,15 @@
 #include "qcbt.h"
 #include "qcow2-writer.h"
 
-#define MAP_WINDOW    (1ULL << 30) /* bytes of block status per request */
-#define CHUNK         (2u << 20)   /* bytes per read request */
+/* Bytes per read request.  qemu-nbd spends about twice the CPU per byte
+ * on 2 MiB reads as on 256 KiB ones (nbdcopy's size); our server and
+ * nbdkit do not care.  DEFAULT_DEPTH of them keep 4 MiB in flight per
+ * connection, more than a 10 ms, 1 Gbit/s link holds (1.25 MB).
+ */
+#define CHUNK         (256u << 10)
 #define DEFAULT_DEPTH 16
 #define MAX_CONNS     16
+#define MAP_WINDOW    (1ULL << 30) /* bytes of block status per request */
 
 enum run_kind { RUN_COPY, RUN_ZERO };
 

@@ -1,44 +1,10 @@
 /* qcbt: JSON string escaping. */
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "json-out.h"
-
-/* Length of a valid UTF-8 sequence at p (n bytes left), or 0. */
-static size_t
-utf8_len(const unsigned char *p, size_t n)
-{
-    size_t len, i;
-    unsigned cp;
-
-    if (p[0] < 0x80)
-        return 1;
-    if ((p[0] & 0xe0) == 0xc0) {
-        len = 2;
-        cp = p[0] & 0x1f;
-    } else if ((p[0] & 0xf0) == 0xe0) {
-        len = 3;
-        cp = p[0] & 0x0f;
-    } else if ((p[0] & 0xf8) == 0xf0) {
-        len = 4;
-        cp = p[0] & 0x07;
-    } else {
-        return 0;
-    }
-    if (len > n)
-        return 0;
-    for (i = 1; i < len; i++) {
-        if ((p[i] & 0xc0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (p[i] & 0x3f);
-    }
-    /* Reject overlong forms, surrogates and out-of-range code points. */
-    if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) ||
-        (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
-        (cp >= 0xd800 && cp <= 0xdfff))
-        return 0;
-    return len;
-}
+#include "utf8.h"
 
 void
 json_string_n(FILE *fp, const char *s, size_t len)
@@ -49,6 +15,7 @@ json_string_n(FILE *fp, const char *s, size_t len)
     fputc('"', fp);
     while (i < len) {
         unsigned char c = p[i];
+        uint32_t cp;
         size_t n;
 
         switch (c) {
@@ -78,7 +45,7 @@ json_string_n(FILE *fp, const char *s, size_t len)
             i++;
             continue;
         }
-        n = utf8_len(p + i, len - i);
+        n = utf8_decode(p + i, len - i, &cp);
         if (n == 0) {
             fputs("\\ufffd", fp);
             i++;

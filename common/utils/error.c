@@ -8,6 +8,7 @@
 
 #include "error.h"
 #include "minmax.h"
+#include "utf8.h"
 
 #define ERROR_MAX 1024
 
@@ -72,47 +73,6 @@ qcbt_error_clear(void)
 {
     last_msg[0] = '\0';
     last_errno = 0;
-}
-
-/* Length of the valid UTF-8 sequence at P (N bytes available), with its
- * code point in *CP, or 0 when P does not start one (RFC 3629: no overlong
- * forms, no surrogates, nothing above U+10FFFF).
- */
-static size_t
-utf8_decode(const unsigned char *p, size_t n, uint32_t *cp)
-{
-    size_t len, i;
-    uint32_t c;
-
-    if (p[0] < 0x80) {
-        *cp = p[0];
-        return 1;
-    }
-    if ((p[0] & 0xe0) == 0xc0) {
-        len = 2;
-        c = p[0] & 0x1f;
-    } else if ((p[0] & 0xf0) == 0xe0) {
-        len = 3;
-        c = p[0] & 0x0f;
-    } else if ((p[0] & 0xf8) == 0xf0) {
-        len = 4;
-        c = p[0] & 0x07;
-    } else {
-        return 0;
-    }
-    if (len > n)
-        return 0;
-    for (i = 1; i < len; i++) {
-        if ((p[i] & 0xc0) != 0x80)
-            return 0;
-        c = (c << 6) | (p[i] & 0x3f);
-    }
-    if ((len == 2 && c < 0x80) || (len == 3 && c < 0x800) ||
-        (len == 4 && (c < 0x10000 || c > 0x10ffff)) ||
-        (c >= 0xd800 && c <= 0xdfff))
-        return 0;
-    *cp = c;
-    return len;
 }
 
 /* The next unit of P (N > 0 bytes available): returns how many bytes it

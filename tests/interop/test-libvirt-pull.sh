@@ -1,20 +1,20 @@
 #!/bin/bash
 # qcbt backup against libvirt's pull-mode backup export, for real (issue 15):
-# a private libvirtd, a running QEMU domain (TCG, idling in SeaBIOS with a
-# qcow2 disk it cannot boot), and examples/libvirt-pull-backup.sh driving
+# a private libvirtd, a running QEMU domain (TCG, idling in SeaBIOS with
+# qcow2 disks it cannot boot), and examples/libvirt-pull-backup.sh driving
 # virsh backup-begin (pull mode, <incremental>, a new checkpoint each time),
-# qcbt backup --full / --since backup-sda, virsh domjobabort and checkpoint
-# rotation.
+# qcbt backup --full / --since backup-TARGET, virsh domjobabort and
+# checkpoint rotation, on two disks: sda (virtio-scsi) and hda (IDE).
 #
-# The guest writes through the monitor (HMP qemu-io on the disk's device,
-# so the writes go where the guest's do: through the copy-before-write
-# filter of a running backup job): before each backup, and also in the
-# middle of each one, after backup-begin, where they must not be in that
-# backup but in the next.  The oracle of each point is the disk read
-# through libvirt's export by nbdcopy (an independent NBD client), and it
-# must equal a model (a raw file the same writes were applied to); if the
-# two disagree the oracle broke.  Each 'qcbt restore --at N' must equal
-# the oracle of backup N.
+# The guest writes through the monitor, HMP qemu-io on the disk's device,
+# so the writes go where the guest's do (through the copy-before-write
+# filter of a running backup job): before each backup, and on sda also in
+# the middle of each one, after backup-begin, where they must not be in
+# that backup but in the next.
+# The oracle of each point is the disk read through libvirt's export by
+# nbdcopy (an independent NBD client), and it must equal a model (a raw
+# file the same writes were applied to); if the two disagree the oracle
+# broke.  Each 'qcbt restore --at N' must equal the oracle of backup N.
 #
 # The private daemon: libvirtd in session mode (as root it runs as
 # "nobody"), with its own XDG config/cache/runtime dirs under $TMPD, so it
@@ -29,13 +29,18 @@ requires qemu-img qemu-io nbdcopy nbdinfo setpriv
 # Installed by scripts/setup.sh: missing is a broken setup, not a skip.
 for t in libvirtd virsh qemu-system-x86_64; do
     command -v "$t" >/dev/null ||
-        fail "$t is missing (scripts/setup.sh installs libvirt-daemon-system, libvirt-clients, qemu-system-x86)"
+        fail "$t is missing (scripts/setup.sh installs libvirt-daemon, libvirt-daemon-driver-qemu, libvirt-clients, qemu-system-x86)"
 done
 SRC=${QCBT_SRC_DIR:-$TESTS_DIR/..}
 EXAMPLE=$(cd "$SRC/examples" && pwd)/libvirt-pull-backup.sh
 DOM=qcbt-pull-test
-DEV=scsi0-0-0-0 # qdev id of the scsi-hd that holds target sda
-SIZE=$((64 << 20))
+# The qdev ids of the devices that hold the disks: qemu-io writes through
+# them.  (A virtio-blk disk cannot be written so: the id is its PCI
+# proxy's, which has no drive, and its node is not writable beside the
+# device; the export and bitmap names do not depend on the bus.)
+DISKS=(sda hda)
+declare -A DEV=([sda]=scsi0-0-0-0 [hda]=ide0-0-0)
+declare -A SIZE=([sda]=$((64 << 20)) [hda]=$((32 << 20)))
 
 # ---- a private libvirtd --------------------------------------------------
 
@@ -75,9 +80,11 @@ teardown() {
 # shellcheck disable=SC2154 # _rc is assigned in the trap
 trap '_rc=$?; set +e; teardown; (exit $_rc); _qcbt_cleanup' EXIT
 
-qemu-img create -q -f qcow2 "$TMPD/img/disk.qcow2" "$SIZE"
-[[ $(id -u) -eq 0 ]] && chown 65534:65534 "$TMPD/img/disk.qcow2"
-cat >"$TMPD/dom.xml" <<EOF
+for t in "${DISKS[@]}"; do
+    qemu-img create -q -f qcow2 "$TMPD/img/$t.qcow2" "${SIZE[$t]}"
+    [[ $(id -u) -eq 0 ]] && chown 65534:65534 "$TMPD/img/$t.qcow2"
+done
+cat >"$TMPD/dom.xml" <<XML
 <domain type='qemu'>
   <name>$DOM</name>
   <memory unit='MiB'>64</memory>
@@ -87,14 +94,19 @@ cat >"$TMPD/dom.xml" <<EOF
     <emulator>$(command -v qemu-system-x86_64)</emulator>
     <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2' discard='unmap'/>
-      <source file='$TMPD/img/disk.qcow2'/>
+      <source file='$TMPD/img/sda.qcow2'/>
       <target dev='sda' bus='scsi'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' discard='unmap'/>
+      <source file='$TMPD/img/hda.qcow2'/>
+      <target dev='hda' bus='ide'/>
     </disk>
     <controller type='scsi' model='virtio-scsi'/>
     <memballoon model='none'/>
   </devices>
 </domain>
-EOF
+XML
 virsh create "$TMPD/dom.xml" >"$TMPD/create.log" 2>&1 ||
     fail "the domain does not start (TCG, <domain type='qemu'>): $(tail -n 3 "$TMPD/create.log") $(tail -n 3 "$LV/cache/libvirt/qemu/log/$DOM.log" 2>/dev/null)"
 QEMU_PID=$(cat "$LV/run/libvirt/qemu/run/$DOM.pid" 2>/dev/null) ||
@@ -102,62 +114,72 @@ QEMU_PID=$(cat "$LV/run/libvirt/qemu/run/$DOM.pid" 2>/dev/null) ||
 cleanup_pid "$QEMU_PID"
 note "libvirtd $(libvirtd --version | awk '{print $NF}'), domain $DOM running (QEMU pid $QEMU_PID, TCG)"
 
-# ---- the guest's writes, and the model ------------------------------------
+# ---- the guest's writes, and the models ------------------------------------
 
-MODEL=$TMPD/model.raw
-truncate -s "$SIZE" "$MODEL"
-# gw CMD: the guest does CMD (qemu-io write -P/-z, discard) on its disk;
-# the model gets the same (a discard on a qcow2 without backing, whole
-# clusters, discard=unmap, reads as zeros).  HMP answers errors as text
-# with status 0: any output is a failure.
-gw() {
-    local out mcmd=$1
-    out=$(virsh qemu-monitor-command --hmp "$DOM" "qemu-io -d $DEV \"$1\"" 2>&1) ||
-        fail "guest write '$1': $out"
-    [[ -z ${out//[[:space:]]/} ]] || fail "guest write '$1': $out"
+for t in "${DISKS[@]}"; do
+    truncate -s "${SIZE[$t]}" "$TMPD/model.$t"
+done
+# model_write T CMD: the model of disk T gets qemu-io CMD (a discard on a
+# qcow2 without backing, whole clusters, discard=unmap, reads as zeros).
+model_write() {
+    local mcmd=$2
     [[ $mcmd == discard* ]] && mcmd="write -z ${mcmd#discard }"
-    qemu-io -f raw -c "$mcmd" "$MODEL" >/dev/null ||
+    qemu-io -f raw -c "$mcmd" "$TMPD/model.$1" >/dev/null ||
         fail "model write '$mcmd' failed"
 }
-# The model after the writes made in the middle of backup N is saved as
-# model.N before them: those writes belong to backup N+1.
-# mid_write N CMD: recorded for the wrapper of round N.
+# gw T CMD: the guest does CMD (qemu-io write -P/-z, discard) on disk T,
+# and its model the same.  HMP answers errors as text with status 0: any
+# output is a failure.
+gw() {
+    local out
+    out=$(virsh qemu-monitor-command --hmp "$DOM" "qemu-io -d ${DEV[$1]} \"$2\"" 2>&1) ||
+        fail "guest write '$2' on $1: $out"
+    [[ -z ${out//[[:space:]]/} ]] || fail "guest write '$2' on $1: $out"
+    model_write "$1" "$2"
+}
+# mid R CMD: the guest does CMD on sda in the middle of round R's backup.
 declare -A MID
+mid() {
+    MID[$1]=$2
+    printf '%s\n' "$2" >"$TMPD/mid.$1"
+}
 
 # ---- the wrapper the example runs as qcbt ----------------------------------
 #
-# Before 'qcbt backup' (the job has begun): the guest writes MID[N], then
-# nbdcopy reads the export (the oracle of point N); optionally it fails
-# instead of backing up (FAILNEXT), or also runs a 'qcbt backup --since
-# CHECKPOINT' with libvirt's checkpoint name, which must exit 2.
+# Before 'qcbt backup' of disk T (the job has begun): on sda the guest
+# writes mid.R, then nbdcopy reads the export (the oracle of this point);
+# with wrongname.R it also runs 'qcbt backup --since' with libvirt's
+# checkpoint name, which must exit 2; with fail.R it fails on the second
+# disk instead of backing it up (the first one's backup is recorded).
 WRAP=$TMPD/qcbt-wrapper
-cat >"$WRAP" <<EOF
+cat >"$WRAP" <<WRAPPER
 #!/bin/bash
 set -uo pipefail
 if [[ \$1 == backup ]]; then
     uri=\${*: -2:1}
-    dir=\${*: -1}
     r=\$(<"$TMPD/round")
-    echo "\$uri" >"$TMPD/uri.\$r"
-    if [[ -s $TMPD/mid.\$r ]]; then
-        out=\$(virsh qemu-monitor-command --hmp "$DOM" "qemu-io -d $DEV \\"\$(<"$TMPD/mid.\$r")\\"" 2>&1)
+    t=\${uri#nbd+unix:///}
+    t=\${t%%\?*}
+    if [[ \$t == sda && -s $TMPD/mid.\$r ]]; then
+        out=\$(virsh qemu-monitor-command --hmp "$DOM" "qemu-io -d ${DEV[sda]} \\"\$(<"$TMPD/mid.\$r")\\"" 2>&1)
         [[ -z \${out//[[:space:]]/} ]] || { echo "wrapper: mid-job guest write failed: \$out" >&2; exit 1; }
     fi
-    nbdcopy "\$uri" "$TMPD/export.\$r.raw" ||
+    nbdcopy "\$uri" "$TMPD/export.\$r.\$t.raw" ||
         { echo "wrapper: oracle broke: nbdcopy \$uri failed" >&2; exit 1; }
-    nbdinfo --list --json "\$uri" >"$TMPD/contexts.\$r.json" 2>&1
-    if [[ -e $TMPD/wrongname.\$r ]]; then
-        "$QCBT" backup --since "\$(<"$TMPD/wrongname.\$r")" "\$uri" "$TMPD/wrong" \
+    nbdinfo --list --json "\$uri" >"$TMPD/contexts.\$r.\$t.json" 2>&1
+    if [[ \$t == sda && -e $TMPD/wrongname.\$r ]]; then
+        "$QCBT" backup --since "\$(<"$TMPD/wrongname.\$r")" "\$uri" "$TMPD/wrong" \\
             >"$TMPD/wrongname.out" 2>&1
         echo "\$?" >"$TMPD/wrongname.rc"
     fi
-    if [[ -e $TMPD/fail.\$r ]]; then
+    echo "\$t" >>"$TMPD/done.\$r"
+    if [[ -e $TMPD/fail.\$r && \$(wc -l <"$TMPD/done.\$r") -eq 2 ]]; then
         echo "wrapper: failing on purpose" >&2
         exit 1
     fi
 fi
 exec "$QCBT" "\$@"
-EOF
+WRAPPER
 chmod +x "$WRAP"
 
 BK=$TMPD/backups
@@ -167,91 +189,102 @@ bad() {
     RC=1
 }
 
-# example N [ARGS...]: one run of the example script (round N); returns
-# its exit status, output in example.N.out.
+# example R [ARGS...]: one run of the example script (round R); returns
+# its exit status, output in example.R.out.  The models are saved as
+# model.R.T first; sda's mid-job write goes to its model after the run.
 example() {
-    local r=$1 st=0
+    local r=$1 st=0 t
     shift
     echo "$r" >"$TMPD/round"
-    cp "$MODEL" "$TMPD/model.$r"
+    for t in "${DISKS[@]}"; do
+        cp "$TMPD/model.$t" "$TMPD/model.$r.$t"
+    done
     TMPDIR=$TMPD QCBT=$WRAP bash "$EXAMPLE" "$@" "$DOM" "$BK" \
         >"$TMPD/example.$r.out" 2>&1 || st=$?
     if [[ -n ${MID[$r]:-} ]]; then
-        local mcmd=${MID[$r]}
-        [[ $mcmd == discard* ]] && mcmd="write -z ${mcmd#discard }"
-        qemu-io -f raw -c "$mcmd" "$MODEL" >/dev/null || fail "model write '$mcmd' failed"
+        model_write sda "${MID[$r]}"
     fi
     return "$st"
 }
-mid() {
-    MID[$1]=$2
-    printf '%s\n' "$2" >"$TMPD/mid.$1"
-}
 
-# manifest_field N FIELD: backup N's FIELD in the manifest.
-manifest_field() {
+# field T N FIELD: backup N's FIELD in disk T's manifest.
+field() {
     "$PYTHON" -c 'import json,sys; b=json.load(open(sys.argv[1]))["backups"]
 print(b[int(sys.argv[2])].get(sys.argv[3]) if int(sys.argv[2]) < len(b) else "none")' \
-        "$BK/sda/manifest.json" "$1" "$2"
+        "$BK/$1/manifest.json" "$2" "$3"
 }
 nbackups() {
     "$PYTHON" -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["backups"]))' \
-        "$BK/sda/manifest.json"
+        "$BK/$1/manifest.json"
 }
 checkpoints() { virsh checkpoint-list "$DOM" --name | sed '/^$/d'; }
 
-# check_point R N: round R made backup N: the export read in round R is
-# the model of round R (else the oracle broke), and restore --at N equals
-# it.
+# check_point R T N: round R made backup N of disk T: the export read in
+# round R is the model (else the oracle broke), and restore --at N equals
+# it.  Recorded in POINTS for the checks at the end.
+POINTS=()
 check_point() {
-    local r=$1 n=$2
-    [[ -f $TMPD/export.$r.raw ]] || { bad "round $r: no export was read"; return; }
-    cmp -s "$TMPD/model.$r" "$TMPD/export.$r.raw" ||
-        fail "oracle broke: round $r: the disk read through libvirt's export differs from the model of the writes: $(cmp "$TMPD/model.$r" "$TMPD/export.$r.raw" 2>&1 | head -n 1)"
-    if ! "$QCBT" restore --at "$n" "$BK/sda" "$TMPD/restore.$n.raw" >"$TMPD/restore.$n.out" 2>&1; then
-        bad "restore --at $n: $(cat "$TMPD/restore.$n.out")"
-    elif ! cmp "$TMPD/export.$r.raw" "$TMPD/restore.$n.raw" >"$TMPD/cmp.out" 2>&1; then
-        bad "restore --at $n differs from the disk at backup $n: $(head -n 1 "$TMPD/cmp.out")"
+    local r=$1 t=$2 n=$3 e=$TMPD/export.$1.$2.raw out=$TMPD/restore.$2.$3.raw
+    [[ -f $e ]] || { bad "round $r: $t: no export was read"; return; }
+    cmp -s "$TMPD/model.$r.$t" "$e" ||
+        fail "oracle broke: round $r: $t read through libvirt's export differs from the model of the writes: $(cmp "$TMPD/model.$r.$t" "$e" 2>&1 | head -n 1)"
+    if ! "$QCBT" restore --at "$n" "$BK/$t" "$out" >"$TMPD/restore.out" 2>&1; then
+        bad "$t: restore --at $n: $(cat "$TMPD/restore.out")"
+    elif ! cmp "$e" "$out" >"$TMPD/cmp.out" 2>&1; then
+        bad "$t: restore --at $n differs from the disk at backup $n: $(head -n 1 "$TMPD/cmp.out")"
     else
-        note "restore --at $n == the disk at backup $n (round $r)"
+        note "$t: restore --at $n == the disk at backup $n (round $r)"
     fi
+    POINTS+=("$r:$t:$n")
 }
 
 # ---- round 0: full ------------------------------------------------------
-gw "write -P 0x11 0 16M"
-gw "write -P 0x12 24M 4M"
-gw "write -P 0x13 40M 1M"
-gw "write -P 0x14 $((SIZE - 512)) 512"
+gw sda "write -P 0x11 0 16M"
+gw sda "write -P 0x12 24M 4M"
+gw sda "write -P 0x13 40M 1M"
+gw sda "write -P 0x14 $((SIZE[sda] - 512)) 512"
+gw hda "write -P 0x61 0 4M"
+gw hda "write -P 0x62 20M 1M"
 mid 0 "write -P 0xa0 2M 1M"
 example 0 || fail "round 0: the example failed: $(tail -n 5 "$TMPD/example.0.out")"
-[[ $(manifest_field 0 type) == full ]] || bad "round 0: backup 0 is $(manifest_field 0 type), not full"
+for t in "${DISKS[@]}"; do
+    [[ $(field "$t" 0 type) == full ]] || bad "round 0: $t: backup 0 is $(field "$t" 0 type), not full"
+    check_point 0 "$t" 0
+done
 CK0=$(<"$BK/checkpoint")
 [[ $(checkpoints) == "$CK0" ]] || bad "round 0: checkpoints are '$(checkpoints | tr '\n' ' ')', not $CK0"
-check_point 0 0
 # The data extents QEMU reports: 16M + 4M + 1M, the last sector's 64k
 # cluster; M0 came after backup-begin.
-[[ $(manifest_field 0 data-bytes) -eq $(((21 << 20) + (64 << 10))) ]] ||
-    bad "round 0: the full backup copied $(manifest_field 0 data-bytes) bytes, want 22085632"
+[[ $(field sda 0 data-bytes) -eq $(((21 << 20) + (64 << 10))) ]] ||
+    bad "round 0: the full backup of sda copied $(field sda 0 data-bytes) bytes, want 22085632"
 
 # ---- round 1: incremental since CK0 ---------------------------------------
-gw "write -P 0x21 1M 64k"
-gw "write -z 8M 1M"
-gw "discard 12M 512k"
-gw "write -P 0x22 $((SIZE - 4096)) 4096"
+gw sda "write -P 0x21 1M 64k"
+gw sda "write -z 8M 1M"
+gw sda "discard 12M 512k"
+gw sda "write -P 0x22 $((SIZE[sda] - 4096)) 4096"
+gw hda "write -P 0x63 1M 64k"
+gw hda "write -z 20M 512k"
 mid 1 "write -P 0xa1 30M 128k"
 echo "$CK0" >"$TMPD/wrongname.1" # libvirt's name, not the exported bitmap's
 example 1 || fail "round 1: the example failed: $(tail -n 5 "$TMPD/example.1.out")"
-[[ $(manifest_field 1 type) == incremental ]] || bad "round 1: backup 1 is $(manifest_field 1 type), not incremental"
-[[ $(manifest_field 1 context) == qemu:dirty-bitmap:backup-sda ]] ||
-    bad "round 1: context $(manifest_field 1 context), not qemu:dirty-bitmap:backup-sda"
-grep -q '"qemu:dirty-bitmap:backup-sda"' "$TMPD/contexts.1.json" ||
-    bad "round 1: nbdinfo --list shows no qemu:dirty-bitmap:backup-sda: $(head -c 400 "$TMPD/contexts.1.json")"
+for t in "${DISKS[@]}"; do
+    [[ $(field "$t" 1 type) == incremental ]] || bad "round 1: $t: backup 1 is $(field "$t" 1 type), not incremental"
+    [[ $(field "$t" 1 context) == "qemu:dirty-bitmap:backup-$t" ]] ||
+        bad "round 1: $t: context $(field "$t" 1 context), not qemu:dirty-bitmap:backup-$t"
+    grep -q "\"qemu:dirty-bitmap:backup-$t\"" "$TMPD/contexts.1.$t.json" ||
+        bad "round 1: nbdinfo --list shows no qemu:dirty-bitmap:backup-$t: $(head -c 400 "$TMPD/contexts.1.$t.json")"
+    check_point 1 "$t" 1
+done
 # Copied, at the bitmap's 64k granularity: what the guest wrote since
 # CK0 (0x21 64k, 4096 at the end -> 64k, M0's 1M), zeroed (8M +1M) and
 # discarded (12M +512k); M1 came after backup-begin, so it is not in.
-d1=$(manifest_field 1 data-bytes) z1=$(manifest_field 1 zero-bytes)
-[[ $d1 -eq $(((64 << 10) + (64 << 10) + (1 << 20))) && $z1 -eq $(((1 << 20) + (512 << 10))) ]] ||
-    bad "round 1: the incremental copied $d1 bytes of data and $z1 of zeros, want 1179648 and 1572864"
+d=$(field sda 1 data-bytes) z=$(field sda 1 zero-bytes)
+[[ $d -eq $(((64 << 10) + (64 << 10) + (1 << 20))) && $z -eq $(((1 << 20) + (512 << 10))) ]] ||
+    bad "round 1: the incremental of sda copied $d bytes of data and $z of zeros, want 1179648 and 1572864"
+d=$(field hda 1 data-bytes) z=$(field hda 1 zero-bytes)
+[[ $d -eq $((64 << 10)) && $z -eq $((512 << 10)) ]] ||
+    bad "round 1: the incremental of hda copied $d bytes of data and $z of zeros, want 65536 and 524288"
 if [[ $(<"$TMPD/wrongname.rc") -ne 2 ]] ||
     ! grep -q "qemu:dirty-bitmap:backup-sda" "$TMPD/wrongname.out"; then
     bad "round 1: qcbt backup --since $CK0 (libvirt's checkpoint name) gave exit $(<"$TMPD/wrongname.rc"): $(cat "$TMPD/wrongname.out")"
@@ -260,16 +293,24 @@ fi
 CK1=$(<"$BK/checkpoint")
 [[ $CK1 != "$CK0" && $(checkpoints) == "$CK1" ]] ||
     bad "round 1: checkpoints are '$(checkpoints | tr '\n' ' ')', want only $CK1 (rotated)"
-check_point 1 1
 
-# ---- round 2: the backup fails after the job began -------------------------
-gw "write -P 0x31 20M 2M"
+# ---- round 2: the second disk's backup fails after the job began -----------
+gw sda "write -P 0x31 20M 2M"
+gw hda "write -P 0x64 10M 1M"
 mid 2 "write -P 0xa2 50M 256k"
 touch "$TMPD/fail.2"
 if example 2; then
     bad "round 2: the example succeeded although qcbt failed"
 else
-    [[ $(nbackups) -eq 2 ]] || bad "round 2: the manifest holds $(nbackups) backups, not 2"
+    # The first disk's backup is recorded, and must be right; the
+    # second's is not.
+    first=$(head -n 1 "$TMPD/done.2") second=$(sed -n 2p "$TMPD/done.2")
+    if [[ $(nbackups "$first") -eq 3 ]]; then
+        check_point 2 "$first" 2
+    else
+        bad "round 2: $first, backed up before the failure, holds $(nbackups "$first") backups, not 3"
+    fi
+    [[ $(nbackups "$second") -eq 2 ]] || bad "round 2: $second holds $(nbackups "$second") backups, not 2"
     [[ $(<"$BK/checkpoint") == "$CK1" ]] || bad "round 2: DIR/checkpoint moved to $(<"$BK/checkpoint")"
     [[ $(checkpoints) == "$CK1" ]] ||
         bad "round 2: checkpoints are '$(checkpoints | tr '\n' ' ')', want $CK1 alone (the new one deleted)"
@@ -280,43 +321,63 @@ else
 fi
 
 # ---- round 3: incremental since CK1 again: round 2's writes are in it ------
-gw "write -P 0x41 5M 64k"
+gw sda "write -P 0x41 5M 64k"
+gw hda "write -P 0x65 30M 64k"
 mid 3 "write -P 0xa3 9M 64k"
+declare -A N3
+for t in "${DISKS[@]}"; do
+    N3[$t]=$(nbackups "$t")
+done
 example 3 || fail "round 3: the example failed: $(tail -n 5 "$TMPD/example.3.out")"
-[[ $(manifest_field 2 type) == incremental ]] || bad "round 3: backup 2 is $(manifest_field 2 type), not incremental"
-# Since CK1: W2 (2M), M2 (256k, written after the deleted checkpoint
-# began: libvirt folded its bitmap into CK1), M1 (128k), W3 (64k).
-d2=$(manifest_field 2 data-bytes)
-[[ $d2 -eq $(((2 << 20) + (256 << 10) + (128 << 10) + (64 << 10))) ]] ||
-    bad "round 3: the incremental copied $d2 bytes of data, want 2555904"
-check_point 3 2
+for t in "${DISKS[@]}"; do
+    [[ $(field "$t" "${N3[$t]}" type) == incremental ]] ||
+        bad "round 3: $t: backup ${N3[$t]} is $(field "$t" "${N3[$t]}" type), not incremental"
+done
+# Since CK1, whether the failed run backed the disk up or not: on sda W2
+# (2M), M2 (256k, written after the deleted checkpoint began: libvirt
+# folded its bitmap into CK1), M1 (128k), W3 (64k); on hda 1M + 64k.
+d=$(field sda "${N3[sda]}" data-bytes)
+[[ $d -eq $(((2 << 20) + (256 << 10) + (128 << 10) + (64 << 10))) ]] ||
+    bad "round 3: the incremental of sda copied $d bytes of data, want 2555904"
+d=$(field hda "${N3[hda]}" data-bytes)
+[[ $d -eq $(((1 << 20) + (64 << 10))) ]] ||
+    bad "round 3: the incremental of hda copied $d bytes of data, want 1114112"
+for t in "${DISKS[@]}"; do
+    check_point 3 "$t" "${N3[$t]}"
+done
 
 # ---- round 4: --full --------------------------------------------------------
-gw "write -P 0x51 60M 1M"
+gw sda "write -P 0x51 60M 1M"
 example 4 --full || fail "round 4: the example failed: $(tail -n 5 "$TMPD/example.4.out")"
-[[ $(manifest_field 3 type) == full ]] || bad "round 4: backup 3 is $(manifest_field 3 type), not full"
-check_point 4 3
+for t in "${DISKS[@]}"; do
+    n=$((N3[$t] + 1))
+    [[ $(field "$t" $n type) == full ]] || bad "round 4: $t: backup $n is $(field "$t" $n type), not full"
+    check_point 4 "$t" $n
+done
 
-# ---- the whole set ------------------------------------------------------------
-# Restores again: later backups changed nothing older (backup N: round).
-for nr in 0:0 1:1 2:3; do
-    n=${nr%:*} r=${nr#*:}
+# ---- the whole set ----------------------------------------------------------
+# Restores again: later backups changed nothing older.
+for p in "${POINTS[@]}"; do
+    IFS=: read -r r t n <<<"$p"
     rm -f "$TMPD/again.raw"
-    if ! "$QCBT" restore --at "$n" "$BK/sda" "$TMPD/again.raw" >/dev/null 2>&1 ||
-        ! cmp -s "$TMPD/export.$r.raw" "$TMPD/again.raw"; then
-        bad "restore --at $n no longer equals the disk at backup $n"
+    if ! "$QCBT" restore --at "$n" "$BK/$t" "$TMPD/again.raw" >/dev/null 2>&1 ||
+        ! cmp -s "$TMPD/export.$r.$t.raw" "$TMPD/again.raw"; then
+        bad "$t: restore --at $n no longer equals the disk at backup $n"
     fi
 done
-"$QCBT" verify "$BK/sda" >"$TMPD/verify.out" 2>&1 || bad "qcbt verify: $(tail -n 3 "$TMPD/verify.out")"
-for f in "$BK"/sda/backup-*.qcow2; do
-    qemu-img check -q "$f" >/dev/null 2>&1 || bad "qemu-img check $f"
+for t in "${DISKS[@]}"; do
+    "$QCBT" verify "$BK/$t" >"$TMPD/verify.out" 2>&1 || bad "qcbt verify $t: $(tail -n 3 "$TMPD/verify.out")"
+    for f in "$BK/$t"/backup-*.qcow2; do
+        qemu-img check -q "$f" >/dev/null 2>&1 || bad "qemu-img check $f"
+    done
 done
-qemu-img compare -q -f qcow2 -F raw "$BK/sda/backup-0002.qcow2" "$TMPD/export.3.raw" ||
-    bad "backup-0002.qcow2 read by qemu-img != the disk at backup 2"
-for r in 0 1 3 4; do
-    note "round $r: $(grep -E '^backup-[0-9]+\.qcow2: ' "$TMPD/example.$r.out")"
+f=$(printf 'backup-%04d.qcow2' "${N3[sda]}")
+qemu-img compare -q -f qcow2 -F raw "$BK/sda/$f" "$TMPD/export.3.sda.raw" ||
+    bad "sda's $f read by qemu-img != the disk at backup ${N3[sda]}"
+for r in 0 1 2 3 4; do
+    note "round $r: $(grep -E '^backup-[0-9]+\.qcow2: ' "$TMPD/example.$r.out" | tr '\n' ' ')"
 done
 [[ -e $LV/run/libvirt/virtlogd-sock ]] && bad "the private libvirtd started a virtlogd"
 
 [[ $RC -eq 0 ]] || fail "see above"
-note "PASS: full, incremental (with a failed run between), --full; every restore equals the disk at its point"
+note "PASS: full, incremental, a failed run, incremental, --full on two disks; every restore equals the disk at its point"

@@ -33,6 +33,8 @@
 # that succeeded for some disks is copied again, never lost.
 #
 # Restore disk T as it was at backup N:  qcbt restore --at N DIR/T OUT
+# A disk whose size changed makes qcbt exit 2 (no incremental possible):
+# run once with --full.
 #
 # The domain must be running (for a shut-off domain, export its disks
 # with qcbt-server: examples/backup-offline-vm.sh) and its disks qcow2

@@ -151,6 +151,7 @@ mid() {
 # with wrongname.R it also runs 'qcbt backup --since' with libvirt's
 # checkpoint name, which must exit 2; with fail.R it fails on the second
 # disk instead of backing it up (the first one's backup is recorded).
+# After a backup, qcbt verify --against the export, while it is there.
 WRAP=$TMPD/qcbt-wrapper
 cat >"$WRAP" <<WRAPPER
 #!/bin/bash
@@ -177,6 +178,11 @@ if [[ \$1 == backup ]]; then
         echo "wrapper: failing on purpose" >&2
         exit 1
     fi
+    # The backup, then qcbt verify --against the live export.
+    "$QCBT" "\$@" || exit
+    "$QCBT" verify --against "\$uri" "\${*: -1}" >"$TMPD/verify.\$r.\$t" 2>&1
+    echo "\$?" >>"$TMPD/verify.\$r.\$t"
+    exit 0
 fi
 exec "$QCBT" "\$@"
 WRAPPER
@@ -235,6 +241,8 @@ check_point() {
     else
         note "$t: restore --at $n == the disk at backup $n (round $r)"
     fi
+    [[ $(tail -n 1 "$TMPD/verify.$r.$t") == 0 ]] ||
+        bad "round $r: $t: qcbt verify --against the export: $(head -n 3 "$TMPD/verify.$r.$t")"
     POINTS+=("$r:$t:$n")
 }
 

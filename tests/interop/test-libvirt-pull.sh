@@ -4,7 +4,8 @@
 # qcow2 disks it cannot boot), and examples/libvirt-pull-backup.sh driving
 # virsh backup-begin (pull mode, <incremental>, a new checkpoint each time),
 # qcbt backup --full / --since backup-TARGET, virsh domjobabort and
-# checkpoint rotation, on two disks: sda (virtio-scsi) and hda (IDE).
+# checkpoint rotation, on three disks: sda (virtio-scsi), hda (IDE) and
+# vda (virtio-blk, written before the domain starts, never after).
 #
 # The guest writes through the monitor, HMP qemu-io on the disk's device,
 # so the writes go where the guest's do (through the copy-before-write
@@ -35,12 +36,13 @@ SRC=${QCBT_SRC_DIR:-$TESTS_DIR/..}
 EXAMPLE=$(cd "$SRC/examples" && pwd)/libvirt-pull-backup.sh
 DOM=qcbt-pull-test
 # The qdev ids of the devices that hold the disks: qemu-io writes through
-# them.  (A virtio-blk disk cannot be written so: the id is its PCI
-# proxy's, which has no drive, and its node is not writable beside the
-# device; the export and bitmap names do not depend on the bus.)
-DISKS=(sda hda)
+# them.  A virtio-blk disk cannot be written so (the id is its PCI
+# proxy's, which has no drive, and its node refuses a second writer):
+# vda gets its data before the domain starts, and its incrementals are
+# empty.
+DISKS=(sda hda vda)
 declare -A DEV=([sda]=scsi0-0-0-0 [hda]=ide0-0-0)
-declare -A SIZE=([sda]=$((64 << 20)) [hda]=$((32 << 20)))
+declare -A SIZE=([sda]=$((64 << 20)) [hda]=$((32 << 20)) [vda]=$((16 << 20)))
 
 # ---- a private libvirtd --------------------------------------------------
 
@@ -82,8 +84,13 @@ trap '_rc=$?; set +e; teardown; (exit $_rc); _qcbt_cleanup' EXIT
 
 for t in "${DISKS[@]}"; do
     qemu-img create -q -f qcow2 "$TMPD/img/$t.qcow2" "${SIZE[$t]}"
-    [[ $(id -u) -eq 0 ]] && chown 65534:65534 "$TMPD/img/$t.qcow2"
+    truncate -s "${SIZE[$t]}" "$TMPD/model.$t"
 done
+for f in "$TMPD/img/vda.qcow2" "$TMPD/model.vda"; do
+    qemu-io -c "write -P 0x71 1M 3M" -c "write -P 0x72 $((SIZE[vda] - 65536)) 65536" "$f" >/dev/null ||
+        fail "qemu-io on $f failed"
+done
+[[ $(id -u) -eq 0 ]] && chown 65534:65534 "$TMPD"/img/*.qcow2
 cat >"$TMPD/dom.xml" <<XML
 <domain type='qemu'>
   <name>$DOM</name>
@@ -102,6 +109,11 @@ cat >"$TMPD/dom.xml" <<XML
       <source file='$TMPD/img/hda.qcow2'/>
       <target dev='hda' bus='ide'/>
     </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='$TMPD/img/vda.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
     <controller type='scsi' model='virtio-scsi'/>
     <memballoon model='none'/>
   </devices>
@@ -116,9 +128,6 @@ note "libvirtd $(libvirtd --version | awk '{print $NF}'), domain $DOM running (Q
 
 # ---- the guest's writes, and the models ------------------------------------
 
-for t in "${DISKS[@]}"; do
-    truncate -s "${SIZE[$t]}" "$TMPD/model.$t"
-done
 # model_write T CMD: the model of disk T gets qemu-io CMD (a discard on a
 # qcow2 without backing, whole clusters, discard=unmap, reads as zeros).
 model_write() {
@@ -293,6 +302,11 @@ d=$(field sda 1 data-bytes) z=$(field sda 1 zero-bytes)
 d=$(field hda 1 data-bytes) z=$(field hda 1 zero-bytes)
 [[ $d -eq $((64 << 10)) && $z -eq $((512 << 10)) ]] ||
     bad "round 1: the incremental of hda copied $d bytes of data and $z of zeros, want 65536 and 524288"
+d=$(field vda 1 data-bytes) z=$(field vda 1 zero-bytes)
+[[ $d -eq 0 && $z -eq 0 ]] ||
+    bad "round 1: the incremental of vda, which nothing wrote, copied $d bytes of data and $z of zeros"
+[[ $(field vda 0 data-bytes) -eq $(((3 << 20) + (64 << 10))) ]] ||
+    bad "round 0: the full backup of vda copied $(field vda 0 data-bytes) bytes, want 3211264"
 if [[ $(<"$TMPD/wrongname.rc") -ne 2 ]] ||
     ! grep -q "qemu:dirty-bitmap:backup-sda" "$TMPD/wrongname.out"; then
     bad "round 1: qcbt backup --since $CK0 (libvirt's checkpoint name) gave exit $(<"$TMPD/wrongname.rc"): $(cat "$TMPD/wrongname.out")"
@@ -311,14 +325,19 @@ if example 2; then
     bad "round 2: the example succeeded although qcbt failed"
 else
     # The first disk's backup is recorded, and must be right; the
-    # second's is not.
-    first=$(head -n 1 "$TMPD/done.2") second=$(sed -n 2p "$TMPD/done.2")
-    if [[ $(nbackups "$first") -eq 3 ]]; then
-        check_point 2 "$first" 2
-    else
-        bad "round 2: $first, backed up before the failure, holds $(nbackups "$first") backups, not 3"
-    fi
-    [[ $(nbackups "$second") -eq 2 ]] || bad "round 2: $second holds $(nbackups "$second") backups, not 2"
+    # others' are not.
+    first=$(head -n 1 "$TMPD/done.2")
+    for t in "${DISKS[@]}"; do
+        if [[ $t == "$first" ]]; then
+            if [[ $(nbackups "$t") -eq 3 ]]; then
+                check_point 2 "$t" 2
+            else
+                bad "round 2: $t, backed up before the failure, holds $(nbackups "$t") backups, not 3"
+            fi
+        else
+            [[ $(nbackups "$t") -eq 2 ]] || bad "round 2: $t holds $(nbackups "$t") backups, not 2"
+        fi
+    done
     [[ $(<"$BK/checkpoint") == "$CK1" ]] || bad "round 2: DIR/checkpoint moved to $(<"$BK/checkpoint")"
     [[ $(checkpoints) == "$CK1" ]] ||
         bad "round 2: checkpoints are '$(checkpoints | tr '\n' ' ')', want $CK1 alone (the new one deleted)"
@@ -350,6 +369,8 @@ d=$(field sda "${N3[sda]}" data-bytes)
 d=$(field hda "${N3[hda]}" data-bytes)
 [[ $d -eq $(((1 << 20) + (64 << 10))) ]] ||
     bad "round 3: the incremental of hda copied $d bytes of data, want 1114112"
+d=$(field vda "${N3[vda]}" data-bytes)
+[[ $d -eq 0 ]] || bad "round 3: the incremental of vda copied $d bytes of data, want 0"
 for t in "${DISKS[@]}"; do
     check_point 3 "$t" "${N3[$t]}"
 done
@@ -388,4 +409,4 @@ done
 [[ -e $LV/run/libvirt/virtlogd-sock ]] && bad "the private libvirtd started a virtlogd"
 
 [[ $RC -eq 0 ]] || fail "see above"
-note "PASS: full, incremental, a failed run, incremental, --full on two disks; every restore equals the disk at its point"
+note "PASS: full, incremental, a failed run, incremental, --full on three disks; every restore equals the disk at its point"

@@ -59,6 +59,8 @@ if [[ $(id -u) -eq 0 ]]; then
     chmod 0711 "$TMPD"
     chown -R 65534:65534 "$LV" "$TMPD/img"
     asuser=(setpriv --reuid=65534 --regid=65534 --clear-groups)
+    "${asuser[@]}" test -w "$LV/run" ||
+        fail "user nobody cannot reach $TMPD (a parent directory of \$TMPDIR is closed to it)"
 fi
 env -i PATH="$PATH" HOME="$LV/home" XDG_CONFIG_HOME="$LV/cfg" \
     XDG_CACHE_HOME="$LV/cache" XDG_RUNTIME_DIR="$LV/run" \

@@ -101,7 +101,9 @@ if [[ -z $sockdir ]]; then
     chmod 1733 "$sockdir"
     made_sockdir=1
 fi
-sock=$sockdir/$dom.nbd
+# The domain's name in file names, without what XML or a shell would mind.
+safe=${dom//[^A-Za-z0-9._-]/_}
+sock=$sockdir/$safe.nbd
 work=$(mktemp -d "${TMPDIR:-/tmp}/qcbt-pull-xml.XXXXXX")
 
 # Which of the domain's disks take part: the chosen ones yes, others no.
@@ -118,7 +120,7 @@ in_list() {
     for t in $all; do
         if in_list "$t"; then
             echo "    <disk name='$t' backup='yes' type='file'>"
-            echo "      <scratch file='$sockdir/$dom.$t.scratch.qcow2'/>"
+            echo "      <scratch file='$sockdir/$safe.$t.scratch.qcow2'/>"
             echo "    </disk>"
         else
             echo "    <disk name='$t' backup='no'/>"

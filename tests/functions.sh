@@ -17,6 +17,13 @@
 # setup script installs is a failure, never a skip.
 
 set -euo pipefail
+# A command that fails outside any check ends the script (set -e): the ERR
+# trap (inherited by functions: -E) remembers where, and the EXIT trap says
+# it, so that no run ends without a reason.
+set -E
+_qcbt_said=
+_qcbt_err_where=
+trap '_qcbt_err_where="${BASH_SOURCE[0]##*/}:$LINENO: $BASH_COMMAND"' ERR
 
 TESTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # Python with the Debian packages (python3-libnbd); never a pyenv shim.
@@ -26,11 +33,13 @@ note() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
 
 fail() {
     printf '%s: FAIL: %s\n' "${0##*/}" "$*" >&2
+    _qcbt_said=1
     exit 1
 }
 
 skip() {
     printf '%s: SKIP: %s\n' "${0##*/}" "$*" >&2
+    _qcbt_said=1
     exit 77
 }
 
@@ -46,6 +55,10 @@ cleanup_pid() {
 _qcbt_cleanup() {
     local rc=$? pid
     set +e
+    if [[ $rc -ne 0 && -z $_qcbt_said ]]; then
+        printf '%s: FAIL: the script ended (exit status %d) at %s\n' \
+            "${0##*/}" "$rc" "${_qcbt_err_where:-an exit or signal}" >&2
+    fi
     for pid in "${_qcbt_cleanup_pids[@]}"; do
         kill -TERM "$pid" 2>/dev/null || continue
         for _ in 1 2 3 4 5 6 7 8 9 10; do
@@ -372,6 +385,7 @@ finish_cases() {
     note "${#_qcbt_pass[@]} case(s) passed, ${#_qcbt_fail[@]} failed"
     if [[ ${#_qcbt_fail[@]} -gt 0 ]]; then
         note "failed: ${_qcbt_fail[*]}"
+        _qcbt_said=1
         exit 1
     fi
 }

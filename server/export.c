@@ -129,16 +129,12 @@ add_all_bitmaps(struct export *exp, struct merge_ctx *ctx)
 int
 export_open(struct export *exp, int verbose)
 {
-    const char *allow = getenv("QCBT_ALLOW_DATA_FILE");
-    struct chain_open_opts copts = {
-        .format = exp->format,
-        .allow_data_file =
-            allow && (!strcmp(allow, "1") || !strcmp(allow, "yes")),
-    };
+    struct chain_open_opts copts = {.format = exp->format};
     struct merge_ctx *ctx = NULL;
     size_t i;
     int r;
 
+    chain_opts_from_env(&copts);
     r = chain_open(exp->image, &copts, &exp->chain);
     if (r < 0)
         return r;

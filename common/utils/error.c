@@ -182,3 +182,19 @@ qcbt_sanitize(char *s)
     /* Never longer than its input: safe in place. */
     return qcbt_escape(s, strlen(s) + 1, s, strlen(s));
 }
+
+bool
+qcbt_utf8_valid(const char *s, size_t len)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    size_t i = 0, n;
+    uint32_t cp;
+
+    while (i < len) {
+        n = utf8_decode(p + i, len - i, &cp);
+        if (n == 0 || cp == 0)
+            return false;
+        i += n;
+    }
+    return true;
+}

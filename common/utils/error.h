@@ -8,6 +8,7 @@
 #ifndef QCBT_ERROR_H
 #define QCBT_ERROR_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 /* Record a message (printf format) and return -errnum, so that error paths
@@ -50,5 +51,10 @@ char *qcbt_escape(char *dst, size_t dstlen, const char *src, size_t srclen);
 
 /* qcbt_escape() of the NUL-terminated S onto itself.  Returns S. */
 char *qcbt_sanitize(char *s);
+
+/* Whether LEN bytes of S are UTF-8 (RFC 3629: no overlong forms, no
+ * surrogates, nothing above U+10FFFF) without a NUL byte.
+ */
+bool qcbt_utf8_valid(const char *s, size_t len);
 
 #endif /* QCBT_ERROR_H */

@@ -42,17 +42,6 @@ static struct chain *chain;
 /* ------------------------------------------------------------------ */
 /* Helpers */
 
-static void
-write_file(const char *path, const void *buf, size_t len)
-{
-    FILE *f = fopen(path, "wb");
-
-    if (!f)
-        fail_msg("cannot create %s", path);
-    assert_int_equal(fwrite(buf, 1, len, f), len);
-    assert_int_equal(fclose(f), 0);
-}
-
 struct tbitmap {
     const char *name;
     uint32_t flags;
@@ -90,7 +79,8 @@ write_layer(const char *path,
     }
     qb_store_bitmaps(b);
     img = qb_finish(b, &len);
-    write_file(path, img, len);
+    if (test_write_file(path, img, len) < 0)
+        fail_msg("cannot write %s", path);
     free(img);
     qb_free(b);
 }

@@ -485,7 +485,7 @@ cmd_bitmap(int argc, char **argv)
     o.image = argv[optind];
     o.name = nargs == 2 ? argv[optind + 1] : NULL;
 
-    env_chain_opts(&copts);
+    chain_opts_from_env(&copts);
 
     if (chain_open(o.image, &copts, &c) < 0)
         return report_error();

@@ -96,7 +96,7 @@ cmd_cat(int argc, char **argv)
     if (optind != argc - 1)
         return usage_error("cat", "expected exactly one IMAGE");
 
-    env_chain_opts(&copts);
+    chain_opts_from_env(&copts);
 
     if (chain_open(argv[optind], &copts, &c) < 0)
         return report_error();

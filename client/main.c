@@ -163,14 +163,6 @@ usage_getopt_error(const char *command,
     return usage_error(command, "invalid option");
 }
 
-void
-env_chain_opts(struct chain_open_opts *o)
-{
-    const char *v = getenv("QCBT_ALLOW_DATA_FILE");
-
-    o->allow_data_file = v && (strcmp(v, "1") == 0 || strcmp(v, "yes") == 0);
-}
-
 char *
 path_join(const char *dir, const char *name)
 {

@@ -45,14 +45,6 @@ int usage_getopt_error(const char *command,
                        const char *optstring,
                        const struct option *longopts);
 
-struct chain_open_opts;
-
-/* Options every command takes from the environment:
- * QCBT_ALLOW_DATA_FILE=1 opens external data files outside the image's
- * directory.
- */
-void env_chain_opts(struct chain_open_opts *o);
-
 /* DIR/NAME, malloc'ed (NULL when out of memory). */
 char *path_join(const char *dir, const char *name);
 

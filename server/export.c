@@ -8,120 +8,67 @@
 
 #include "error.h"
 #include "internal.h"
+#include "nbd-protocol.h"
+#include "publish.h"
+
+/* The bitmaps' meta contexts: qemu:dirty-bitmap:ALIAS, each an NBD
+ * string (at most NBD_MAX_STRING bytes).
+ */
+#define CONTEXT_PREFIX "qemu:dirty-bitmap:"
 
 static int
-add_bitmap(struct export *exp,
-           struct merge_ctx *ctx,
-           const char *source,
-           const char *alias,
-           bool skip_bad)
+publish_bitmaps(struct export *exp)
 {
-    struct merge_opts mo = {.mode =
-                                exp->strict ? MERGE_STRICT : MERGE_TOLERANT};
-    struct merge_result *res = NULL;
-    struct export_bitmap *b;
-    size_t i, len;
-    char *context;
-    int r;
+    struct publish_opts po = {
+        .mode = exp->strict ? MERGE_STRICT : MERGE_TOLERANT,
+        .all_bitmaps = exp->all_bitmaps,
+        .alias_max = NBD_MAX_STRING - strlen(CONTEXT_PREFIX),
+    };
+    struct publish_spec *specs;
+    struct publish_set *set = NULL;
+    size_t i, n = 0;
+    int r = 0;
 
-    len = strlen("qemu:dirty-bitmap:") + strlen(alias);
-    if (len > 4096)
-        return qcbt_error(EINVAL, "bitmap alias '%.40s...' too long", alias);
-    context = malloc(len + 1);
-    if (!context)
+    specs = calloc(exp->nr_bitmap_args + 1, sizeof *specs);
+    if (!specs)
         return qcbt_error(ENOMEM, "out of memory");
-    snprintf(context, len + 1, "qemu:dirty-bitmap:%s", alias);
-    for (i = 0; i < exp->nr_bitmaps; i++) {
-        if (strcmp(exp->bitmaps[i].context, context) == 0) {
-            int r2 = skip_bad ? 0
-                              : qcbt_error(EINVAL,
-                                           "export '%s': context %s "
-                                           "published twice",
-                                           exp->name,
-                                           context);
-            free(context);
-            return r2;
-        }
+    for (; n < exp->nr_bitmap_args && r == 0; n++)
+        r = publish_spec_parse(exp->bitmap_args[n], &specs[n]);
+    if (r == 0) {
+        r = publish_run(exp->chain, specs, n, &po, &set);
+        if (r < 0 && r != -ENOMEM)
+            r = qcbt_error_prefix(-r, "export '%s'", exp->name);
     }
-
-    r = merge_run(ctx, source, &mo, &res);
-    if (r < 0) {
-        free(context);
+    for (i = 0; i < n; i++)
+        publish_spec_free(&specs[i]);
+    free(specs);
+    if (r < 0)
         return r;
-    }
-    if (!res->usable) {
-        r = qcbt_error(EINVAL,
-                       "export '%s': bitmap '%s' cannot be "
-                       "published: %s",
-                       exp->name,
-                       source,
-                       res->error);
-        merge_result_free(res);
-        free(context);
-        return r;
-    }
-    for (i = 0; i < res->nr_layers; i++) {
-        const char *path = exp->chain->layers[i].path;
-        char esc[1024]; /* the path comes from a backing file name */
 
-        if (res->layers[i].source == MERGE_SRC_ALLOCATION)
-            fprintf(stderr,
-                    "qcbt-server: warning: export '%s', bitmap "
-                    "'%s': layer %zu (%s) contributes its allocation map: "
-                    "%s\n",
-                    exp->name,
-                    source,
-                    i,
-                    qcbt_escape(esc, sizeof esc, path, strlen(path)),
-                    res->layers[i].reason);
-    }
+    for (i = 0; i < set->nr_notices; i++)
+        fprintf(stderr,
+                set->notices[i].kind == PUBLISH_NOTICE_FALLBACK
+                    ? "qcbt-server: warning: export '%s', %s\n"
+                    : "qcbt-server: warning: export '%s': %s (skipped)\n",
+                exp->name,
+                set->notices[i].text);
+    exp->published = set;
+    if (set->error)
+        return qcbt_error(EINVAL, "export '%s': %s", exp->name, set->error);
 
-    b = realloc(exp->bitmaps, (exp->nr_bitmaps + 1) * sizeof *b);
-    if (!b) {
-        merge_result_free(res);
-        free(context);
+    exp->bitmaps = calloc(set->nr_bitmaps + 1, sizeof *exp->bitmaps);
+    if (!exp->bitmaps)
         return qcbt_error(ENOMEM, "out of memory");
-    }
-    exp->bitmaps = b;
-    b = &exp->bitmaps[exp->nr_bitmaps++];
-    b->source = strdup(source);
-    b->context = context;
-    b->merge = res;
-    if (!b->source)
-        return qcbt_error(ENOMEM, "out of memory");
-    return 0;
-}
+    for (i = 0; i < set->nr_bitmaps; i++) {
+        struct export_bitmap *b = &exp->bitmaps[i];
 
-/* Every bitmap name found in any layer of the chain, once. */
-static int
-add_all_bitmaps(struct export *exp, struct merge_ctx *ctx)
-{
-    size_t li, k, j;
-    int r;
-
-    for (li = 0; li < exp->chain->nr_layers; li++) {
-        const struct qcow2_bitmap_list *bl;
-
-        r = merge_ctx_layer_bitmaps(ctx, li, &bl);
-        if (r < 0)
-            return r;
-        for (k = 0; k < bl->nr; k++) {
-            const char *name = bl->bitmaps[k].name;
-            bool seen = false;
-
-            for (j = 0; j < exp->nr_bitmaps; j++)
-                if (strcmp(exp->bitmaps[j].source, name) == 0)
-                    seen = true;
-            if (seen)
-                continue;
-            r = add_bitmap(exp, ctx, name, name, true);
-            if (r == -ENOMEM)
-                return r;
-            if (r < 0)
-                fprintf(stderr,
-                        "qcbt-server: warning: %s (skipped)\n",
-                        qcbt_error_get());
+        if (asprintf(&b->context, CONTEXT_PREFIX "%s", set->bitmaps[i].alias) <
+            0) {
+            b->context = NULL;
+            return qcbt_error(ENOMEM, "out of memory");
         }
+        b->merge = set->bitmaps[i].merge;
+        exp->nr_bitmaps++;
     }
     return 0;
 }
@@ -129,57 +76,17 @@ add_all_bitmaps(struct export *exp, struct merge_ctx *ctx)
 int
 export_open(struct export *exp, int verbose)
 {
-    const char *allow = getenv("QCBT_ALLOW_DATA_FILE");
-    struct chain_open_opts copts = {
-        .format = exp->format,
-        .allow_data_file =
-            allow && (!strcmp(allow, "1") || !strcmp(allow, "yes")),
-    };
-    struct merge_ctx *ctx = NULL;
-    size_t i;
+    struct chain_open_opts copts = {.format = exp->format};
     int r;
 
+    chain_opts_from_env(&copts);
     r = chain_open(exp->image, &copts, &exp->chain);
     if (r < 0)
         return r;
     /* QEMU exports whole sectors. */
     exp->size = exp->chain->size & ~511ULL;
 
-    r = merge_ctx_new(exp->chain, &ctx);
-    if (r < 0)
-        return r;
-    for (i = 0; i < exp->nr_bitmap_args; i++) {
-        char *arg = strdup(exp->bitmap_args[i]);
-        char *eq;
-
-        if (!arg) {
-            r = qcbt_error(ENOMEM, "out of memory");
-            break;
-        }
-        eq = strchr(arg, '=');
-        if (eq)
-            *eq++ = '\0';
-        if (!arg[0] || (eq && !eq[0])) {
-            r = qcbt_error(EINVAL,
-                           "invalid bitmap argument '%s' (NAME or "
-                           "NAME=ALIAS)",
-                           exp->bitmap_args[i]);
-            free(arg);
-            break;
-        }
-        r = add_bitmap(exp, ctx, arg, eq ? eq : arg, exp->all_bitmaps);
-        free(arg);
-        if (r < 0 && (r == -ENOMEM || !exp->all_bitmaps))
-            break;
-        if (r < 0)
-            fprintf(stderr,
-                    "qcbt-server: warning: %s (skipped)\n",
-                    qcbt_error_get());
-        r = 0;
-    }
-    if (r == 0 && exp->all_bitmaps)
-        r = add_all_bitmaps(exp, ctx);
-    merge_ctx_free(ctx);
+    r = publish_bitmaps(exp);
     if (r == 0 && verbose)
         fprintf(stderr,
                 "qcbt-server: export '%s': %s, %llu bytes, %zu "
@@ -196,14 +103,13 @@ export_close(struct export *exp)
 {
     size_t i;
 
-    for (i = 0; i < exp->nr_bitmaps; i++) {
-        free(exp->bitmaps[i].source);
+    for (i = 0; i < exp->nr_bitmaps; i++)
         free(exp->bitmaps[i].context);
-        merge_result_free(exp->bitmaps[i].merge);
-    }
     free(exp->bitmaps);
     exp->bitmaps = NULL;
     exp->nr_bitmaps = 0;
+    publish_set_free(exp->published);
+    exp->published = NULL;
     chain_close(exp->chain);
     exp->chain = NULL;
 }

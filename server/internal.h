@@ -12,6 +12,8 @@
 #include "chain.h"
 #include "merge.h"
 
+struct publish_set;
+
 /* Context ids are fixed per export: 0 base:allocation, 1
  * qemu:allocation-depth, 2+i the i-th published bitmap (as qemu-nbd).
  */
@@ -33,9 +35,8 @@
 #define IDLE_RELEASE_MS      1000 /* a worker idle this long frees buffers */
 
 struct export_bitmap {
-    char *source;               /* bitmap name in the image */
-    char *context;              /* "qemu:dirty-bitmap:ALIAS" */
-    struct merge_result *merge; /* usable, immutable */
+    char *context;                    /* "qemu:dirty-bitmap:ALIAS" */
+    const struct merge_result *merge; /* usable, immutable; the set's */
 };
 
 struct export
@@ -53,8 +54,9 @@ struct export
     /* Built at start, immutable after. */
     struct chain *chain;
     uint64_t size;
+    struct publish_set *published; /* what common/publish decided */
     size_t nr_bitmaps;
-    struct export_bitmap *bitmaps;
+    struct export_bitmap *bitmaps; /* published->bitmaps, as contexts */
 };
 
 struct server {

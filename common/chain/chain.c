@@ -21,6 +21,14 @@ chain_fmt_name(enum chain_fmt fmt)
     return fmt == CHAIN_FMT_QCOW2 ? "qcow2" : "raw";
 }
 
+void
+chain_opts_from_env(struct chain_open_opts *o)
+{
+    const char *v = getenv("QCBT_ALLOW_DATA_FILE");
+
+    o->allow_data_file = v && (strcmp(v, "1") == 0 || strcmp(v, "yes") == 0);
+}
+
 /* A backing or data file name "has a protocol" when a ':' comes before
  * any '/' (QEMU's path_has_protocol()): nbd:, json:, http: ...  We only
  * open local files.

@@ -46,6 +46,12 @@ struct chain_open_opts {
                              only in the image's directory or below) */
 };
 
+/* The options every front end takes from the environment:
+ * QCBT_ALLOW_DATA_FILE=1 (or "yes") sets O->allow_data_file; anything
+ * else, or no variable, clears it.  The one parser of that variable.
+ */
+void chain_opts_from_env(struct chain_open_opts *o);
+
 /* Open PATH and its whole backing chain, read-only.  Returns 0 and *out, or
  * -errno with a message naming the layer (index and file).
  */

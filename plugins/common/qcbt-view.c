@@ -10,6 +10,7 @@
 
 #include "error.h"
 #include "minmax.h"
+#include "publish.h"
 #include "qcbt-view.h"
 
 /* Report the thread's last qcbt error and return R (a -errno). */
@@ -62,47 +63,35 @@ qcbt_view_config_complete(const struct qcbt_view_opts *o)
     return 0;
 }
 
-/* Merge the bitmap; a refusal is an error naming the rule and the layer.
- * Layers that contribute their allocation map (tolerant mode) are logged:
- * nbdkit has no warning level, so they go to the debug log (-v) and
- * `qcbt bitmap check` shows them too.
+/* Merge the bitmap (common/publish decides): a refusal is an error naming
+ * the rule and the layer.  Its notices (the layers that contribute their
+ * allocation map in tolerant mode) are logged: nbdkit has no warning
+ * level, so they go to the debug log (-v) and `qcbt bitmap check` shows
+ * them too.
  */
 static int
 build_dirty(struct qcbt_view *v, const struct qcbt_view_opts *o)
 {
-    struct merge_opts mo = {.mode = o->strict ? MERGE_STRICT : MERGE_TOLERANT};
-    struct merge_ctx *ctx = NULL;
-    struct merge_result *res = NULL;
+    struct publish_spec spec = {.name = o->bitmap};
+    struct publish_opts po = {.mode =
+                                  o->strict ? MERGE_STRICT : MERGE_TOLERANT};
+    const struct merge_result *res;
+    struct publish_set *set = NULL;
     size_t i;
     int r;
 
-    r = merge_ctx_new(v->chain, &ctx);
+    r = publish_run(v->chain, &spec, 1, &po, &set);
     if (r < 0)
         return report(r);
-    r = merge_run(ctx, o->bitmap, &mo, &res);
-    merge_ctx_free(ctx);
-    if (r < 0)
-        return report(r);
-    if (!res->usable) {
-        nbdkit_error("qcbt: bitmap '%s' cannot be used (%s mode): %s",
-                     o->bitmap,
-                     o->strict ? "strict" : "tolerant",
-                     res->error);
-        merge_result_free(res);
+    for (i = 0; i < set->nr_notices; i++)
+        nbdkit_debug("qcbt: %s", set->notices[i].text);
+    if (set->error) {
+        nbdkit_error("qcbt: %s", set->error);
+        publish_set_free(set);
         return -EINVAL;
     }
-    for (i = 0; i < res->nr_layers; i++) {
-        const char *path = v->chain->layers[i].path;
-        char esc[1024]; /* the path comes from a backing file name */
-
-        if (res->layers[i].source == MERGE_SRC_ALLOCATION)
-            nbdkit_debug("qcbt: bitmap '%s': layer %zu (%s) contributes its "
-                         "allocation map: %s",
-                         o->bitmap,
-                         i,
-                         qcbt_escape(esc, sizeof esc, path, strlen(path)),
-                         res->layers[i].reason);
-    }
+    v->published = set;
+    res = v->dirty = set->bitmaps[0].merge;
     nbdkit_debug("qcbt: bitmap '%s' (%s): granularity %" PRIu64 ", %" PRIu64
                  " of %" PRIu64 " bits dirty, %zu fallback layer(s)",
                  o->bitmap,
@@ -111,7 +100,6 @@ build_dirty(struct qcbt_view *v, const struct qcbt_view_opts *o)
                  bitmap_count(res->bm),
                  res->bm->nbits,
                  res->nr_fallbacks);
-    v->dirty = res;
     return 0;
 }
 
@@ -172,7 +160,7 @@ qcbt_view_init(struct qcbt_view *v,
 void
 qcbt_view_free(struct qcbt_view *v)
 {
-    merge_result_free(v->dirty);
+    publish_set_free(v->published);
     chain_close(v->chain);
     free(v->description);
     memset(v, 0, sizeof *v);

@@ -26,6 +26,8 @@
 #include "chain.h"
 #include "merge.h"
 
+struct publish_set;
+
 struct nbdkit_extents;
 
 /* Debug flags (-D qcbt.extents=1, -D qcbt.reads=1), defined by each .so. */
@@ -54,9 +56,10 @@ qcbt_view_config(struct qcbt_view_opts *o, const char *key, const char *value);
 int qcbt_view_config_complete(const struct qcbt_view_opts *o);
 
 struct qcbt_view {
-    struct chain *chain;        /* owned */
-    uint64_t size;              /* exported size */
-    struct merge_result *dirty; /* the dirty view, or NULL; owned */
+    struct chain *chain;              /* owned */
+    uint64_t size;                    /* exported size */
+    const struct merge_result *dirty; /* the dirty view, or NULL */
+    struct publish_set *published;    /* owns dirty; NULL without it */
     bool dirty_only;
     char *description; /* export description; owned */
 };

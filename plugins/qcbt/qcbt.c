@@ -108,15 +108,11 @@ qcbt_config_complete(void)
 static int
 qcbt_get_ready(void)
 {
-    const char *allow = getenv("QCBT_ALLOW_DATA_FILE");
-    struct chain_open_opts copts = {
-        .format = format,
-        .allow_data_file =
-            allow && (!strcmp(allow, "1") || !strcmp(allow, "yes")),
-    };
+    struct chain_open_opts copts = {.format = format};
     struct chain *c = NULL;
     int r;
 
+    chain_opts_from_env(&copts);
     r = chain_open(image, &copts, &c);
     if (r < 0) {
         nbdkit_error("qcbt: %s", qcbt_error_get());

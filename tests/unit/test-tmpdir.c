@@ -43,3 +43,17 @@ test_tmpdir_teardown(void **state)
         nftw(test_tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
     return 0;
 }
+
+int
+test_write_file(const char *path, const void *buf, size_t len)
+{
+    FILE *f = fopen(path, "wb");
+    int r;
+
+    if (!f)
+        return -1;
+    r = fwrite(buf, 1, len, f) == len ? 0 : -1;
+    if (fclose(f) != 0)
+        r = -1;
+    return r;
+}

@@ -6,8 +6,10 @@ set -euo pipefail
 packages=(
     build-essential cmake pkg-config clang-format
     libnbd-dev libnbd-bin nbdkit nbdkit-plugin-dev
-    libglib2.0-dev libssl-dev libcmocka-dev zlib1g-dev libzstd-dev libxxhash-dev
+    libglib2.0-dev libssl-dev libcmocka-dev zlib1g-dev libzstd-dev libxxhash-dev liblz4-dev
     qemu-utils qemu-system-common python3 python3-libnbd file
+    virtnbdbackup libvirt-daemon-system libvirt-daemon-driver-qemu
+    libvirt-clients qemu-system-x86
 )
 
 SUDO=

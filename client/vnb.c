@@ -341,14 +341,12 @@ read_trailer(struct vnb_stream *s)
                           "\"comp\" frame, and the file is too short for one",
                           s->path);
     off = s->file_size - VNB_FRAME_LEN;
-    if ((r = read_header(s, off, kind, &start, &len)) < 0)
-        return r;
-    if (strcmp(kind, "comp") != 0 || start != 0)
+    if (read_header(s, off, kind, &start, &len) < 0 ||
+        strcmp(kind, "comp") != 0 || start != 0)
         return qcbt_error(EINVAL,
                           "%s: truncated or corrupt: a compressed stream must "
-                          "end with a \"comp\" frame (found \"%s\")",
-                          s->path,
-                          kind);
+                          "end with a \"comp\" frame",
+                          s->path);
     if (len == 0 || len > VNB_TRAILER_MAX ||
         len > off - 2 - VNB_FRAME_LEN - s->pos)
         return qcbt_error(EINVAL,
@@ -472,8 +470,8 @@ vnb_open(const char *path, struct vnb_stream **out)
     s->file_size = st.st_size;
     if (s->file_size < VNB_FRAME_LEN) {
         r = qcbt_error(EINVAL,
-                       "%s: not a virtnbdbackup stream (%" PRIu64
-                       " bytes, shorter than a frame header)",
+                       "%s: truncated, or not a virtnbdbackup stream "
+                       "(%" PRIu64 " bytes, shorter than a frame header)",
                        path,
                        s->file_size);
         goto fail;

@@ -62,7 +62,7 @@ struct item {
     struct vnb_stream *s;
     long base;    /* index in the ordered list, -1 for the full backup */
     bool creates; /* creates meta.checkpoint */
-    char out[32]; /* backup-NNNN.qcow2 */
+    char out[48]; /* backup-NNNN.qcow2 */
     struct gdigest dg;
     uint64_t data_bytes, zero_bytes, frames;
 };

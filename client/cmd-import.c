@@ -705,6 +705,23 @@ fsync_dir(const char *dir)
     }
 }
 
+/* The manifest's source of an imported backup: file://ABSOLUTE-PATH of
+ * its stream (malloc'ed, NULL when out of memory).
+ */
+static char *
+uri_of(const char *src, const char *name)
+{
+    char *abs = realpath(src, NULL), *p;
+    size_t n;
+
+    n = strlen(abs ? abs : src) + strlen(name) + 16;
+    p = malloc(n);
+    if (p)
+        snprintf(p, n, "file://%s/%s", abs ? abs : src, name);
+    free(abs);
+    return p;
+}
+
 static const char *
 item_type(const struct set *st, size_t i)
 {
@@ -835,7 +852,11 @@ vnb_import(const char *src,
         e.type = (char *)item_type(&st, i);
         e.backing = it->base >= 0 ? st.it[it->base].out : NULL;
         e.checkpoint = it->creates ? m->checkpoint : NULL;
-        e.uri = NULL;
+        e.uri = uri_of(src, it->name);
+        if (!e.uri) {
+            r = qcbt_error(ENOMEM, "out of memory");
+            goto out;
+        }
         e.export_name = m->disk_name;
         e.time = m->date[0] ? m->date : NULL;
         e.guest_digest = hex;
@@ -845,7 +866,9 @@ vnb_import(const char *src,
         e.zero_bytes = it->zero_bytes;
         e.extents = it->frames;
         e.seconds = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
-        if ((r = manifest_append(&man, &e)) < 0)
+        r = manifest_append(&man, &e);
+        free(e.uri);
+        if (r < 0)
             goto out;
     }
     if ((r = manifest_prepare(tmpdir, &man)) < 0 ||
@@ -956,4 +979,101 @@ cmd_import(int argc, char **argv)
                    json ? VNB_IMPORT_JSON : VNB_IMPORT_TEXT) < 0)
         return report_error();
     return QCBT_EXIT_OK;
+}
+
+bool
+vnb_is_set(const char *dir)
+{
+    char *m = path_join(dir, MANIFEST_NAME);
+    struct stat sb;
+    struct dirent *de;
+    bool found = false;
+    DIR *d;
+
+    if (!m)
+        return false;
+    if (stat(m, &sb) == 0 || errno != ENOENT) {
+        free(m);
+        return false;
+    }
+    free(m);
+    d = opendir(dir);
+    while (d && !found && (de = readdir(d))) {
+        size_t ln = strlen(de->d_name);
+
+        found = ln > 5 && strcmp(de->d_name + ln - 5, ".data") == 0;
+    }
+    if (d)
+        closedir(d);
+    return found;
+}
+
+int
+vnb_import_temp(const char *src, const char *disk, char **out)
+{
+    const char *base = getenv("TMPDIR");
+    char *top, *dest;
+    size_t n;
+    int r;
+
+    *out = NULL;
+    if (!base || !*base)
+        base = "/var/tmp";
+    n = strlen(base) + 32;
+    top = malloc(n);
+    if (!top)
+        return qcbt_error(ENOMEM, "out of memory");
+    snprintf(top, n, "%s/qcbt-vnb-XXXXXX", base);
+    if (!mkdtemp(top)) {
+        r = qcbt_error(errno,
+                       "cannot create a temporary directory in %s: %s",
+                       base,
+                       strerror(errno));
+        free(top);
+        return r;
+    }
+    dest = path_join(top, "set");
+    if (!dest) {
+        rmdir(top);
+        free(top);
+        return qcbt_error(ENOMEM, "out of memory");
+    }
+    free(top);
+    r = vnb_import(src, disk, dest, VNB_IMPORT_QUIET);
+    if (r < 0) {
+        vnb_temp_free(dest);
+        return r;
+    }
+    *out = dest;
+    return 0;
+}
+
+void
+vnb_temp_free(char *dir)
+{
+    struct manifest m = {0};
+    char *p, *slash;
+    size_t i;
+
+    if (!dir)
+        return;
+    if (manifest_load(dir, &m) == 0) {
+        for (i = 0; i < m.nr; i++)
+            if ((p = path_join(dir, m.backups[i].file))) {
+                unlink(p);
+                free(p);
+            }
+        manifest_free(&m);
+    }
+    if ((p = path_join(dir, MANIFEST_NAME))) {
+        unlink(p);
+        free(p);
+    }
+    rmdir(dir);
+    slash = strrchr(dir, '/');
+    if (slash) {
+        *slash = '\0';
+        rmdir(dir);
+    }
+    free(dir);
 }

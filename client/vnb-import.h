@@ -2,6 +2,8 @@
 #ifndef QCBT_CLIENT_VNB_IMPORT_H
 #define QCBT_CLIENT_VNB_IMPORT_H
 
+#include <stdbool.h>
+
 enum vnb_import_output {
     VNB_IMPORT_QUIET, /* print nothing, no notices either */
     VNB_IMPORT_TEXT,  /* one line per backup, then a summary */
@@ -16,5 +18,22 @@ int vnb_import(const char *src,
                const char *disk,
                const char *dest,
                enum vnb_import_output output);
+
+/* True when DIR has no qcbt manifest and holds virtnbdbackup data files
+ * (*.data): restore and verify then read it through vnb_import_temp().
+ */
+bool vnb_is_set(const char *dir);
+
+/* Import the set in SRC (disk DISK, or the only one) into a new directory
+ * under $TMPDIR (default /var/tmp).  Returns 0 and *OUT (the directory,
+ * malloc'ed: remove and free it with vnb_temp_free()) or -errno with a
+ * message (nothing is left behind).
+ */
+int vnb_import_temp(const char *src, const char *disk, char **out);
+
+/* Remove the directory vnb_import_temp() made (NULL: no-op) and free
+ * DIR.
+ */
+void vnb_temp_free(char *dir);
 
 #endif /* QCBT_CLIENT_VNB_IMPORT_H */

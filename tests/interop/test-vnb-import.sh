@@ -10,41 +10,55 @@
 # sweep must never crash.
 . "$(dirname "$0")/../functions.sh"
 
-requires virtnbdbackup virsh libvirtd virtlogd qemu-system-x86_64 qemu-img \
-    qemu-io
+requires virtnbdbackup virsh libvirtd qemu-system-x86_64 qemu-img qemu-io \
+    setpriv
 
-URI=qemu:///system
-V=(virsh -q -c "$URI")
 DOM=qcbt-vnb-$$
 MIB=$((1024 * 1024))
 SIZE=$((128 * MIB)) # vda: big enough for a 40 MiB extent (chunked lz4)
 SIZE_B=$((4 * MIB)) # vdb: small, for the mutation sweep
+IMG=$TMPD/img
 
-# libvirt's QEMU runs as its own user: it must reach the disks.
-chmod 755 "$TMPD"
+# --- a private libvirtd -----------------------------------------------------
+# As root libvirtd is the system instance, shared with everything else on
+# the machine; as another user (nobody) it is a session daemon that keeps
+# its state under XDG_* in TMPD.  Its QEMU runs as that user too: it must
+# reach the disks.  No virtlogd: QEMU logs to a file.  virtnbdbackup
+# connects with a plain qemu:// URI (a qemu+unix:// one makes it ask for a
+# user and password).
+LV=$TMPD/lv
+mkdir -p "$LV"/{home,cfg/libvirt,cache,run} "$IMG"
+echo 'stdio_handler = "file"' >"$LV/cfg/libvirt/qemu.conf"
+asuser=()
+if [[ $(id -u) -eq 0 ]]; then
+    chmod 0711 "$TMPD"
+    chown -R 65534:65534 "$LV" "$IMG"
+    asuser=(setpriv --reuid=65534 --regid=65534 --clear-groups)
+fi
+env -i PATH="$PATH" HOME="$LV/home" XDG_CONFIG_HOME="$LV/cfg" \
+    XDG_CACHE_HOME="$LV/cache" XDG_RUNTIME_DIR="$LV/run" \
+    "${asuser[@]}" libvirtd >"$TMPD/libvirtd.log" 2>&1 </dev/null &
+LV_PID=$!
+cleanup_pid $LV_PID
+URI="qemu:///session?socket=$LV/run/libvirt/libvirt-sock"
+V=(virsh -q -c "$URI")
+export XDG_CONFIG_HOME=$TMPD/virsh-cfg XDG_CACHE_HOME=$TMPD/virsh-cache
+virsh_ok() { "${V[@]}" uri >/dev/null 2>&1; }
+wait_until -p $LV_PID -- virsh_ok ||
+    fail "the private libvirtd does not answer: $(tail -n 3 "$TMPD/libvirtd.log")"
 
+# The domain goes before the daemon (which would leave it running).
 vnb_cleanup() {
-    "${V[@]}" destroy "$DOM" >/dev/null 2>&1
-    "${V[@]}" undefine "$DOM" --checkpoints-metadata >/dev/null 2>&1
+    if pid_alive $LV_PID; then
+        "${V[@]}" destroy "$DOM" >/dev/null 2>&1 || true
+    fi
 }
 trap 'rc=$?; vnb_cleanup; (exit $rc); _qcbt_cleanup' EXIT
 
-# --- libvirt: use the running daemons, or start our own -------------------
-if [[ ! -S /run/libvirt/virtlogd-sock ]]; then
-    virtlogd -d --pid-file "$TMPD/virtlogd.pid"
-    wait_until -- test -s "$TMPD/virtlogd.pid" || fail "virtlogd did not start"
-    cleanup_pid "$(cat "$TMPD/virtlogd.pid")"
-fi
-if ! "${V[@]}" version >/dev/null 2>&1; then
-    libvirtd -d --pid-file "$TMPD/libvirtd.pid"
-    wait_until -- test -s "$TMPD/libvirtd.pid" || fail "libvirtd did not start"
-    cleanup_pid "$(cat "$TMPD/libvirtd.pid")"
-    wait_until -- "${V[@]}" version || fail "libvirtd does not answer"
-fi
-
 # --- the domain and the shadow model --------------------------------------
-qemu-img create -q -f qcow2 "$TMPD/vda.qcow2" $SIZE
-qemu-img create -q -f qcow2 "$TMPD/vdb.qcow2" $SIZE_B
+qemu-img create -q -f qcow2 "$IMG/vda.qcow2" $SIZE
+qemu-img create -q -f qcow2 "$IMG/vdb.qcow2" $SIZE_B
+[[ ${#asuser[@]} -eq 0 ]] || chown 65534:65534 "$IMG"/*.qcow2
 truncate -s $SIZE "$TMPD/model-vda.raw"
 truncate -s $SIZE_B "$TMPD/model-vdb.raw"
 
@@ -63,7 +77,7 @@ EOF
 # cuts reads at 32 MiB: a compressed frame of several lz4 frames) and
 # some scattered data.
 offline_write() { # DISK PATTERN OFFSET LEN
-    qemu-io -f qcow2 -c "write -P $2 $3 $4" "$TMPD/$1.qcow2" >/dev/null
+    qemu-io -f qcow2 -c "write -P $2 $3 $4" "$IMG/$1.qcow2" >/dev/null
     model "$1" "$2" "$3" "$4"
 }
 offline_write vda 0x11 $((8 * MIB)) $((40 * MIB))
@@ -79,12 +93,12 @@ cat >"$TMPD/dom.xml" <<EOF
   <devices>
     <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2'/>
-      <source file='$TMPD/vda.qcow2'/>
+      <source file='$IMG/vda.qcow2'/>
       <target dev='vda' bus='virtio'/>
     </disk>
     <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2'/>
-      <source file='$TMPD/vdb.qcow2'/>
+      <source file='$IMG/vdb.qcow2'/>
       <target dev='vdb' bus='virtio'/>
     </disk>
   </devices>
@@ -92,6 +106,9 @@ cat >"$TMPD/dom.xml" <<EOF
 EOF
 "${V[@]}" define "$TMPD/dom.xml" >/dev/null
 "${V[@]}" start "$DOM" >/dev/null
+QEMU_PID=$(cat "$LV/run/libvirt/qemu/run/$DOM.pid") ||
+    fail "no pid file for the domain's QEMU"
+cleanup_pid "$QEMU_PID"
 
 # gw DISK ARGS...: a guest write through the monitor (qemu-io on the
 # device's backend), and the same change to the model.  ARGS: "-P PAT OFF
@@ -115,6 +132,7 @@ backup() {
     local set=$1 level=$2 point=$3
     shift 3
     virtnbdbackup -U "$URI" -d "$DOM" -l "$level" -o "$TMPD/$set" \
+        -f "$LV/run/vnb.sock" \
         --noprogress "$@" >"$TMPD/vnb.log" 2>&1 ||
         {
             tail -5 "$TMPD/vnb.log" >&2
@@ -164,7 +182,7 @@ run_set lz4 --compress
     'qemu-io -d /machine/peripheral/virtio-disk1/virtio-backend "flush"' >/dev/null
 "${V[@]}" destroy "$DOM" >/dev/null
 for d in vda vdb; do
-    qemu-img compare -q -f raw -F qcow2 "$TMPD/model-$d.raw" "$TMPD/$d.qcow2" ||
+    qemu-img compare -q -f raw -F qcow2 "$TMPD/model-$d.raw" "$IMG/$d.qcow2" ||
         fail "oracle broke: the model of $d differs from the disk"
 done
 grep -q '"compressed": 2' "$TMPD/lz4/vda.full.data" ||
@@ -208,6 +226,54 @@ for set in plain lz4; do
         check_set $set $disk
     done
 done
+
+# --- restore and verify straight from a virtnbdbackup directory ---------
+export TMPDIR=$TMPD/vt
+mkdir "$TMPDIR"
+"$QCBT" verify --disk vda "$TMPD/lz4" >"$TMPD/v.out" ||
+    fail "verify of the lz4 set itself"
+grep -q "every stream is well formed" "$TMPD/v.out" || fail "verify: $(cat "$TMPD/v.out")"
+[[ $(grep -c ': ok (' "$TMPD/v.out") -eq 5 ]] || fail "verify: $(cat "$TMPD/v.out")"
+for k in 2 4; do
+    "$QCBT" restore --disk vda --at $k "$TMPD/plain" "$TMPD/r.raw" >/dev/null ||
+        fail "restore --at $k from the plain set itself"
+    cmp "$TMPD/r.raw" "$TMPD/plain.vda.$k.raw" ||
+        fail "restore --at $k from the plain set itself differs"
+    rm "$TMPD/r.raw"
+done
+[[ -z $(ls -A "$TMPDIR") ]] || fail "restore/verify left $(ls -A "$TMPDIR")"
+mkdir "$TMPD/broken"
+cp "$TMPD"/lz4/vdb.* "$TMPD"/lz4/*.cpt "$TMPD/broken/"
+truncate -s -100 "$TMPD/broken/vdb.inc.virtnbdbackup.2.data"
+expect_qcbt_error "vdb.inc.virtnbdbackup.2.data" "must end with a \"comp\" frame" \
+    -- verify "$TMPD/broken"
+expect_qcbt_error "must end with a \"comp\" frame" \
+    -- restore "$TMPD/broken" "$TMPD/r.raw"
+[[ ! -e $TMPD/r.raw ]] || fail "a failed restore left its output"
+[[ -z $(ls -A "$TMPDIR") ]] || fail "failed restore/verify left $(ls -A "$TMPDIR")"
+expect_qcbt_error "--disk applies to a virtnbdbackup directory" \
+    -- verify --disk vda "$TMPD/imp-lz4-vda"
+unset TMPDIR
+
+# --- history carries on: qcbt backup --since a virtnbdbackup checkpoint ---
+# The lz4 set's checkpoints live on as bitmaps in vda.qcow2 (offline
+# writes are recorded in them too).
+SERVER=${QCBT_SERVER:-${QCBT_BUILD_DIR:-$TESTS_DIR/../build}/server/qcbt-server}
+[[ -x $SERVER ]] || fail "qcbt-server not found: $SERVER"
+offline_write vda 0x51 $((30 * MIB)) $((2 * MIB))
+"$SERVER" -t -f qcow2 -B virtnbdbackup.2 -k "$TMPD/s.sock" "$IMG/vda.qcow2" &
+cleanup_pid $!
+wait_nbd "nbd+unix:///?socket=$TMPD/s.sock" $! || fail "qcbt-server did not start"
+"$QCBT" backup --since virtnbdbackup.2 "nbd+unix:///?socket=$TMPD/s.sock" \
+    "$TMPD/imp-lz4-vda" >/dev/null || fail "backup --since on the imported chain"
+grep -q '"backing-file": "backup-0004.qcow2"' "$TMPD/imp-lz4-vda/manifest.json" ||
+    fail "backup --since did not build on the imported chain"
+"$QCBT" restore "$TMPD/imp-lz4-vda" "$TMPD/r.raw" >/dev/null ||
+    fail "restore after backup --since"
+cmp "$TMPD/r.raw" "$TMPD/model-vda.raw" ||
+    fail "backup --since on the imported chain: the restore differs from the disk"
+"$QCBT" verify "$TMPD/imp-lz4-vda" >/dev/null || fail "verify after backup --since"
+rm "$TMPD/r.raw"
 
 # --json
 "$QCBT" import --json --disk vdb "$TMPD/lz4" "$TMPD/imp-json" >"$TMPD/j"

@@ -738,6 +738,14 @@ vnb_read(struct vnb_stream *s, const struct vnb_sink *sink)
         }
         if ((r = read_header(s, s->pos, kind, &start, &len)) < 0)
             goto out;
+        if (s->body_end - s->pos < VNB_FRAME_LEN) {
+            r = qcbt_error(EINVAL,
+                           "%s: truncated: the frame header at byte %" PRIu64
+                           " runs into the compression trailer",
+                           s->path,
+                           s->pos);
+            goto out;
+        }
         s->pos += VNB_FRAME_LEN;
         if (strcmp(kind, "stop") == 0) {
             if (start != 0 || len != 0) {
@@ -819,6 +827,14 @@ vnb_read(struct vnb_stream *s, const struct vnb_sink *sink)
         }
         if (r < 0)
             goto out;
+        if (s->body_end - s->pos < 2) {
+            r = qcbt_error(EINVAL,
+                           "%s: truncated: no \\r\\n after the data frame at "
+                           "byte %" PRIu64,
+                           s->path,
+                           hoff);
+            goto out;
+        }
         if ((r = expect_term(s, s->pos, "a data frame")) < 0)
             goto out;
         s->pos += 2;

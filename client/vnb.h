@@ -32,9 +32,10 @@
 
 #define VNB_FRAME_LEN 40
 /* Limits on what we accept (virtnbdbackup writes a few hundred bytes of
- * metadata, and one trailer item per data frame). */
+ * metadata, and one trailer item per data frame: 16 MiB is some two
+ * million extents, and bounds what parsing the trailer costs). */
 #define VNB_META_MAX    (1u << 20)
-#define VNB_TRAILER_MAX (64u << 20)
+#define VNB_TRAILER_MAX (16u << 20)
 /* Payloads are passed on in pieces of at most this many bytes. */
 #define VNB_CHUNK (4u << 20)
 

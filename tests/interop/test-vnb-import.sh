@@ -377,6 +377,24 @@ bad plain "no full backup" "rm vdb.full.data"
 bad plain "not named as virtnbdbackup names" "cp vdb.full.data vdb.weird.data"
 bad plain "metadata names disk" "cp vdb.full.data vdc.full.data; rm vdb.*"
 
+# vda's compressed full backup has a chunked trailer item {"TOTAL":
+# [SIZE, ...]} (the 40 MiB extent): a TOTAL that is not their sum.
+rm -rf "$TMPD/bad" "$TMPD/bad-out"
+mkdir "$TMPD/bad"
+cp "$TMPD/lz4/vda.full.data" "$TMPD/bad/"
+"$PYTHON" - "$TMPD/bad/vda.full.data" <<'EOF' || fail "oracle broke: no chunked item"
+import sys
+p = sys.argv[1]
+d = bytearray(open(p, "rb").read())
+i = d.rindex(b'{"')
+j = d.index(b'"', i + 2) - 1          # the key's last digit
+d[j] = ord("0") + (d[j] - ord("0") + 1) % 10
+open(p, "wb").write(d)
+EOF
+expect_qcbt_error "vda.full.data: compression trailer item" "sizes add up to" \
+    -- import "$TMPD/bad" "$TMPD/bad-out" || fail "a bad chunked trailer item"
+[[ ! -e $TMPD/bad-out ]] || fail "failed import left its directory"
+
 # --- mutation sweep (fixed seed): never a crash, always one line ----------
 "$PYTHON" - "$TMPD" "$QCBT" <<'EOF' || fail "mutation sweep"
 import glob, os, random, shutil, subprocess, sys

@@ -834,6 +834,13 @@ vnb_import(const char *src,
         tmpdir = NULL;
         goto out;
     }
+    {
+        /* As mkdir would make DEST (mkdtemp makes it 0700). */
+        mode_t mask = umask(0);
+
+        umask(mask);
+        chmod(tmpdir, 0777 & ~mask);
+    }
 
     for (i = 0; i < st.nr; i++) {
         struct item *it = &st.it[i];

@@ -9,6 +9,7 @@
 # fail with one clear line and leave nothing, and a fixed-seed mutation
 # sweep must never crash.
 . "$(dirname "$0")/../functions.sh"
+umask 022
 
 requires virtnbdbackup virsh libvirtd qemu-system-x86_64 qemu-img qemu-io \
     setpriv
@@ -201,6 +202,8 @@ check_set() {
     [[ $(grep -c ' -> backup-' "$TMPD/import.out") -eq 5 ]] ||
         fail "import of $set/$disk: expected 5 backups: $(cat "$TMPD/import.out")"
     "$QCBT" verify "$out" >/dev/null || fail "verify of imported $set/$disk"
+    [[ $(stat -c %a "$out") == 755 ]] ||
+        fail "$out has mode $(stat -c %a "$out"), not 755 as mkdir makes it"
     for f in "$out"/backup-*.qcow2; do
         qemu-img check -q "$f" || fail "qemu-img check $f"
     done

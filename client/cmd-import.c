@@ -26,6 +26,7 @@
  */
 #include <dirent.h>
 #include <errno.h>
+#include <signal.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -50,6 +51,76 @@
 /* A set with more files than this is not one we were made for. */
 #define IMPORT_MAX_FILES 100000
 #define CPT_MAX_BYTES    (16u << 20)
+
+/* What a fatal signal must remove (vnb_signal_cleanup()): the directory
+ * being built (or the temporary one restore and verify read), the first
+ * sig_nr backup files in it, its manifests, and with sig_parent its
+ * parent too.  Set before each file is created; sig_nr < 0: nothing.
+ */
+static char sig_dir[4096];
+static volatile sig_atomic_t sig_nr = -1;
+static volatile sig_atomic_t sig_parent;
+
+static void
+sig_track(const char *dir, long nr, bool parent)
+{
+    sig_nr = -1;
+    if (!dir || strlen(dir) >= sizeof sig_dir - 32)
+        return; /* too long to clean up from a handler */
+    strcpy(sig_dir, dir);
+    sig_parent = parent;
+    sig_nr = nr;
+}
+
+/* Async-signal-safe: unlink, rmdir and plain byte copies only. */
+void
+vnb_signal_cleanup(void)
+{
+    static const char *const names[] = {MANIFEST_NAME, MANIFEST_TMP_NAME};
+    char p[sizeof sig_dir + 32];
+    size_t n, k;
+    long i, nr = sig_nr;
+
+    if (nr < 0)
+        return;
+    sig_nr = -1;
+    n = strlen(sig_dir);
+    memcpy(p, sig_dir, n);
+    p[n] = '/';
+    for (i = 0; i < nr; i++) {
+        /* backup-%04ld.qcow2 */
+        char d[24];
+        long v = i;
+        int nd = 0;
+
+        do {
+            d[nd++] = (char)('0' + v % 10);
+            v /= 10;
+        } while (v > 0);
+        while (nd < 4)
+            d[nd++] = '0';
+        memcpy(p + n + 1, "backup-", 7);
+        for (k = 0; k < (size_t)nd; k++)
+            p[n + 8 + k] = d[nd - 1 - k];
+        memcpy(p + n + 8 + nd, ".qcow2", 7);
+        unlink(p);
+    }
+    for (k = 0; k < 2; k++) {
+        size_t ln = strlen(names[k]);
+
+        memcpy(p + n + 1, names[k], ln + 1);
+        unlink(p);
+    }
+    p[n] = '\0';
+    rmdir(p);
+    if (sig_parent) {
+        while (n > 0 && p[n] != '/')
+            n--;
+        p[n] = '\0';
+        if (n > 0)
+            rmdir(p);
+    }
+}
 
 enum level { L_FULL, L_COPY, L_INC, L_DIFF };
 
@@ -768,11 +839,15 @@ print_json(const char *src, const char *dest, const struct set *st)
     printf("\n]}\n");
 }
 
-int
-vnb_import(const char *src,
+/* vnb_import(); with KEEP_TRACK the finished DEST stays tracked for a
+ * signal (its parent too: vnb_import_temp()'s).
+ */
+static int
+import_set(const char *src,
            const char *disk,
            const char *dest,
-           enum vnb_import_output output)
+           enum vnb_import_output output,
+           bool keep_track)
 {
     struct set st = {0};
     struct manifest man = {0};
@@ -842,10 +917,13 @@ vnb_import(const char *src,
         chmod(tmpdir, 0777 & ~mask);
     }
 
+    sig_track(tmpdir, 0, keep_track);
     for (i = 0; i < st.nr; i++) {
         struct item *it = &st.it[i];
         const struct vnb_meta *m = vnb_get_meta(it->s);
         struct backup_entry e = {0};
+
+        sig_nr = (sig_atomic_t)(i + 1);
         char hex[DIGEST_HEX_LEN + 1], sumhex[DIGEST_HEX_LEN + 1];
         struct timespec t0, t1;
 
@@ -890,6 +968,7 @@ vnb_import(const char *src,
                            : strerror(errno));
         goto out;
     }
+    sig_track(keep_track ? dest : NULL, (long)st.nr, true);
     free(tmpdir);
     tmpdir = NULL;
     fsync_dir(parent);
@@ -912,6 +991,7 @@ vnb_import(const char *src,
     r = 0;
 out:
     if (tmpdir) {
+        sig_nr = -1;
         remove_tmpdir(tmpdir, &st);
         free(tmpdir);
     }
@@ -919,6 +999,35 @@ out:
     manifest_free(&man);
     set_free(&st);
     return r;
+}
+
+int
+vnb_import(const char *src,
+           const char *disk,
+           const char *dest,
+           enum vnb_import_output output)
+{
+    return import_set(src, disk, dest, output, false);
+}
+
+static void
+import_on_signal(int sig)
+{
+    vnb_signal_cleanup();
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+void
+vnb_catch_signals(void)
+{
+    static const int sigs[] = {SIGINT, SIGTERM, SIGHUP};
+    struct sigaction sa = {.sa_handler = import_on_signal};
+    size_t i;
+
+    sigemptyset(&sa.sa_mask);
+    for (i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
+        sigaction(sigs[i], &sa, NULL);
 }
 
 static void
@@ -980,6 +1089,7 @@ cmd_import(int argc, char **argv)
     }
     if (argc - optind != 2)
         return usage_error("import", "expected VNBDIR DIR");
+    vnb_catch_signals();
     if (vnb_import(argv[optind],
                    disk,
                    argv[optind + 1],
@@ -1046,7 +1156,7 @@ vnb_import_temp(const char *src, const char *disk, char **out)
         return qcbt_error(ENOMEM, "out of memory");
     }
     free(top);
-    r = vnb_import(src, disk, dest, VNB_IMPORT_QUIET);
+    r = import_set(src, disk, dest, VNB_IMPORT_QUIET, true);
     if (r < 0) {
         vnb_temp_free(dest);
         return r;
@@ -1064,6 +1174,7 @@ vnb_temp_free(char *dir)
 
     if (!dir)
         return;
+    sig_nr = -1;
     if (manifest_load(dir, &m) == 0) {
         for (i = 0; i < m.nr; i++)
             if ((p = path_join(dir, m.backups[i].file))) {

@@ -147,6 +147,7 @@ restore_on_signal(int sig)
 
     if (p)
         unlink(p);
+    vnb_signal_cleanup();
     signal(sig, SIG_DFL);
     raise(sig);
 }
@@ -835,6 +836,7 @@ cmd_restore(int argc, char **argv)
     if (vnb_is_set(dir)) {
         /* A virtnbdbackup set: read (and check) it whole into a
          * temporary backup directory first. */
+        vnb_catch_signals();
         if (vnb_import_temp(dir, disk, &vtmp) < 0)
             return report_error();
         dir = vtmp;
@@ -1097,6 +1099,7 @@ cmd_verify(int argc, char **argv)
     if (vnb_is_set(dir)) {
         /* Reading the set whole checks every stream; the chain it makes
          * is then checked as any backup directory. */
+        vnb_catch_signals();
         if (vnb_import_temp(dir, disk, &vtmp) < 0)
             return report_error();
         dir = vtmp;

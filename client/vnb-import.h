@@ -36,4 +36,15 @@ int vnb_import_temp(const char *src, const char *disk, char **out);
  */
 void vnb_temp_free(char *dir);
 
+/* Remove what an import under way, or vnb_import_temp()'s directory,
+ * has put on disk: called from a fatal signal's handler (it is
+ * async-signal-safe) before the signal is raised again.
+ */
+void vnb_signal_cleanup(void);
+
+/* Install a handler for SIGINT, SIGTERM and SIGHUP that calls
+ * vnb_signal_cleanup() and dies of the signal.
+ */
+void vnb_catch_signals(void);
+
 #endif /* QCBT_CLIENT_VNB_IMPORT_H */

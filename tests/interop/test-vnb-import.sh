@@ -258,6 +258,32 @@ expect_qcbt_error "--disk applies to a virtnbdbackup directory" \
     -- verify --disk vda "$TMPD/imp-lz4-vda"
 unset TMPDIR
 
+# A fatal signal in the middle leaves nothing either: SIGTERM once the
+# import has written a file, for qcbt import and for a restore from the
+# set.
+has_part() { compgen -G "$1" >/dev/null; }
+export TMPDIR=$TMPD/vt
+"$QCBT" import --disk vda "$TMPD/lz4" "$TMPD/sig-out" >/dev/null 2>&1 &
+pid=$!
+wait_until -p $pid -- has_part "$TMPD/.qcbt-import-*/backup-0000.qcow2" ||
+    fail "oracle broke: import finished before it could be interrupted"
+kill -TERM $pid
+rc=0
+wait $pid || rc=$?
+[[ $rc -eq 143 ]] || fail "import killed by SIGTERM exited $rc"
+! has_part "$TMPD/.qcbt-import-*" && [[ ! -e $TMPD/sig-out ]] ||
+    fail "an import killed by SIGTERM left $(ls -d "$TMPD"/.qcbt-import-* "$TMPD"/sig-out 2>/dev/null)"
+"$QCBT" restore --disk vda "$TMPD/lz4" "$TMPD/sig.raw" >/dev/null 2>&1 &
+pid=$!
+wait_until -p $pid -- has_part "$TMPDIR/qcbt-vnb-*/.qcbt-import-*/backup-0000.qcow2" ||
+    fail "oracle broke: restore finished before it could be interrupted"
+kill -TERM $pid
+rc=0
+wait $pid || rc=$?
+[[ $rc -eq 143 ]] || fail "restore killed by SIGTERM exited $rc"
+[[ -z $(ls -A "$TMPDIR") ]] || fail "a restore killed by SIGTERM left $(ls -A "$TMPDIR")"
+unset TMPDIR
+
 # --- history carries on: qcbt backup --since a virtnbdbackup checkpoint ---
 # The lz4 set's checkpoints live on as bitmaps in vda.qcow2 (offline
 # writes are recorded in them too).

@@ -26,6 +26,7 @@ static const struct {
     {"backup", cmd_backup, "full or incremental backup of an NBD export"},
     {"restore", cmd_restore, "restore a backup to a file or NBD export"},
     {"verify", cmd_verify, "check a backup directory (and against a source)"},
+    {"import", cmd_import, "turn a virtnbdbackup backup set into a backup dir"},
 };
 
 static void

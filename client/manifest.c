@@ -247,7 +247,8 @@ manifest_load(const char *dir, struct manifest *m)
             e.seconds = sec->number;
         if (!plain_name(e.file) || (e.backing && !plain_name(e.backing)) ||
             (strcmp(e.type, "full") != 0 &&
-             strcmp(e.type, "incremental") != 0) ||
+             strcmp(e.type, "incremental") != 0 &&
+             strcmp(e.type, "differential") != 0) ||
             (strcmp(e.type, "full") == 0) != (e.backing == NULL)) {
             entry_free(&e);
             r = qcbt_error(EINVAL,

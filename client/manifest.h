@@ -19,7 +19,10 @@
 
 struct backup_entry {
     char *file;       /* "backup-0003.qcow2" */
-    char *type;       /* "full" / "incremental" */
+    char *type;       /* "full" / "incremental" / "differential" (its
+                         backing file is an older backup than the
+                         previous one: qcbt import of virtnbdbackup
+                         differentials) */
     char *checkpoint; /* bitmap name, or NULL */
     char *context;    /* meta context used, or NULL */
     char *uri;        /* source URI */

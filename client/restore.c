@@ -23,6 +23,7 @@
 #include "qcbt.h"
 #include "qcow2-writer.h"
 #include "rounding.h"
+#include "vnb-import.h"
 
 #define RCHUNK   (4u * 1024 * 1024) /* multiple of DIGEST_BLOCK */
 #define RTHREADS 2
@@ -146,6 +147,7 @@ restore_on_signal(int sig)
 
     if (p)
         unlink(p);
+    vnb_signal_cleanup();
     signal(sig, SIG_DFL);
     raise(sig);
 }
@@ -755,6 +757,11 @@ restore_usage(FILE *fp)
             "failed\n"
             "restore leaves nothing.  A device or an export is written in "
             "place.\n"
+            "DIR may be a virtnbdbackup backup directory: it is imported "
+            "(as by\n"
+            "qcbt import) into $TMPDIR (default /var/tmp) first, and N "
+            "counts its\n"
+            "backups in the order qcbt import gives them.\n"
             "\n"
             "      --at N        backup N of DIR (0 = the first)\n"
             "  -O, --output-format raw|qcow2\n"
@@ -764,6 +771,9 @@ restore_usage(FILE *fp)
             "      --force       replace an existing file OUT, or write into "
             "a\n"
             "                    block device\n"
+            "      --disk NAME   DIR is a virtnbdbackup directory: restore "
+            "disk NAME\n"
+            "                    (needed when it holds several)\n"
             "  -h, --help        show this help\n");
 }
 
@@ -774,6 +784,7 @@ cmd_restore(int argc, char **argv)
         {"at", required_argument, NULL, 'a'},
         {"output-format", required_argument, NULL, 'O'},
         {"force", no_argument, NULL, 'F'},
+        {"disk", required_argument, NULL, 'd'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -785,8 +796,9 @@ cmd_restore(int argc, char **argv)
     struct rjob j = {0};
     struct rfile f = {0};
     pthread_t th[RTHREADS];
-    const char *fmt = NULL, *dir, *out;
+    const char *fmt = NULL, *dir, *out, *disk = NULL;
     char hex[DIGEST_HEX_LEN + 1];
+    char *vtmp = NULL;
     bool force = false;
     long at = -1;
     int opt, i, started = 0, ret = QCBT_EXIT_ERROR;
@@ -807,6 +819,9 @@ cmd_restore(int argc, char **argv)
         case 'F':
             force = true;
             break;
+        case 'd':
+            disk = optarg;
+            break;
         case 'h':
             restore_usage(stdout);
             return QCBT_EXIT_OK;
@@ -818,6 +833,19 @@ cmd_restore(int argc, char **argv)
         return usage_error("restore", "expected DIR OUT");
     dir = argv[optind];
     out = argv[optind + 1];
+    if (vnb_is_set(dir)) {
+        /* A virtnbdbackup set: read (and check) it whole into a
+         * temporary backup directory first. */
+        vnb_catch_signals();
+        if (vnb_import_temp(dir, disk, &vtmp) < 0)
+            return report_error();
+        dir = vtmp;
+    } else if (disk) {
+        return usage_error("restore",
+                           "--disk applies to a virtnbdbackup directory, "
+                           "and %s is none",
+                           dir);
+    }
     j.fd = -1;
     j.out = out;
     pthread_mutex_init(&j.lock, NULL);
@@ -896,6 +924,7 @@ out:
     chain_close(j.c);
     manifest_free(&m);
     pthread_mutex_destroy(&j.lock);
+    vnb_temp_free(vtmp);
     return ret;
 }
 
@@ -914,7 +943,19 @@ verify_usage(FILE *fp)
             "With --against, also compare backup N (default: the newest) "
             "with\n"
             "the live source URI byte for byte.  Exit 0 when everything "
-            "holds.\n");
+            "holds.\n"
+            "DIR may be a virtnbdbackup backup directory: every stream is "
+            "read\n"
+            "whole and checked, then the chain it makes is verified (in "
+            "$TMPDIR).\n"
+            "\n"
+            "      --against URI compare backup N with the NBD export URI\n"
+            "      --at N        the backup --against compares (default: "
+            "the newest)\n"
+            "      --disk NAME   the disk of a virtnbdbackup directory "
+            "(needed when\n"
+            "                    it holds several)\n"
+            "  -h, --help        show this help\n");
 }
 
 /* libnbd 1.14 does not check that a read's chunks cover the request. */
@@ -1021,11 +1062,13 @@ cmd_verify(int argc, char **argv)
     static const struct option opts[] = {
         {"against", required_argument, NULL, 'A'},
         {"at", required_argument, NULL, 'a'},
+        {"disk", required_argument, NULL, 'd'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     static const char optstring[] = "h";
-    const char *against = NULL, *dir;
+    const char *against = NULL, *dir, *disk = NULL, *shown;
+    char *vtmp = NULL;
     struct manifest m = {0};
     long at = -1;
     int opt, bad = 0;
@@ -1040,6 +1083,9 @@ cmd_verify(int argc, char **argv)
             if (parse_index(optarg, &at) < 0)
                 return usage_error("verify", "invalid --at '%s'", optarg);
             break;
+        case 'd':
+            disk = optarg;
+            break;
         case 'h':
             verify_usage(stdout);
             return QCBT_EXIT_OK;
@@ -1049,9 +1095,27 @@ cmd_verify(int argc, char **argv)
     }
     if (argc - optind != 1)
         return usage_error("verify", "expected DIR");
-    dir = argv[optind];
-    if (load_dir(dir, &m) < 0)
+    dir = shown = argv[optind];
+    if (vnb_is_set(dir)) {
+        /* Reading the set whole checks every stream; the chain it makes
+         * is then checked as any backup directory. */
+        vnb_catch_signals();
+        if (vnb_import_temp(dir, disk, &vtmp) < 0)
+            return report_error();
+        dir = vtmp;
+        printf("%s: a virtnbdbackup set: every stream is well formed "
+               "(frames, lengths, checksums, data sizes)\n",
+               shown);
+    } else if (disk) {
+        return usage_error("verify",
+                           "--disk applies to a virtnbdbackup directory, "
+                           "and %s is none",
+                           dir);
+    }
+    if (load_dir(dir, &m) < 0) {
+        vnb_temp_free(vtmp);
         return report_error();
+    }
     if (m.nr == 0) {
         die_msg("verify: %s has no backups (no %s)", dir, MANIFEST_NAME);
         return QCBT_EXIT_ERROR;
@@ -1116,8 +1180,9 @@ cmd_verify(int argc, char **argv)
         free(path);
     }
     manifest_free(&m);
+    vnb_temp_free(vtmp);
     if (bad) {
-        die_msg("verify: %d problem(s) in %s", bad, dir);
+        die_msg("verify: %d problem(s) in %s", bad, shown);
         return QCBT_EXIT_ERROR;
     }
     return QCBT_EXIT_OK;

@@ -78,6 +78,13 @@ e "qcbt: verify: option '--against' requires an argument" "(see qcbt verify --he
 e "qcbt: verify: option '--a' is ambiguous" -- verify --a 1 D
 e "qcbt: verify: invalid --at '-1'" -- verify --at -1 D
 e "qcbt: verify: expected DIR" "(see qcbt verify --help)" -- verify
+e "qcbt: verify: --disk applies to a virtnbdbackup directory, and D is none" -- verify --disk vda D
+e "qcbt: restore: --disk applies to a virtnbdbackup directory, and D is none" -- restore --disk vda D out
+
+e "qcbt: import: expected VNBDIR DIR" "(see qcbt import --help)" -- import V
+e "qcbt: import: expected VNBDIR DIR" -- import V D extra
+e "qcbt: import: option '--disk' requires an argument" -- import V D --disk
+e "qcbt: import: option '--json' doesn't allow an argument" -- import --json=1 V D
 e "qcbt: verify: expected DIR" -- verify D1 D2
 
 # A backup directory that is not there is the system's error, not "no

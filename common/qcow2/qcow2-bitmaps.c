@@ -418,8 +418,8 @@ ensure_map(struct qcow2_image *img, struct qcow2_bitmap_list *list)
     }
     if (img->bitmaps.present &&
         ((r = qcow2_metamap_add(img->bm_map,
-                                img->bitmaps.dir_offset,
-                                img->bitmaps.dir_size,
+                                img->bitmaps.ext.bitmap_directory_offset,
+                                img->bitmaps.ext.bitmap_directory_size,
                                 "the bitmap directory")) < 0 ||
          (r = qcow2_metamap_sort(img->bm_map)) < 0))
         return r;
@@ -720,7 +720,8 @@ out:
 int
 qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
 {
-    const struct qcow2_bitmaps_ext *ext = &img->bitmaps;
+    const struct qcow2_bitmaps_found *found = &img->bitmaps;
+    const struct qcow2_bitmaps_ext *ext = &found->ext;
     struct qcow2_bitmap_list *list;
     unsigned char *dir = NULL;
     const char *hit;
@@ -732,9 +733,9 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
     if (!list)
         return qcbt_error(ENOMEM, "out of memory");
     *out = list;
-    list->present = ext->present;
-    list->names_known = !ext->present;
-    if (!ext->present) {
+    list->present = found->present;
+    list->names_known = !found->present;
+    if (!found->present) {
         /* No bitmaps: nothing is wrong (unless the autoclear bit says
          * there should be some). */
         list->usable = !(img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS);
@@ -746,13 +747,13 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
     }
 
     /* Extension-level rules (qcow2_read_extensions). */
-    if (ext->ext_len != 24) {
+    if (found->ext_len != 24) {
         LAYER_BAD(list,
                   "bitmaps extension has length %" PRIu32 " (24 expected)",
-                  ext->ext_len);
+                  found->ext_len);
         return 0;
     }
-    if (ext->reserved != 0) {
+    if (ext->reserved32 != 0) {
         LAYER_BAD(list, "bitmaps extension: reserved field is not zero");
         return 0;
     }
@@ -764,21 +765,24 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
                   QCOW2_MAX_BITMAPS);
         return 0;
     }
-    if (ext->dir_size == 0 || ext->dir_size > QCOW2_MAX_BITMAP_DIR_SIZE) {
+    if (ext->bitmap_directory_size == 0 ||
+        ext->bitmap_directory_size > QCOW2_MAX_BITMAP_DIR_SIZE) {
         LAYER_BAD(list,
                   "bitmaps extension: directory size %" PRIu64 " out of range",
-                  ext->dir_size);
+                  ext->bitmap_directory_size);
         return 0;
     }
-    if (!IS_ALIGNED(ext->dir_offset, img->cluster_size) ||
-        ADD_OVERFLOW(ext->dir_offset, ext->dir_size, &end) ||
+    if (!IS_ALIGNED(ext->bitmap_directory_offset, img->cluster_size) ||
+        ADD_OVERFLOW(ext->bitmap_directory_offset,
+                     ext->bitmap_directory_size,
+                     &end) ||
         end > img->io->size) {
         LAYER_BAD(list,
                   "bitmaps extension: directory at 0x%" PRIx64 " (%" PRIu64
                   " bytes) is misaligned or past the end of "
                   "the file",
-                  ext->dir_offset,
-                  ext->dir_size);
+                  ext->bitmap_directory_offset,
+                  ext->bitmap_directory_size);
         return 0;
     }
     /* The map of the image's own metadata (without the directory yet),
@@ -797,22 +801,24 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
             return 0;
         }
     }
-    hit = hits_metadata(img, ext->dir_offset, ext->dir_size);
+    hit = hits_metadata(img,
+                        ext->bitmap_directory_offset,
+                        ext->bitmap_directory_size);
     if (hit) {
         LAYER_BAD(list,
                   "bitmap directory at 0x%" PRIx64 " overlaps %s",
-                  ext->dir_offset,
+                  ext->bitmap_directory_offset,
                   hit);
         return 0;
     }
 
-    dir = malloc(ext->dir_size);
+    dir = malloc(ext->bitmap_directory_size);
     if (!dir)
         return qcbt_error(ENOMEM, "out of memory");
     r = qcbt_io_read_exact(img->io,
                            dir,
-                           ext->dir_size,
-                           ext->dir_offset,
+                           ext->bitmap_directory_size,
+                           ext->bitmap_directory_offset,
                            false,
                            "bitmap directory");
     if (r < 0) {
@@ -821,14 +827,18 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
         return 0;
     }
     if ((r = qcow2_metamap_add(img->bm_map,
-                               ext->dir_offset,
-                               ext->dir_size,
+                               ext->bitmap_directory_offset,
+                               ext->bitmap_directory_size,
                                "the bitmap directory")) < 0 ||
         (r = qcow2_metamap_sort(img->bm_map)) < 0) {
         free(dir);
         return r;
     }
-    r = qcow2_bitmaps_parse_dir(img, dir, ext->dir_size, ext->nb_bitmaps, list);
+    r = qcow2_bitmaps_parse_dir(img,
+                                dir,
+                                ext->bitmap_directory_size,
+                                ext->nb_bitmaps,
+                                list);
     free(dir);
     if (r < 0)
         return r;
@@ -996,8 +1006,8 @@ qcow2_bitmap_load_data(struct qcow2_image *img,
             hit = "its own bitmap table";
         if (!hit && overlaps(off,
                              img->cluster_size,
-                             img->bitmaps.dir_offset,
-                             img->bitmaps.dir_size))
+                             img->bitmaps.ext.bitmap_directory_offset,
+                             img->bitmaps.ext.bitmap_directory_size))
             hit = "the bitmap directory";
         if (hit) {
             r = qcbt_error(EINVAL,

@@ -21,14 +21,8 @@
 #include "qcow2-metamap.h"
 #include "rounding.h"
 
-#define QCOW2_V2_HEADER_LENGTH 72
-#define QCOW2_V3_HEADER_LENGTH 104
-
-bool
-qcow2_probe(const void *buf, size_t len)
-{
-    return len >= 4 && get_be32(buf) == QCOW2_MAGIC;
-}
+#define QCOW2_V2_HEADER_LENGTH QCOW2_HEADER_V2_LENGTH
+#define QCOW2_V3_HEADER_LENGTH QCOW2_HEADER_V3_LENGTH
 
 int
 qcow2_parse_header(const void *buf,
@@ -232,22 +226,6 @@ qcow2_parse_header(const void *buf,
     return 0;
 }
 
-/* The features QEMU 7.2 names in its feature-name table, in its order
- * (the writer writes exactly this table).
- */
-const struct qcow2_known_feature qcow2_known_features[] = {
-    {0, 0, "dirty bit"},
-    {0, 1, "corrupt bit"},
-    {0, 2, "external data file"},
-    {0, 3, "compression type"},
-    {0, 4, "extended L2 entries"},
-    {1, 0, "lazy refcounts"},
-    {2, 0, "bitmaps"},
-    {2, 1, "raw external data"},
-};
-const size_t qcow2_nr_known_features =
-    sizeof qcow2_known_features / sizeof qcow2_known_features[0];
-
 const char *
 qcow2_feature_name(const struct qcow2_image *img, uint8_t type, uint8_t bit)
 {
@@ -357,12 +335,8 @@ parse_extensions(struct qcow2_image *img, const unsigned char *c0)
             seen_bitmaps = true;
             img->bitmaps.present = true;
             img->bitmaps.ext_len = len;
-            if (len >= 24) {
-                img->bitmaps.nb_bitmaps = get_be32(data);
-                img->bitmaps.reserved = get_be32(data + 4);
-                img->bitmaps.dir_size = get_be64(data + 8);
-                img->bitmaps.dir_offset = get_be64(data + 16);
-            }
+            if (len >= QCOW2_BITMAPS_EXT_SIZE)
+                qcow2_bitmaps_ext_decode(data, &img->bitmaps.ext);
             break;
 
         case QCOW2_EXT_CRYPTO:

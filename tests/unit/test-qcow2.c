@@ -1432,7 +1432,7 @@ test_bad_extension_length(void **state)
 
         assert_true(q->bitmaps.present);
         assert_int_equal(q->bitmaps.ext_len, 4);
-        assert_int_equal(q->bitmaps.nb_bitmaps, 0);
+        assert_int_equal(q->bitmaps.ext.nb_bitmaps, 0);
         qcow2_close(q);
     }
     free(img);

@@ -522,7 +522,7 @@ check_guest_overlap(struct qcow2_image *img,
                     size_t n)
 {
     uint64_t cs = img->cluster_size;
-    size_t esize = img->extended_l2 ? 16 : 8;
+    uint64_t words = img->extended_l2 ? 2 : 1; /* per L2 entry */
     unsigned char *t;
     uint64_t i, k;
 
@@ -546,13 +546,15 @@ check_guest_overlap(struct qcow2_image *img,
             break;
         }
         for (k = 0; k < img->l2_entries; k++) {
-            uint64_t e = get_be64(t + k * esize), off, len;
+            uint64_t e = qcow2_table_get(t, k * words), off, len;
             const struct owned *hit;
 
             if (e & QCOW2_OFLAG_COMPRESSED) {
-                off = e & img->coffset_mask;
-                len = (((e >> img->csize_shift) & img->csize_mask) + 1) * 512 -
-                      (off & 511);
+                struct qcow2_compressed_desc d;
+
+                qcow2_compressed_desc_decode(e, img->hdr.cluster_bits, &d);
+                off = d.host_offset;
+                len = qcow2_compressed_desc_len(&d);
             } else {
                 off = e & QCOW2_L2E_OFFSET_MASK;
                 len = cs;
@@ -725,7 +727,6 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
     struct qcow2_bitmap_list *list;
     unsigned char *dir = NULL;
     const char *hit;
-    uint64_t end;
     size_t i;
     int r;
 
@@ -747,42 +748,15 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
     }
 
     /* Extension-level rules (qcow2_read_extensions). */
-    if (found->ext_len != 24) {
+    if (found->ext_len != QCOW2_BITMAPS_EXT_SIZE) {
         LAYER_BAD(list,
                   "bitmaps extension has length %" PRIu32 " (24 expected)",
                   found->ext_len);
         return 0;
     }
-    if (ext->reserved32 != 0) {
-        LAYER_BAD(list, "bitmaps extension: reserved field is not zero");
-        return 0;
-    }
-    if (ext->nb_bitmaps == 0 || ext->nb_bitmaps > QCOW2_MAX_BITMAPS) {
-        LAYER_BAD(list,
-                  "bitmaps extension: %" PRIu32 " bitmaps (1..%d "
-                  "allowed)",
-                  ext->nb_bitmaps,
-                  QCOW2_MAX_BITMAPS);
-        return 0;
-    }
-    if (ext->bitmap_directory_size == 0 ||
-        ext->bitmap_directory_size > QCOW2_MAX_BITMAP_DIR_SIZE) {
-        LAYER_BAD(list,
-                  "bitmaps extension: directory size %" PRIu64 " out of range",
-                  ext->bitmap_directory_size);
-        return 0;
-    }
-    if (!IS_ALIGNED(ext->bitmap_directory_offset, img->cluster_size) ||
-        ADD_OVERFLOW(ext->bitmap_directory_offset,
-                     ext->bitmap_directory_size,
-                     &end) ||
-        end > img->io->size) {
-        LAYER_BAD(list,
-                  "bitmaps extension: directory at 0x%" PRIx64 " (%" PRIu64
-                  " bytes) is misaligned or past the end of "
-                  "the file",
-                  ext->bitmap_directory_offset,
-                  ext->bitmap_directory_size);
+    if (qcow2_bitmaps_ext_check(ext, img->cluster_size, img->io->size) < 0) {
+        LAYER_BAD(list, "%s", qcbt_error_get());
+        qcbt_error_clear();
         return 0;
     }
     /* The map of the image's own metadata (without the directory yet),

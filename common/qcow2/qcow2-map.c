@@ -11,7 +11,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "byteorder.h"
 #include "error.h"
 #include "isaligned.h"
 #include "minmax.h"
@@ -104,7 +103,7 @@ l2_get_locked(struct qcow2_image *img, uint64_t l2_offset, uint64_t **table)
     if (r < 0)
         return r;
     for (i = 0; i < nwords; i++)
-        victim->table[i] = get_be64(c->raw + i * 8);
+        victim->table[i] = qcow2_table_get(c->raw, i);
     victim->offset = l2_offset;
     victim->used = ++c->clock;
     *table = victim->table;

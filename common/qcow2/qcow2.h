@@ -1,8 +1,8 @@
 /* qcbt: qcow2 reader (read-only open, mapping, compressed clusters).
  *
  * Format facts: QEMU docs/interop/qcow2.txt; ../shared/docs/qcow2-format.md.
- * Every field read from the image is validated here, at the boundary, and
- * converted from big-endian once.  After
+ * Every field read from the image is decoded and validated at the boundary
+ * by the format layer (qcow2-format.h), the same rules the writer obeys.  After
  * qcow2_open() the header fields are immutable; only the L2 cache changes,
  * under its own mutex, so one image may be mapped and read from several
  * threads.
@@ -47,9 +47,6 @@ struct qcow2_image {
     uint64_t l2_entries;
     bool extended_l2;
     unsigned subcluster_bits; /* log2(subcluster size) */
-    unsigned csize_shift;     /* compressed descriptor layout */
-    uint64_t csize_mask;
-    uint64_t coffset_mask;
 
     uint64_t *l1; /* host byte order, l1_size entries */
 
@@ -140,8 +137,9 @@ int qcow2_get_refcount(struct qcow2_image *img,
 
 /* Low-level helpers, exposed for the unit tests. */
 
-/* Validate the fixed header in BUF (LEN bytes, at least 72) against a file
- * of FILE_SIZE bytes and fill *hdr.  Returns 0 or -errno with a message.
+/* Decode the fixed header in BUF (LEN bytes, at least 72) and validate it
+ * against a file of FILE_SIZE bytes (qcow2_header_decode(),
+ * qcow2_header_check()); fill *hdr.  Returns 0 or -errno with a message.
  */
 int qcow2_parse_header(const void *buf,
                        size_t len,

@@ -21,7 +21,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "byteorder.h"
 #include "checked-overflow.h"
 #include "error.h"
 #include "minmax.h"
@@ -29,8 +28,8 @@
 #include "qcow2-writer.h"
 #include "rounding.h"
 
-#define WRITER_HEADER_LENGTH  112 /* what qemu writes for v3 */
-#define WRITER_REFCOUNT_ORDER 4   /* 16-bit refcounts, qemu's default */
+#define WRITER_HEADER_LENGTH  QCOW2_HEADER_LENGTH /* v3 as qemu writes it */
+#define WRITER_REFCOUNT_ORDER 4 /* 16-bit refcounts, qemu's default */
 #define WRITER_MSG_MAX        512
 #define DIRECT_MIN            (64 * 1024) /* smaller writes are gathered */
 /* Write-behind: up to WRITER_WB_BYTES in writeback at once.  One buffer
@@ -48,7 +47,7 @@
  */
 #define WRITER_FEATURE_TABLE_MIN_CLUSTER 8192
 #define WRITER_NR_FEATURES               qcow2_nr_known_features
-#define WRITER_FEATURE_LEN               48
+#define WRITER_FEATURE_LEN               QCOW2_FEATURE_NAME_SIZE
 
 struct qcow2_writer {
     int fd;
@@ -637,10 +636,10 @@ header_ext_end(uint32_t cluster_size, size_t fmt_len)
     size_t n = WRITER_HEADER_LENGTH;
 
     if (fmt_len)
-        n += 8 + ROUND_UP(fmt_len, 8);
+        n += qcow2_header_ext_size((uint32_t)fmt_len);
     if (cluster_size >= WRITER_FEATURE_TABLE_MIN_CLUSTER)
-        n += 8 + WRITER_NR_FEATURES * WRITER_FEATURE_LEN;
-    return n + 8;
+        n += qcow2_header_ext_size(WRITER_NR_FEATURES * WRITER_FEATURE_LEN);
+    return n + QCOW2_HEADER_EXT_SIZE;
 }
 
 static int
@@ -870,7 +869,7 @@ write_l2_tables(struct qcow2_writer *w, uint64_t *l1)
         if (r < 0)
             return r;
         for (j = 0; j < entries; j++)
-            put_be64(slot + j * 8, t[j]);
+            qcow2_table_set(slot, j, t[j]);
         r = commit_cluster(w, host, slot);
         if (r < 0)
             return r;
@@ -933,7 +932,7 @@ write_refcounts(struct qcow2_writer *w,
             uint64_t b = i * (cs / 8) + j;
 
             if (b < nblocks)
-                put_be64(slot + j * 8, (used + ntable + b) * cs);
+                qcow2_table_set(slot, j, (used + ntable + b) * cs);
         }
     }
     for (i = 0; i < nblocks; i++) {
@@ -948,9 +947,33 @@ write_refcounts(struct qcow2_writer *w,
                 fi++;
             if (fi < w->nr_free && w->free[fi] == k * cs)
                 continue;
-            put_be16(slot + j * 2, 1);
+            qcow2_refblock_set(slot, WRITER_REFCOUNT_ORDER, j, 1);
         }
     }
+    return 0;
+}
+
+/* Append the extension TYPE with LEN bytes of DATA (NULL: the caller
+ * fills them) at *P of the header cluster H, after checking it against
+ * the extension area [*P, END) as the reader will.
+ */
+static int
+put_ext(struct qcow2_writer *w,
+        unsigned char *h,
+        size_t *p,
+        size_t end,
+        uint32_t type,
+        const void *data,
+        uint32_t len)
+{
+    struct qcow2_header_ext ext = {type, len};
+
+    if (qcow2_header_ext_check(&ext, *p, end) < 0)
+        return writer_fail(w, EINVAL, "%s", qcbt_error_get());
+    qcow2_header_ext_encode(&ext, h + *p);
+    if (data)
+        memcpy(h + *p + QCOW2_HEADER_EXT_SIZE, data, len);
+    *p += qcow2_header_ext_size(len);
     return 0;
 }
 
@@ -962,49 +985,71 @@ write_header(struct qcow2_writer *w,
 {
     unsigned char *h = w->scratch;
     size_t fmt_len = w->backing_fmt ? strlen(w->backing_fmt) : 0;
+    size_t name_len = w->backing_file ? strlen(w->backing_file) : 0;
+    /* The extension area ends where the backing file name starts. */
+    size_t end = w->backing_file ? header_ext_end(w->cluster_size, fmt_len)
+                                 : w->cluster_size;
+    struct qcow2_header hdr = {
+        .magic = QCOW2_MAGIC,
+        .version = 3,
+        .backing_file_offset = w->backing_file ? end : 0,
+        .backing_file_size = (uint32_t)name_len,
+        .cluster_bits = w->cluster_bits,
+        .size = w->size,
+        .crypt_method = 0,
+        .l1_size = w->l1_size,
+        .l1_table_offset = l1_off,
+        .refcount_table_offset = reftable_off,
+        .refcount_table_clusters = reftable_clusters,
+        /* no snapshots, no feature bits */
+        .refcount_order = WRITER_REFCOUNT_ORDER,
+        .header_length = WRITER_HEADER_LENGTH,
+        .compression_type = QCOW2_COMPRESSION_DEFLATE,
+    };
     size_t p, i, len;
+    int r;
 
+    /* What we write is what the reader accepts: the same validator, for
+     * the file as it will be once the header is in place.
+     */
+    if (qcow2_header_check(&hdr, w->next_host) < 0)
+        return writer_fail(w, EINVAL, "header: %s", qcbt_error_get());
     memset(h, 0, w->cluster_size);
-    put_be32(h + 0, QCOW2_MAGIC);
-    put_be32(h + 4, 3);
-    put_be32(h + 20, w->cluster_bits);
-    put_be64(h + 24, w->size);
-    put_be32(h + 32, 0); /* crypt_method */
-    put_be32(h + 36, w->l1_size);
-    put_be64(h + 40, l1_off);
-    put_be64(h + 48, reftable_off);
-    put_be32(h + 56, reftable_clusters);
-    /* nb_snapshots, snapshots_offset, features: 0 */
-    put_be32(h + 96, WRITER_REFCOUNT_ORDER);
-    put_be32(h + 100, WRITER_HEADER_LENGTH);
-    /* 104: compression_type 0 (deflate) + padding */
+    p = qcow2_header_encode(&hdr, h);
 
-    p = WRITER_HEADER_LENGTH;
+    /* qcow2_update_header's order: backing format, feature table, end. */
     if (fmt_len) {
-        put_be32(h + p, QCOW2_EXT_BACKING_FMT);
-        put_be32(h + p + 4, (uint32_t)fmt_len);
-        memcpy(h + p + 8, w->backing_fmt, fmt_len);
-        p += 8 + ROUND_UP(fmt_len, 8);
+        r = put_ext(w,
+                    h,
+                    &p,
+                    end,
+                    QCOW2_EXT_BACKING_FMT,
+                    w->backing_fmt,
+                    (uint32_t)fmt_len);
+        if (r < 0)
+            return r;
     }
     if (w->cluster_size >= WRITER_FEATURE_TABLE_MIN_CLUSTER) {
-        put_be32(h + p, QCOW2_EXT_FEATURES);
-        put_be32(h + p + 4, WRITER_NR_FEATURES * WRITER_FEATURE_LEN);
-        p += 8;
+        size_t table = p + QCOW2_HEADER_EXT_SIZE;
+
+        r = put_ext(w,
+                    h,
+                    &p,
+                    end,
+                    QCOW2_EXT_FEATURES,
+                    NULL,
+                    (uint32_t)(WRITER_NR_FEATURES * WRITER_FEATURE_LEN));
+        if (r < 0)
+            return r;
         for (i = 0; i < WRITER_NR_FEATURES; i++) {
-            h[p] = qcow2_known_features[i].type;
-            h[p + 1] = qcow2_known_features[i].bit;
-            memcpy(h + p + 2,
-                   qcow2_known_features[i].name,
-                   strlen(qcow2_known_features[i].name));
-            p += WRITER_FEATURE_LEN;
+            if (qcow2_feature_name_check(&qcow2_known_features[i]) < 0)
+                return writer_fail(w, EINVAL, "%s", qcbt_error_get());
+            qcow2_feature_name_encode(&qcow2_known_features[i],
+                                      h + table + i * WRITER_FEATURE_LEN);
         }
     }
-    p += 8; /* end of extensions: type 0, length 0 */
+    p += QCOW2_HEADER_EXT_SIZE; /* end of extensions: type 0, length 0 */
     if (w->backing_file) {
-        size_t name_len = strlen(w->backing_file);
-
-        put_be64(h + 8, p);
-        put_be32(h + 16, (uint32_t)name_len);
         memcpy(h + p, w->backing_file, name_len);
         p += name_len;
     }
@@ -1042,7 +1087,7 @@ finalize(struct qcow2_writer *w)
         if (i == 0)
             l1_off = host;
         for (j = 0; j < per && i * per + j < w->l1_size; j++)
-            put_be64(slot + j * 8, l1[i * per + j]);
+            qcow2_table_set(slot, j, l1[i * per + j]);
     }
 
     r = write_refcounts(w, &reftable_off, &reftable_clusters);

@@ -731,6 +731,51 @@ qcow2_bitmap_table_entry_check(const struct qcow2_bitmap_table_entry *e,
 }
 
 /* ------------------------------------------------------------------ */
+/* L2 entries */
+
+int
+qcow2_l2_entry_check(uint64_t entry,
+                     uint64_t bitmap,
+                     const struct qcow2_header *h)
+{
+    bool data_file = h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE;
+    bool extended = h->incompatible_features & QCOW2_INCOMPAT_EXTL2;
+    uint64_t host = entry & QCOW2_L2E_OFFSET_MASK;
+    bool allocated;
+
+    if (entry & QCOW2_OFLAG_COMPRESSED) {
+        if (data_file)
+            return qcbt_error(EIO,
+                              "compressed cluster with an external data "
+                              "file");
+        if (extended && bitmap != 0)
+            return qcbt_error(EIO,
+                              "compressed cluster with a non-zero "
+                              "subcluster bitmap");
+        return 0;
+    }
+    if (entry & QCOW2_L2E_STD_RESERVED)
+        return qcbt_error(EIO, "reserved bits set");
+    if (h->version < 3 && (entry & QCOW2_OFLAG_ZERO))
+        return qcbt_error(EIO,
+                          "reserved bit 0 (the zero flag) set in a version "
+                          "2 image");
+    if (!IS_ALIGNED(host, 1ULL << h->cluster_bits))
+        return qcbt_error(EIO, "data offset not cluster aligned");
+    if (!extended)
+        return 0;
+    /* Extended L2: 32 allocation bits, then 32 zero bits. */
+    allocated = host != 0 || (data_file && (entry & QCOW2_OFLAG_COPIED));
+    if (allocated && ((bitmap >> 32) & bitmap & 0xffffffffULL))
+        return qcbt_error(EIO, "subcluster both allocated and zero");
+    if (!allocated && (bitmap & 0xffffffffULL))
+        return qcbt_error(EIO,
+                          "allocated subclusters in an unallocated "
+                          "cluster");
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
 /* Tables and refcount blocks */
 
 uint64_t

@@ -315,6 +315,26 @@ int qcow2_bitmap_table_entry_check(const struct qcow2_bitmap_table_entry *e,
 #define QCOW2_OFLAG_ZERO        (1ULL << 0)
 #define QCOW2_REFT_OFFSET_MASK  0xfffffffffffffe00ULL
 
+/* Every rule of one L2 entry ENTRY and, for extended L2 entries, its
+ * subcluster BITMAP (0 otherwise), in an image with header H (qcow2.txt
+ * "Standard Cluster Descriptor", "Compressed Clusters Descriptor",
+ * "Extended L2 Entries"; what QEMU's qcow2_get_cluster_type() and
+ * qcow2_get_subcluster_type() refuse):
+ *   - a compressed cluster: not with an external data file, and its
+ *     subcluster bitmap is 0;
+ *   - a standard cluster: reserved bits 1-8 and 56-61 clear; bit 0 (the
+ *     zero flag) only from version 3 on (QEMU: "Zero cluster entry found
+ *     in pre-v3 image"); a cluster-aligned host offset;
+ *   - extended L2: no subcluster both allocated and zero in an allocated
+ *     cluster, no allocated subcluster in an unallocated one.
+ * Returns 0 or -EIO with a message saying what is wrong; the caller
+ * prefixes the file, the entry and the guest offset.  Used by the reader
+ * on every entry it maps and by the writer on every entry it stores.
+ */
+int qcow2_l2_entry_check(uint64_t entry,
+                         uint64_t bitmap,
+                         const struct qcow2_header *h);
+
 /* Entry IDX of a table of big-endian 64-bit entries. */
 uint64_t qcow2_table_get(const void *table, uint64_t idx);
 void qcow2_table_set(void *table, uint64_t idx, uint64_t entry);

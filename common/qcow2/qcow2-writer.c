@@ -852,6 +852,11 @@ write_l2_tables(struct qcow2_writer *w, uint64_t *l1)
     uint64_t entries = 1ULL << w->l2_bits;
     uint64_t host, i, j;
     unsigned char *slot = NULL;
+    /* What the entries are checked against: the header written later. */
+    const struct qcow2_header hdr = {
+        .version = 3,
+        .cluster_bits = w->cluster_bits,
+    };
     bool used;
     int r;
 
@@ -868,8 +873,17 @@ write_l2_tables(struct qcow2_writer *w, uint64_t *l1)
         r = alloc_cluster(w, &host, &slot);
         if (r < 0)
             return r;
-        for (j = 0; j < entries; j++)
+        for (j = 0; j < entries; j++) {
+            r = qcow2_l2_entry_check(t[j], 0, &hdr);
+            if (r < 0)
+                return qcbt_error_prefix(
+                    -r,
+                    "%s: L2 entry 0x%016" PRIx64 " for guest offset 0x%" PRIx64,
+                    w->name,
+                    t[j],
+                    ((i << w->l2_bits) + j) << w->cluster_bits);
             qcow2_table_set(slot, j, t[j]);
+        }
         r = commit_cluster(w, host, slot);
         if (r < 0)
             return r;

@@ -912,6 +912,87 @@ test_entry_masks(void **state)
     assert_int_equal(QCOW2_REFT_OFFSET_MASK, ~511ULL);
 }
 
+/* qcow2_l2_entry_check(): one case per rule, and the entries QEMU writes
+ * pass (qcow2-format.md section 5).
+ */
+static void
+test_l2_entry_check(void **state)
+{
+    struct qcow2_header v3 = {.version = 3, .cluster_bits = 16};
+    struct qcow2_header v2 = {.version = 2, .cluster_bits = 16};
+    struct qcow2_header ext = v3, dfile = v3;
+    const uint64_t data = 0x8000000000050000ULL;
+    const uint64_t compressed = QCOW2_OFLAG_COMPRESSED | 0x1234567ULL;
+
+    (void)state;
+    ext.incompatible_features = QCOW2_INCOMPAT_EXTL2;
+    dfile.incompatible_features = QCOW2_INCOMPAT_DATA_FILE;
+
+    check_accept(qcow2_l2_entry_check(0, 0, &v3), "unallocated");
+    check_accept(qcow2_l2_entry_check(data, 0, &v3), "data");
+    check_accept(qcow2_l2_entry_check(data, 0, &v2), "v2 data");
+    check_accept(qcow2_l2_entry_check(QCOW2_OFLAG_ZERO, 0, &v3), "zero");
+    check_accept(qcow2_l2_entry_check(data | QCOW2_OFLAG_ZERO, 0, &v3),
+                 "zero with a preallocated cluster");
+    /* bit 0 of a compressed descriptor is part of its offset */
+    check_accept(qcow2_l2_entry_check(compressed, 0, &v2), "v2 compressed");
+
+    check_reject(qcow2_l2_entry_check(QCOW2_OFLAG_ZERO, 0, &v2),
+                 EIO,
+                 "reserved bit 0 (the zero flag) set in a version 2 image",
+                 "v2 zero flag");
+    check_reject(qcow2_l2_entry_check(data | QCOW2_OFLAG_ZERO, 0, &v2),
+                 EIO,
+                 "version 2",
+                 "v2 zero flag with a host offset");
+    check_reject(qcow2_l2_entry_check(data | 2, 0, &v3),
+                 EIO,
+                 "reserved bits set",
+                 "bit 1");
+    check_reject(qcow2_l2_entry_check(data | (1ULL << 56), 0, &v3),
+                 EIO,
+                 "reserved bits set",
+                 "bit 56");
+    check_reject(qcow2_l2_entry_check(0x8000000000050200ULL, 0, &v3),
+                 EIO,
+                 "data offset not cluster aligned",
+                 "unaligned");
+    v2.cluster_bits = 9;
+    check_accept(qcow2_l2_entry_check(0x8000000000050200ULL, 0, &v2),
+                 "aligned to 512-byte clusters");
+
+    check_reject(qcow2_l2_entry_check(compressed, 0, &dfile),
+                 EIO,
+                 "compressed cluster with an external data file",
+                 "compressed + data file");
+    check_accept(qcow2_l2_entry_check(compressed, 0, &ext),
+                 "compressed, extended L2");
+    check_reject(qcow2_l2_entry_check(compressed, 1, &ext),
+                 EIO,
+                 "non-zero subcluster bitmap",
+                 "compressed + bitmap");
+
+    /* extended L2 */
+    check_accept(qcow2_l2_entry_check(data, 0x0000000100000002ULL, &ext),
+                 "alloc and zero in different subclusters");
+    check_reject(qcow2_l2_entry_check(data, 0x0000000200000002ULL, &ext),
+                 EIO,
+                 "subcluster both allocated and zero",
+                 "alloc + zero");
+    check_accept(qcow2_l2_entry_check(0, 0xffffffff00000000ULL, &ext),
+                 "unallocated cluster, zero subclusters");
+    check_reject(qcow2_l2_entry_check(0, 1, &ext),
+                 EIO,
+                 "allocated subclusters in an unallocated cluster",
+                 "alloc bit without a cluster");
+    /* with a data file, COPIED alone makes the cluster allocated */
+    ext.incompatible_features |= QCOW2_INCOMPAT_DATA_FILE;
+    check_accept(qcow2_l2_entry_check(QCOW2_OFLAG_COPIED, 1, &ext),
+                 "data file, offset 0");
+    /* without extended L2 the bitmap is not looked at */
+    check_accept(qcow2_l2_entry_check(0, 1, &v3), "standard L2");
+}
+
 static void
 test_tables(void **state)
 {
@@ -1064,6 +1145,7 @@ main(void)
         cmocka_unit_test(test_dir_entry_check),
         cmocka_unit_test(test_table_entry),
         cmocka_unit_test(test_entry_masks),
+        cmocka_unit_test(test_l2_entry_check),
         cmocka_unit_test(test_tables),
         cmocka_unit_test(test_refblocks),
         cmocka_unit_test(test_compressed_desc),

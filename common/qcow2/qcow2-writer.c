@@ -23,6 +23,7 @@
 
 #include "checked-overflow.h"
 #include "error.h"
+#include "io.h"
 #include "minmax.h"
 #include "qcow2.h"
 #include "qcow2-writer.h"
@@ -50,8 +51,8 @@
 #define WRITER_FEATURE_LEN               QCOW2_FEATURE_NAME_SIZE
 
 struct qcow2_writer {
-    int fd;
-    char *name; /* for messages */
+    struct qcbt_io *io; /* the image file; owned */
+    char *name;         /* for messages */
 
     uint64_t size; /* guest bytes, multiple of 512 */
     uint32_t cluster_size;
@@ -123,32 +124,35 @@ pwrite_all(struct qcow2_writer *w,
            uint64_t offset,
            const char *what)
 {
-    size_t done = 0;
+    int r = qcbt_io_write_exact(w->io, p, len, offset, what);
 
-    while (done < len) {
-        ssize_t r = pwrite(w->fd,
-                           (const char *)p + done,
-                           len - done,
-                           (off_t)(offset + done));
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return writer_fail(w,
-                               errno,
-                               "writing %s at host offset %" PRIu64 ": %s",
-                               what,
-                               offset + done,
-                               strerror(errno));
-        }
-        if (r == 0)
-            return writer_fail(w,
-                               EIO,
-                               "writing %s at host offset %" PRIu64
-                               ": short write",
-                               what,
-                               offset + done);
-        done += (size_t)r;
-    }
+    if (r < 0)
+        return writer_fail(w,
+                           -r,
+                           "writing %s at host offset %" PRIu64 ": %s",
+                           what,
+                           offset,
+                           strerror(-r));
+    return 0;
+}
+
+/* Writeback of host bytes [off, off + len), waited for if WAIT.  A
+ * failure is the device's (the data may never reach the disk): sticky,
+ * as a failed write.
+ */
+static int
+writeback(struct qcow2_writer *w, uint64_t off, uint64_t len, bool wait)
+{
+    int r = qcbt_io_writeback(w->io, off, len, wait);
+
+    if (r < 0)
+        return writer_fail(w,
+                           -r,
+                           "writeback of host bytes 0x%" PRIx64 "..0x%" PRIx64
+                           ": %s",
+                           off,
+                           off + len,
+                           strerror(-r));
     return 0;
 }
 
@@ -158,25 +162,25 @@ pwrite_all(struct qcow2_writer *w,
  * from the page cache, so a backup neither floods the cache nor stalls in
  * dirty-page throttling, and the final fdatasync has little left to do.
  */
-static void
+static int
 appended(struct qcow2_writer *w, uint64_t off, uint64_t len)
 {
     unsigned i;
+    int r;
 
     if (w->pend_len == 0)
         w->pend_off = off;
     w->pend_len = off + len - w->pend_off;
     if (w->pend_len < w->buf_cap)
-        return;
-    sync_file_range(w->fd, w->pend_off, w->pend_len, SYNC_FILE_RANGE_WRITE);
+        return 0;
+    r = writeback(w, w->pend_off, w->pend_len, false);
+    if (r < 0)
+        return r;
     if (w->wb_nr == w->wb_max) {
         i = w->wb_head;
-        sync_file_range(w->fd,
-                        w->wb[i].off,
-                        w->wb[i].len,
-                        SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
-                            SYNC_FILE_RANGE_WAIT_AFTER);
-        posix_fadvise(w->fd, w->wb[i].off, w->wb[i].len, POSIX_FADV_DONTNEED);
+        r = writeback(w, w->wb[i].off, w->wb[i].len, true);
+        if (r < 0)
+            return r;
         w->wb_head = (w->wb_head + 1) % WRITER_WB_RANGES;
         w->wb_nr--;
     }
@@ -185,6 +189,7 @@ appended(struct qcow2_writer *w, uint64_t off, uint64_t len)
     w->wb[i].len = w->pend_len;
     w->wb_nr++;
     w->pend_len = 0;
+    return 0;
 }
 
 static int
@@ -196,7 +201,9 @@ flush_buffer(struct qcow2_writer *w)
         r = pwrite_all(w, w->buf, w->buf_len, w->buf_off, "clusters");
         if (r < 0)
             return r;
-        appended(w, w->buf_off, w->buf_len);
+        r = appended(w, w->buf_off, w->buf_len);
+        if (r < 0)
+            return r;
     }
     w->buf_off += w->buf_len;
     w->buf_len = 0;
@@ -525,7 +532,9 @@ direct_clusters(struct qcow2_writer *w,
     for (i = 0; i < n; i++)
         *l2_entry(w, c + i) =
             (w->next_host + i * w->cluster_size) | QCOW2_OFLAG_COPIED;
-    appended(w, w->next_host, bytes);
+    r = appended(w, w->next_host, bytes);
+    if (r < 0)
+        return r;
     w->next_host += bytes;
     w->buf_off = w->next_host;
     *src += bytes;
@@ -691,75 +700,70 @@ check_opts(const struct qcow2_writer_opts *opts, const char *name)
     return 0;
 }
 
+/* The virtual size rounded to whole sectors, as qemu-img create rounds
+ * it, and the L1 entries it needs.
+ */
+static int
+check_size(const struct qcow2_writer_opts *opts,
+           const char *name,
+           uint64_t *size,
+           uint64_t *l1_size)
+{
+    uint32_t cs = opts->cluster_size ? opts->cluster_size
+                                     : QCOW2_WRITER_DEFAULT_CLUSTER_SIZE;
+    uint64_t l2_cover;
+
+    if (opts->size > (uint64_t)INT64_MAX - 511)
+        return qcbt_error(EFBIG,
+                          "%s: virtual size %" PRIu64 " is too large",
+                          name,
+                          opts->size);
+    *size = ROUND_UP(opts->size, 512);
+    /* One L1 entry maps cs/8 clusters; the L1 table is limited to 32 MiB
+     * (qcow2-format.md section 4).
+     */
+    l2_cover = (uint64_t)cs * (cs / 8);
+    *l1_size = DIV_ROUND_UP(*size, l2_cover);
+    if (*l1_size * 8 > QCOW2_MAX_L1_BYTES)
+        return qcbt_error(EFBIG,
+                          "%s: virtual size %" PRIu64
+                          " needs an L1 table larger than 32 MiB with %" PRIu32
+                          "-byte clusters",
+                          name,
+                          *size,
+                          cs);
+    return 0;
+}
+
 int
-qcow2_writer_create_fd(int fd,
-                       const char *name,
+qcow2_writer_create_io(struct qcbt_io *io,
                        const struct qcow2_writer_opts *opts,
                        struct qcow2_writer **out)
 {
     struct qcow2_writer *w = NULL;
-    struct stat st;
-    uint64_t size, l2_cover, l1_size;
+    const char *name = io->name;
+    uint64_t size, l1_size;
     uint32_t cs;
     size_t cap;
-    int flags, r;
+    int r;
 
     *out = NULL;
-    if (name == NULL)
-        name = "qcow2 writer";
     r = check_opts(opts, name);
+    if (r < 0)
+        goto fail;
+    if (!io->ops->pwrite) {
+        r = qcbt_error(EBADF, "%s: file is not open for writing", name);
+        goto fail;
+    }
+    r = check_size(opts, name, &size, &l1_size);
     if (r < 0)
         goto fail;
     cs = opts->cluster_size ? opts->cluster_size
                             : QCOW2_WRITER_DEFAULT_CLUSTER_SIZE;
 
-    /* Size in whole sectors, as qemu-img create rounds it. */
-    if (opts->size > (uint64_t)INT64_MAX - 511) {
-        r = qcbt_error(EFBIG,
-                       "%s: virtual size %" PRIu64 " is too large",
-                       name,
-                       opts->size);
-        goto fail;
-    }
-    size = ROUND_UP(opts->size, 512);
-    /* One L1 entry maps cs/8 clusters; the L1 table is limited to 32 MiB
-     * (qcow2-format.md section 4).
-     */
-    l2_cover = (uint64_t)cs * (cs / 8);
-    l1_size = DIV_ROUND_UP(size, l2_cover);
-    if (l1_size * 8 > QCOW2_MAX_L1_BYTES) {
-        r = qcbt_error(EFBIG,
-                       "%s: virtual size %" PRIu64
-                       " needs an L1 table larger than 32 MiB with %" PRIu32
-                       "-byte clusters",
-                       name,
-                       size,
-                       cs);
-        goto fail;
-    }
-
-    flags = fcntl(fd, F_GETFL);
-    if (flags < 0) {
-        r = qcbt_error(errno, "%s: %s", name, strerror(errno));
-        goto fail;
-    }
-    if ((flags & O_ACCMODE) == O_RDONLY) {
-        r = qcbt_error(EBADF, "%s: file is not open for writing", name);
-        goto fail;
-    }
-    if (fstat(fd, &st) < 0) {
-        r = qcbt_error(errno, "%s: fstat: %s", name, strerror(errno));
-        goto fail;
-    }
-    if (S_ISREG(st.st_mode) && st.st_size > 0 && ftruncate(fd, 0) < 0) {
-        r = qcbt_error(errno, "%s: truncate: %s", name, strerror(errno));
-        goto fail;
-    }
-
     w = calloc(1, sizeof *w);
     if (w == NULL)
         goto enomem;
-    w->fd = fd;
     w->size = size;
     w->cluster_size = cs;
     w->cluster_bits = (unsigned)__builtin_ctz(cs);
@@ -796,15 +800,61 @@ qcow2_writer_create_fd(int fd,
     /* Cluster 0 is the header, written at close. */
     w->next_host = cs;
     w->buf_off = cs;
+    w->io = io;
     *out = w;
     return 0;
 
 enomem:
     r = qcbt_error(ENOMEM, "%s: out of memory", name);
 fail:
-    if (w)
-        w->fd = -1;
     writer_free(w);
+    qcbt_io_free(io);
+    return r;
+}
+
+int
+qcow2_writer_create_fd(int fd,
+                       const char *name,
+                       const struct qcow2_writer_opts *opts,
+                       struct qcow2_writer **out)
+{
+    struct qcbt_io *io;
+    struct stat st;
+    uint64_t size, l1_size;
+    int flags, r;
+
+    *out = NULL;
+    if (name == NULL)
+        name = "qcow2 writer";
+    /* Validate before touching the file. */
+    r = check_opts(opts, name);
+    if (r >= 0)
+        r = check_size(opts, name, &size, &l1_size);
+    if (r < 0)
+        goto fail;
+    flags = fcntl(fd, F_GETFL);
+    if (flags < 0) {
+        r = qcbt_error(errno, "%s: %s", name, strerror(errno));
+        goto fail;
+    }
+    if ((flags & O_ACCMODE) == O_RDONLY) {
+        r = qcbt_error(EBADF, "%s: file is not open for writing", name);
+        goto fail;
+    }
+    if (fstat(fd, &st) < 0) {
+        r = qcbt_error(errno, "%s: fstat: %s", name, strerror(errno));
+        goto fail;
+    }
+    if (S_ISREG(st.st_mode) && st.st_size > 0 && ftruncate(fd, 0) < 0) {
+        r = qcbt_error(errno, "%s: truncate: %s", name, strerror(errno));
+        goto fail;
+    }
+    r = qcbt_io_open_fd(fd, name, &io); /* owns fd from here on */
+    if (r < 0)
+        return r;
+    return qcow2_writer_create_io(io, opts, out);
+
+fail:
     close(fd);
     return r;
 }
@@ -1113,8 +1163,9 @@ finalize(struct qcow2_writer *w)
     r = write_header(w, l1_off, reftable_off, reftable_clusters);
     if (r < 0)
         goto out;
-    if (fdatasync(w->fd) < 0)
-        r = writer_fail(w, errno, "fdatasync: %s", strerror(errno));
+    r = qcbt_io_flush(w->io);
+    if (r < 0)
+        r = writer_fail(w, -r, "flush: %s", strerror(-r));
 out:
     free(l1);
     return r;
@@ -1123,7 +1174,7 @@ out:
 int
 qcow2_writer_close(struct qcow2_writer *w)
 {
-    int r;
+    int r, r2;
 
     if (w == NULL)
         return 0;
@@ -1131,9 +1182,10 @@ qcow2_writer_close(struct qcow2_writer *w)
         r = writer_sticky(w);
     else
         r = finalize(w);
-    if (close(w->fd) < 0 && r == 0)
-        r = qcbt_error(errno, "%s: close: %s", w->name, strerror(errno));
-    w->fd = -1;
+    r2 = qcbt_io_close(w->io);
+    w->io = NULL;
+    if (r2 < 0 && r == 0)
+        r = r2;
     writer_free(w);
     return r;
 }
@@ -1143,7 +1195,7 @@ qcow2_writer_abort(struct qcow2_writer *w)
 {
     if (w == NULL)
         return;
-    if (w->fd >= 0)
-        close(w->fd);
+    qcbt_io_free(w->io);
+    w->io = NULL;
     writer_free(w);
 }

@@ -136,15 +136,17 @@ probe_buffer(const unsigned char *buf, const char *filename, const char **other)
     static const char cloop[] =
         "#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t "
         "iso9660 /dev/cloop $1\n";
+    struct qcow2_header h;
     size_t fl;
 
     *other = NULL;
     if (qcow2_probe(buf, PROBE_BUF_SIZE)) {
         /* qcow_probe(): version 1 is the old qcow format.  Other versions
          * stay qcow2 and qcow2_open() refuses them (QEMU would fall back
-         * to raw for version 0: a damaged qcow2 is not a disk).
+         * to raw for version 0: a damaged qcow2 is not a disk).  The
+         * version is decoded by the format layer, as every qcow2 field.
          */
-        if (get_be32(buf + 4) == 1)
+        if (qcow2_header_decode(buf, PROBE_BUF_SIZE, &h) == 0 && h.version == 1)
             *other = "qcow";
         return *other ? PROBED_OTHER : PROBED_QCOW2;
     }

@@ -251,7 +251,8 @@ init_layer(struct chain_layer *l,
            struct qcbt_io *io,
            enum chain_fmt fmt,
            const char *data_dir,
-           bool allow_any)
+           bool allow_any,
+           enum qcbt_io_lock_mode lock)
 {
     int r;
 
@@ -311,6 +312,11 @@ init_layer(struct chain_layer *l,
         r = qcbt_io_open_file(l->data_file_path, &dio);
         if (r < 0)
             return qcbt_error_prefix(-r, "external data file");
+        r = qcbt_io_lock(dio, lock);
+        if (r < 0) {
+            qcbt_io_free(dio);
+            return qcbt_error_prefix(-r, "external data file");
+        }
         qcow2_set_data_file(l->qcow2, dio);
     }
     return 0;
@@ -382,6 +388,12 @@ add_layers(struct chain *c,
                                   i);
             }
         }
+        /* Locked before a byte is read, as QEMU locks at open. */
+        r = qcbt_io_lock(io, opts->lock);
+        if (r < 0) {
+            qcbt_io_free(io);
+            return qcbt_error_prefix(-r, "layer %zu", idx);
+        }
         r = layer_format(io, idx, l->path, fmt_name, &fmt, &probed);
         if (r < 0) {
             qcbt_io_free(io);
@@ -397,7 +409,8 @@ add_layers(struct chain *c,
                        io,
                        fmt,
                        idx == 0 ? backing_dir : NULL,
-                       opts->allow_data_file);
+                       opts->allow_data_file,
+                       opts->lock);
         if (r < 0)
             return qcbt_error_prefix(-r, "layer %zu (%s)", idx, l->path);
 

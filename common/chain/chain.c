@@ -144,15 +144,17 @@ probe_buffer(const unsigned char *buf, const char *filename, const char **other)
     static const char cloop[] =
         "#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t "
         "iso9660 /dev/cloop $1\n";
+    struct qcow2_header h;
     size_t fl;
 
     *other = NULL;
     if (qcow2_probe(buf, PROBE_BUF_SIZE)) {
         /* qcow_probe(): version 1 is the old qcow format.  Other versions
          * stay qcow2 and qcow2_open() refuses them (QEMU would fall back
-         * to raw for version 0: a damaged qcow2 is not a disk).
+         * to raw for version 0: a damaged qcow2 is not a disk).  The
+         * version is decoded by the format layer, as every qcow2 field.
          */
-        if (get_be32(buf + 4) == 1)
+        if (qcow2_header_decode(buf, PROBE_BUF_SIZE, &h) == 0 && h.version == 1)
             *other = "qcow";
         return *other ? PROBED_OTHER : PROBED_QCOW2;
     }
@@ -257,7 +259,8 @@ init_layer(struct chain_layer *l,
            struct qcbt_io *io,
            enum chain_fmt fmt,
            const char *data_dir,
-           bool allow_any)
+           bool allow_any,
+           enum qcbt_io_lock_mode lock)
 {
     int r;
 
@@ -317,6 +320,11 @@ init_layer(struct chain_layer *l,
         r = qcbt_io_open_file(l->data_file_path, &dio);
         if (r < 0)
             return qcbt_error_prefix(-r, "external data file");
+        r = qcbt_io_lock(dio, lock);
+        if (r < 0) {
+            qcbt_io_free(dio);
+            return qcbt_error_prefix(-r, "external data file");
+        }
         qcow2_set_data_file(l->qcow2, dio);
     }
     return 0;
@@ -388,6 +396,12 @@ add_layers(struct chain *c,
                                   i);
             }
         }
+        /* Locked before a byte is read, as QEMU locks at open. */
+        r = qcbt_io_lock(io, opts->lock);
+        if (r < 0) {
+            qcbt_io_free(io);
+            return qcbt_error_prefix(-r, "layer %zu", idx);
+        }
         r = layer_format(io, idx, l->path, fmt_name, &fmt, &probed);
         if (r < 0) {
             qcbt_io_free(io);
@@ -403,7 +417,8 @@ add_layers(struct chain *c,
                        io,
                        fmt,
                        idx == 0 ? backing_dir : NULL,
-                       opts->allow_data_file);
+                       opts->allow_data_file,
+                       opts->lock);
         if (r < 0)
             return qcbt_error_prefix(-r, "layer %zu (%s)", idx, l->path);
 

@@ -44,6 +44,14 @@ struct chain_open_opts {
     bool no_backing;      /* open the top layer only */
     bool allow_data_file; /* open external data files anywhere (default:
                              only in the image's directory or below) */
+    /* QEMU's image locks on every file the chain opens (each layer and
+     * external data file, io.h qcbt_io_lock): READ refuses a chain a
+     * running QEMU writes, as qemu-img info does, SHARED is
+     * -U/--force-share.  NONE (the default) takes none.  The locks are
+     * held until chain_close().  A file held by another process is
+     * -EAGAIN, "layer N: FILE: held by another process (...)".
+     */
+    enum qcbt_io_lock_mode lock;
 };
 
 /* The options every front end takes from the environment:

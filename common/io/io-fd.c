@@ -1,6 +1,7 @@
 /* qcbt: file descriptor backend of the I/O interface. */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -11,6 +12,10 @@
 
 struct io_fd {
     int fd;
+    /* Permission bits whose lock bytes this descriptor holds:
+     * QCBT_IO_LOCK_PERM_BASE + i and QCBT_IO_LOCK_SHARED_BASE + i.
+     */
+    uint64_t locked_perm, locked_unshared;
 };
 
 static ssize_t
@@ -77,29 +82,256 @@ fd_extent(void *opaque,
     return 0;
 }
 
-static void
-fd_close(void *opaque)
+static ssize_t
+fd_pwrite(void *opaque, const void *buf, size_t count, uint64_t offset)
+{
+    struct io_fd *h = opaque;
+    size_t done = 0;
+
+    while (done < count) {
+        ssize_t r = pwrite(h->fd,
+                           (const char *)buf + done,
+                           count - done,
+                           (off_t)(offset + done));
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (r == 0)
+            return -ENOSPC; /* no progress: the device is full */
+        done += (size_t)r;
+    }
+    return (ssize_t)done;
+}
+
+static int
+fd_flush(void *opaque)
 {
     struct io_fd *h = opaque;
 
-    close(h->fd);
+    return fdatasync(h->fd) < 0 ? -errno : 0;
+}
+
+static int
+fd_writeback(void *opaque, uint64_t offset, uint64_t len, bool wait)
+{
+    struct io_fd *h = opaque;
+    unsigned flags = SYNC_FILE_RANGE_WRITE;
+
+    if (wait)
+        flags |= SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WAIT_AFTER;
+    if (sync_file_range(h->fd, (off_t)offset, (off_t)len, flags) < 0) {
+        /* A kernel (or sandbox) without the call only loses the pacing;
+         * fdatasync still makes the data durable.  Any other error is the
+         * device's: writeback failed, the data may not be there.
+         */
+        if (errno != ENOSYS)
+            return -errno;
+    }
+    if (wait)
+        posix_fadvise(h->fd, (off_t)offset, (off_t)len, POSIX_FADV_DONTNEED);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* QEMU-compatible image locks: open file description (OFD) read locks on
+ * single bytes, as QEMU's file-posix driver takes them (qemu_lock_fd()
+ * with exclusive=false, qemu_lock_fd_test() with exclusive=true).  OFD
+ * locks belong to the open file description, so they neither conflict
+ * with the ones this io holds nor vanish when another descriptor of the
+ * same file is closed (POSIX process locks would).
+ */
+
+static int
+lock_byte(int fd, int cmd, short type, off_t off, short *found)
+{
+    struct flock fl = {
+        .l_type = type,
+        .l_whence = SEEK_SET,
+        .l_start = off,
+        .l_len = 1,
+    };
+
+    if (fcntl(fd, cmd, &fl) < 0)
+        return -errno;
+    if (found)
+        *found = fl.l_type;
+    return 0;
+}
+
+/* Hold the bytes of PERM and UNSHARED, release the other ones held. */
+static int
+apply_locks(struct io_fd *h, uint64_t perm, uint64_t unshared)
+{
+    unsigned i;
+    int r;
+
+    for (i = 0; i < QCBT_PERM_BITS; i++) {
+        uint64_t bit = 1ULL << i;
+        struct {
+            uint64_t want, *held;
+            off_t off;
+        } set[2] = {
+            {perm, &h->locked_perm, QCBT_IO_LOCK_PERM_BASE + i},
+            {unshared, &h->locked_unshared, QCBT_IO_LOCK_SHARED_BASE + i},
+        };
+        unsigned k;
+
+        for (k = 0; k < 2; k++) {
+            bool want = set[k].want & bit, held = *set[k].held & bit;
+
+            if (want == held)
+                continue;
+            r = lock_byte(h->fd,
+                          F_OFD_SETLK,
+                          want ? F_RDLCK : F_UNLCK,
+                          set[k].off,
+                          NULL);
+            if (r < 0)
+                return qcbt_error(-r,
+                                  "%s byte %ld: %s",
+                                  want ? "locking" : "unlocking",
+                                  (long)set[k].off,
+                                  strerror(-r));
+            *set[k].held ^= bit;
+        }
+    }
+    return 0;
+}
+
+/* Would an exclusive lock of OFF conflict with another holder? */
+static int
+byte_taken(int fd, off_t off)
+{
+    short found = F_UNLCK;
+    int r = lock_byte(fd, F_OFD_GETLK, F_WRLCK, off, &found);
+
+    if (r < 0)
+        return qcbt_error(-r,
+                          "testing lock byte %ld: %s",
+                          (long)off,
+                          strerror(-r));
+    return found != F_UNLCK;
+}
+
+/* Another process unsharing a permission we hold, or holding one we do
+ * not share, conflicts.
+ */
+static int
+check_locks(struct io_fd *h, uint64_t perm, uint64_t shared)
+{
+    unsigned i;
+    int r;
+
+    for (i = 0; i < QCBT_PERM_BITS; i++) {
+        uint64_t bit = 1ULL << i;
+
+        if (!(perm & bit))
+            continue;
+        r = byte_taken(h->fd, QCBT_IO_LOCK_SHARED_BASE + i);
+        if (r < 0)
+            return r;
+        if (r)
+            return qcbt_error(EAGAIN,
+                              "held by another process (failed to get "
+                              "\"%s\" lock)",
+                              qcbt_perm_name(bit));
+    }
+    for (i = 0; i < QCBT_PERM_BITS; i++) {
+        uint64_t bit = 1ULL << i;
+
+        if (shared & bit)
+            continue;
+        r = byte_taken(h->fd, QCBT_IO_LOCK_PERM_BASE + i);
+        if (r < 0)
+            return r;
+        if (r)
+            return qcbt_error(EAGAIN,
+                              "held by another process (failed to get "
+                              "shared \"%s\" lock)",
+                              qcbt_perm_name(bit));
+    }
+    return 0;
+}
+
+static int
+fd_lock(void *opaque, uint64_t perm, uint64_t shared)
+{
+    struct io_fd *h = opaque;
+    uint64_t old_perm = h->locked_perm, old_unshared = h->locked_unshared;
+    uint64_t unshared = QCBT_PERM_ALL & ~shared;
+    int r;
+
+    /* Take first, then look (QEMU's order): two processes that both
+     * take and then look cannot both miss each other.  Bytes only needed
+     * by the old mode are dropped after the check, so a failed switch
+     * leaves the old mode intact.
+     */
+    r = apply_locks(h, perm | old_perm, unshared | old_unshared);
+    if (r >= 0)
+        r = check_locks(h, perm, shared);
+    if (r < 0) {
+        int errnum = qcbt_error_errno();
+        char msg[512];
+
+        snprintf(msg, sizeof msg, "%s", qcbt_error_get());
+        (void)apply_locks(h, old_perm, old_unshared);
+        return qcbt_error(errnum, "%s", msg);
+    }
+    return apply_locks(h, perm, unshared);
+}
+
+static int
+fd_close(void *opaque)
+{
+    struct io_fd *h = opaque;
+    int r = close(h->fd) < 0 ? -errno : 0;
+
     free(h);
+    return r;
 }
 
 static const struct qcbt_io_ops fd_ops = {
     .pread = fd_pread,
+    .pwrite = fd_pwrite,
+    .flush = fd_flush,
+    .writeback = fd_writeback,
+    .lock = fd_lock,
     .extent = fd_extent,
     .close = fd_close,
 };
 
-int
-qcbt_io_open_file(const char *path, struct qcbt_io **out)
+/* Wrap FD (owned from here on) after fstat gave ST. */
+static int
+wrap_fd(int fd, const struct stat *st, const char *name, struct qcbt_io **out)
 {
     struct io_fd *h;
+    int r;
+
+    h = calloc(1, sizeof *h);
+    if (!h) {
+        close(fd);
+        return qcbt_error(ENOMEM, "%s: out of memory", name);
+    }
+    h->fd = fd;
+    r = qcbt_io_new(&fd_ops, h, (uint64_t)st->st_size, name, out);
+    if (r < 0)
+        return r;
+    (*out)->allocated = (int64_t)st->st_blocks * 512;
+    (*out)->fd = fd;
+    (*out)->dev = st->st_dev;
+    (*out)->ino = st->st_ino;
+    return 0;
+}
+
+static int
+open_regular(const char *path, int mode, struct qcbt_io **out)
+{
     struct stat st;
     int fd, r;
 
-    fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    fd = open(path, mode | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
         return qcbt_error(errno, "%s: %s", path, strerror(errno));
     if (fstat(fd, &st) < 0) {
@@ -113,99 +345,33 @@ qcbt_io_open_file(const char *path, struct qcbt_io **out)
     }
     /* O_NONBLOCK only guarded the open against FIFOs. */
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
-    posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    if (mode == O_RDONLY)
+        posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    return wrap_fd(fd, &st, path, out);
+}
 
-    h = malloc(sizeof *h);
-    if (!h) {
+int
+qcbt_io_open_file(const char *path, struct qcbt_io **out)
+{
+    return open_regular(path, O_RDONLY, out);
+}
+
+int
+qcbt_io_open_file_rw(const char *path, struct qcbt_io **out)
+{
+    return open_regular(path, O_RDWR, out);
+}
+
+int
+qcbt_io_open_fd(int fd, const char *name, struct qcbt_io **out)
+{
+    struct stat st;
+    int r;
+
+    if (fstat(fd, &st) < 0) {
+        r = qcbt_error(errno, "%s: fstat: %s", name, strerror(errno));
         close(fd);
-        return qcbt_error(ENOMEM, "%s: out of memory", path);
-    }
-    h->fd = fd;
-    r = qcbt_io_new(&fd_ops, h, (uint64_t)st.st_size, path, out);
-    if (r < 0)
         return r;
-    (*out)->allocated = (int64_t)st.st_blocks * 512;
-    (*out)->fd = fd;
-    (*out)->dev = st.st_dev;
-    (*out)->ino = st.st_ino;
-    return 0;
-}
-
-int
-qcbt_io_new(const struct qcbt_io_ops *ops,
-            void *opaque,
-            uint64_t size,
-            const char *name,
-            struct qcbt_io **out)
-{
-    struct qcbt_io *io = calloc(1, sizeof *io);
-
-    if (io)
-        io->name = strdup(name ? name : "");
-    if (!io || !io->name) {
-        free(io);
-        if (ops->close)
-            ops->close(opaque);
-        return qcbt_error(ENOMEM, "out of memory");
     }
-    io->ops = ops;
-    io->opaque = opaque;
-    io->allocated = -1;
-    io->fd = -1;
-    io->size = size;
-    *out = io;
-    return 0;
-}
-
-void
-qcbt_io_free(struct qcbt_io *io)
-{
-    if (!io)
-        return;
-    if (io->ops->close)
-        io->ops->close(io->opaque);
-    free(io->name);
-    free(io);
-}
-
-int
-qcbt_io_read_exact(struct qcbt_io *io,
-                   void *buf,
-                   size_t count,
-                   uint64_t offset,
-                   bool zero_tail,
-                   const char *what)
-{
-    ssize_t r;
-
-    if (count == 0)
-        return 0;
-    if (zero_tail && offset >= io->size)
-        return qcbt_error(EIO,
-                          "%s: %s at offset 0x%llx is past the end of "
-                          "the file (0x%llx bytes)",
-                          io->name,
-                          what,
-                          (unsigned long long)offset,
-                          (unsigned long long)io->size);
-    r = io->ops->pread(io->opaque, buf, count, offset);
-    if (r < 0)
-        return qcbt_error(-r,
-                          "%s: reading %s at offset 0x%llx: %s",
-                          io->name,
-                          what,
-                          (unsigned long long)offset,
-                          strerror(-r));
-    if ((size_t)r < count) {
-        if (!zero_tail)
-            return qcbt_error(EIO,
-                              "%s: %s at offset 0x%llx (0x%zx bytes) "
-                              "runs past the end of the file",
-                              io->name,
-                              what,
-                              (unsigned long long)offset,
-                              count);
-        memset((char *)buf + r, 0, count - r);
-    }
-    return 0;
+    return wrap_fd(fd, &st, name, out);
 }

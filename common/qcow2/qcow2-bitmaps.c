@@ -4,7 +4,10 @@
  * check_dir_entry() check, plus what they miss (reliability-catalogue.md
  * A31-A43): duplicate names, names that are not valid NBD strings, and
  * directory or table offsets past the end of the file or overlapping the
- * header, the L1 table, the refcount table or each other.
+ * header, the L1 table, the refcount table or each other.  The rules of
+ * the extension, of a directory entry and of a table entry are the format
+ * layer's validators (qcow2-format.h), the same the writer obeys; this
+ * file adds what needs the image as a whole.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -14,15 +17,9 @@
 #include <string.h>
 
 #include "bitmap.h"
-#include "byteorder.h"
-#include "checked-overflow.h"
 #include "error.h"
-#include "isaligned.h"
 #include "qcow2-bitmaps.h"
 #include "qcow2-metamap.h"
-#include "rounding.h"
-
-#define DIR_ENTRY_FIXED 24
 
 static void set_reason(char *dst, size_t len, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -48,10 +45,7 @@ set_reason(char *dst, size_t len, const char *fmt, ...)
 uint64_t
 qcow2_bitmap_table_size(const struct qcow2_image *img, unsigned gbits)
 {
-    uint64_t nbits = DIV_ROUND_UP(img->size, 1ULL << gbits);
-    uint64_t nbytes = DIV_ROUND_UP(nbits, 8);
-
-    return DIV_ROUND_UP(nbytes, img->cluster_size);
+    return qcow2_bitmap_table_size_needed(img->size, img->cluster_size, gbits);
 }
 
 /* Is [off, off+len) disjoint from [m, m+mlen)? */
@@ -71,104 +65,18 @@ hits_metadata(const struct qcow2_image *img, uint64_t off, uint64_t len)
     return img->bm_map ? qcow2_metamap_hit(img->bm_map, off, len) : NULL;
 }
 
-static bool
-valid_utf8(const unsigned char *p, size_t n)
-{
-    size_t i = 0;
-
-    while (i < n) {
-        unsigned c = p[i], cp, len, k;
-
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        if ((c & 0xe0) == 0xc0) {
-            len = 2;
-            cp = c & 0x1f;
-        } else if ((c & 0xf0) == 0xe0) {
-            len = 3;
-            cp = c & 0x0f;
-        } else if ((c & 0xf8) == 0xf0) {
-            len = 4;
-            cp = c & 0x07;
-        } else {
-            return false;
-        }
-        if (len > n - i)
-            return false;
-        for (k = 1; k < len; k++) {
-            if ((p[i + k] & 0xc0) != 0x80)
-                return false;
-            cp = (cp << 6) | (p[i + k] & 0x3f);
-        }
-        if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) ||
-            (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
-            (cp >= 0xd800 && cp <= 0xdfff))
-            return false;
-        i += len;
-    }
-    return true;
-}
-
-/* QEMU's check_dir_entry() plus our own table checks, for one entry. */
+/* Where an entry that passed qcow2_bitmap_dir_entry_check() keeps its
+ * table, and whether it is in use: what needs the image, not the entry.
+ */
 static void
 check_entry(struct qcow2_image *img, struct qcow2_bitmap_info *bm)
 {
-    uint64_t phys, need, table_bytes;
+    uint64_t table_bytes = (uint64_t)bm->table_size * 8;
     const char *hit;
     char name[80];
 
     qcbt_escape(name, sizeof name, bm->name, strlen(bm->name));
     bm->status = QCOW2_BITMAP_OK;
-    if (bm->type != QCOW2_BME_TYPE_DIRTY_TRACKING) {
-        BITMAP_BAD(bm, "bitmap '%s': unknown type %u", name, bm->type);
-        return;
-    }
-    if (bm->flags & ~(QCOW2_BME_FLAG_IN_USE | QCOW2_BME_FLAG_AUTO)) {
-        BITMAP_BAD(bm,
-                   "bitmap '%s': unsupported flags 0x%" PRIx32,
-                   name,
-                   bm->flags);
-        return;
-    }
-    if (bm->granularity_bits < QCOW2_BME_MIN_GRANULARITY_BITS ||
-        bm->granularity_bits > QCOW2_BME_MAX_GRANULARITY_BITS) {
-        BITMAP_BAD(bm,
-                   "bitmap '%s': granularity_bits %u out of range "
-                   "(%d..%d)",
-                   name,
-                   bm->granularity_bits,
-                   QCOW2_BME_MIN_GRANULARITY_BITS,
-                   QCOW2_BME_MAX_GRANULARITY_BITS);
-        return;
-    }
-    if (bm->table_size == 0 || bm->table_size > QCOW2_BME_MAX_TABLE_SIZE) {
-        BITMAP_BAD(bm,
-                   "bitmap '%s': bitmap table size %" PRIu32 " out of range",
-                   name,
-                   bm->table_size);
-        return;
-    }
-    phys = (uint64_t)bm->table_size * img->cluster_size;
-    if (phys > QCOW2_BME_MAX_PHYS_SIZE) {
-        BITMAP_BAD(bm,
-                   "bitmap '%s': %" PRIu64 " bytes of bitmap data "
-                   "exceed the 512 MiB limit",
-                   name,
-                   phys);
-        return;
-    }
-    if (bm->table_offset == 0 ||
-        !IS_ALIGNED(bm->table_offset, img->cluster_size)) {
-        BITMAP_BAD(bm,
-                   "bitmap '%s': bitmap table offset 0x%" PRIx64
-                   " is not cluster aligned",
-                   name,
-                   bm->table_offset);
-        return;
-    }
-    table_bytes = (uint64_t)bm->table_size * 8;
     if (bm->table_offset > QCOW2_MAX_HOST_OFFSET ||
         bm->table_offset + table_bytes > img->io->size) {
         BITMAP_BAD(bm,
@@ -194,18 +102,6 @@ check_entry(struct qcow2_image *img, struct qcow2_bitmap_info *bm)
                    "bitmap '%s' is in use (the image was not closed "
                    "cleanly): its contents cannot be trusted",
                    name);
-        return;
-    }
-    /* QEMU demands the exact table size for a bitmap it loads. */
-    need = qcow2_bitmap_table_size(img, bm->granularity_bits);
-    if (bm->table_size != need) {
-        BITMAP_BAD(bm,
-                   "bitmap '%s': bitmap table has %" PRIu32 " entries, %" PRIu64
-                   " expected for the virtual size",
-                   name,
-                   bm->table_size,
-                   need);
-        return;
     }
 }
 
@@ -292,11 +188,8 @@ parse_dir(struct qcow2_image *img,
         return qcbt_error(ENOMEM, "out of memory");
 
     while (off < dir_size) {
-        const unsigned char *e = dir + off;
+        struct qcow2_bitmap_dir_entry e;
         struct qcow2_bitmap_info *bm;
-        uint64_t entry_size;
-        uint16_t name_size;
-        uint32_t extra;
 
         if (list->nr == nb_bitmaps) {
             LAYER_BAD(list,
@@ -305,66 +198,47 @@ parse_dir(struct qcow2_image *img,
                       nb_bitmaps);
             return 0;
         }
-        if (dir_size - off < DIR_ENTRY_FIXED) {
+        if (qcow2_bitmap_dir_entry_decode(dir + off, dir_size - off, &e) < 0) {
             LAYER_BAD(list,
-                      "broken bitmap directory: entry %zu at offset "
-                      "%" PRIu64 " is truncated",
+                      "bitmap directory entry %zu at offset %" PRIu64 ": %s",
                       list->nr,
-                      off);
+                      off,
+                      qcbt_error_get());
+            qcbt_error_clear();
             return 0;
         }
-        name_size = get_be16(e + 18);
-        extra = get_be32(e + 20);
-        /* 64-bit arithmetic: extra_data_size may be close to 4 GiB. */
-        entry_size = ROUND_UP((uint64_t)DIR_ENTRY_FIXED + extra + name_size, 8);
-        if (entry_size > dir_size - off) {
+        /* A name that cannot be trusted ends the walk: the names of the
+         * layer are not known (the entry's other rules come later). */
+        if (qcow2_bitmap_name_check(e.name, e.name_size) < 0) {
             LAYER_BAD(list,
-                      "broken bitmap directory: entry %zu at offset "
-                      "%" PRIu64 " runs past the end of the directory",
+                      "bitmap directory entry %zu: %s",
                       list->nr,
-                      off);
-            return 0;
-        }
-        if (extra != 0) {
-            LAYER_BAD(list,
-                      "bitmap directory entry %zu has %" PRIu32
-                      " bytes of extra data (not supported)",
-                      list->nr,
-                      extra);
-            return 0;
-        }
-        if (name_size == 0 || name_size > QCOW2_BME_MAX_NAME_SIZE) {
-            LAYER_BAD(list,
-                      "bitmap directory entry %zu: name size %u out "
-                      "of range (1..%d)",
-                      list->nr,
-                      name_size,
-                      QCOW2_BME_MAX_NAME_SIZE);
-            return 0;
-        }
-        if (memchr(e + DIR_ENTRY_FIXED + extra, '\0', name_size) ||
-            !valid_utf8(e + DIR_ENTRY_FIXED + extra, name_size)) {
-            LAYER_BAD(list,
-                      "bitmap directory entry %zu: name is not valid "
-                      "UTF-8 without NUL bytes",
-                      list->nr);
+                      qcbt_error_get());
+            qcbt_error_clear();
             return 0;
         }
 
         bm = &list->bitmaps[list->nr];
-        bm->table_offset = get_be64(e);
-        bm->table_size = get_be32(e + 8);
-        bm->flags = get_be32(e + 12);
-        bm->type = e[16];
-        bm->granularity_bits = e[17];
-        bm->extra_data_size = extra;
-        bm->name = malloc(name_size + 1);
+        bm->table_offset = e.bitmap_table_offset;
+        bm->table_size = e.bitmap_table_size;
+        bm->flags = e.flags;
+        bm->type = e.type;
+        bm->granularity_bits = e.granularity_bits;
+        bm->extra_data_size = 0;
+        bm->name = malloc(e.name_size + 1);
         if (!bm->name)
             return qcbt_error(ENOMEM, "out of memory");
-        memcpy(bm->name, e + DIR_ENTRY_FIXED + extra, name_size);
-        bm->name[name_size] = '\0';
+        memcpy(bm->name, e.name, e.name_size);
+        bm->name[e.name_size] = '\0';
+        /* The entry's own rules (QEMU's check_dir_entry()); reported
+         * once the directory has been walked. */
+        if (qcow2_bitmap_dir_entry_check(&e, img->cluster_size, img->size) <
+            0) {
+            BITMAP_BAD(bm, "%s", qcbt_error_get());
+            qcbt_error_clear();
+        }
         list->nr++;
-        off += entry_size;
+        off += qcow2_bitmap_dir_entry_size(&e);
     }
     if (list->nr != nb_bitmaps) {
         LAYER_BAD(list,
@@ -381,7 +255,8 @@ parse_dir(struct qcow2_image *img,
      * so any failure makes the whole directory unusable.
      */
     for (i = 0; i < list->nr; i++) {
-        check_entry(img, &list->bitmaps[i]);
+        if (list->bitmaps[i].status != QCOW2_BITMAP_INVALID)
+            check_entry(img, &list->bitmaps[i]);
         if (list->bitmaps[i].status == QCOW2_BITMAP_INVALID) {
             LAYER_BAD(list, "%s", list->bitmaps[i].reason);
             return 0;
@@ -418,8 +293,8 @@ ensure_map(struct qcow2_image *img, struct qcow2_bitmap_list *list)
     }
     if (img->bitmaps.present &&
         ((r = qcow2_metamap_add(img->bm_map,
-                                img->bitmaps.dir_offset,
-                                img->bitmaps.dir_size,
+                                img->bitmaps.ext.bitmap_directory_offset,
+                                img->bitmaps.ext.bitmap_directory_size,
                                 "the bitmap directory")) < 0 ||
          (r = qcow2_metamap_sort(img->bm_map)) < 0))
         return r;
@@ -468,8 +343,6 @@ qcow2_bitmaps_parse_dir(struct qcow2_image *img,
 }
 
 static int cmp_u64(const void *a, const void *b);
-
-#define BME_TABLE_OFFSET_MASK_ 0x00fffffffffffe00ULL
 
 /* A host range a bitmap owns: its table or one of its data clusters. */
 struct owned {
@@ -522,7 +395,7 @@ check_guest_overlap(struct qcow2_image *img,
                     size_t n)
 {
     uint64_t cs = img->cluster_size;
-    size_t esize = img->extended_l2 ? 16 : 8;
+    uint64_t words = img->extended_l2 ? 2 : 1; /* per L2 entry */
     unsigned char *t;
     uint64_t i, k;
 
@@ -546,13 +419,15 @@ check_guest_overlap(struct qcow2_image *img,
             break;
         }
         for (k = 0; k < img->l2_entries; k++) {
-            uint64_t e = get_be64(t + k * esize), off, len;
+            uint64_t e = qcow2_table_get(t, k * words), off, len;
             const struct owned *hit;
 
             if (e & QCOW2_OFLAG_COMPRESSED) {
-                off = e & img->coffset_mask;
-                len = (((e >> img->csize_shift) & img->csize_mask) + 1) * 512 -
-                      (off & 511);
+                struct qcow2_compressed_desc d;
+
+                qcow2_compressed_desc_decode(e, img->hdr.cluster_bits, &d);
+                off = d.host_offset;
+                len = qcow2_compressed_desc_len(&d);
             } else {
                 off = e & QCOW2_L2E_OFFSET_MASK;
                 len = cs;
@@ -628,13 +503,20 @@ check_placement(struct qcow2_image *img, struct qcow2_bitmap_list *list)
             continue;
         }
         for (k = 0; k < bi->table_size; k++) {
-            uint64_t e = get_be64(t + k * 8);
-            uint64_t off = e & BME_TABLE_OFFSET_MASK_;
+            struct qcow2_bitmap_table_entry te;
+            uint64_t off;
             const char *hit;
 
-            /* Malformed entries are reported by qcow2_bitmap_load_data. */
-            if (!off || (e & ~BME_TABLE_OFFSET_MASK_) ||
-                !IS_ALIGNED(off, img->cluster_size))
+            /* Entries breaking the rules of a table entry are reported
+             * by qcow2_bitmap_load_data(), which applies the same
+             * validator: here they place nothing. */
+            qcow2_bitmap_table_entry_decode(t + k * 8, &te);
+            if (qcow2_bitmap_table_entry_check(&te, img->cluster_size) < 0) {
+                qcbt_error_clear();
+                continue;
+            }
+            off = te.offset;
+            if (!off)
                 continue;
             hit = overlaps(off, img->cluster_size, bi->table_offset, tb)
                       ? "its own bitmap table"
@@ -720,11 +602,11 @@ out:
 int
 qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
 {
-    const struct qcow2_bitmaps_ext *ext = &img->bitmaps;
+    const struct qcow2_bitmaps_found *found = &img->bitmaps;
+    const struct qcow2_bitmaps_ext *ext = &found->ext;
     struct qcow2_bitmap_list *list;
     unsigned char *dir = NULL;
     const char *hit;
-    uint64_t end;
     size_t i;
     int r;
 
@@ -732,9 +614,9 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
     if (!list)
         return qcbt_error(ENOMEM, "out of memory");
     *out = list;
-    list->present = ext->present;
-    list->names_known = !ext->present;
-    if (!ext->present) {
+    list->present = found->present;
+    list->names_known = !found->present;
+    if (!found->present) {
         /* No bitmaps: nothing is wrong (unless the autoclear bit says
          * there should be some). */
         list->usable = !(img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS);
@@ -746,39 +628,15 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
     }
 
     /* Extension-level rules (qcow2_read_extensions). */
-    if (ext->ext_len != 24) {
+    if (found->ext_len != QCOW2_BITMAPS_EXT_SIZE) {
         LAYER_BAD(list,
                   "bitmaps extension has length %" PRIu32 " (24 expected)",
-                  ext->ext_len);
+                  found->ext_len);
         return 0;
     }
-    if (ext->reserved != 0) {
-        LAYER_BAD(list, "bitmaps extension: reserved field is not zero");
-        return 0;
-    }
-    if (ext->nb_bitmaps == 0 || ext->nb_bitmaps > QCOW2_MAX_BITMAPS) {
-        LAYER_BAD(list,
-                  "bitmaps extension: %" PRIu32 " bitmaps (1..%d "
-                  "allowed)",
-                  ext->nb_bitmaps,
-                  QCOW2_MAX_BITMAPS);
-        return 0;
-    }
-    if (ext->dir_size == 0 || ext->dir_size > QCOW2_MAX_BITMAP_DIR_SIZE) {
-        LAYER_BAD(list,
-                  "bitmaps extension: directory size %" PRIu64 " out of range",
-                  ext->dir_size);
-        return 0;
-    }
-    if (!IS_ALIGNED(ext->dir_offset, img->cluster_size) ||
-        ADD_OVERFLOW(ext->dir_offset, ext->dir_size, &end) ||
-        end > img->io->size) {
-        LAYER_BAD(list,
-                  "bitmaps extension: directory at 0x%" PRIx64 " (%" PRIu64
-                  " bytes) is misaligned or past the end of "
-                  "the file",
-                  ext->dir_offset,
-                  ext->dir_size);
+    if (qcow2_bitmaps_ext_check(ext, img->cluster_size, img->io->size) < 0) {
+        LAYER_BAD(list, "%s", qcbt_error_get());
+        qcbt_error_clear();
         return 0;
     }
     /* The map of the image's own metadata (without the directory yet),
@@ -797,22 +655,24 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
             return 0;
         }
     }
-    hit = hits_metadata(img, ext->dir_offset, ext->dir_size);
+    hit = hits_metadata(img,
+                        ext->bitmap_directory_offset,
+                        ext->bitmap_directory_size);
     if (hit) {
         LAYER_BAD(list,
                   "bitmap directory at 0x%" PRIx64 " overlaps %s",
-                  ext->dir_offset,
+                  ext->bitmap_directory_offset,
                   hit);
         return 0;
     }
 
-    dir = malloc(ext->dir_size);
+    dir = malloc(ext->bitmap_directory_size);
     if (!dir)
         return qcbt_error(ENOMEM, "out of memory");
     r = qcbt_io_read_exact(img->io,
                            dir,
-                           ext->dir_size,
-                           ext->dir_offset,
+                           ext->bitmap_directory_size,
+                           ext->bitmap_directory_offset,
                            false,
                            "bitmap directory");
     if (r < 0) {
@@ -821,14 +681,18 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
         return 0;
     }
     if ((r = qcow2_metamap_add(img->bm_map,
-                               ext->dir_offset,
-                               ext->dir_size,
+                               ext->bitmap_directory_offset,
+                               ext->bitmap_directory_size,
                                "the bitmap directory")) < 0 ||
         (r = qcow2_metamap_sort(img->bm_map)) < 0) {
         free(dir);
         return r;
     }
-    r = qcow2_bitmaps_parse_dir(img, dir, ext->dir_size, ext->nb_bitmaps, list);
+    r = qcow2_bitmaps_parse_dir(img,
+                                dir,
+                                ext->bitmap_directory_size,
+                                ext->nb_bitmaps,
+                                list);
     free(dir);
     if (r < 0)
         return r;
@@ -895,10 +759,6 @@ cmp_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-#define BME_TABLE_RESERVED    0xff000000000001feULL
-#define BME_TABLE_OFFSET_MASK 0x00fffffffffffe00ULL
-#define BME_TABLE_ALL_ONES    1ULL
-
 int
 qcow2_bitmap_load_data(struct qcow2_image *img,
                        const struct qcow2_bitmap_info *bi,
@@ -943,50 +803,33 @@ qcow2_bitmap_load_data(struct qcow2_image *img,
         goto out;
 
     for (i = 0; i < bi->table_size; i++) {
-        uint64_t e = get_be64(raw + i * 8);
-        uint64_t off = e & BME_TABLE_OFFSET_MASK;
+        struct qcow2_bitmap_table_entry te;
+        uint64_t off;
         uint64_t pos = i * img->cluster_size;
         uint64_t len = pos < want ? want - pos : 0;
         const char *hit;
 
         if (len > img->cluster_size)
             len = img->cluster_size;
-        if (e & BME_TABLE_RESERVED) {
-            r = qcbt_error(EINVAL,
-                           "%s: bitmap '%s': table entry %" PRIu64
-                           " (0x%016" PRIx64 ") has reserved bits set",
-                           img->io->name,
-                           name,
-                           i,
-                           e);
+        qcow2_bitmap_table_entry_decode(raw + i * 8, &te);
+        if (qcow2_bitmap_table_entry_check(&te, img->cluster_size) < 0) {
+            r = qcbt_error_prefix(EINVAL,
+                                  "%s: bitmap '%s': table entry %" PRIu64
+                                  " (0x%016" PRIx64 ")",
+                                  img->io->name,
+                                  name,
+                                  i,
+                                  qcow2_table_get(raw, i));
             goto out;
         }
+        off = te.offset;
         if (off == 0) {
-            if ((e & BME_TABLE_ALL_ONES) && len) {
+            if (te.all_ones && len) {
                 r = bitmap_import_fill(bm, pos, len, true, flags);
                 if (r < 0)
                     goto out;
             }
             continue;
-        }
-        if (e & BME_TABLE_ALL_ONES) {
-            r = qcbt_error(EINVAL,
-                           "%s: bitmap '%s': table entry %" PRIu64
-                           " has both a data offset and the all-ones flag",
-                           img->io->name,
-                           name,
-                           i);
-            goto out;
-        }
-        if (!IS_ALIGNED(off, img->cluster_size)) {
-            r = qcbt_error(EINVAL,
-                           "%s: bitmap '%s': table entry %" PRIu64
-                           ": data offset 0x%" PRIx64 " is not cluster aligned",
-                           img->io->name,
-                           name,
-                           i,
-                           off);
-            goto out;
         }
         hit = hits_metadata(img, off, img->cluster_size);
         if (!hit && overlaps(off,
@@ -996,8 +839,8 @@ qcow2_bitmap_load_data(struct qcow2_image *img,
             hit = "its own bitmap table";
         if (!hit && overlaps(off,
                              img->cluster_size,
-                             img->bitmaps.dir_offset,
-                             img->bitmaps.dir_size))
+                             img->bitmaps.ext.bitmap_directory_offset,
+                             img->bitmaps.ext.bitmap_directory_size))
             hit = "the bitmap directory";
         if (hit) {
             r = qcbt_error(EINVAL,

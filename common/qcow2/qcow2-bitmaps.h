@@ -13,15 +13,7 @@
 
 #include "qcow2.h"
 
-#define QCOW2_BME_FLAG_IN_USE                (1u << 0)
-#define QCOW2_BME_FLAG_AUTO                  (1u << 1)
-#define QCOW2_BME_FLAG_EXTRA_DATA_COMPATIBLE (1u << 2)
-#define QCOW2_BME_MAX_TABLE_SIZE             0x8000000u
-#define QCOW2_BME_MAX_PHYS_SIZE              0x20000000ULL
-#define QCOW2_BME_MAX_NAME_SIZE              1023
-#define QCOW2_BME_MIN_GRANULARITY_BITS       9
-#define QCOW2_BME_MAX_GRANULARITY_BITS       31
-#define QCOW2_BME_TYPE_DIRTY_TRACKING        1
+/* QCOW2_BME_* (directory entry flags and limits): qcow2-format.h. */
 
 enum qcow2_bitmap_status {
     QCOW2_BITMAP_OK,      /* consistent: its data may be loaded */

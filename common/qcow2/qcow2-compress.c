@@ -27,28 +27,26 @@ qcow2_decode_compressed(const struct qcow2_image *img,
                         uint64_t *coffset,
                         uint64_t *csize)
 {
-    uint64_t off = entry & img->coffset_mask;
-    uint64_t nb_sectors = ((entry >> img->csize_shift) & img->csize_mask) + 1;
+    struct qcow2_compressed_desc d;
 
     if (!(entry & QCOW2_OFLAG_COMPRESSED) || (entry & QCOW2_OFLAG_COPIED))
         return qcbt_error(EIO,
                           "invalid compressed cluster descriptor 0x%016" PRIx64,
                           entry);
-    if (off > QCOW2_MAX_HOST_OFFSET)
-        return qcbt_error(EIO,
-                          "compressed cluster descriptor 0x%016" PRIx64
-                          ": host offset 0x%" PRIx64 " too large",
-                          entry,
-                          off);
-    *coffset = off;
-    *csize = nb_sectors * 512 - (off & 511);
+    qcow2_compressed_desc_decode(entry, img->hdr.cluster_bits, &d);
+    if (qcow2_compressed_desc_check(&d, img->hdr.cluster_bits) < 0)
+        return qcbt_error_prefix(EIO,
+                                 "compressed cluster descriptor 0x%016" PRIx64,
+                                 entry);
+    *coffset = d.host_offset;
+    *csize = qcow2_compressed_desc_len(&d);
     return 0;
 }
 
 size_t
 qcow2_compressed_scratch_size(const struct qcow2_image *img)
 {
-    return (size_t)(img->csize_mask + 1) * 512;
+    return (size_t)qcow2_compressed_max_len(img->hdr.cluster_bits);
 }
 
 static int

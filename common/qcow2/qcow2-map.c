@@ -11,7 +11,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "byteorder.h"
 #include "error.h"
 #include "isaligned.h"
 #include "minmax.h"
@@ -104,7 +103,7 @@ l2_get_locked(struct qcow2_image *img, uint64_t l2_offset, uint64_t **table)
     if (r < 0)
         return r;
     for (i = 0; i < nwords; i++)
-        victim->table[i] = get_be64(c->raw + i * 8);
+        victim->table[i] = qcow2_table_get(c->raw, i);
     victim->offset = l2_offset;
     victim->used = ++c->clock;
     *table = victim->table;
@@ -118,23 +117,9 @@ struct unit {
     uint64_t host; /* host offset of the unit's first byte (DATA) */
 };
 
-static int
-corrupt(struct qcow2_image *img,
-        uint64_t guest,
-        const char *why,
-        uint64_t entry)
-{
-    return qcbt_error(EIO,
-                      "%s: corrupt L2 entry 0x%016" PRIx64
-                      " for guest offset 0x%" PRIx64 ": %s",
-                      img->io->name,
-                      entry,
-                      guest,
-                      why);
-}
-
 /* Classify subcluster SC (0 for standard L2) of the cluster described by
- * ENTRY/BITMAP (qcow2_get_subcluster_type() in QEMU terms).
+ * ENTRY/BITMAP (qcow2_get_subcluster_type() in QEMU terms).  The rules of
+ * the entry are the format layer's (qcow2_l2_entry_check()).
  */
 static int
 classify(struct qcow2_image *img,
@@ -148,41 +133,22 @@ classify(struct qcow2_image *img,
     bool has_data_file =
         img->hdr.incompatible_features & QCOW2_INCOMPAT_DATA_FILE;
     bool allocated;
+    int r;
 
     u->offset_valid = false;
     u->host = 0;
+    r = qcow2_l2_entry_check(entry, img->extended_l2 ? bitmap : 0, &img->hdr);
+    if (r < 0)
+        return qcbt_error_prefix(-r,
+                                 "%s: corrupt L2 entry 0x%016" PRIx64
+                                 " for guest offset 0x%" PRIx64,
+                                 img->io->name,
+                                 entry,
+                                 guest);
     if (entry & QCOW2_OFLAG_COMPRESSED) {
-        if (has_data_file)
-            return corrupt(img,
-                           guest,
-                           "compressed cluster with an external "
-                           "data file",
-                           entry);
-        if (img->extended_l2 && bitmap != 0)
-            return corrupt(img,
-                           guest,
-                           "compressed cluster with a non-zero "
-                           "subcluster bitmap",
-                           entry);
         u->kind = QCOW2_COMPRESSED;
         return 0;
     }
-    if (entry & (QCOW2_L2E_STD_RESERVED | (1ULL << 62)))
-        return corrupt(img, guest, "reserved bits set", entry);
-    /* qcow2.txt "Standard Cluster Descriptor": bit 0 is the zero flag
-     * only from version 3 on.  QEMU fails the read of such an entry in a
-     * version 2 image ("Zero cluster entry found in pre-v3 image"), with
-     * or without a host offset; reading zeros would hide the data.
-     * (A compressed descriptor's bit 0 is part of its offset: above.)
-     */
-    if (img->hdr.version < 3 && (entry & QCOW2_OFLAG_ZERO))
-        return corrupt(img,
-                       guest,
-                       "reserved bit 0 (the zero flag) set in a "
-                       "version 2 image",
-                       entry);
-    if (host && !IS_ALIGNED(host, img->cluster_size))
-        return corrupt(img, guest, "data offset not cluster aligned", entry);
 
     allocated = host != 0 || (has_data_file && (entry & QCOW2_OFLAG_COPIED));
 
@@ -203,11 +169,6 @@ classify(struct qcow2_image *img,
 
     /* Extended L2: 32 alloc bits, then 32 zero bits. */
     if (allocated) {
-        if ((bitmap >> 32) & bitmap & 0xffffffffULL)
-            return corrupt(img,
-                           guest,
-                           "subcluster both allocated and zero",
-                           entry);
         u->offset_valid = true;
         u->host = host + ((uint64_t)sc << img->subcluster_bits);
         if (bitmap & (1ULL << (32 + sc)))
@@ -217,12 +178,6 @@ classify(struct qcow2_image *img,
         else
             u->kind = QCOW2_UNALLOCATED;
     } else {
-        if (bitmap & 0xffffffffULL)
-            return corrupt(img,
-                           guest,
-                           "allocated subclusters in an "
-                           "unallocated cluster",
-                           entry);
         u->kind =
             (bitmap & (1ULL << (32 + sc))) ? QCOW2_ZERO : QCOW2_UNALLOCATED;
     }

@@ -4,7 +4,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "byteorder.h"
 #include "error.h"
 #include "qcow2-metamap.h"
 
@@ -93,8 +92,6 @@ qcow2_metamap_free(struct qcow2_metamap *m)
     free(m);
 }
 
-#define REFTABLE_OFFSET_MASK 0xfffffffffffffe00ULL
-
 int
 qcow2_metamap_build(struct qcow2_image *img, struct qcow2_metamap **out)
 {
@@ -138,7 +135,7 @@ qcow2_metamap_build(struct qcow2_image *img, struct qcow2_metamap **out)
     if (r < 0)
         goto fail;
     for (i = 0; i < rt_bytes / 8; i++) {
-        uint64_t rb = get_be64(rt + i * 8) & REFTABLE_OFFSET_MASK;
+        uint64_t rb = qcow2_table_get(rt, i) & QCOW2_REFT_OFFSET_MASK;
 
         if (rb && (r = qcow2_metamap_add(m, rb, cs, "a refcount block")) < 0)
             goto fail;

@@ -10,13 +10,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "byteorder.h"
 #include "error.h"
 #include "isaligned.h"
 #include "qcow2.h"
 #include "rounding.h"
-
-#define REFTABLE_OFFSET_MASK 0xfffffffffffffe00ULL
 
 /* Read refcount CLUSTER with a one-block cache (caller's). */
 static int
@@ -46,7 +43,7 @@ get_refcount_cached(struct qcow2_image *img,
                            "refcount table");
     if (r < 0)
         return r;
-    off = get_be64(e) & REFTABLE_OFFSET_MASK;
+    off = qcow2_table_get(e, 0) & QCOW2_REFT_OFFSET_MASK;
     if (off == 0)
         return 0;
     if (!IS_ALIGNED(off, img->cluster_size) || off >= img->io->size)
@@ -65,28 +62,7 @@ get_refcount_cached(struct qcow2_image *img,
             return r;
         *block_off = off;
     }
-    switch (bits) {
-    case 1:
-    case 2:
-    case 4: {
-        unsigned per_byte = 8 / bits;
-        unsigned char b = block[bi / per_byte];
-        *refcount = (b >> ((bi % per_byte) * bits)) & ((1u << bits) - 1);
-        break;
-    }
-    case 8:
-        *refcount = block[bi];
-        break;
-    case 16:
-        *refcount = get_be16(block + bi * 2);
-        break;
-    case 32:
-        *refcount = get_be32(block + bi * 4);
-        break;
-    default:
-        *refcount = get_be64(block + bi * 8);
-        break;
-    }
+    *refcount = qcow2_refblock_get(block, img->hdr.refcount_order, bi);
     return 0;
 }
 

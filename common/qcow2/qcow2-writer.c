@@ -21,16 +21,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "byteorder.h"
 #include "checked-overflow.h"
 #include "error.h"
+#include "io.h"
 #include "minmax.h"
 #include "qcow2.h"
 #include "qcow2-writer.h"
 #include "rounding.h"
 
-#define WRITER_HEADER_LENGTH  112 /* what qemu writes for v3 */
-#define WRITER_REFCOUNT_ORDER 4   /* 16-bit refcounts, qemu's default */
+#define WRITER_HEADER_LENGTH  QCOW2_HEADER_LENGTH /* v3 as qemu writes it */
+#define WRITER_REFCOUNT_ORDER 4 /* 16-bit refcounts, qemu's default */
 #define WRITER_MSG_MAX        512
 #define DIRECT_MIN            (64 * 1024) /* smaller writes are gathered */
 /* Write-behind: up to WRITER_WB_BYTES in writeback at once.  One buffer
@@ -48,11 +48,11 @@
  */
 #define WRITER_FEATURE_TABLE_MIN_CLUSTER 8192
 #define WRITER_NR_FEATURES               qcow2_nr_known_features
-#define WRITER_FEATURE_LEN               48
+#define WRITER_FEATURE_LEN               QCOW2_FEATURE_NAME_SIZE
 
 struct qcow2_writer {
-    int fd;
-    char *name; /* for messages */
+    struct qcbt_io *io; /* the image file; owned */
+    char *name;         /* for messages */
 
     uint64_t size; /* guest bytes, multiple of 512 */
     uint32_t cluster_size;
@@ -124,32 +124,35 @@ pwrite_all(struct qcow2_writer *w,
            uint64_t offset,
            const char *what)
 {
-    size_t done = 0;
+    int r = qcbt_io_write_exact(w->io, p, len, offset, what);
 
-    while (done < len) {
-        ssize_t r = pwrite(w->fd,
-                           (const char *)p + done,
-                           len - done,
-                           (off_t)(offset + done));
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return writer_fail(w,
-                               errno,
-                               "writing %s at host offset %" PRIu64 ": %s",
-                               what,
-                               offset + done,
-                               strerror(errno));
-        }
-        if (r == 0)
-            return writer_fail(w,
-                               EIO,
-                               "writing %s at host offset %" PRIu64
-                               ": short write",
-                               what,
-                               offset + done);
-        done += (size_t)r;
-    }
+    if (r < 0)
+        return writer_fail(w,
+                           -r,
+                           "writing %s at host offset %" PRIu64 ": %s",
+                           what,
+                           offset,
+                           strerror(-r));
+    return 0;
+}
+
+/* Writeback of host bytes [off, off + len), waited for if WAIT.  A
+ * failure is the device's (the data may never reach the disk): sticky,
+ * as a failed write.
+ */
+static int
+writeback(struct qcow2_writer *w, uint64_t off, uint64_t len, bool wait)
+{
+    int r = qcbt_io_writeback(w->io, off, len, wait);
+
+    if (r < 0)
+        return writer_fail(w,
+                           -r,
+                           "writeback of host bytes 0x%" PRIx64 "..0x%" PRIx64
+                           ": %s",
+                           off,
+                           off + len,
+                           strerror(-r));
     return 0;
 }
 
@@ -159,25 +162,25 @@ pwrite_all(struct qcow2_writer *w,
  * from the page cache, so a backup neither floods the cache nor stalls in
  * dirty-page throttling, and the final fdatasync has little left to do.
  */
-static void
+static int
 appended(struct qcow2_writer *w, uint64_t off, uint64_t len)
 {
     unsigned i;
+    int r;
 
     if (w->pend_len == 0)
         w->pend_off = off;
     w->pend_len = off + len - w->pend_off;
     if (w->pend_len < w->buf_cap)
-        return;
-    sync_file_range(w->fd, w->pend_off, w->pend_len, SYNC_FILE_RANGE_WRITE);
+        return 0;
+    r = writeback(w, w->pend_off, w->pend_len, false);
+    if (r < 0)
+        return r;
     if (w->wb_nr == w->wb_max) {
         i = w->wb_head;
-        sync_file_range(w->fd,
-                        w->wb[i].off,
-                        w->wb[i].len,
-                        SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
-                            SYNC_FILE_RANGE_WAIT_AFTER);
-        posix_fadvise(w->fd, w->wb[i].off, w->wb[i].len, POSIX_FADV_DONTNEED);
+        r = writeback(w, w->wb[i].off, w->wb[i].len, true);
+        if (r < 0)
+            return r;
         w->wb_head = (w->wb_head + 1) % WRITER_WB_RANGES;
         w->wb_nr--;
     }
@@ -186,6 +189,7 @@ appended(struct qcow2_writer *w, uint64_t off, uint64_t len)
     w->wb[i].len = w->pend_len;
     w->wb_nr++;
     w->pend_len = 0;
+    return 0;
 }
 
 static int
@@ -197,7 +201,9 @@ flush_buffer(struct qcow2_writer *w)
         r = pwrite_all(w, w->buf, w->buf_len, w->buf_off, "clusters");
         if (r < 0)
             return r;
-        appended(w, w->buf_off, w->buf_len);
+        r = appended(w, w->buf_off, w->buf_len);
+        if (r < 0)
+            return r;
     }
     w->buf_off += w->buf_len;
     w->buf_len = 0;
@@ -526,7 +532,9 @@ direct_clusters(struct qcow2_writer *w,
     for (i = 0; i < n; i++)
         *l2_entry(w, c + i) =
             (w->next_host + i * w->cluster_size) | QCOW2_OFLAG_COPIED;
-    appended(w, w->next_host, bytes);
+    r = appended(w, w->next_host, bytes);
+    if (r < 0)
+        return r;
     w->next_host += bytes;
     w->buf_off = w->next_host;
     *src += bytes;
@@ -637,10 +645,10 @@ header_ext_end(uint32_t cluster_size, size_t fmt_len)
     size_t n = WRITER_HEADER_LENGTH;
 
     if (fmt_len)
-        n += 8 + ROUND_UP(fmt_len, 8);
+        n += qcow2_header_ext_size((uint32_t)fmt_len);
     if (cluster_size >= WRITER_FEATURE_TABLE_MIN_CLUSTER)
-        n += 8 + WRITER_NR_FEATURES * WRITER_FEATURE_LEN;
-    return n + 8;
+        n += qcow2_header_ext_size(WRITER_NR_FEATURES * WRITER_FEATURE_LEN);
+    return n + QCOW2_HEADER_EXT_SIZE;
 }
 
 static int
@@ -692,75 +700,70 @@ check_opts(const struct qcow2_writer_opts *opts, const char *name)
     return 0;
 }
 
+/* The virtual size rounded to whole sectors, as qemu-img create rounds
+ * it, and the L1 entries it needs.
+ */
+static int
+check_size(const struct qcow2_writer_opts *opts,
+           const char *name,
+           uint64_t *size,
+           uint64_t *l1_size)
+{
+    uint32_t cs = opts->cluster_size ? opts->cluster_size
+                                     : QCOW2_WRITER_DEFAULT_CLUSTER_SIZE;
+    uint64_t l2_cover;
+
+    if (opts->size > (uint64_t)INT64_MAX - 511)
+        return qcbt_error(EFBIG,
+                          "%s: virtual size %" PRIu64 " is too large",
+                          name,
+                          opts->size);
+    *size = ROUND_UP(opts->size, 512);
+    /* One L1 entry maps cs/8 clusters; the L1 table is limited to 32 MiB
+     * (qcow2-format.md section 4).
+     */
+    l2_cover = (uint64_t)cs * (cs / 8);
+    *l1_size = DIV_ROUND_UP(*size, l2_cover);
+    if (*l1_size * 8 > QCOW2_MAX_L1_BYTES)
+        return qcbt_error(EFBIG,
+                          "%s: virtual size %" PRIu64
+                          " needs an L1 table larger than 32 MiB with %" PRIu32
+                          "-byte clusters",
+                          name,
+                          *size,
+                          cs);
+    return 0;
+}
+
 int
-qcow2_writer_create_fd(int fd,
-                       const char *name,
+qcow2_writer_create_io(struct qcbt_io *io,
                        const struct qcow2_writer_opts *opts,
                        struct qcow2_writer **out)
 {
     struct qcow2_writer *w = NULL;
-    struct stat st;
-    uint64_t size, l2_cover, l1_size;
+    const char *name = io->name;
+    uint64_t size, l1_size;
     uint32_t cs;
     size_t cap;
-    int flags, r;
+    int r;
 
     *out = NULL;
-    if (name == NULL)
-        name = "qcow2 writer";
     r = check_opts(opts, name);
+    if (r < 0)
+        goto fail;
+    if (!io->ops->pwrite) {
+        r = qcbt_error(EBADF, "%s: file is not open for writing", name);
+        goto fail;
+    }
+    r = check_size(opts, name, &size, &l1_size);
     if (r < 0)
         goto fail;
     cs = opts->cluster_size ? opts->cluster_size
                             : QCOW2_WRITER_DEFAULT_CLUSTER_SIZE;
 
-    /* Size in whole sectors, as qemu-img create rounds it. */
-    if (opts->size > (uint64_t)INT64_MAX - 511) {
-        r = qcbt_error(EFBIG,
-                       "%s: virtual size %" PRIu64 " is too large",
-                       name,
-                       opts->size);
-        goto fail;
-    }
-    size = ROUND_UP(opts->size, 512);
-    /* One L1 entry maps cs/8 clusters; the L1 table is limited to 32 MiB
-     * (qcow2-format.md section 4).
-     */
-    l2_cover = (uint64_t)cs * (cs / 8);
-    l1_size = DIV_ROUND_UP(size, l2_cover);
-    if (l1_size * 8 > QCOW2_MAX_L1_BYTES) {
-        r = qcbt_error(EFBIG,
-                       "%s: virtual size %" PRIu64
-                       " needs an L1 table larger than 32 MiB with %" PRIu32
-                       "-byte clusters",
-                       name,
-                       size,
-                       cs);
-        goto fail;
-    }
-
-    flags = fcntl(fd, F_GETFL);
-    if (flags < 0) {
-        r = qcbt_error(errno, "%s: %s", name, strerror(errno));
-        goto fail;
-    }
-    if ((flags & O_ACCMODE) == O_RDONLY) {
-        r = qcbt_error(EBADF, "%s: file is not open for writing", name);
-        goto fail;
-    }
-    if (fstat(fd, &st) < 0) {
-        r = qcbt_error(errno, "%s: fstat: %s", name, strerror(errno));
-        goto fail;
-    }
-    if (S_ISREG(st.st_mode) && st.st_size > 0 && ftruncate(fd, 0) < 0) {
-        r = qcbt_error(errno, "%s: truncate: %s", name, strerror(errno));
-        goto fail;
-    }
-
     w = calloc(1, sizeof *w);
     if (w == NULL)
         goto enomem;
-    w->fd = fd;
     w->size = size;
     w->cluster_size = cs;
     w->cluster_bits = (unsigned)__builtin_ctz(cs);
@@ -797,15 +800,61 @@ qcow2_writer_create_fd(int fd,
     /* Cluster 0 is the header, written at close. */
     w->next_host = cs;
     w->buf_off = cs;
+    w->io = io;
     *out = w;
     return 0;
 
 enomem:
     r = qcbt_error(ENOMEM, "%s: out of memory", name);
 fail:
-    if (w)
-        w->fd = -1;
     writer_free(w);
+    qcbt_io_free(io);
+    return r;
+}
+
+int
+qcow2_writer_create_fd(int fd,
+                       const char *name,
+                       const struct qcow2_writer_opts *opts,
+                       struct qcow2_writer **out)
+{
+    struct qcbt_io *io;
+    struct stat st;
+    uint64_t size, l1_size;
+    int flags, r;
+
+    *out = NULL;
+    if (name == NULL)
+        name = "qcow2 writer";
+    /* Validate before touching the file. */
+    r = check_opts(opts, name);
+    if (r >= 0)
+        r = check_size(opts, name, &size, &l1_size);
+    if (r < 0)
+        goto fail;
+    flags = fcntl(fd, F_GETFL);
+    if (flags < 0) {
+        r = qcbt_error(errno, "%s: %s", name, strerror(errno));
+        goto fail;
+    }
+    if ((flags & O_ACCMODE) == O_RDONLY) {
+        r = qcbt_error(EBADF, "%s: file is not open for writing", name);
+        goto fail;
+    }
+    if (fstat(fd, &st) < 0) {
+        r = qcbt_error(errno, "%s: fstat: %s", name, strerror(errno));
+        goto fail;
+    }
+    if (S_ISREG(st.st_mode) && st.st_size > 0 && ftruncate(fd, 0) < 0) {
+        r = qcbt_error(errno, "%s: truncate: %s", name, strerror(errno));
+        goto fail;
+    }
+    r = qcbt_io_open_fd(fd, name, &io); /* owns fd from here on */
+    if (r < 0)
+        return r;
+    return qcow2_writer_create_io(io, opts, out);
+
+fail:
     close(fd);
     return r;
 }
@@ -853,6 +902,11 @@ write_l2_tables(struct qcow2_writer *w, uint64_t *l1)
     uint64_t entries = 1ULL << w->l2_bits;
     uint64_t host, i, j;
     unsigned char *slot = NULL;
+    /* What the entries are checked against: the header written later. */
+    const struct qcow2_header hdr = {
+        .version = 3,
+        .cluster_bits = w->cluster_bits,
+    };
     bool used;
     int r;
 
@@ -869,8 +923,17 @@ write_l2_tables(struct qcow2_writer *w, uint64_t *l1)
         r = alloc_cluster(w, &host, &slot);
         if (r < 0)
             return r;
-        for (j = 0; j < entries; j++)
-            put_be64(slot + j * 8, t[j]);
+        for (j = 0; j < entries; j++) {
+            r = qcow2_l2_entry_check(t[j], 0, &hdr);
+            if (r < 0)
+                return qcbt_error_prefix(
+                    -r,
+                    "%s: L2 entry 0x%016" PRIx64 " for guest offset 0x%" PRIx64,
+                    w->name,
+                    t[j],
+                    ((i << w->l2_bits) + j) << w->cluster_bits);
+            qcow2_table_set(slot, j, t[j]);
+        }
         r = commit_cluster(w, host, slot);
         if (r < 0)
             return r;
@@ -933,7 +996,7 @@ write_refcounts(struct qcow2_writer *w,
             uint64_t b = i * (cs / 8) + j;
 
             if (b < nblocks)
-                put_be64(slot + j * 8, (used + ntable + b) * cs);
+                qcow2_table_set(slot, j, (used + ntable + b) * cs);
         }
     }
     for (i = 0; i < nblocks; i++) {
@@ -948,9 +1011,33 @@ write_refcounts(struct qcow2_writer *w,
                 fi++;
             if (fi < w->nr_free && w->free[fi] == k * cs)
                 continue;
-            put_be16(slot + j * 2, 1);
+            qcow2_refblock_set(slot, WRITER_REFCOUNT_ORDER, j, 1);
         }
     }
+    return 0;
+}
+
+/* Append the extension TYPE with LEN bytes of DATA (NULL: the caller
+ * fills them) at *P of the header cluster H, after checking it against
+ * the extension area [*P, END) as the reader will.
+ */
+static int
+put_ext(struct qcow2_writer *w,
+        unsigned char *h,
+        size_t *p,
+        size_t end,
+        uint32_t type,
+        const void *data,
+        uint32_t len)
+{
+    struct qcow2_header_ext ext = {type, len};
+
+    if (qcow2_header_ext_check(&ext, *p, end) < 0)
+        return writer_fail(w, EINVAL, "%s", qcbt_error_get());
+    qcow2_header_ext_encode(&ext, h + *p);
+    if (data)
+        memcpy(h + *p + QCOW2_HEADER_EXT_SIZE, data, len);
+    *p += qcow2_header_ext_size(len);
     return 0;
 }
 
@@ -962,49 +1049,71 @@ write_header(struct qcow2_writer *w,
 {
     unsigned char *h = w->scratch;
     size_t fmt_len = w->backing_fmt ? strlen(w->backing_fmt) : 0;
+    size_t name_len = w->backing_file ? strlen(w->backing_file) : 0;
+    /* The extension area ends where the backing file name starts. */
+    size_t end = w->backing_file ? header_ext_end(w->cluster_size, fmt_len)
+                                 : w->cluster_size;
+    struct qcow2_header hdr = {
+        .magic = QCOW2_MAGIC,
+        .version = 3,
+        .backing_file_offset = w->backing_file ? end : 0,
+        .backing_file_size = (uint32_t)name_len,
+        .cluster_bits = w->cluster_bits,
+        .size = w->size,
+        .crypt_method = 0,
+        .l1_size = w->l1_size,
+        .l1_table_offset = l1_off,
+        .refcount_table_offset = reftable_off,
+        .refcount_table_clusters = reftable_clusters,
+        /* no snapshots, no feature bits */
+        .refcount_order = WRITER_REFCOUNT_ORDER,
+        .header_length = WRITER_HEADER_LENGTH,
+        .compression_type = QCOW2_COMPRESSION_DEFLATE,
+    };
     size_t p, i, len;
+    int r;
 
+    /* What we write is what the reader accepts: the same validator, for
+     * the file as it will be once the header is in place.
+     */
+    if (qcow2_header_check(&hdr, w->next_host) < 0)
+        return writer_fail(w, EINVAL, "header: %s", qcbt_error_get());
     memset(h, 0, w->cluster_size);
-    put_be32(h + 0, QCOW2_MAGIC);
-    put_be32(h + 4, 3);
-    put_be32(h + 20, w->cluster_bits);
-    put_be64(h + 24, w->size);
-    put_be32(h + 32, 0); /* crypt_method */
-    put_be32(h + 36, w->l1_size);
-    put_be64(h + 40, l1_off);
-    put_be64(h + 48, reftable_off);
-    put_be32(h + 56, reftable_clusters);
-    /* nb_snapshots, snapshots_offset, features: 0 */
-    put_be32(h + 96, WRITER_REFCOUNT_ORDER);
-    put_be32(h + 100, WRITER_HEADER_LENGTH);
-    /* 104: compression_type 0 (deflate) + padding */
+    p = qcow2_header_encode(&hdr, h);
 
-    p = WRITER_HEADER_LENGTH;
+    /* qcow2_update_header's order: backing format, feature table, end. */
     if (fmt_len) {
-        put_be32(h + p, QCOW2_EXT_BACKING_FMT);
-        put_be32(h + p + 4, (uint32_t)fmt_len);
-        memcpy(h + p + 8, w->backing_fmt, fmt_len);
-        p += 8 + ROUND_UP(fmt_len, 8);
+        r = put_ext(w,
+                    h,
+                    &p,
+                    end,
+                    QCOW2_EXT_BACKING_FMT,
+                    w->backing_fmt,
+                    (uint32_t)fmt_len);
+        if (r < 0)
+            return r;
     }
     if (w->cluster_size >= WRITER_FEATURE_TABLE_MIN_CLUSTER) {
-        put_be32(h + p, QCOW2_EXT_FEATURES);
-        put_be32(h + p + 4, WRITER_NR_FEATURES * WRITER_FEATURE_LEN);
-        p += 8;
+        size_t table = p + QCOW2_HEADER_EXT_SIZE;
+
+        r = put_ext(w,
+                    h,
+                    &p,
+                    end,
+                    QCOW2_EXT_FEATURES,
+                    NULL,
+                    (uint32_t)(WRITER_NR_FEATURES * WRITER_FEATURE_LEN));
+        if (r < 0)
+            return r;
         for (i = 0; i < WRITER_NR_FEATURES; i++) {
-            h[p] = qcow2_known_features[i].type;
-            h[p + 1] = qcow2_known_features[i].bit;
-            memcpy(h + p + 2,
-                   qcow2_known_features[i].name,
-                   strlen(qcow2_known_features[i].name));
-            p += WRITER_FEATURE_LEN;
+            if (qcow2_feature_name_check(&qcow2_known_features[i]) < 0)
+                return writer_fail(w, EINVAL, "%s", qcbt_error_get());
+            qcow2_feature_name_encode(&qcow2_known_features[i],
+                                      h + table + i * WRITER_FEATURE_LEN);
         }
     }
-    p += 8; /* end of extensions: type 0, length 0 */
+    p += QCOW2_HEADER_EXT_SIZE; /* end of extensions: type 0, length 0 */
     if (w->backing_file) {
-        size_t name_len = strlen(w->backing_file);
-
-        put_be64(h + 8, p);
-        put_be32(h + 16, (uint32_t)name_len);
         memcpy(h + p, w->backing_file, name_len);
         p += name_len;
     }
@@ -1042,7 +1151,7 @@ finalize(struct qcow2_writer *w)
         if (i == 0)
             l1_off = host;
         for (j = 0; j < per && i * per + j < w->l1_size; j++)
-            put_be64(slot + j * 8, l1[i * per + j]);
+            qcow2_table_set(slot, j, l1[i * per + j]);
     }
 
     r = write_refcounts(w, &reftable_off, &reftable_clusters);
@@ -1054,8 +1163,9 @@ finalize(struct qcow2_writer *w)
     r = write_header(w, l1_off, reftable_off, reftable_clusters);
     if (r < 0)
         goto out;
-    if (fdatasync(w->fd) < 0)
-        r = writer_fail(w, errno, "fdatasync: %s", strerror(errno));
+    r = qcbt_io_flush(w->io);
+    if (r < 0)
+        r = writer_fail(w, -r, "flush: %s", strerror(-r));
 out:
     free(l1);
     return r;
@@ -1064,7 +1174,7 @@ out:
 int
 qcow2_writer_close(struct qcow2_writer *w)
 {
-    int r;
+    int r, r2;
 
     if (w == NULL)
         return 0;
@@ -1072,9 +1182,10 @@ qcow2_writer_close(struct qcow2_writer *w)
         r = writer_sticky(w);
     else
         r = finalize(w);
-    if (close(w->fd) < 0 && r == 0)
-        r = qcbt_error(errno, "%s: close: %s", w->name, strerror(errno));
-    w->fd = -1;
+    r2 = qcbt_io_close(w->io);
+    w->io = NULL;
+    if (r2 < 0 && r == 0)
+        r = r2;
     writer_free(w);
     return r;
 }
@@ -1084,7 +1195,7 @@ qcow2_writer_abort(struct qcow2_writer *w)
 {
     if (w == NULL)
         return;
-    if (w->fd >= 0)
-        close(w->fd);
+    qcbt_io_free(w->io);
+    w->io = NULL;
     writer_free(w);
 }

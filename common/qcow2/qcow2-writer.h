@@ -35,7 +35,8 @@
  *
  * Errors: functions return 0 or -errno and record a one-line message
  * (common/utils/error.h) naming the file and the offset.  An I/O error on
- * the image file is sticky: every later call fails with the same errno and
+ * the image file (a write, a writeback the writer starts or waits for, the
+ * final flush) is sticky: every later call fails with the same errno and
  * close does not write a header, so the half-written file is never a valid
  * qcow2 image.  Argument errors (range outside the image) and fill
  * callback failures are not sticky; the range's guest contents are then
@@ -120,6 +121,16 @@ int qcow2_writer_create(const char *path,
  */
 int qcow2_writer_create_fd(int fd,
                            const char *name,
+                           const struct qcow2_writer_opts *opts,
+                           struct qcow2_writer **out);
+
+/* The same through IO (io.h), which the writer owns from the call on,
+ * success or not: what the file descriptor variants use, and how a test
+ * puts a failing device under the writer.  IO must be writable; the image
+ * is written from offset 0 (nothing is truncated).
+ */
+struct qcbt_io;
+int qcow2_writer_create_io(struct qcbt_io *io,
                            const struct qcow2_writer_opts *opts,
                            struct qcow2_writer **out);
 

@@ -3,7 +3,10 @@
  * Validation follows what QEMU's qcow2_do_open() enforces (qcow2-format.md
  * sections 1-4) plus the checks it misses (reliability-catalogue.md 3(a)).
  * Nothing read from the image is trusted before it has been checked against
- * a named limit, and every size computation is overflow-checked.
+ * a named limit, and every size computation is overflow-checked.  The
+ * structures are decoded and their rules checked by the format layer
+ * (qcow2-format.c); this file adds what needs the image as a whole (the
+ * file size, the order of the extensions, duplicates, the backing name).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -11,24 +14,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "byteorder.h"
-#include "checked-overflow.h"
 #include "error.h"
-#include "isaligned.h"
 #include "minmax.h"
 #include "qcow2.h"
 #include "qcow2-internal.h"
 #include "qcow2-metamap.h"
 #include "rounding.h"
-
-#define QCOW2_V2_HEADER_LENGTH 72
-#define QCOW2_V3_HEADER_LENGTH 104
-
-bool
-qcow2_probe(const void *buf, size_t len)
-{
-    return len >= 4 && get_be32(buf) == QCOW2_MAGIC;
-}
 
 int
 qcow2_parse_header(const void *buf,
@@ -36,217 +27,18 @@ qcow2_parse_header(const void *buf,
                    uint64_t file_size,
                    struct qcow2_header *hdr)
 {
-    const unsigned char *p = buf;
-    uint64_t cluster_size, l1_bytes, l1_needed, per_l1, end;
-    unsigned l2_bits;
+    int r;
 
     memset(hdr, 0, sizeof *hdr);
-    if (len < QCOW2_V2_HEADER_LENGTH || file_size < QCOW2_V2_HEADER_LENGTH)
+    if (len < QCOW2_HEADER_V2_LENGTH || file_size < QCOW2_HEADER_V2_LENGTH)
         return qcbt_error(EINVAL,
                           "image is too small to be qcow2 (%" PRIu64 " bytes)",
                           file_size);
-    if (get_be32(p) != QCOW2_MAGIC)
-        return qcbt_error(EINVAL,
-                          "not a qcow2 image (bad magic 0x%08x)",
-                          get_be32(p));
-
-    hdr->version = get_be32(p + 4);
-    hdr->backing_file_offset = get_be64(p + 8);
-    hdr->backing_file_size = get_be32(p + 16);
-    hdr->cluster_bits = get_be32(p + 20);
-    hdr->size = get_be64(p + 24);
-    hdr->crypt_method = get_be32(p + 32);
-    hdr->l1_size = get_be32(p + 36);
-    hdr->l1_table_offset = get_be64(p + 40);
-    hdr->refcount_table_offset = get_be64(p + 48);
-    hdr->refcount_table_clusters = get_be32(p + 56);
-    hdr->nb_snapshots = get_be32(p + 60);
-    hdr->snapshots_offset = get_be64(p + 64);
-
-    if (hdr->version != 2 && hdr->version != 3)
-        return qcbt_error(ENOTSUP,
-                          "unsupported qcow2 version %" PRIu32,
-                          hdr->version);
-    if (hdr->cluster_bits < QCOW2_MIN_CLUSTER_BITS ||
-        hdr->cluster_bits > QCOW2_MAX_CLUSTER_BITS)
-        return qcbt_error(EINVAL,
-                          "unsupported cluster size: 2^%" PRIu32
-                          " (cluster_bits must be %d..%d)",
-                          hdr->cluster_bits,
-                          QCOW2_MIN_CLUSTER_BITS,
-                          QCOW2_MAX_CLUSTER_BITS);
-    cluster_size = 1ULL << hdr->cluster_bits;
-
-    if (hdr->version == 2) {
-        hdr->refcount_order = 4;
-        hdr->header_length = QCOW2_V2_HEADER_LENGTH;
-    } else {
-        if (len < QCOW2_V3_HEADER_LENGTH || file_size < QCOW2_V3_HEADER_LENGTH)
-            return qcbt_error(EINVAL, "qcow2 v3 header is truncated");
-        hdr->incompatible_features = get_be64(p + 72);
-        hdr->compatible_features = get_be64(p + 80);
-        hdr->autoclear_features = get_be64(p + 88);
-        hdr->refcount_order = get_be32(p + 96);
-        hdr->header_length = get_be32(p + 100);
-        if (hdr->header_length < QCOW2_V3_HEADER_LENGTH)
-            return qcbt_error(EINVAL,
-                              "qcow2 header too short (header_length "
-                              "%" PRIu32 ")",
-                              hdr->header_length);
-        if (hdr->header_length > cluster_size)
-            return qcbt_error(EINVAL,
-                              "qcow2 header_length %" PRIu32
-                              " exceeds the cluster size",
-                              hdr->header_length);
-        if (!IS_ALIGNED(hdr->header_length, 8))
-            return qcbt_error(EINVAL,
-                              "qcow2 header_length %" PRIu32
-                              " is not a multiple of 8",
-                              hdr->header_length);
-        if (hdr->header_length > QCOW2_V3_HEADER_LENGTH) {
-            if (len < QCOW2_V3_HEADER_LENGTH + 1)
-                return qcbt_error(EINVAL, "qcow2 header is truncated");
-            hdr->compression_type = p[104];
-        }
-    }
-    if (hdr->refcount_order > 6)
-        return qcbt_error(EINVAL,
-                          "invalid refcount_order %" PRIu32 " (maximum 6)",
-                          hdr->refcount_order);
-
-    /* Compression type and its incompatible bit must agree both ways. */
-    if (hdr->compression_type > QCOW2_COMPRESSION_ZSTD)
-        return qcbt_error(ENOTSUP,
-                          "unknown compression type %u",
-                          hdr->compression_type);
-    if (hdr->compression_type != 0 &&
-        !(hdr->incompatible_features & QCOW2_INCOMPAT_COMPRESSION))
-        return qcbt_error(EINVAL,
-                          "compression type %u without the "
-                          "compression-type incompatible bit",
-                          hdr->compression_type);
-    if (hdr->compression_type == 0 &&
-        (hdr->incompatible_features & QCOW2_INCOMPAT_COMPRESSION))
-        return qcbt_error(EINVAL,
-                          "compression-type incompatible bit set "
-                          "with the default (deflate) compression type");
-    if ((hdr->incompatible_features & QCOW2_INCOMPAT_EXTL2) &&
-        hdr->cluster_bits < 14)
-        return qcbt_error(EINVAL,
-                          "extended L2 entries need clusters of at "
-                          "least 16 KiB (cluster_bits %" PRIu32 ")",
-                          hdr->cluster_bits);
-
-    if (hdr->crypt_method > 2)
-        return qcbt_error(ENOTSUP,
-                          "unknown encryption method %" PRIu32,
-                          hdr->crypt_method);
-    if (hdr->crypt_method != 0)
-        return qcbt_error(ENOTSUP,
-                          "encrypted qcow2 images (%s) are not "
-                          "supported",
-                          hdr->crypt_method == 1 ? "AES" : "LUKS");
-
-    if (hdr->size > (uint64_t)INT64_MAX)
-        return qcbt_error(EFBIG,
-                          "virtual size %" PRIu64 " is too large",
-                          hdr->size);
-
-    /* Backing file name: inside cluster 0, at most 1023 bytes. */
-    if (hdr->backing_file_offset) {
-        if (hdr->backing_file_offset > cluster_size)
-            return qcbt_error(EINVAL,
-                              "invalid backing file offset 0x%" PRIx64,
-                              hdr->backing_file_offset);
-        if (hdr->backing_file_size > QCOW2_MAX_BACKING_NAME ||
-            hdr->backing_file_size > cluster_size - hdr->backing_file_offset)
-            return qcbt_error(EINVAL,
-                              "backing file name too long (%" PRIu32 " bytes)",
-                              hdr->backing_file_size);
-    }
-
-    /* L1 table: bounded, aligned, large enough for the virtual size. */
-    l2_bits = hdr->cluster_bits -
-              ((hdr->incompatible_features & QCOW2_INCOMPAT_EXTL2) ? 4 : 3);
-    per_l1 = 1ULL << (hdr->cluster_bits + l2_bits); /* <= 2^39 */
-    l1_needed = DIV_ROUND_UP(hdr->size, per_l1);
-    l1_bytes = (uint64_t)hdr->l1_size * 8;
-    if (l1_bytes > QCOW2_MAX_L1_BYTES)
-        return qcbt_error(EFBIG,
-                          "active L1 table too large (%" PRIu32 " entries)",
-                          hdr->l1_size);
-    if (hdr->l1_size < l1_needed)
-        return qcbt_error(EINVAL,
-                          "L1 table is too small (%" PRIu32 " entries, %" PRIu64
-                          " needed for the virtual size)",
-                          hdr->l1_size,
-                          l1_needed);
-    if (hdr->l1_size > 0) {
-        if (!IS_ALIGNED(hdr->l1_table_offset, cluster_size))
-            return qcbt_error(EINVAL,
-                              "invalid L1 table offset 0x%" PRIx64
-                              " (not cluster aligned)",
-                              hdr->l1_table_offset);
-        if (ADD_OVERFLOW(hdr->l1_table_offset, l1_bytes, &end) ||
-            end > (uint64_t)INT64_MAX)
-            return qcbt_error(EINVAL,
-                              "invalid L1 table offset 0x%" PRIx64,
-                              hdr->l1_table_offset);
-        if (hdr->l1_table_offset >= file_size)
-            return qcbt_error(EINVAL,
-                              "L1 table offset 0x%" PRIx64
-                              " is past the end of the file",
-                              hdr->l1_table_offset);
-    }
-
-    /* Refcount table: only validated (a reader never follows it). */
-    if (hdr->refcount_table_clusters == 0)
-        return qcbt_error(EINVAL,
-                          "image does not contain a reference count "
-                          "table");
-    if ((uint64_t)hdr->refcount_table_clusters * cluster_size >
-        QCOW2_MAX_REFTABLE_BYTES)
-        return qcbt_error(EFBIG,
-                          "reference count table too large (%" PRIu32
-                          " clusters)",
-                          hdr->refcount_table_clusters);
-    if (!IS_ALIGNED(hdr->refcount_table_offset, cluster_size) ||
-        hdr->refcount_table_offset == 0 ||
-        hdr->refcount_table_offset >
-            (uint64_t)INT64_MAX - QCOW2_MAX_REFTABLE_BYTES)
-        return qcbt_error(EINVAL,
-                          "invalid reference count table offset 0x%" PRIx64,
-                          hdr->refcount_table_offset);
-
-    /* Snapshot table: bounded and aligned (contents are not needed). */
-    if (hdr->nb_snapshots > QCOW2_MAX_SNAPSHOTS)
-        return qcbt_error(EINVAL,
-                          "too many internal snapshots (%" PRIu32 ")",
-                          hdr->nb_snapshots);
-    if (hdr->nb_snapshots > 0 &&
-        (!IS_ALIGNED(hdr->snapshots_offset, cluster_size) ||
-         hdr->snapshots_offset > (uint64_t)INT64_MAX))
-        return qcbt_error(EINVAL,
-                          "invalid snapshot table offset 0x%" PRIx64,
-                          hdr->snapshots_offset);
-    return 0;
+    r = qcow2_header_decode(buf, MIN((uint64_t)len, file_size), hdr);
+    if (r < 0)
+        return r;
+    return qcow2_header_check(hdr, file_size);
 }
-
-/* The features QEMU 7.2 names in its feature-name table, in its order
- * (the writer writes exactly this table).
- */
-const struct qcow2_known_feature qcow2_known_features[] = {
-    {0, 0, "dirty bit"},
-    {0, 1, "corrupt bit"},
-    {0, 2, "external data file"},
-    {0, 3, "compression type"},
-    {0, 4, "extended L2 entries"},
-    {1, 0, "lazy refcounts"},
-    {2, 0, "bitmaps"},
-    {2, 1, "raw external data"},
-};
-const size_t qcow2_nr_known_features =
-    sizeof qcow2_known_features / sizeof qcow2_known_features[0];
 
 const char *
 qcow2_feature_name(const struct qcow2_image *img, uint8_t type, uint8_t bit)
@@ -291,22 +83,21 @@ parse_extensions(struct qcow2_image *img, const unsigned char *c0)
     bool seen_fmt = false, seen_features = false, seen_bitmaps = false;
     bool seen_crypto = false, seen_data_file = false;
 
-    while (off + 8 <= end) {
-        uint32_t type = get_be32(c0 + off);
-        uint32_t len = get_be32(c0 + off + 4);
+    while (off + QCOW2_HEADER_EXT_SIZE <= end) {
+        struct qcow2_header_ext ext;
         const unsigned char *data;
+        uint32_t type, len;
+        int r;
 
-        off += 8;
+        qcow2_header_ext_decode(c0 + off, &ext);
+        type = ext.type;
+        len = ext.len;
         if (type == QCOW2_EXT_END)
             return 0;
-        if (len > end - off)
-            return qcbt_error(EINVAL,
-                              "header extension 0x%08x too large "
-                              "(%" PRIu32 " bytes at offset 0x%" PRIx64 ")",
-                              type,
-                              len,
-                              off - 8);
-        data = c0 + off;
+        r = qcow2_header_ext_check(&ext, off, end);
+        if (r < 0)
+            return r;
+        data = c0 + off + QCOW2_HEADER_EXT_SIZE;
 
         switch (type) {
         case QCOW2_EXT_BACKING_FMT:
@@ -330,7 +121,7 @@ parse_extensions(struct qcow2_image *img, const unsigned char *c0)
             break;
 
         case QCOW2_EXT_FEATURES: {
-            size_t i, n = len / 48;
+            size_t i, n = len / QCOW2_FEATURE_NAME_SIZE;
 
             if (seen_features)
                 return qcbt_error(EINVAL, "duplicate feature name table");
@@ -338,14 +129,18 @@ parse_extensions(struct qcow2_image *img, const unsigned char *c0)
             img->features = calloc(n ? n : 1, sizeof *img->features);
             if (!img->features)
                 return qcbt_error(ENOMEM, "out of memory");
+            /* Entries no lookup can match (bad type or bit) are
+             * skipped, as QEMU ignores them. */
             for (i = 0; i < n; i++) {
-                struct qcow2_feature_name *f = &img->features[i];
-                f->type = data[i * 48];
-                f->bit = data[i * 48 + 1];
-                memcpy(f->name, data + i * 48 + 2, 46);
-                f->name[46] = '\0';
+                struct qcow2_feature_name *f = &img->features[img->nr_features];
+
+                qcow2_feature_name_decode(data + i * QCOW2_FEATURE_NAME_SIZE,
+                                          f);
+                if (qcow2_feature_name_check(f) < 0)
+                    qcbt_error_clear();
+                else
+                    img->nr_features++;
             }
-            img->nr_features = n;
             break;
         }
 
@@ -357,12 +152,9 @@ parse_extensions(struct qcow2_image *img, const unsigned char *c0)
             seen_bitmaps = true;
             img->bitmaps.present = true;
             img->bitmaps.ext_len = len;
-            if (len >= 24) {
-                img->bitmaps.nb_bitmaps = get_be32(data);
-                img->bitmaps.reserved = get_be32(data + 4);
-                img->bitmaps.dir_size = get_be64(data + 8);
-                img->bitmaps.dir_offset = get_be64(data + 16);
-            }
+            /* Its rules are checked by qcow2_bitmaps_load(). */
+            if (len >= QCOW2_BITMAPS_EXT_SIZE)
+                qcow2_bitmaps_ext_decode(data, &img->bitmaps.ext);
             break;
 
         case QCOW2_EXT_CRYPTO:
@@ -405,7 +197,7 @@ parse_extensions(struct qcow2_image *img, const unsigned char *c0)
             }
             break;
         }
-        off += ROUND_UP((uint64_t)len, 8);
+        off += qcow2_header_ext_size(len);
     }
     /* No end marker before the limit: QEMU accepts this too. */
     return 0;
@@ -464,7 +256,7 @@ qcow2_open(struct qcbt_io *io, struct qcow2_image **out)
 
     /* Read the fixed header first, then the whole of cluster 0. */
     {
-        unsigned char h[QCOW2_V3_HEADER_LENGTH + 8];
+        unsigned char h[QCOW2_HEADER_LENGTH];
         uint64_t n = MIN((uint64_t)sizeof h, io->size);
 
         r = qcbt_io_read_exact(io, h, n, 0, false, "qcow2 header");
@@ -479,9 +271,6 @@ qcow2_open(struct qcbt_io *io, struct qcow2_image **out)
     img->l2_bits = img->hdr.cluster_bits - (img->extended_l2 ? 4 : 3);
     img->l2_entries = 1ULL << img->l2_bits;
     img->subcluster_bits = img->hdr.cluster_bits - (img->extended_l2 ? 5 : 0);
-    img->csize_shift = 62 - (img->hdr.cluster_bits - 8);
-    img->csize_mask = (1ULL << (img->hdr.cluster_bits - 8)) - 1;
-    img->coffset_mask = (1ULL << img->csize_shift) - 1;
     /* QEMU sizes the guest in whole sectors, rounding down. */
     img->size = ROUND_DOWN(img->hdr.size, 512);
 
@@ -547,7 +336,7 @@ qcow2_open(struct qcbt_io *io, struct qcow2_image **out)
     if (r < 0)
         goto fail;
     for (i = 0; i < img->hdr.l1_size; i++)
-        img->l1[i] = get_be64(l1raw + i * 8);
+        img->l1[i] = qcow2_table_get(l1raw, i);
     free(l1raw);
     l1raw = NULL;
 

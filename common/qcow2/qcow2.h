@@ -1,10 +1,11 @@
 /* qcbt: qcow2 reader (read-only open, mapping, compressed clusters).
  *
  * Format facts: QEMU docs/interop/qcow2.txt; ../shared/docs/qcow2-format.md.
- * Every field read from the image is validated here, at the boundary, and
- * converted from big-endian once.  After qcow2_open() the header fields are
- * immutable; only the L2 cache changes, under its own mutex, so one image
- * may be mapped and read from several threads.
+ * Every field read from the image is decoded and validated at the boundary
+ * by the format layer (qcow2-format.h), the same rules the writer obeys.  After
+ * qcow2_open() the header fields are immutable; only the L2 cache changes,
+ * under its own mutex, so one image may be mapped and read from several
+ * threads.
  */
 #ifndef QCBT_QCOW2_H
 #define QCBT_QCOW2_H
@@ -15,108 +16,22 @@
 #include <stdint.h>
 
 #include "io.h"
-
-#define QCOW2_MAGIC 0x514649fbU
-
-/* Limits (QEMU's, see qcow2-format.md section 4). */
-#define QCOW2_MIN_CLUSTER_BITS    9
-#define QCOW2_MAX_CLUSTER_BITS    21
-#define QCOW2_MAX_L1_BYTES        (32u * 1024 * 1024)
-#define QCOW2_MAX_REFTABLE_BYTES  (8u * 1024 * 1024)
-#define QCOW2_MAX_HOST_OFFSET     ((1ULL << 56) - 1)
-#define QCOW2_MAX_SNAPSHOTS       65536
-#define QCOW2_MAX_BACKING_NAME    1023
-#define QCOW2_MAX_BACKING_FMT     15
-#define QCOW2_MAX_BITMAPS         65535
-#define QCOW2_MAX_UNKNOWN_EXTS    64 /* recorded; more are skipped */
-#define QCOW2_MAX_BITMAP_DIR_SIZE (1024ULL * 65535)
-
-/* incompatible_features */
-#define QCOW2_INCOMPAT_DIRTY       (1ULL << 0)
-#define QCOW2_INCOMPAT_CORRUPT     (1ULL << 1)
-#define QCOW2_INCOMPAT_DATA_FILE   (1ULL << 2)
-#define QCOW2_INCOMPAT_COMPRESSION (1ULL << 3)
-#define QCOW2_INCOMPAT_EXTL2       (1ULL << 4)
-#define QCOW2_INCOMPAT_KNOWN       0x1fULL
-/* compatible_features */
-#define QCOW2_COMPAT_LAZY_REFCOUNTS (1ULL << 0)
-/* autoclear_features */
-#define QCOW2_AUTOCLEAR_BITMAPS  (1ULL << 0)
-#define QCOW2_AUTOCLEAR_DATA_RAW (1ULL << 1)
-
-/* Header extension types (qcow2.txt "Header extensions"). */
-#define QCOW2_EXT_END         0x00000000U
-#define QCOW2_EXT_BACKING_FMT 0xe2792acaU
-#define QCOW2_EXT_FEATURES    0x6803f857U
-#define QCOW2_EXT_BITMAPS     0x23852875U
-#define QCOW2_EXT_CRYPTO      0x0537be77U
-#define QCOW2_EXT_DATA_FILE   0x44415441U
-
-/* Entry masks (QEMU block/qcow2.h names, same values). */
-#define QCOW2_L1E_OFFSET_MASK   0x00fffffffffffe00ULL
-#define QCOW2_L1E_RESERVED_MASK 0x7f000000000001ffULL
-#define QCOW2_L2E_OFFSET_MASK   0x00fffffffffffe00ULL
-#define QCOW2_L2E_STD_RESERVED  0x3f000000000001feULL
-#define QCOW2_OFLAG_COPIED      (1ULL << 63)
-#define QCOW2_OFLAG_COMPRESSED  (1ULL << 62)
-#define QCOW2_OFLAG_ZERO        (1ULL << 0)
-
-enum qcow2_compression {
-    QCOW2_COMPRESSION_DEFLATE = 0,
-    QCOW2_COMPRESSION_ZSTD = 1
-};
-
-struct qcow2_feature_name {
-    uint8_t type; /* 0 incompatible, 1 compatible, 2 autoclear */
-    uint8_t bit;
-    char name[47]; /* NUL-terminated copy of the 46-byte field */
-};
-
-/* The feature names QEMU 7.2 knows (and writes, in this order). */
-struct qcow2_known_feature {
-    uint8_t type;
-    uint8_t bit;
-    const char *name;
-};
-extern const struct qcow2_known_feature qcow2_known_features[];
-extern const size_t qcow2_nr_known_features;
+#include "qcow2-format.h"
 
 struct qcow2_unknown_ext {
     uint32_t type;
     uint32_t len;
 };
 
-/* The bitmaps extension as found (qcow2.txt "Bitmaps extension").  The
- * directory itself is parsed by common/bitmap.
+/* The bitmaps extension as found (qcow2.txt "Bitmaps extension"),
+ * validated by qcow2_bitmaps_load(): a bad one makes the layer's bitmaps
+ * unusable, not the image unreadable.  The directory itself is parsed by
+ * qcow2-bitmaps.c.
  */
-struct qcow2_bitmaps_ext {
+struct qcow2_bitmaps_found {
     bool present;
-    uint32_t ext_len; /* must be 24 */
-    uint32_t nb_bitmaps;
-    uint32_t reserved;
-    uint64_t dir_size;
-    uint64_t dir_offset;
-};
-
-struct qcow2_header {
-    uint32_t version;
-    uint64_t backing_file_offset;
-    uint32_t backing_file_size;
-    uint32_t cluster_bits;
-    uint64_t size;
-    uint32_t crypt_method;
-    uint32_t l1_size;
-    uint64_t l1_table_offset;
-    uint64_t refcount_table_offset;
-    uint32_t refcount_table_clusters;
-    uint32_t nb_snapshots;
-    uint64_t snapshots_offset;
-    uint64_t incompatible_features;
-    uint64_t compatible_features;
-    uint64_t autoclear_features;
-    uint32_t refcount_order;
-    uint32_t header_length;
-    uint8_t compression_type;
+    uint32_t ext_len;             /* must be 24 */
+    struct qcow2_bitmaps_ext ext; /* decoded if ext_len >= 24, else 0 */
 };
 
 struct qcow2_l2_cache;
@@ -132,9 +47,6 @@ struct qcow2_image {
     uint64_t l2_entries;
     bool extended_l2;
     unsigned subcluster_bits; /* log2(subcluster size) */
-    unsigned csize_shift;     /* compressed descriptor layout */
-    uint64_t csize_mask;
-    uint64_t coffset_mask;
 
     uint64_t *l1; /* host byte order, l1_size entries */
 
@@ -145,7 +57,7 @@ struct qcow2_image {
     size_t nr_features;
     struct qcow2_unknown_ext *unknown_exts;
     size_t nr_unknown_exts;
-    struct qcow2_bitmaps_ext bitmaps;
+    struct qcow2_bitmaps_found bitmaps;
     bool has_crypto_ext;
 
     struct qcow2_l2_cache *l2_cache;
@@ -171,9 +83,6 @@ int qcow2_open(struct qcbt_io *io, struct qcow2_image **out);
 void qcow2_set_data_file(struct qcow2_image *img, struct qcbt_io *data_io);
 
 void qcow2_close(struct qcow2_image *img);
-
-/* Does the buffer start with the qcow2 magic? */
-bool qcow2_probe(const void *buf, size_t len);
 
 /* Kinds of guest range, QEMU's QCOW2_SUBCLUSTER_* collapsed. */
 enum qcow2_kind {
@@ -228,8 +137,9 @@ int qcow2_get_refcount(struct qcow2_image *img,
 
 /* Low-level helpers, exposed for the unit tests. */
 
-/* Validate the fixed header in BUF (LEN bytes, at least 72) against a file
- * of FILE_SIZE bytes and fill *hdr.  Returns 0 or -errno with a message.
+/* Decode the fixed header in BUF (LEN bytes, at least 72) and validate it
+ * against a file of FILE_SIZE bytes (qcow2_header_decode(),
+ * qcow2_header_check()); fill *hdr.  Returns 0 or -errno with a message.
  */
 int qcow2_parse_header(const void *buf,
                        size_t len,

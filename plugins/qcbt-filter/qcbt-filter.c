@@ -145,8 +145,60 @@ next_io_pread(void *opaque, void *buf, size_t count, uint64_t offset)
     return (ssize_t)done;
 }
 
+/* Writes stay inside the plugin's size (a plugin's disk does not grow)
+ * and need a plugin that can write: nbdkit asserts can_write before a
+ * pwrite reaches the plugin.  No write path of the filter uses them yet
+ * (it is read-only); they are here so that the image engine writes
+ * through one interface whatever holds the image.
+ */
+static ssize_t
+next_io_pwrite(void *opaque, const void *buf, size_t count, uint64_t offset)
+{
+    nbdkit_next *next = cur_next;
+    size_t done = 0;
+    int err = 0;
+
+    if (!next)
+        return -EIO;
+    if (next->can_write(next) != 1)
+        return -EROFS;
+    if (offset > next_size || count > next_size - offset)
+        return -ENOSPC;
+    while (done < count) {
+        uint32_t n = (uint32_t)MIN(count - done, (size_t)NEXT_MAX_REQUEST);
+
+        if (next->pwrite(next,
+                         (const char *)buf + done,
+                         n,
+                         offset + done,
+                         0,
+                         &err) == -1)
+            return -(err ? err : EIO);
+        done += n;
+    }
+    return (ssize_t)done;
+}
+
+static int
+next_io_flush(void *opaque)
+{
+    nbdkit_next *next = cur_next;
+    int err = 0;
+
+    if (!next)
+        return -EIO;
+    if (next->can_flush(next) != 1)
+        return 0; /* nothing the plugin could make more durable */
+    if (next->flush(next, 0, &err) == -1)
+        return -(err ? err : EIO);
+    return 0;
+}
+
+/* No lock op: the next plugin's storage is not a file qcbt can lock. */
 static const struct qcbt_io_ops next_io_ops = {
     .pread = next_io_pread,
+    .pwrite = next_io_pwrite,
+    .flush = next_io_flush,
 };
 
 /* Send one cache (prefetch) request for host bytes [offset, offset+len). */

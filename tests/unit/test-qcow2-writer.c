@@ -1079,6 +1079,160 @@ test_error_enospc(void **state)
     expect_error(qcow2_writer_close(w), ENOSPC, "full2.qcow2");
 }
 
+/* The writer writes through the I/O interface: into writable memory it
+ * produces, byte for byte, the file it writes through a descriptor, and
+ * the reader reads that memory back.
+ */
+static void
+test_io_mem(void **state)
+{
+    struct qcow2_writer_opts o = {.size = 4 * MiB, .cluster_size = 4096};
+    const size_t cap = 2 * MiB;
+    char *path = tmp_path("mem-twin.qcow2");
+    unsigned char *mem = calloc(1, cap), *file = NULL, data[6000], got[6000];
+    struct chain_open_opts copts = {.no_backing = true};
+    struct qcow2_writer *w;
+    struct qcbt_io *io;
+    struct chain *c;
+    uint64_t size;
+    int fd, pass;
+
+    (void)state;
+    assert_non_null(mem);
+    random_bytes(data, sizeof data);
+    for (pass = 0; pass < 2; pass++) {
+        if (pass == 0) {
+            assert_int_equal(qcbt_io_open_mem_rw(mem, cap, 0, "mem", &io), 0);
+            assert_int_equal(qcow2_writer_create_io(io, &o, &w), 0);
+        } else {
+            assert_int_equal(qcow2_writer_create(path, &o, &w), 0);
+        }
+        assert_int_equal(qcow2_writer_write(w, data, sizeof data, 70000), 0);
+        assert_int_equal(qcow2_writer_zero(w, MiB, 8192), 0);
+        assert_int_equal(qcow2_writer_close(w), 0);
+    }
+
+    size = file_size(path);
+    assert_true(size > 0 && size <= cap);
+    file = malloc(size);
+    assert_non_null(file);
+    fd = open(path, O_RDONLY);
+    assert_true(fd >= 0);
+    assert_int_equal(pread(fd, file, size, 0), (ssize_t)size);
+    close(fd);
+    assert_memory_equal(mem, file, size);
+    for (uint64_t i = size; i < cap; i++)
+        assert_int_equal(mem[i], 0);
+
+    assert_int_equal(qcbt_io_open_mem(mem, size, "mem", &io), 0);
+    if (chain_open_io(io, "qcow2", NULL, &copts, &c) < 0)
+        fail_msg("chain_open_io: %s", qcbt_error_get());
+    assert_int_equal(chain_read(c, got, sizeof got, 70000), 0);
+    assert_memory_equal(got, data, sizeof data);
+    chain_close(c);
+
+    /* Memory that fills up fails the writer as a full disk does. */
+    o.buffer_size = 4096; /* the second cluster writes the first */
+    assert_int_equal(qcbt_io_open_mem_rw(mem, 4096, 0, "small", &io), 0);
+    assert_int_equal(qcow2_writer_create_io(io, &o, &w), 0);
+    expect_error(qcow2_writer_write(w, data, sizeof data, 0),
+                 ENOSPC,
+                 "small: writing clusters at host offset 4096");
+    expect_error(qcow2_writer_close(w), ENOSPC, "No space left");
+
+    /* A read-only io is refused, and released. */
+    assert_int_equal(qcbt_io_open_mem(mem, cap, "ro", &io), 0);
+    expect_error(qcow2_writer_create_io(io, &o, &w),
+                 EBADF,
+                 "ro: file is not open for writing");
+    unlink(path);
+    free(path);
+    free(file);
+    free(mem);
+}
+
+/* A device whose writes are accepted but whose writeback fails (what
+ * sync_file_range reports after an I/O error on the disk).
+ */
+struct bad_disk {
+    unsigned writebacks, failed;
+    bool header_written;
+};
+
+static ssize_t
+bad_disk_pwrite(void *opaque, const void *buf, size_t count, uint64_t off)
+{
+    struct bad_disk *d = opaque;
+
+    (void)buf;
+    if (off == 0)
+        d->header_written = true;
+    return (ssize_t)count;
+}
+
+static ssize_t
+bad_disk_pread(void *opaque, void *buf, size_t count, uint64_t off)
+{
+    (void)opaque;
+    (void)off;
+    memset(buf, 0, count);
+    return (ssize_t)count;
+}
+
+static int
+bad_disk_writeback(void *opaque, uint64_t off, uint64_t len, bool wait)
+{
+    struct bad_disk *d = opaque;
+
+    (void)off;
+    (void)len;
+    (void)wait;
+    if (d->writebacks++ < 1)
+        return 0;
+    d->failed++;
+    return -EIO;
+}
+
+static const struct qcbt_io_ops bad_disk_ops = {
+    .pread = bad_disk_pread,
+    .pwrite = bad_disk_pwrite,
+    .writeback = bad_disk_writeback,
+};
+
+static void
+test_error_writeback(void **state)
+{
+    struct qcow2_writer_opts o = {.size = MiB,
+                                  .cluster_size = 4096,
+                                  .buffer_size = 4096};
+    struct bad_disk d = {0};
+    unsigned char buf[4096] = {1};
+    struct qcow2_writer *w;
+    struct qcbt_io *io;
+    int r;
+
+    (void)state;
+    assert_int_equal(qcbt_io_new(&bad_disk_ops, &d, 0, "bad.qcow2", &io), 0);
+    assert_int_equal(qcow2_writer_create_io(io, &o, &w), 0);
+    /* One cluster per buffer: each new cluster writes the previous one
+     * and starts its writeback; the first writeback succeeds.
+     */
+    assert_int_equal(qcow2_writer_write(w, buf, sizeof buf, 0), 0);
+    assert_int_equal(qcow2_writer_write(w, buf, sizeof buf, 4096), 0);
+    r = qcow2_writer_write(w, buf, sizeof buf, 8192);
+    expect_error(r,
+                 EIO,
+                 "bad.qcow2: writeback of host bytes 0x2000..0x3000: "
+                 "Input/output error");
+    assert_int_equal(d.failed, 1);
+    /* Sticky: no later call succeeds, and no header is ever written. */
+    expect_error(qcow2_writer_write(w, buf, sizeof buf, 12288),
+                 EIO,
+                 "writeback");
+    expect_error(qcow2_writer_close(w), EIO, "writeback of host bytes");
+    assert_false(d.header_written);
+}
+
 static void
 test_abort(void **state)
 {
@@ -1194,6 +1348,8 @@ main(void)
         cmocka_unit_test(test_error_exclusive),
         cmocka_unit_test(test_error_readonly_fd),
         cmocka_unit_test(test_error_enospc),
+        cmocka_unit_test(test_io_mem),
+        cmocka_unit_test(test_error_writeback),
         cmocka_unit_test(test_abort),
         cmocka_unit_test(test_large_sparse),
         cmocka_unit_test(test_random_512),

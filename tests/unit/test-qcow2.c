@@ -1432,7 +1432,7 @@ test_bad_extension_length(void **state)
 
         assert_true(q->bitmaps.present);
         assert_int_equal(q->bitmaps.ext_len, 4);
-        assert_int_equal(q->bitmaps.nb_bitmaps, 0);
+        assert_int_equal(q->bitmaps.ext.nb_bitmaps, 0);
         qcow2_close(q);
     }
     free(img);
@@ -3390,6 +3390,57 @@ write_foreign(const char *path, const struct foreign *f)
     free(buf);
 }
 
+/* chain_open_opts.lock: every layer is locked as QEMU locks it (io.h);
+ * a layer another process writes is refused unless force-share, and the
+ * chain's locks keep a writer out until chain_close().  (The same locks
+ * against real QEMU processes: tests/interop/test-locks.sh.)
+ */
+static void
+test_chain_locks(void **state)
+{
+    struct chain_open_opts o = {.lock = QCBT_IO_LOCK_READ};
+    struct qcbt_io *w;
+    struct chain *c;
+    char top[PATH_MAX], base[PATH_MAX];
+
+    (void)state;
+    snprintf(base, sizeof base, "%s", tpath("locks", "base.qcow2"));
+    snprintf(top, sizeof top, "%s", tpath("locks", "top.qcow2"));
+    write_overlay(base, 1 * MiB, NULL, NULL);
+    write_overlay(top, 1 * MiB, "base.qcow2", "qcow2");
+
+    /* another process writes the base */
+    assert_int_equal(qcbt_io_open_file_rw(base, &w), 0);
+    assert_int_equal(qcbt_io_lock(w, QCBT_IO_LOCK_WRITE), 0);
+    expect_chain_fail(top,
+                      &o,
+                      "base written",
+                      EAGAIN,
+                      "layer 1: ",
+                      "base.qcow2: held by another process (failed to get "
+                      "shared \"write\" lock)");
+    o.lock = QCBT_IO_LOCK_SHARED;
+    chain_close(expect_chain_ok(top, &o, "force-share"));
+    o.lock = QCBT_IO_LOCK_NONE;
+    chain_close(expect_chain_ok(top, &o, "no locks"));
+    qcbt_io_free(w);
+
+    /* the open chain keeps writers out of every layer, until closed */
+    o.lock = QCBT_IO_LOCK_READ;
+    c = expect_chain_ok(top, &o, "read");
+    assert_int_equal(qcbt_io_open_file_rw(top, &w), 0);
+    assert_int_equal(qcbt_io_lock(w, QCBT_IO_LOCK_WRITE), -EAGAIN);
+    qcbt_io_free(w);
+    assert_int_equal(qcbt_io_open_file_rw(base, &w), 0);
+    assert_int_equal(qcbt_io_lock(w, QCBT_IO_LOCK_WRITE), -EAGAIN);
+    assert_non_null(strstr(qcbt_error_get(), "failed to get \"write\" lock"));
+    /* readers share */
+    chain_close(expect_chain_ok(top, &o, "second reader"));
+    chain_close(c);
+    assert_int_equal(qcbt_io_lock(w, QCBT_IO_LOCK_WRITE), 0);
+    qcbt_io_free(w);
+}
+
 static void
 test_chain_foreign_formats(void **state)
 {
@@ -3737,6 +3788,7 @@ main(void)
         cmocka_unit_test(test_chain_open_io_no_backing_dir),
         cmocka_unit_test(test_chain_lower_layer_corrupt),
         cmocka_unit_test(test_chain_foreign_formats),
+        cmocka_unit_test(test_chain_locks),
         cmocka_unit_test(test_chain_hostile_names),
         cmocka_unit_test(test_escape),
     };

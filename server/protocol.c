@@ -244,6 +244,9 @@ send_file_chunk(struct connection *c,
     off_t o;
     int fd, r;
 
+    /* TLS encrypts in user space: nothing to splice. */
+    if (c->tls)
+        return 0;
     if (chain_map_file(c->exp->chain, pos, n, &fd, &host, &m) < 0 || m == 0) {
         qcbt_error_clear();
         return 0; /* chain_read() reports any error */

@@ -663,8 +663,14 @@ load_x509(struct tls_server *ts,
         return r;
     if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1)
         return qcbt_error(EINVAL, "certificate %s: %s", cert, ssl_reason());
-    if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1)
+    if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
+        if (ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH)
+            return qcbt_error(EINVAL,
+                              "key %s does not match certificate %s",
+                              key,
+                              cert);
         return qcbt_error(EINVAL, "key %s: %s", key, ssl_reason());
+    }
     if (SSL_CTX_check_private_key(ctx) != 1)
         return qcbt_error(EINVAL,
                           "key %s does not match certificate %s",
@@ -682,12 +688,11 @@ load_x509(struct tls_server *ts,
         return r;
     if (SSL_CTX_load_verify_locations(ctx, ca, NULL) != 1)
         return qcbt_error(EINVAL, "CA certificate %s: %s", ca, ssl_reason());
-    {
-        STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(ca);
-
-        if (names)
-            SSL_CTX_set_client_CA_list(ctx, names);
-    }
+    /* No certificate_authorities list in the request: GnuTLS clients
+     * then send their certificate whoever signed it, and a refusal says
+     * why ("unable to get local issuer certificate") instead of "no
+     * certificate"; nor are our CA names shown before authentication.
+     */
     if (crl) {
         X509_STORE *store = SSL_CTX_get_cert_store(ctx);
         X509_LOOKUP *lu = X509_STORE_add_lookup(store, X509_LOOKUP_file());
@@ -961,7 +966,7 @@ handshake_error(struct tls_conn *t, int err, bool timed_out)
         return qcbt_error(EACCES,
                           "unknown PSK identity '%s'",
                           t->unknown_identity);
-    if (v != X509_V_OK && SSL_get0_peer_certificate(t->ssl))
+    if (v != X509_V_OK)
         return qcbt_error(EACCES,
                           "client certificate refused: %s",
                           X509_verify_cert_error_string(v));
@@ -1070,7 +1075,6 @@ tls_read(struct tls_conn *t, void *buf, size_t len, int64_t deadline_ms)
         ok = SSL_read_ex(t->ssl, p, len, &n);
         if (!ok)
             err = SSL_get_error(t->ssl, ok);
-        ERR_clear_error();
         pthread_mutex_unlock(&t->lock);
         if (ok) {
             p += n;
@@ -1121,7 +1125,6 @@ tls_write(struct tls_conn *t,
         ok = SSL_write_ex(t->ssl, p, len, &n);
         if (!ok)
             err = SSL_get_error(t->ssl, ok);
-        ERR_clear_error();
         pthread_mutex_unlock(&t->lock);
         if (ok) {
             p += n;

@@ -13,8 +13,8 @@
 #      garbage and stalled handshakes, old TLS versions...), each with a
 #      good client connected throughout.
 #   2. --tls-verify-peer: a client certificate from our CA is let in; none,
-#      one from another CA and an expired one are refused, with the reason
-#      in the log.
+#      one from another CA, an expired one and (ca-crl.pem) a revoked one
+#      are refused, with the reason in the log.
 #   3. qemu-nbd's spelling: --object tls-creds-x509 (verify-peer on by
 #      default, as qemu-nbd; verify-peer=off) and tls-creds-psk, --tls-creds.
 #   4. PSK (--tls-psk, psktool's format): nbdinfo, nbdcopy, qemu-img in
@@ -225,6 +225,16 @@ wait "$HELD" || true
 grep -q "still served" held.out && ok "a client connected throughout was served" ||
     bad "the connected client was hurt: $(cat held.out)"
 stop "$V"
+# ca-crl.pem in the directory is honoured.
+start crl "$SERVER" -t -v --handshake-timeout "$HS" -k "$(sock crl)" \
+    --tls-certificates "$P/server-crl" --tls-verify-peer disk.qcow2
+cu() { echo "nbds+unix:///?socket=$(sock crl)&tls-certificates=$P/$1"; }
+nbdinfo --size "$(cu client)" >/dev/null 2>crl.err &&
+    ok "CRL: a certificate it does not list is let in" || bad "CRL: good client refused: $(cat crl.err)"
+nbdinfo --size "$(cu client-revoked)" >/dev/null 2>&1 &&
+    bad "CRL: a revoked client certificate was let in" || ok "CRL: revoked client certificate refused"
+expect_log crl.log "client certificate refused: certificate revoked" "revoked client certificate"
+stop "$SPID"
 
 # --- 3. qemu-nbd's spelling --------------------------------------------------
 start qx "$SERVER" -t --handshake-timeout "$HS" -k "$(sock qx)" \

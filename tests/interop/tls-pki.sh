@@ -16,6 +16,8 @@
 #   trust-otherca/   ca-cert.pem of the other CA only: a client that must
 #                    refuse our server
 #   server-expired/  our CA, an expired server pair
+#   server-crl/      server/ plus ca-crl.pem revoking client-revoked's
+#   client-revoked/  ca-cert.pem (ours) + a client pair, then revoked
 #   psk/keys.psk     alice:KEY bob:KEY (psktool's format)
 #   psk-wrong/keys.psk  alice with another key
 # Server certificates name localhost and 127.0.0.1.  Keys are EC P-256.
@@ -38,6 +40,7 @@ database = $dir/index.txt
 new_certs_dir = $dir
 serial = $dir/serial
 default_md = sha256
+default_crl_days = 3650
 policy = policy_any
 unique_subject = no
 copy_extensions = none
@@ -90,7 +93,7 @@ mkca otherca
 PAST=(-startdate 20200101000000Z -enddate 20200201000000Z)
 
 mkdir -p server server-expired client client-anon client-otherca \
-    client-expired trust-otherca psk psk-wrong
+    client-expired trust-otherca psk psk-wrong server-crl client-revoked
 cp ca/ca-cert.pem server/
 sign ca server_ext localhost server/server-cert.pem server/server-key.pem -days 365
 cp ca/ca-cert.pem server-expired/
@@ -106,6 +109,14 @@ cp ca/ca-cert.pem client-expired/
 sign ca client_ext old-client client-expired/client-cert.pem \
     client-expired/client-key.pem "${PAST[@]}"
 cp otherca/ca-cert.pem trust-otherca/
+cp ca/ca-cert.pem client-revoked/
+sign ca client_ext revoked-client client-revoked/client-cert.pem \
+    client-revoked/client-key.pem -days 365
+PKI_CA=$D/ca openssl ca -batch -config openssl.cnf -cert ca/ca-cert.pem \
+    -keyfile ca/ca-key.pem -revoke client-revoked/client-cert.pem
+cp server/* server-crl/
+PKI_CA=$D/ca openssl ca -batch -config openssl.cnf -cert ca/ca-cert.pem \
+    -keyfile ca/ca-key.pem -gencrl -out server-crl/ca-crl.pem
 
 printf 'alice:%s\nbob:%s\n' "$(openssl rand -hex 32)" "$(openssl rand -hex 32)" >psk/keys.psk
 printf 'alice:%s\n' "$(openssl rand -hex 32)" >psk-wrong/keys.psk

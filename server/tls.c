@@ -1093,6 +1093,17 @@ tls_read(struct tls_conn *t, void *buf, size_t len, int64_t deadline_ms)
     return 0;
 }
 
+bool
+tls_pending(struct tls_conn *t)
+{
+    bool r;
+
+    pthread_mutex_lock(&t->lock);
+    r = SSL_has_pending(t->ssl) == 1;
+    pthread_mutex_unlock(&t->lock);
+    return r;
+}
+
 /* Wait for the peer to take data: until DEADLINE_MS, or (< 0) for at most
  * TLS_SEND_TIMEOUT_MS from now.
  */

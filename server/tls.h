@@ -125,6 +125,12 @@ int tls_accept(struct tls_server *ts,
  */
 int tls_read(struct tls_conn *t, void *buf, size_t len, int64_t deadline_ms);
 
+/* Whether bytes the peer sent are already in the session's buffers
+ * (read ahead from the socket): then polling the socket for a request
+ * would wait for data that has already arrived.
+ */
+bool tls_pending(struct tls_conn *t);
+
 /* Write LEN bytes.  MORE: more follows at once, so records may stay
  * queued in user space until a write without MORE.  DEADLINE_MS < 0: fail
  * only when the peer takes nothing for TLS_SEND_TIMEOUT_MS (as

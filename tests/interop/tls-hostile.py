@@ -36,8 +36,8 @@ from hostile import (  # noqa: E402
     CMD_BLOCK_STATUS, CMD_DISC, CMD_READ, Closed, Conn, ERR_INVALID, Fail,
     INFO_BLOCK_SIZE, MiB, NBD_MAGIC, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO,
     OPT_INFO, OPT_LIST, OPT_LIST_META, OPT_SET_META, OPT_SR, OPT_STARTTLS,
-    OPTS_MAGIC, REP_ACK, REP_MAGIC, REP_SERVER, SIMPLE_MAGIC, alive, check,
-    ref_read)
+    OPTS_MAGIC, REP_ACK, REP_MAGIC, REP_SERVER, SIMPLE_MAGIC, WAIT, alive,
+    check, ref_read)
 
 ERR_TLS_REQD = 0x80000005
 OPT_EXT_HEADERS = 11
@@ -407,6 +407,39 @@ def close_mid_request(args):
             s = socket.socket(fileno=raw)
             s.sendall(b"\x17\x03\x03\x40\x00" + os.urandom(100))
             s.close()
+    finally:
+        c.close()
+
+
+@case("require", "on")
+def pipelined_requests(args):
+    """Requests sent together arrive in one TLS record: OpenSSL reads them
+    from the socket with the first, so the server must serve them from its
+    buffer, not wait for the socket to have more (it never will).  Then
+    the same with one request per record, written at once."""
+    c = tls_go(args)
+    try:
+        n = 8
+        for one_record in (True, False):
+            hdrs = [c.pack_req(CMD_READ, 0, 0x100 + i, i * 65536, 4096)
+                    for i in range(n)]
+            if one_record:
+                c.send(b"".join(hdrs))
+            else:
+                for h in hdrs:
+                    c.send(h)
+            for i in range(n):
+                try:
+                    r = c.result(0x100 + i)
+                except socket.timeout:
+                    raise Fail(f"no reply to request {i + 1} of {n} sent "
+                               f"together (one record: {one_record}) "
+                               f"after {WAIT} s")
+                check(r["err"] == 0, f"READ {i}: error {r['err']}")
+                got = b"".join(d for _, d in sorted(r["reads"]))
+                check(got == ref_read(args.ref, i * 65536, 4096),
+                      f"READ {i} differs from the reference")
+        goodbye(c)
     finally:
         c.close()
 

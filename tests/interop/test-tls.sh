@@ -15,6 +15,9 @@
 #   2. --tls-verify-peer: a client certificate from our CA is let in; none,
 #      one from another CA, an expired one and (ca-crl.pem) a revoked one
 #      are refused, with the reason in the log.
+#   2b. TCP (socket activation): nbdinfo, nbdcopy, qcbt backup and verify
+#      with nbds://HOST:PORT against a server given --tls-cert, --tls-key,
+#      --tls-ca one by one with --tls-verify-peer.
 #   3. qemu-nbd's spelling: --object tls-creds-x509 (verify-peer on by
 #      default, as qemu-nbd; verify-peer=off) and tls-creds-psk, --tls-creds.
 #   4. PSK (--tls-psk, psktool's format): nbdinfo, nbdcopy, qemu-img in
@@ -72,9 +75,8 @@ start() {
     "$@" 2>"$name.log" &
     SPID=$!
     cleanup_pid "$SPID"
-    if ! "$PYTHON" "$TLSPY" wait "$TMPD/$name.sock" 20; then
+    wait_nbd "$TMPD/$name.sock" "$SPID" ||
         fail "$name did not start: $* ($(cat "$name.log"))"
-    fi
 }
 stop() {
     kill -TERM "$1" 2>/dev/null || true
@@ -91,14 +93,14 @@ qimg_read() {
         -O raw q.raw >"$log" 2>&1 && cmp -s q.raw ref.raw
 }
 
-# expect_log LOG TEXT WHAT: TEXT appears in LOG (within 5 s).
+# expect_log LOG TEXT WHAT: TEXT appears in LOG (the server logs a
+# refusal after the client has seen it, so it is waited for).
 expect_log() {
-    local i
-    for i in $(seq 50); do
-        grep -qF -- "$2" "$1" && { ok "$3 (log: $(grep -F -m1 -- "$2" "$1" | sed 's/^qcbt-server: //'))"; return 0; }
-        sleep 0.1
-    done
-    bad "$3: no '$2' in $1"
+    if wait_until -- grep -qF -- "$2" "$1"; then
+        ok "$3 (log: $(grep -F -m1 -- "$2" "$1" | sed 's/^qcbt-server: //'))"
+    else
+        bad "$3: no '$2' in $1"
+    fi
 }
 
 hostile() {
@@ -201,12 +203,12 @@ h.set_uri_allow_local_file(True)
 h.connect_uri(sys.argv[1])
 print(h.get_size(), flush=True)
 while not __import__("os").path.exists(sys.argv[2]):
-    time.sleep(0.05)
+    time.sleep(0.05)  # until the refusals are done (touch peer.done)
 assert h.pread(4096, 0) == open(sys.argv[3], "rb").read(4096)
 h.shutdown()
 print("still served")' "$(vu client)" peer.done ref.raw >held.out 2>&1 &
 HELD=$!
-for _ in $(seq 200); do [[ -s held.out ]] && break; sleep 0.05; done
+wait_until -p "$HELD" -- test -s held.out || bad "the held client did not connect: $(cat held.out)"
 nbdinfo --size "$(vu client)" >/dev/null 2>peer.err &&
     ok "verify-peer: a client certificate from our CA is let in" ||
     bad "verify-peer: good client refused: $(cat peer.err)"
@@ -235,6 +237,37 @@ nbdinfo --size "$(cu client-revoked)" >/dev/null 2>&1 &&
     bad "CRL: a revoked client certificate was let in" || ok "CRL: revoked client certificate refused"
 expect_log crl.log "client certificate refused: certificate revoked" "revoked client certificate"
 stop "$SPID"
+
+# --- 2b. TCP (nbds://), the files named one by one ---------------------------
+# Socket activation hands the server a bound port; libnbd checks the
+# certificate against the URI's host name (localhost, 127.0.0.1).
+serve_activated tcp.log "$SERVER" -t -v --handshake-timeout "$HS" -x disk \
+    --tls-cert "$P/server/server-cert.pem" --tls-key "$P/server/server-key.pem" \
+    --tls-ca "$P/ca/ca-cert.pem" --tls-verify-peer disk.qcow2
+T=$ACT_PID
+for h in localhost 127.0.0.1; do
+    [[ $(nbdinfo --size "nbds://$h:$ACT_PORT/disk?tls-certificates=$P/client" 2>tcp.err) == $((64 * MiB)) ]] &&
+        ok "nbdinfo nbds://$h:PORT (--tls-cert/--tls-key/--tls-ca, client certificate)" ||
+        bad "nbdinfo nbds://$h over TCP: $(cat tcp.err)"
+done
+rm -f copy.raw
+nbdcopy "nbds://localhost:$ACT_PORT/disk?tls-certificates=$P/client" copy.raw 2>copy.err &&
+    cmp -s copy.raw ref.raw && ok "nbdcopy nbds://localhost:PORT reads the guest data" ||
+    bad "nbdcopy over TCP and TLS: $(cat copy.err)"
+nbdinfo --size "nbds://localhost:$ACT_PORT/disk?tls-certificates=$P/client-anon" >/dev/null 2>&1 &&
+    bad "TCP, --tls-ca --tls-verify-peer: a client without a certificate was let in" ||
+    ok "TCP, --tls-ca --tls-verify-peer: a client without a certificate is refused"
+nbdinfo --size "nbd://localhost:$ACT_PORT/disk" >/dev/null 2>&1 &&
+    bad "TCP: a plaintext client was served" || ok "TCP: a plaintext client is refused"
+if "$QCBT" backup --full --no-progress --tls-certificates "$P/client" \
+        "nbds://localhost:$ACT_PORT/disk" bk-tcp >bk.out 2>&1 &&
+    "$QCBT" verify --tls-certificates "$P/client" --against "nbds://127.0.0.1:$ACT_PORT/disk" \
+        bk-tcp >>bk.out 2>&1; then
+    ok "qcbt backup and verify --against nbds://HOST:PORT"
+else
+    bad "qcbt backup over TCP and TLS: $(cat bk.out)"
+fi
+stop "$T"
 
 # --- 3. qemu-nbd's spelling --------------------------------------------------
 start qx "$SERVER" -t --handshake-timeout "$HS" -k "$(sock qx)" \
@@ -396,10 +429,13 @@ expect_start_error "--object endpoint=client" "endpoint=server" \
     --object "tls-creds-x509,id=t,dir=$P/server,endpoint=client" --tls-creds t
 expect_start_error "--object of another type" "tls-creds-x509 and tls-creds-psk" \
     --object "secret,id=s,data=x"
-"$QCBT" backup --tls=maybe "nbd+unix:///?socket=x" bk-none >/dev/null 2>qb.err &&
-    bad "qcbt backup --tls=maybe accepted" ||
-    { [[ $(cat qb.err) == "qcbt: backup: --tls=maybe: expected off, on or require" ]] &&
-        ok "qcbt backup --tls=maybe: $(cat qb.err)" || bad "qcbt backup --tls=maybe: $(cat qb.err)"; }
+for cmd in "backup nbd+unix:///?socket=x bk-none" "restore bk-x509 nbd+unix:///?socket=x" \
+    "verify bk-x509"; do
+    # shellcheck disable=SC2086 # the words of the command line
+    expect_qcbt_error "${cmd%% *}: --tls=maybe: expected off, on or require" "see qcbt ${cmd%% *} --help" \
+        -- ${cmd%% *} --tls=maybe ${cmd#* } && ok "qcbt ${cmd%% *} --tls=maybe: a usage error" ||
+        bad "qcbt ${cmd%% *} --tls=maybe"
+done
 "$QCBT" verify --tls=off --against "nbds+unix:///?socket=$TMPD/never.sock" bk-x509 >qb.err 2>&1 &&
     bad "qcbt verify --tls=off accepted an nbds:// URI" ||
     { grep -q "not permitted" qb.err && ok "qcbt --tls=off refuses nbds:// URIs" ||

@@ -23,6 +23,7 @@
 #include <limits.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -88,6 +89,12 @@ struct tls_conn {
     SSL *ssl;
     int fd;
     pthread_mutex_t lock; /* the SSL object: one call at a time */
+    /* Whether the session holds bytes the peer sent that no tls_read()
+     * has taken yet.  Only tls_read() consumes them, so it keeps this up
+     * to date and tls_pending() needs no lock: the worker about to wait
+     * for a request is not held up by one encrypting a reply.
+     */
+    atomic_bool pending;
     /* Handshake only: what the PSK callbacks saw, for the log. */
     const struct psk_entry *psk_used;
     char unknown_identity[80];
@@ -1052,6 +1059,7 @@ tls_accept(struct tls_server *ts,
     }
     describe(t, desc, desclen);
     SSL_set_app_data(t->ssl, NULL);
+    atomic_store(&t->pending, SSL_has_pending(t->ssl) == 1);
     ERR_clear_error();
     *out = t;
     return 0;
@@ -1075,6 +1083,7 @@ tls_read(struct tls_conn *t, void *buf, size_t len, int64_t deadline_ms)
         ok = SSL_read_ex(t->ssl, p, len, &n);
         if (!ok)
             err = SSL_get_error(t->ssl, ok);
+        atomic_store(&t->pending, SSL_has_pending(t->ssl) == 1);
         pthread_mutex_unlock(&t->lock);
         if (ok) {
             p += n;
@@ -1096,12 +1105,7 @@ tls_read(struct tls_conn *t, void *buf, size_t len, int64_t deadline_ms)
 bool
 tls_pending(struct tls_conn *t)
 {
-    bool r;
-
-    pthread_mutex_lock(&t->lock);
-    r = SSL_has_pending(t->ssl) == 1;
-    pthread_mutex_unlock(&t->lock);
-    return r;
+    return atomic_load(&t->pending);
 }
 
 /* Wait for the peer to take data: until DEADLINE_MS, or (< 0) for at most

@@ -13,6 +13,7 @@
 #   qcbt-plain   qcbt-server -r -f qcow2 -t -e 16 tls.qcow2
 #   qcbt-tls     ... --tls-certificates pki/server   (X.509)
 #   qcbt-psk     ... --tls-psk pki/psk/keys.psk      (extra row)
+#   qcbt-tls16   qcbt-tls with -T 16, nbdkit's thread count (extra row)
 #   qemu-plain   qemu-nbd -r -f qcow2 --persistent --shared=16 tls.qcow2
 #   qemu-tls     ... --object tls-creds-x509,...,verify-peer=off --tls-creds
 #   nbdkit-plain nbdkit -r -f file tls.raw           (nbdkit 1.32 cannot
@@ -115,6 +116,8 @@ start qcbt-tls "nbds+unix:///?socket=$S/qcbt-tls.sock&tls-certificates=$CERTS" \
     "${Q[@]}" -v -k "$S/qcbt-tls.sock" --tls-certificates "$S/pki/server" tls.qcow2
 start qcbt-psk "nbds+unix://alice@/?socket=$S/qcbt-psk.sock&tls-psk-file=$S/pki/psk/keys.psk" \
     "${Q[@]}" -v -k "$S/qcbt-psk.sock" --tls-psk "$S/pki/psk/keys.psk" tls.qcow2
+start qcbt-tls16 "nbds+unix:///?socket=$S/qcbt-tls16.sock&tls-certificates=$CERTS" \
+    "${Q[@]}" -T 16 -v -k "$S/qcbt-tls16.sock" --tls-certificates "$S/pki/server" tls.qcow2
 start qemu-plain "nbd+unix:///?socket=$S/qemu-plain.sock" \
     "${QN[@]}" -k "$S/qemu-plain.sock" tls.qcow2
 start qemu-tls "nbds+unix:///?socket=$S/qemu-tls.sock&tls-certificates=$CERTS" \
@@ -123,7 +126,7 @@ start nbdkit-plain "nbd+unix:///?socket=$S/nbdkit-plain.sock" \
     nbdkit -r -f -U "$S/nbdkit-plain.sock" file tls.raw
 start nbdkit-tls "nbds+unix:///?socket=$S/nbdkit-tls.sock&tls-certificates=$CERTS" \
     nbdkit -r -f -U "$S/nbdkit-tls.sock" --tls=require --tls-certificates="$S/pki/server" file tls.raw
-ALL=(qcbt-plain qcbt-tls qcbt-psk qemu-plain qemu-tls nbdkit-plain nbdkit-tls)
+ALL=(qcbt-plain qcbt-tls qcbt-psk qcbt-tls16 qemu-plain qemu-tls nbdkit-plain nbdkit-tls)
 log "servers up: $(for n in "${ALL[@]}"; do printf '%s=%s ' "$n" "${PID[$n]}"; done)"
 
 # --- checks: data and ciphers ------------------------------------------------
@@ -216,7 +219,9 @@ print(f"`nbdcopy URI null:` of {gb:.2f} GB of data (every byte allocated, "
       f"{n} runs after {w} warm-up round(s); in each round every server "
       "runs once, the order rotating per round.\n")
 names = {"qcbt-plain": "qcbt-server plain", "qcbt-tls": "qcbt-server TLS X.509",
-         "qcbt-psk": "qcbt-server TLS PSK", "qemu-plain": "qemu-nbd plain",
+         "qcbt-psk": "qcbt-server TLS PSK",
+         "qcbt-tls16": "qcbt-server TLS X.509, -T 16",
+         "qemu-plain": "qemu-nbd plain",
          "qemu-tls": "qemu-nbd TLS X.509", "nbdkit-plain": "nbdkit file plain",
          "nbdkit-tls": "nbdkit file TLS X.509"}
 print("| server | wall s | GB/s | server CPU s | client CPU s | "

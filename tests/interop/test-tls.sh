@@ -26,6 +26,8 @@
 #   5. An expired server certificate: a warning at start, qemu-img refuses.
 #   6. --tls=on: plaintext and TLS clients both served; plaintext state is
 #      forgotten at STARTTLS (tls-hostile.py).
+#   6b. --idle-timeout under TLS: pipelined reads served, the idle TLS
+#      connection closed after 2 s, not before.
 #   7. qemu-nbd with --tls-creds as the source of qcbt backup (X.509 with a
 #      client certificate, and PSK), and as the target of qcbt restore.
 #   8. Start-up errors: each a one-line message and exit status 1.
@@ -361,6 +363,52 @@ nbdinfo --size "nbd+unix:///disk?socket=$(sock on)" >/dev/null 2>on.err &&
 nbdinfo --size "nbds+unix:///disk?socket=$(sock on)&tls-certificates=$P/client-anon" >/dev/null 2>on.err &&
     ok "--tls=on: TLS client served" || bad "--tls=on TLS: $(cat on.err)"
 hostile on "$P/client-anon" "$SPID" "$(sock on)"
+stop "$SPID"
+
+# --- 6b. --idle-timeout under TLS ---------------------------------------------
+# Requests that OpenSSL read ahead are served at once; a TLS connection
+# idle for 2 s is closed, not earlier.
+start idle "$SERVER" -t -v --idle-timeout 2 -k "$(sock idle)" -x disk \
+    --tls-certificates "$P/server" disk.qcow2
+if "$PYTHON" - "nbds+unix:///disk?socket=$(sock idle)&tls-certificates=$P/client-anon" ref.raw \
+        >idle.out 2>&1 <<'EOF'; then
+import sys, time
+import nbd
+
+h = nbd.NBD()
+h.set_uri_allow_local_file(True)
+h.connect_uri(sys.argv[1])
+ref = open(sys.argv[2], "rb").read(1 << 20)
+# 16 reads in flight at once: several arrive in one TLS record.
+bufs = [nbd.Buffer(65536) for _ in range(16)]
+for i in range(16):
+    h.aio_pread(bufs[i], i * 65536)
+end = time.monotonic() + 60
+while h.aio_in_flight() > 0:
+    if time.monotonic() > end:
+        sys.exit("16 pipelined reads not answered within 60 s")
+    h.poll(1000)
+for i in range(16):
+    if bufs[i].to_bytearray() != ref[i * 65536:(i + 1) * 65536]:
+        sys.exit(f"pipelined read {i} differs")
+t0 = time.monotonic()  # the server's idle time starts after this
+while not (h.aio_is_closed() or h.aio_is_dead()):
+    if time.monotonic() - t0 > 60:
+        sys.exit("the idle TLS connection is still open after 60 s")
+    try:
+        h.poll(1000)
+    except nbd.Error:
+        break
+idle = time.monotonic() - t0
+if idle < 1.9:
+    sys.exit(f"closed after {idle:.2f} s of idleness, expected 2 s")
+print(f"closed after {idle:.2f} s idle")
+EOF
+    ok "--idle-timeout under TLS: 16 pipelined reads served, then $(cat idle.out)"
+    expect_log idle.log "idle for 2 s: disconnecting" "--idle-timeout under TLS"
+else
+    bad "--idle-timeout under TLS: $(cat idle.out)"
+fi
 stop "$SPID"
 
 # --- 7. qemu-nbd with TLS as source and target ------------------------------

@@ -47,6 +47,7 @@
 #include "json.h"
 #include "manifest.h"
 #include "minmax.h"
+#include "nbd-connect.h"
 #include "qcbt.h"
 #include "qcow2-writer.h"
 
@@ -253,10 +254,11 @@ backup_usage(FILE *fp)
         "                   [--progress|--no-progress] [--no-digest] [--json]\n"
         "                   URI DIR\n"
         "\n"
-        "Back up the NBD export URI (nbd://, nbd+unix://, ...) into DIR, one\n"
-        "disk per directory.  Each backup is a qcow2 file; an incremental one\n"
-        "has the previous backup as its backing file, so the newest file is\n"
-        "the disk at that time for qemu-img, qemu-nbd and a VM.\n"
+        "Back up the NBD export URI (nbd://, nbds://, nbd+unix://, ...) into\n"
+        "DIR, one disk per directory.  Each backup is a qcow2 file; an\n"
+        "incremental one has the previous backup as its backing file, so\n"
+        "the newest file is the disk at that time for qemu-img, qemu-nbd\n"
+        "and a VM.\n"
         "\n"
         "  --full            copy everything allocated\n"
         "  --since NAME      copy what changed since checkpoint NAME (context\n"
@@ -285,6 +287,7 @@ backup_usage(FILE *fp)
         "Exit status: 0 backup written and recorded; 1 error; 2 a full backup\n"
         "is needed (--since, --bitmap).  On error DIR is left as it was.\n",
         fp);
+    nbd_connect_usage(fp);
 }
 
 /* ---- block status ---------------------------------------------------- */
@@ -1171,8 +1174,9 @@ now_iso(char *buf, size_t len)
     strftime(buf, len, "%Y-%m-%dT%H:%M:%SZ", &tm);
 }
 
+/* A handle for connection IDX, set up (TLS) as CO says. */
 static struct nbd_handle *
-handle_new(int idx)
+handle_new(const struct nbd_connect_opts *co, int idx)
 {
     struct nbd_handle *h = nbd_create();
     char name[32];
@@ -1186,6 +1190,13 @@ handle_new(int idx)
     /* Every read's coverage is checked (read_chunk), so libnbd need not
      * zero the buffers first. */
     nbd_set_pread_initialize(h, false);
+    if (nbd_connect_setup(h, co) < 0) {
+        qcbt_error(nbd_get_errno() ? nbd_get_errno() : EINVAL,
+                   "%s",
+                   nbd_get_error());
+        nbd_close(h);
+        return NULL;
+    }
     return h;
 }
 
@@ -1235,12 +1246,13 @@ offer_cb(void *opaque, const char *name)
  */
 static struct nbd_handle *
 open_first(const char *uri,
+           const struct nbd_connect_opts *co,
            const char *ctx,
            char *offers,
            size_t len,
            bool *listed)
 {
-    struct nbd_handle *h = handle_new(0);
+    struct nbd_handle *h = handle_new(co, 0);
     struct offers *o = NULL;
 
     snprintf(offers, len, "it did not list its contexts");
@@ -1301,9 +1313,9 @@ fail:
  * connection asks for block status, so no meta context is requested.
  */
 static struct nbd_handle *
-open_extra(const char *uri, int idx)
+open_extra(const char *uri, const struct nbd_connect_opts *co, int idx)
 {
-    struct nbd_handle *h = handle_new(idx);
+    struct nbd_handle *h = handle_new(co, idx);
 
     if (h && nbd_aio_connect_uri(h, uri) < 0) {
         if (getenv("QCBT_DEBUG"))
@@ -1474,8 +1486,10 @@ cmd_backup(int argc, char **argv)
         {"no-digest", no_argument, NULL, OPT_NODIGEST},
         {"json", no_argument, NULL, OPT_JSON},
         {"help", no_argument, NULL, 'h'},
+        NBD_CONNECT_LONG_OPTIONS,
         {NULL, 0, NULL, 0},
     };
+    struct nbd_connect_opts nco = NBD_CONNECT_OPTS_INIT;
     const char *since = NULL, *bitmap = NULL, *uri, *dir;
     bool want_full = false, json = false, digest = true;
     bool auto_given = false, fallback_full = false, strict;
@@ -1543,6 +1557,11 @@ cmd_backup(int argc, char **argv)
             backup_usage(stdout);
             return QCBT_EXIT_OK;
         default:
+            if (opt >= NBD_CONNECT_OPT_TLS && opt <= NBD_CONNECT_OPT_LAST) {
+                if (nbd_connect_option(&nco, "backup", opt, optarg) < 0)
+                    return QCBT_EXIT_ERROR;
+                break;
+            }
             return usage_getopt_error("backup", argc, argv, "h", opts);
         }
     }
@@ -1608,7 +1627,7 @@ cmd_backup(int argc, char **argv)
         }
     }
 
-    eng.h[0] = open_first(uri, ctx, offers, sizeof offers, &listed);
+    eng.h[0] = open_first(uri, &nco, ctx, offers, sizeof offers, &listed);
     if (!eng.h[0])
         goto fail;
     eng.cst[0] = CONN_READY;
@@ -1727,7 +1746,7 @@ cmd_backup(int argc, char **argv)
             want = 1;
         }
         for (i = 1; i < want; i++) {
-            eng.h[i] = open_extra(uri, (int)i);
+            eng.h[i] = open_extra(uri, &nco, (int)i);
             eng.cst[i] = eng.h[i] ? CONN_CONNECTING : CONN_OFF;
             eng.refused += !eng.h[i];
         }

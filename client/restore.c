@@ -20,6 +20,7 @@
 #include "error.h"
 #include "manifest.h"
 #include "minmax.h"
+#include "nbd-connect.h"
 #include "qcbt.h"
 #include "qcow2-writer.h"
 #include "rounding.h"
@@ -572,15 +573,16 @@ rfile_commit(struct rfile *f, const char *out)
 
 /* Decide what OUT is and open it: a new file (or, with FORCE, an existing
  * one to replace) is created under a temporary name; a block device
- * (FORCE) and an NBD URI are opened to be written in place.  Returns 0 or
- * -1 with a message.
+ * (FORCE) and an NBD URI (connected as CO says) are opened to be written
+ * in place.  Returns 0 or -1 with a message.
  */
 static int
 restore_open(struct rjob *j,
              struct rfile *f,
              const char *out,
              const char *fmt,
-             bool force)
+             bool force,
+             const struct nbd_connect_opts *co)
 {
     size_t len = strlen(out);
     bool qcow2 = fmt ? strcmp(fmt, "qcow2") == 0
@@ -599,7 +601,7 @@ restore_open(struct rjob *j,
         j->t = T_NBD;
         j->zblock = ZBLOCK_INPLACE;
         j->nbd = nbd_create();
-        if (!j->nbd || nbd_connect_uri(j->nbd, out) < 0) {
+        if (!j->nbd || nbd_connect_with(j->nbd, out, co) < 0) {
             qcbt_error(EIO, "%s: %s", out, nbd_get_error());
             return -1;
         }
@@ -748,7 +750,7 @@ restore_usage(FILE *fp)
             "into OUT: a new raw file (sparse), a new qcow2 file (-O qcow2 "
             "or a\n"
             ".qcow2 name), a block device, or an NBD URI (nbd://, "
-            "nbd+unix://)\n"
+            "nbds://, ...)\n"
             "at least as large as the disk.  The data is checked against "
             "the\n"
             "backup's guest digest.  A file is written under a temporary "
@@ -775,6 +777,7 @@ restore_usage(FILE *fp)
             "disk NAME\n"
             "                    (needed when it holds several)\n"
             "  -h, --help        show this help\n");
+    nbd_connect_usage(fp);
 }
 
 int
@@ -786,8 +789,10 @@ cmd_restore(int argc, char **argv)
         {"force", no_argument, NULL, 'F'},
         {"disk", required_argument, NULL, 'd'},
         {"help", no_argument, NULL, 'h'},
+        NBD_CONNECT_LONG_OPTIONS,
         {NULL, 0, NULL, 0},
     };
+    struct nbd_connect_opts nco = NBD_CONNECT_OPTS_INIT;
     static const char optstring[] = "O:h";
     static const int sigs[] = {SIGINT, SIGTERM, SIGHUP};
     struct sigaction sa = {.sa_handler = restore_on_signal}, old[3];
@@ -826,6 +831,11 @@ cmd_restore(int argc, char **argv)
             restore_usage(stdout);
             return QCBT_EXIT_OK;
         default:
+            if (opt >= NBD_CONNECT_OPT_TLS && opt <= NBD_CONNECT_OPT_LAST) {
+                if (nbd_connect_option(&nco, "restore", opt, optarg) < 0)
+                    return QCBT_EXIT_ERROR;
+                break;
+            }
             return usage_getopt_error("restore", argc, argv, optstring, opts);
         }
     }
@@ -857,7 +867,7 @@ cmd_restore(int argc, char **argv)
         sigaction(sigs[i], &sa, &old[i]);
     if (open_backup(dir, &m, at, &j.c, &e) < 0)
         goto fail;
-    if (restore_open(&j, &f, out, fmt, force) < 0)
+    if (restore_open(&j, &f, out, fmt, force, &nco) < 0)
         goto fail;
 
     gdigest_init(&j.dg, j.c->size);
@@ -956,6 +966,7 @@ verify_usage(FILE *fp)
             "(needed when\n"
             "                    it holds several)\n"
             "  -h, --help        show this help\n");
+    nbd_connect_usage(fp);
 }
 
 /* libnbd 1.14 does not check that a read's chunks cover the request. */
@@ -979,7 +990,7 @@ count_chunk(void *opaque,
 
 /* Compare the chain with an NBD export, byte for byte. */
 static int
-compare_nbd(struct chain *c, const char *uri)
+compare_nbd(struct chain *c, const char *uri, const struct nbd_connect_opts *co)
 {
     struct nbd_handle *h = nbd_create();
     unsigned char *a = malloc(RCHUNK), *b = malloc(RCHUNK);
@@ -991,7 +1002,7 @@ compare_nbd(struct chain *c, const char *uri)
         r = qcbt_error(ENOMEM, "out of memory");
         goto out;
     }
-    if (nbd_connect_uri(h, uri) < 0) {
+    if (nbd_connect_with(h, uri, co) < 0) {
         r = qcbt_error(EIO, "%s: %s", uri, nbd_get_error());
         goto out;
     }
@@ -1064,9 +1075,11 @@ cmd_verify(int argc, char **argv)
         {"at", required_argument, NULL, 'a'},
         {"disk", required_argument, NULL, 'd'},
         {"help", no_argument, NULL, 'h'},
+        NBD_CONNECT_LONG_OPTIONS,
         {NULL, 0, NULL, 0},
     };
     static const char optstring[] = "h";
+    struct nbd_connect_opts nco = NBD_CONNECT_OPTS_INIT;
     const char *against = NULL, *dir, *disk = NULL, *shown;
     char *vtmp = NULL;
     struct manifest m = {0};
@@ -1090,6 +1103,11 @@ cmd_verify(int argc, char **argv)
             verify_usage(stdout);
             return QCBT_EXIT_OK;
         default:
+            if (opt >= NBD_CONNECT_OPT_TLS && opt <= NBD_CONNECT_OPT_LAST) {
+                if (nbd_connect_option(&nco, "verify", opt, optarg) < 0)
+                    return QCBT_EXIT_ERROR;
+                break;
+            }
             return usage_getopt_error("verify", argc, argv, optstring, opts);
         }
     }
@@ -1166,7 +1184,7 @@ cmd_verify(int argc, char **argv)
                    e->guest_digest ? ", digest matches" : ", no digest");
         }
         if (!problem && against && (at < 0 ? i + 1 == m.nr : (long)i == at)) {
-            if (compare_nbd(c, against) < 0) {
+            if (compare_nbd(c, against, &nco) < 0) {
                 printf("%s: FAILED against %s: %s\n",
                        e->file,
                        against,

@@ -7,7 +7,7 @@ packages=(
     build-essential cmake pkg-config clang-format
     libnbd-dev libnbd-bin nbdkit nbdkit-plugin-dev
     libglib2.0-dev libssl-dev libcmocka-dev zlib1g-dev libzstd-dev libxxhash-dev liblz4-dev
-    qemu-utils qemu-system-common python3 python3-libnbd file
+    qemu-utils qemu-system-common python3 python3-libnbd file openssl
     # tests/interop/test-libvirt-pull.sh and test-vnb-import.sh start their
     # own (session) libvirtd and a TCG domain: no system daemon, no KVM.
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86

@@ -30,6 +30,8 @@ conn_read_deadline(struct connection *c,
 {
     char *p = buf;
 
+    if (c->tls)
+        return tls_read(c->tls, buf, len, deadline_ms);
     while (len > 0) {
         ssize_t n;
 
@@ -87,6 +89,12 @@ conn_write(struct connection *c, const void *buf, size_t len, bool more)
 {
     const char *p = buf;
 
+    if (c->tls)
+        return tls_write(c->tls,
+                         buf,
+                         len,
+                         more,
+                         c->write_deadline ? c->write_deadline : -1);
     while (len > 0) {
         int flags = MSG_NOSIGNAL | (more ? MSG_MORE : 0);
         ssize_t n;
@@ -166,6 +174,7 @@ linger_close(struct connection *c)
     size_t total = 0;
     char buf[4096];
 
+    tls_close_notify(c->tls);
     if (shutdown(c->fd, SHUT_WR) < 0)
         return;
     while (total < LINGER_BYTES) {
@@ -203,9 +212,12 @@ connection_thread(void *arg)
                 c->nr_meta);
         transmission(c);
         linger_close(c);
+    } else {
+        tls_close_notify(c->tls);
     }
     srv_log(srv, LOG_INFO, "%s: disconnected", c->peer);
     unlink_connection(c, r == 1);
+    tls_conn_free(c->tls);
     close(c->fd);
     pthread_mutex_destroy(&c->read_lock);
     pthread_mutex_destroy(&c->write_lock);

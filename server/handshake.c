@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "byteorder.h"
 #include "error.h"
@@ -484,6 +485,85 @@ opt_export_name(struct hs *h, const unsigned char *p, uint32_t len)
     return 1;
 }
 
+/* Consume LEN bytes of option payload unread, by the handshake deadline. */
+static int
+skip_payload(struct hs *h, uint32_t len)
+{
+    char buf[4096];
+
+    while (len > 0) {
+        uint32_t n = len < sizeof buf ? len : sizeof buf;
+
+        if (conn_read_deadline(h->c, buf, n, h->deadline) < 0)
+            return -1;
+        len -= n;
+    }
+    return 0;
+}
+
+/* Bytes already waiting behind STARTTLS were sent before the client could
+ * see our ACK, which no real client does: they may be plaintext a man in
+ * the middle slipped in, to be taken as if they came under TLS (the bug
+ * class of nbdkit's CVE-2021-3716, Postfix's CVE-2011-0411).  They are
+ * never parsed and never handed to OpenSSL: the caller hangs up.
+ */
+static bool
+plaintext_waiting(int fd)
+{
+    char b;
+
+    return recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
+}
+
+/* NBD_OPT_STARTTLS (proto.md "NBD_OPT_STARTTLS", "TLS support").  0 to go
+ * on negotiating (under TLS or after an error reply), -1 to hang up.
+ */
+static int
+opt_starttls(struct hs *h, uint32_t opt, uint32_t len)
+{
+    struct connection *c = h->c;
+    struct server *srv = c->srv;
+    char desc[400];
+
+    if (len != 0)
+        return send_error(h,
+                          opt,
+                          NBD_REP_ERR_INVALID,
+                          "NBD_OPT_STARTTLS takes no data");
+    if (srv->tls_mode == TLS_OFF)
+        return send_error(h, opt, NBD_REP_ERR_POLICY, "TLS not configured");
+    if (c->tls)
+        return send_error(h,
+                          opt,
+                          NBD_REP_ERR_INVALID,
+                          "TLS is already negotiated");
+    if (plaintext_waiting(c->fd)) {
+        srv_log(srv,
+                LOG_INFO,
+                "%s: data sent behind NBD_OPT_STARTTLS before our reply "
+                "(plaintext injection?): closing",
+                c->peer);
+        return -1;
+    }
+    if (send_reply(h, opt, NBD_REP_ACK, NULL, 0) < 0)
+        return -1;
+    if (tls_accept(srv->tls, c->fd, h->deadline, &c->tls, desc, sizeof desc) <
+        0) {
+        srv_log(srv, LOG_INFO, "%s: %s", c->peer, qcbt_error_get());
+        return -1;
+    }
+    srv_log(srv, LOG_INFO, "%s: TLS: %s", c->peer, desc);
+    /* Forget everything negotiated in plaintext: nothing from before
+     * TLS may carry over (proto.md "NBD_OPT_STARTTLS"; CVE-2021-3716).
+     */
+    c->structured = false;
+    free(c->meta_ids);
+    c->meta_ids = NULL;
+    c->nr_meta = 0;
+    c->meta_export = NULL;
+    return 0;
+}
+
 int
 handshake(struct connection *c)
 {
@@ -516,6 +596,15 @@ handshake(struct connection *c)
     }
     fixed = cflags & NBD_FLAG_C_FIXED_NEWSTYLE;
     c->no_zeroes = cflags & NBD_FLAG_C_NO_ZEROES;
+    if (!fixed && c->srv->tls_mode == TLS_REQUIRE) {
+        /* Without fixed newstyle there is no STARTTLS. */
+        srv_log(c->srv,
+                LOG_INFO,
+                "%s: TLS is required but the client cannot do fixed "
+                "newstyle",
+                c->peer);
+        return -1;
+    }
 
     for (nopts = 0;; nopts++) {
         uint32_t opt, len;
@@ -550,6 +639,29 @@ handshake(struct connection *c)
                     len);
             break;
         }
+        /* FORCEDTLS (proto.md "TLS support"): before TLS only STARTTLS
+         * and ABORT are served.  Anything else is answered TLS_REQD with
+         * its payload skipped unread and no export looked up or listed;
+         * EXPORT_NAME cannot carry an error, so it ends the connection.
+         */
+        if (c->srv->tls_mode == TLS_REQUIRE && !c->tls &&
+            opt != NBD_OPT_STARTTLS && opt != NBD_OPT_ABORT) {
+            if (opt == NBD_OPT_EXPORT_NAME) {
+                srv_log(c->srv,
+                        LOG_INFO,
+                        "%s: NBD_OPT_EXPORT_NAME before TLS: closing",
+                        c->peer);
+                break;
+            }
+            if (skip_payload(&h, len) < 0 ||
+                send_error(&h,
+                           opt,
+                           NBD_REP_ERR_TLS_REQD,
+                           "TLS is required before option %u",
+                           opt) < 0)
+                break;
+            continue;
+        }
         payload = malloc(len ? len : 1);
         if (!payload || conn_read_deadline(c, payload, len, h.deadline) < 0)
             break;
@@ -572,6 +684,9 @@ handshake(struct connection *c)
             break;
         case NBD_OPT_LIST:
             r = opt_list(&h, opt, len);
+            break;
+        case NBD_OPT_STARTTLS:
+            r = opt_starttls(&h, opt, len);
             break;
         case NBD_OPT_ABORT:
             send_reply(&h, opt, NBD_REP_ACK, NULL, 0);

@@ -11,6 +11,7 @@
 #include "bitmap.h"
 #include "chain.h"
 #include "merge.h"
+#include "tls.h"
 
 struct publish_set;
 
@@ -68,6 +69,8 @@ struct server {
     unsigned idle_timeout;      /* seconds without requests; 0: none */
     bool persistent;
     int verbose;
+    enum tls_mode tls_mode;
+    struct tls_server *tls; /* NULL: TLS off */
 
     atomic_uint nr_connections;
     atomic_bool shutting_down;
@@ -83,6 +86,7 @@ struct connection {
     char peer[64];
     struct connection *next;
     int64_t write_deadline; /* now_ms() clock; 0: none (handshake) */
+    struct tls_conn *tls;   /* after STARTTLS: all I/O goes through it */
 
     /* Negotiated state (handshake thread only, read-only afterwards). */
     bool structured;

@@ -105,6 +105,7 @@ usage(FILE *fp)
         "Exit status: 0 after a clean shutdown (SIGTERM, SIGINT, or the "
         "last\n"
         "client leaving without -t), 1 on any error at start.\n");
+    tls_usage(fp);
 }
 
 static void
@@ -539,10 +540,12 @@ main(int argc, char **argv)
         {"read-only", no_argument, NULL, 'r'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
+        TLS_LONG_OPTIONS,
         {NULL, 0, NULL, 0},
     };
     static const char shortopts[] = ":f:x:D:B:Ak:b:p:e:T:tvrhV";
     struct export main_exp = {0};
+    struct tls_options tls_opts = {0};
     const char *sock = NULL, *bind_addr = NULL, *port = "10809";
     const char *pid_file = NULL;
     bool do_fork = false, have_main = false;
@@ -637,6 +640,11 @@ main(int argc, char **argv)
             printf("qcbt-server %s\n", QCBT_VERSION);
             return 0;
         default:
+            if (opt >= TLS_OPT_MODE && opt <= TLS_OPT_LAST) {
+                if (tls_option(&tls_opts, opt, optarg) < 0)
+                    usage_error("%s", qcbt_error_get());
+                break;
+            }
             bad_option(opt, argv, opts, shortopts);
         }
     }
@@ -666,6 +674,13 @@ main(int argc, char **argv)
         if (strlen(server.exports[i].name) > 4096)
             usage_error("export name too long");
     }
+
+    /* Certificates and keys are loaded now: a mistake is an error at
+     * start, not a failed client.
+     */
+    if (tls_server_new(&tls_opts, &server.tls_mode, &server.tls) < 0)
+        die("%s", qcbt_error_get());
+    tls_options_free(&tls_opts);
 
     /* Build every export (chain, merged bitmaps) before listening: a
      * bitmap that cannot be merged is an error now, not for a client.
@@ -809,6 +824,8 @@ main(int argc, char **argv)
     if (atomic_load(&server.nr_connections) == 0)
         for (i = 0; i < server.nr_exports; i++)
             export_close(&server.exports[i]);
+    if (atomic_load(&server.nr_connections) == 0)
+        tls_server_free(server.tls);
     if (pid_file)
         unlink(pid_file);
     return 0;

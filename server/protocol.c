@@ -244,6 +244,9 @@ send_file_chunk(struct connection *c,
     off_t o;
     int fd, r;
 
+    /* TLS encrypts in user space: nothing to splice. */
+    if (c->tls)
+        return 0;
     if (chain_map_file(c->exp->chain, pos, n, &fd, &host, &m) < 0 || m == 0) {
         qcbt_error_clear();
         return 0; /* chain_read() reports any error */
@@ -611,6 +614,11 @@ wait_request(struct worker *w)
     int64_t busy_until = 0; /* a request was still being served then */
     bool released = false;
 
+    /* Under TLS the next request may already have been read from the
+     * socket with the previous one (OpenSSL reads ahead).
+     */
+    if (c->tls && tls_pending(c->tls))
+        return 0;
     for (;;) {
         struct pollfd p = {.fd = c->fd, .events = POLLIN};
         int64_t now = now_ms(), wake = -1, idle_from;

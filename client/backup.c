@@ -454,7 +454,12 @@ nbd_fail(struct engine *eng, size_t ci, const char *prefix, const char *what)
     int err = nbd_get_errno();
     const char *msg = nbd_get_error();
 
-    if (peer_closed(err, msg) && conn_dead(eng, ci))
+    /* A call refused with EINVAL ("invalid state: DEAD") on a handle whose
+     * reads were retired with ENOTCONN: the socket failed inside an
+     * earlier call that queued a read, which succeeded (see run_loop()).
+     */
+    if ((peer_closed(err, msg) || (err == EINVAL && eng->cut_n[ci])) &&
+        conn_dead(eng, ci))
         mark_lost(eng, ci, what);
     return qcbt_error(err ? err : EIO,
                       "%s: %s",

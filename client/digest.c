@@ -98,6 +98,15 @@ gdigest_sub(struct gdigest *d, uint64_t offset, const void *buf, size_t len)
     accumulate(d, offset, buf, len, false);
 }
 
+unsigned __int128
+gdigest_contrib(uint64_t offset, const void *buf, size_t len)
+{
+    struct gdigest d = {0};
+
+    accumulate(&d, offset, buf, len, true);
+    return d.sum;
+}
+
 void
 gdigest_sum_hex(const struct gdigest *d, char hex[DIGEST_HEX_LEN + 1])
 {
@@ -130,37 +139,6 @@ gdigest_sum_parse(struct gdigest *d, const char *hex)
     }
     d->sum = v;
     return true;
-}
-
-int
-gdigest_sub_chain(struct gdigest *d,
-                  struct chain *c,
-                  uint64_t offset,
-                  uint64_t len,
-                  void *scratch,
-                  size_t scratch_len)
-{
-    uint64_t end = MIN(offset + len, c->size), pos = offset;
-    int r;
-
-    while (pos < end) {
-        uint64_t n = MIN((uint64_t)scratch_len, end - pos);
-        struct chain_status st;
-
-        r = chain_block_status(c, pos, n, &st);
-        if (r < 0)
-            return r;
-        if (st.zero && !st.data) {
-            pos += MIN(n, st.len); /* zeros contributed nothing */
-            continue;
-        }
-        r = chain_read(c, scratch, n, pos);
-        if (r < 0)
-            return r;
-        gdigest_sub(d, pos, scratch, n);
-        pos += n;
-    }
-    return 0;
 }
 
 void

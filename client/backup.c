@@ -2095,7 +2095,13 @@ cmd_backup(int argc, char **argv)
         gdigest_sum_hex(&eng.dg, sumhex);
         e.guest_digest = hex;
         e.digest_sum = sumhex;
-        r = dgi_writer_finish(eng.dgi, eng.dg.sum);
+        if (manifest_test_fault("index-enospc")) {
+            /* As when the file system is full. */
+            dgi_writer_abort(eng.dgi);
+            r = qcbt_error(ENOSPC, "%s: %s", dgipath, strerror(ENOSPC));
+        } else {
+            r = dgi_writer_finish(eng.dgi, eng.dg.sum);
+        }
         eng.dgi = NULL;
         if (r < 0) {
             free(e.export_name);

@@ -15,7 +15,6 @@
 #include "digest-index.h"
 #include "digest.h"
 #include "error.h"
-#include "manifest.h"
 #include "minmax.h"
 
 #define DGI_MAGIC   "QCBTDGI1"
@@ -234,8 +233,6 @@ dgi_writer_finish(struct dgi_writer *w, dgi_u128 sum)
         d.nrec = w->nrec;
         header_encode(h, &d);
         r = pwrite_all(w->fd, h, sizeof h, 0);
-        if (r == 0 && manifest_test_fault("index-enospc"))
-            r = -ENOSPC;
         if (r == 0 && fdatasync(w->fd) < 0)
             r = -errno;
         if (r < 0)

@@ -128,7 +128,7 @@ for line in open(trace):
     if not m:
         continue
     pid, rest = m.groups()
-    o = re.match(r'openat\([^,]*, "([^"]*)", .*\) = (\d+)$', rest)
+    o = re.match(r'openat\([^,]*, "([^"]*)", .*\)\s+= (\d+)$', rest)
     c = re.match(r"close\((\d+)\)", rest)
     p = re.match(r"pread64\((\d+), (.*)", rest)
     r = re.match(r"<\.\.\. pread64 resumed>.* = (\d+)$", rest)
@@ -140,7 +140,7 @@ for line in open(trace):
         continue
     if p:
         fd = int(p.group(1))
-        d = re.search(r"\) = (\d+)$", p.group(2))
+        d = re.search(r"\)\s+= (\d+)$", p.group(2))
         if not d:
             pending[pid] = fd
             continue

@@ -482,10 +482,17 @@ bad:
     return false;
 }
 
-/* Load the block of R that would hold granule G (past the loaded one):
- * the last whose first granule is at most G, found by galloping forward
- * so that a dense walk reads each block once and a sparse one a few.
- * False: R is exhausted (no such block, R->pos at the end) or broken.
+static uint64_t
+block_end(const struct dgi_reader *r)
+{
+    return r->recs[r->nr - 1].g + r->recs[r->nr - 1].n;
+}
+
+/* Load the first block of R past the loaded one that reaches past
+ * granule G (the blocks before it end at or before G): found by
+ * galloping forward, so that a dense walk reads each block once, a walk
+ * to the block after next two, and a sparse one a few.  False: R is
+ * exhausted (no such block, R->pos at the end) or broken.
  */
 static bool
 seek_block(struct dgi_chain *c, struct dgi_reader *r, uint64_t g)
@@ -494,38 +501,46 @@ seek_block(struct dgi_chain *c, struct dgi_reader *r, uint64_t g)
     uint64_t floor = r->floor;
 
     if (r->blk >= 0 && r->nr)
-        floor = r->recs[r->nr - 1].g + r->recs[r->nr - 1].n;
+        floor = block_end(r);
     if (lo >= r->nblocks) {
         r->pos = r->nr;
         return false;
     }
     if (!load_block(c, r, lo))
         return false;
-    /* LO's first granule is at most G, or LO is the answer anyway. */
-    if (r->recs[0].g <= g && r->recs[r->nr - 1].g + r->recs[r->nr - 1].n <= g) {
+    if (block_end(r) <= g) {
+        /* LO ends at or before G: find the first block that does not,
+         * in (lo, hi].
+         */
         for (;;) {
             hi = lo + step;
-            if (hi >= r->nblocks)
-                hi = r->nblocks; /* past the end: no first granule */
-            else if (!load_block(c, r, hi))
+            if (hi >= r->nblocks) {
+                hi = r->nblocks; /* none may reach past G */
+                break;
+            }
+            if (!load_block(c, r, hi))
                 return false;
-            if (hi == r->nblocks || r->recs[0].g > g)
+            if (block_end(r) > g)
                 break;
             lo = hi;
             step *= 2;
         }
-        /* The answer is in [lo, hi): LO's first <= G < HI's first. */
         while (hi - lo > 1) {
             uint64_t mid = lo + (hi - lo) / 2;
 
             if (!load_block(c, r, mid))
                 return false;
-            if (r->recs[0].g <= g)
-                lo = mid;
-            else
+            if (block_end(r) > g)
                 hi = mid;
+            else
+                lo = mid;
         }
-        if ((uint64_t)r->blk != lo && !load_block(c, r, lo))
+        if (hi == r->nblocks) {
+            r->blk = (int64_t)r->nblocks - 1;
+            r->pos = r->nr = 0; /* exhausted */
+            return false;
+        }
+        if ((uint64_t)r->blk != hi && !load_block(c, r, hi))
             return false;
     }
     if (r->recs[0].g < floor) {

@@ -71,7 +71,7 @@ cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
     rm -f "$S"/bk-a.sock "$S"/bk-f.sock
-    [[ -n ${KEEP:-} ]] || rm -rf "$S"/bk-run "$S"/vnb.raw "$S"/nbdcopy.raw "$S"/floor-*.raw
+    [[ -n ${KEEP:-} ]] || rm -rf "$S"/bk-run "$S"/vnb.raw "$S"/nbdcopy.raw "$S"/floor-out.raw
 }
 trap cleanup EXIT
 

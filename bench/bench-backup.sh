@@ -17,6 +17,19 @@
 #     vnb           bench/bench-backup-vnb.py: virtnbdbackup's client
 #                   (python3 nbd, one synchronous request at a time, 32 MiB
 #                   max, whole map first, sparse raw output, fsync)
+#     qcbt, previous backup evicted
+#                   the same, with every file of the prepared DIR evicted
+#                   from the page cache first (posix_fadvise DONTNEED via
+#                   dd iflag=nocache, as the anchor's COLD rows): the
+#                   normal case, qcbt writes backups with FADV_DONTNEED
+#     qcbt-base     the same two with QCBT_BASE, a qcbt from before the
+#                   digest index (issue 13), when given
+#     floor         dd of a file of the incremental's data bytes, in the
+#                   page cache, to a new file with conv=fdatasync: reading
+#                   the dirty bytes from the page cache, writing them and
+#                   making them durable
+#     read back     (untimed, one run under strace) bytes pread from the
+#                   earlier backup files by qcbt and qcbt-base
 #   full copy of a.qcow2:
 #     nbdcopy       nbdcopy URI out.raw (and --flush, durable like qcbt)
 #     qcbt --full   into an empty DIR (default, and --no-digest)
@@ -24,7 +37,8 @@
 # the full copy.
 #
 # Environment: QCBT, QCBT_SERVER (default ../build/{client,server}/),
-# N (runs, 5), ANCHOR (/work/shared/bench), KEEP=1 keeps the outputs.
+# QCBT_BASE (optional), N (runs, 5), ANCHOR (/work/shared/bench), KEEP=1
+# keeps the outputs, NOFULL=1 skips the full copies.
 # Output: a markdown table on stdout; raw records in
 # SCRATCH/bench-backup.jsonl.
 set -euo pipefail
@@ -57,7 +71,7 @@ cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
     rm -f "$S"/bk-a.sock "$S"/bk-f.sock
-    [[ -n ${KEEP:-} ]] || rm -rf "$S"/bk-run "$S"/vnb.raw "$S"/nbdcopy.raw
+    [[ -n ${KEEP:-} ]] || rm -rf "$S"/bk-run "$S"/vnb.raw "$S"/nbdcopy.raw "$S"/floor-out.raw
 }
 trap cleanup EXIT
 
@@ -91,18 +105,92 @@ for x in a f; do
     fi
 done
 fresh() { echo "rm -rf $S/bk-run && cp -al $S/bk-prep-$1 $S/bk-run"; }
+# evict: the prepared backup (hard links of the same files) leaves the
+# page cache.
+evict() { echo "for f in $S/bk-run/*; do dd if=\$f iflag=nocache count=0 status=none; done"; }
+[[ -z ${QCBT_BASE:-} ]] || QCBT_BASE=$(readlink -f "$QCBT_BASE")
+
+# read_back LABEL QCBT X BITMAP: one untimed incremental under strace; the
+# bytes pread64 from the earlier backups (bk-run/backup-NNNN.qcow2) and
+# from digest indexes, as a JSON line in $S/bench-readback.jsonl.
+RB=$S/bench-readback.jsonl
+: >"$RB"
+read_back() {
+    eval "$(fresh "$3")"
+    QCBT_DEBUG=1 strace -f -qq -s 0 -e trace=openat,pread64,close -o "$S/rb.strace" \
+        "$2" backup --json --no-progress --since "$4" "$(uri "$3")" "$S/bk-run" >"$S/rb.json" 2>"$S/rb.err"
+    "$PY" - "$1" "$S/rb.strace" "$S/rb.json" >>"$RB" <<'PYEOF'
+import json, re, sys
+label, trace, out = sys.argv[1:4]
+fds, pending, qcow2, dgi, n = {}, {}, 0, 0, 0
+for line in open(trace):
+    m = re.match(r"(\d+)\s+(.*)$", line.rstrip())
+    if not m:
+        continue
+    pid, rest = m.groups()
+    o = re.match(r'openat\([^,]*, "([^"]*)", .*\)\s+= (\d+)$', rest)
+    c = re.match(r"close\((\d+)\)", rest)
+    p = re.match(r"pread64\((\d+), (.*)", rest)
+    r = re.match(r"<\.\.\. pread64 resumed>.* = (\d+)$", rest)
+    if o:
+        fds[int(o.group(2))] = o.group(1)
+        continue
+    if c:
+        fds.pop(int(c.group(1)), None)
+        continue
+    if p:
+        fd = int(p.group(1))
+        d = re.search(r"\)\s+= (\d+)$", p.group(2))
+        if not d:
+            pending[pid] = fd
+            continue
+        k = int(d.group(1))
+    elif r and pid in pending:
+        fd, k = pending.pop(pid), int(r.group(1))
+    else:
+        continue
+    name = fds.get(fd, "")
+    if re.search(r"bk-run/backup-\d{4}\.qcow2$", name):
+        qcow2 += k
+        n += 1
+    elif re.search(r"bk-run/backup-\d{4}\.dgi$", name):
+        dgi += k
+data = json.loads(open(out).read().splitlines()[-1])["data-bytes"]
+print(json.dumps({"label": label, "data": data, "qcow2": qcow2,
+                  "preads": n, "dgi": dgi}))
+PYEOF
+}
 
 for x in f a; do
     bm=$([[ $x == a ]] && echo b0 || echo f0)
     pid=PID_$x
     T --label "$x/$bm qcbt incremental" --pre "$(fresh $x)" --server-pid "${!pid}" -- \
         "$QCBT" backup --json --no-progress --since "$bm" "$(uri $x)" "$S/bk-run"
+    T --label "$x/$bm qcbt incremental, previous evicted" --pre "$(fresh $x); $(evict)" --server-pid "${!pid}" -- \
+        "$QCBT" backup --json --no-progress --since "$bm" "$(uri $x)" "$S/bk-run"
+    read_back "$x/$bm qcbt" "$QCBT" "$x" "$bm"
+    if [[ -n ${QCBT_BASE:-} ]]; then
+        T --label "$x/$bm qcbt-base incremental" --pre "$(fresh $x)" --server-pid "${!pid}" -- \
+            "$QCBT_BASE" backup --json --no-progress --since "$bm" "$(uri $x)" "$S/bk-run"
+        T --label "$x/$bm qcbt-base incremental, previous evicted" --pre "$(fresh $x); $(evict)" --server-pid "${!pid}" -- \
+            "$QCBT_BASE" backup --json --no-progress --since "$bm" "$(uri $x)" "$S/bk-run"
+        read_back "$x/$bm qcbt-base" "$QCBT_BASE" "$x" "$bm"
+    fi
     T --label "$x/$bm qcbt incremental --no-digest" --pre "$(fresh $x)" --server-pid "${!pid}" -- \
         "$QCBT" backup --json --no-progress --no-digest --since "$bm" "$(uri $x)" "$S/bk-run"
+    # The floor: the incremental's data bytes, from the page cache, written
+    # and made durable.
+    dbytes=$("$PY" -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["data-bytes"])' "$S/rb.json")
+    [[ -f $S/floor-src-$x.raw && $(stat -c %s "$S/floor-src-$x.raw") == "$dbytes" ]] ||
+        head -c "$dbytes" "$S/$(img_of $x)" >"$S/floor-src-$x.raw"
+    T --label "$x/$bm floor: dd of the data bytes, conv=fdatasync" \
+        --pre "rm -f $S/floor-out.raw; cat $S/floor-src-$x.raw >/dev/null" -- \
+        dd if="$S/floor-src-$x.raw" of="$S/floor-out.raw" bs=2M conv=fdatasync status=none
     T --label "$x/$bm vnb-style (python, 1 sync request)" --pre "rm -f $S/vnb.raw" --server-pid "${!pid}" -- \
         "$PY" "$HERE/bench-backup-vnb.py" "$(uri $x)" "$bm" "$S/vnb.raw"
 done
 
+[[ -n ${NOFULL:-} ]] || {
 T --label "a full: nbdcopy" --pre "rm -f $S/nbdcopy.raw" --server-pid "$PID_a" -- \
     nbdcopy "$(uri a)" "$S/nbdcopy.raw"
 T --label "a full: nbdcopy --flush" --pre "rm -f $S/nbdcopy.raw" --server-pid "$PID_a" -- \
@@ -111,9 +199,13 @@ T --label "a full: qcbt backup --full" --pre "rm -rf $S/bk-run" --server-pid "$P
     "$QCBT" backup --json --no-progress --full "$(uri a)" "$S/bk-run"
 T --label "a full: qcbt backup --full --no-digest" --pre "rm -rf $S/bk-run" --server-pid "$PID_a" -- \
     "$QCBT" backup --json --no-progress --no-digest --full "$(uri a)" "$S/bk-run"
+[[ -z ${QCBT_BASE:-} ]] ||
+    T --label "a full: qcbt-base backup --full" --pre "rm -rf $S/bk-run" --server-pid "$PID_a" -- \
+        "$QCBT_BASE" backup --json --no-progress --full "$(uri a)" "$S/bk-run"
+}
 
 # ---- report -------------------------------------------------------------
-"$PY" - "$OUT" <<'PYEOF'
+"$PY" - "$OUT" "$RB" <<'PYEOF'
 import json, statistics, sys
 recs = {}
 for line in open(sys.argv[1]):
@@ -145,6 +237,29 @@ for x, bm, tgt in (("f", "f0", 3.0), ("a", "b0", 1.5)):
         q = med(f"{x}/{bm} qcbt incremental{v}")
         ok = "met" if vnb / q >= tgt else "MISSED"
         print(f"| {x}/{bm}: vnb-style / qcbt incremental{v} | {vnb / q:.2f}x | >= {tgt}x ({ok}) |")
+print()
+print("| incremental | wall s: warm / previous evicted | floor s | warm / floor | evicted / floor | read from earlier backups (preads) | digest index read |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+rb = {}
+for line in open(sys.argv[2]):
+    r = json.loads(line)
+    rb[r["label"]] = r
+for x, bm in (("f", "f0"), ("a", "b0")):
+    fl = med(f"{x}/{bm} floor: dd of the data bytes, conv=fdatasync")
+    for who in ("qcbt", "qcbt-base"):
+        if f"{x}/{bm} {who} incremental" not in recs:
+            continue
+        w = med(f"{x}/{bm} {who} incremental")
+        e = med(f"{x}/{bm} {who} incremental, previous evicted")
+        r = rb[f"{x}/{bm} {who}"]
+        print(f"| {x}/{bm} {who} | {w:.3f} / {e:.3f} | {fl:.3f} | {w/fl:.2f}x | {e/fl:.2f}x "
+              f"| {r['qcow2']/2**20:.1f} MiB of {r['data']/2**20:.0f} MiB data ({r['preads']}) "
+              f"| {r['dgi']/2**10:.0f} KiB |")
+if "a full: nbdcopy" not in recs:
+    sys.exit(0)
+print()
+print("| comparison | ratio (higher = qcbt faster) | target |")
+print("|---|---:|---:|")
 for n in ("nbdcopy", "nbdcopy --flush"):
     for v in ("", " --no-digest"):
         r = med(f"a full: {n}") / med(f"a full: qcbt backup --full{v}")

@@ -41,6 +41,7 @@
 #include <libnbd.h>
 
 #include "chain.h"
+#include "digest-index.h"
 #include "digest.h"
 #include "error.h"
 #include "json-out.h"
@@ -84,9 +85,22 @@ struct stage {
     struct engine *eng;
     pthread_t t;
     bool running;
+    /* mu guards q, q_head, q_len, next_seq and stop; the loop waits on
+     * cv.  A lock per stage: the stages never wait for each other.
+     */
+    pthread_mutex_t mu;
     pthread_cond_t cv;
-    struct slot **q; /* nslots entries: a slot is queued at most once */
+    bool stop;
+    /* nslots entries: a slot is queued at most once.  An ordered stage
+     * takes the slots in the order they were issued (disk order): q is
+     * then indexed by seq % nslots (the slots it has not taken have
+     * consecutive seqs from next_seq on, at most nslots of them).
+     */
+    struct slot **q;
     size_t q_head, q_len;
+    struct slot **take; /* nslots entries: the batch being processed */
+    bool ordered;
+    uint64_t next_seq;
     int err;
     char msg[512];
 };
@@ -102,8 +116,9 @@ struct slot {
     uint64_t off;
     uint64_t len;
     uint64_t seen; /* bytes covered by the reply's data and hole chunks */
+    uint64_t seq;  /* issue order */
     size_t conn;
-    unsigned refs; /* stages not done with it */
+    unsigned refs; /* stages not done with it (atomic) */
 };
 
 /* A connection: the first is opened before the engine starts; the others
@@ -124,19 +139,33 @@ struct engine {
     size_t nslots;
     unsigned in_flight[MAX_CONNS];
     uint32_t chunk;
+    uint64_t seq; /* slots issued */
 
     /* Stages, each a thread: the event loop only moves bytes between the
      * sockets and the slots; the qcow2 writer and the digest run on the
      * other CPU(s).  A slot read (or a run of zeros) goes to every stage
      * and back to the free list when the last one is done with it.
-     * Under mu: the queues, the free list, refs, errors, stop,
-     * main_waiting.
+     * Under mu: the free list, errors, main_waiting; each stage's queue
+     * is under the stage's own lock.
      */
     pthread_mutex_t mu;
     struct stage stages[2];
     size_t nstages;
     struct slot *free_list;
-    bool stop, main_waiting;
+    bool main_waiting;
+    /* Slots the event loop has for the stages but not handed on yet: it
+     * hands them on in one go before it waits (queue_flush), not one
+     * lock and one wakeup per read (issue 13: 194,879 futex calls for
+     * 32,768 extents).  The loop's own.
+     */
+    struct slot **batch;
+    size_t nbatch;
+    /* Free slots the loop took from free_list in one go (its own). */
+    struct slot *own_free;
+    /* Set (atomically) once a stage has failed: the loop checks it
+     * without the lock.
+     */
+    int stage_failed;
     int efd; /* eventfd: a slot came back while the loop was waiting */
 
     const char *ctx; /* dirty-bitmap context, NULL for a full backup */
@@ -174,17 +203,27 @@ struct engine {
     bool progress;
     int64_t last_progress;
 
-    /* Guest digest, kept as data streams in (digest.h): the new contents
-     * are added; an incremental first removes what the previous backup
-     * held there.  Off when a range is not sector aligned: the digest is
-     * then computed by reading the backup back.
+    /* Guest digest, kept as data streams in (digest.h), granule by
+     * granule of the digest index (digest-index.h) in disk order, by the
+     * digest stage (it takes the slots in issue order): each granule
+     * written adds its new contribution and removes its old one, found
+     * in the earlier backups' indexes (or read back from PREV where they
+     * cannot tell), and goes into this backup's index.  Off when a range
+     * is not sector aligned: the digest is then computed by reading the
+     * backup back, without an index.
      */
-    bool digest_stream;    /* the digest stage's */
-    struct gdigest dg;     /* the previous sum, less what is overwritten */
-    bool digest_new;       /* the writer stage's (full backups) */
-    struct gdigest dg_new; /* the new data of a full backup */
-    struct chain *prev;
-    unsigned char *scratch; /* chunk bytes, for the previous contents */
+    bool digest_stream;
+    struct gdigest dg;  /* the previous sum, less the old, plus the new */
+    struct chain *prev; /* the previous backup (incremental) */
+    struct dgi_chain *dgi_prev; /* the earlier backups' indexes */
+    struct dgi_writer *dgi;     /* this backup's index, or NULL */
+    bool g_open;                /* a granule partly covered so far */
+    uint64_t g_idx;
+    unsigned __int128 g_new; /* its new contribution so far */
+    uint64_t g_cov[DGI_GRANULE / DIGEST_BLOCK / 64]; /* sectors covered */
+    unsigned char *gbuf; /* DGI_GRANULE bytes, a granule read back */
+    uint64_t readback, readback_granules; /* by the digest */
+    uint64_t fill_bytes; /* read by the writer for partial clusters */
 };
 
 static int64_t
@@ -563,16 +602,104 @@ digest_aligned(const struct engine *eng, uint64_t off, uint64_t len)
     return !((off | len) & (DIGEST_BLOCK - 1)) || off + len == eng->size;
 }
 
-/* The digest stage of an incremental backup: what the previous backup
- * held where this one writes is taken out of the running sum, the new
- * data added.  (A full backup has no such stage: the writer adds the
- * data, see write_slot.)
+/* Read granule G of the previous backup into eng->gbuf (LEN bytes);
+ * what reads as zero is not read.
  */
 static int
-digest_update(struct engine *eng,
-              uint64_t off,
-              uint64_t len,
-              const unsigned char *data)
+granule_read_prev(struct engine *eng, uint64_t g, size_t len)
+{
+    uint64_t off = g << DGI_GRANULE_BITS;
+    struct chain_status st;
+    int r;
+
+    r = chain_block_status(eng->prev, off, len, &st);
+    if (r < 0)
+        return r;
+    if (st.zero && !st.data && st.len >= len) {
+        memset(eng->gbuf, 0, len);
+        return 0;
+    }
+    r = chain_read(eng->prev, eng->gbuf, len, off);
+    if (r < 0)
+        return r;
+    eng->readback += len;
+    eng->readback_granules++;
+    return 0;
+}
+
+/* Granule G (LEN bytes) now contributes NEWV: take its old contribution
+ * out of the sum (from the indexes, else from PREVBUF, the granule read
+ * back, else read back now), put the new one in, and into the index.
+ */
+static int
+granule_done(struct engine *eng,
+             uint64_t g,
+             size_t len,
+             unsigned __int128 newv,
+             const unsigned char *prevbuf)
+{
+    unsigned __int128 old = 0;
+    int r;
+
+    if (eng->prev &&
+        !(eng->dgi_prev && dgi_chain_lookup(eng->dgi_prev, g, &old))) {
+        if (!prevbuf) {
+            r = granule_read_prev(eng, g, len);
+            if (r < 0)
+                return r;
+            prevbuf = eng->gbuf;
+        }
+        old = gdigest_contrib(g << DGI_GRANULE_BITS, prevbuf, len);
+    }
+    eng->dg.sum += newv - old;
+    return eng->dgi ? dgi_writer_add(eng->dgi, g, newv) : 0;
+}
+
+static bool
+granule_covered(const struct engine *eng, size_t i)
+{
+    return eng->g_cov[i / 64] & (1ULL << (i % 64));
+}
+
+/* The partly covered granule is complete: what this backup did not write
+ * there (a partial cluster) is the previous backup's, read back.
+ */
+static int
+granule_close(struct engine *eng)
+{
+    uint64_t g = eng->g_idx, off = g << DGI_GRANULE_BITS;
+    size_t len = (size_t)MIN((uint64_t)DGI_GRANULE, eng->size - off);
+    const unsigned char *prevbuf = NULL;
+    size_t i;
+    int r;
+
+    eng->g_open = false;
+    for (i = 0; i * DIGEST_BLOCK < len && granule_covered(eng, i); i++)
+        ;
+    if (eng->prev && i * DIGEST_BLOCK < len) {
+        r = granule_read_prev(eng, g, len);
+        if (r < 0)
+            return r;
+        prevbuf = eng->gbuf;
+        for (i = 0; i * DIGEST_BLOCK < len; i++)
+            if (!granule_covered(eng, i))
+                eng->g_new += gdigest_contrib(
+                    off + i * DIGEST_BLOCK,
+                    prevbuf + i * DIGEST_BLOCK,
+                    MIN((size_t)DIGEST_BLOCK, len - i * DIGEST_BLOCK));
+    }
+    /* (A full backup has nothing below: what it did not write is zero.) */
+    return granule_done(eng, g, len, eng->g_new, prevbuf);
+}
+
+/* This backup writes DATA (NULL: zeros) at [off, off+len), in disk order
+ * after what came before: the digest stage's work.
+ */
+static int
+digest_feed(struct engine *eng,
+            uint64_t off,
+            uint64_t len,
+            const unsigned char *data)
 {
     int r;
 
@@ -582,16 +709,61 @@ digest_update(struct engine *eng,
         eng->digest_stream = false; /* read it back at the end instead */
         return 0;
     }
-    r = gdigest_sub_chain(&eng->dg,
-                          eng->prev,
-                          off,
-                          len,
-                          eng->scratch,
-                          eng->chunk);
-    if (r == 0 && data)
-        gdigest_add(&eng->dg, off, data, len);
-    return r;
+    while (len) {
+        uint64_t g = off >> DGI_GRANULE_BITS, gs = g << DGI_GRANULE_BITS;
+        uint64_t glen = MIN((uint64_t)DGI_GRANULE, eng->size - gs);
+        uint64_t n = MIN(len, gs + glen - off), i;
+
+        if (eng->g_open && eng->g_idx != g) {
+            r = granule_close(eng);
+            if (r < 0)
+                return r;
+        }
+        if (!eng->g_open && off == gs && n == glen) {
+            r = granule_done(eng,
+                             g,
+                             glen,
+                             data ? gdigest_contrib(off, data, n) : 0,
+                             NULL);
+            if (r < 0)
+                return r;
+        } else {
+            if (!eng->g_open) {
+                eng->g_open = true;
+                eng->g_idx = g;
+                eng->g_new = 0;
+                memset(eng->g_cov, 0, sizeof eng->g_cov);
+            }
+            if (data)
+                eng->g_new += gdigest_contrib(off, data, n);
+            for (i = (off - gs) / DIGEST_BLOCK; i * DIGEST_BLOCK < off - gs + n;
+                 i++)
+                eng->g_cov[i / 64] |= 1ULL << (i % 64);
+            for (i = 0; i * DIGEST_BLOCK < glen && granule_covered(eng, i); i++)
+                ;
+            if (i * DIGEST_BLOCK >= glen) {
+                r = granule_close(eng);
+                if (r < 0)
+                    return r;
+            }
+        }
+        off += n;
+        len -= n;
+        if (data)
+            data += n;
+    }
+    return 0;
 }
+
+/* After the last slot (the stages stopped): close the last granule. */
+static int
+digest_end(struct engine *eng)
+{
+    if (eng->digest_stream && eng->g_open)
+        return granule_close(eng);
+    return 0;
+}
+
 /* ---- the stages: writer and digest threads ----------------------------- */
 
 static void
@@ -628,34 +800,60 @@ slot_put(struct engine *eng, struct slot *s)
 static struct slot *
 slot_get(struct engine *eng)
 {
-    struct slot *s;
+    struct slot *s = eng->own_free;
 
-    pthread_mutex_lock(&eng->mu);
-    s = eng->free_list;
+    if (!s) {
+        /* Take the whole free list: one lock for many reads. */
+        pthread_mutex_lock(&eng->mu);
+        s = eng->free_list;
+        eng->free_list = NULL;
+        if (!s)
+            eng->main_waiting = true;
+        pthread_mutex_unlock(&eng->mu);
+    }
     if (s)
-        eng->free_list = s->next;
-    else
-        eng->main_waiting = true;
-    pthread_mutex_unlock(&eng->mu);
+        eng->own_free = s->next;
     return s;
 }
 
-/* Hand S to every stage. */
+/* S is ready for the stages: handed on at the next queue_flush(). */
 static void
 queue_slot(struct engine *eng, struct slot *s)
 {
-    size_t i;
+    eng->batch[eng->nbatch++] = s;
+}
 
-    pthread_mutex_lock(&eng->mu);
-    s->refs = eng->nstages;
+/* Hand every slot in the batch to every stage, with one lock and one
+ * wakeup per stage.
+ */
+static void
+queue_flush(struct engine *eng)
+{
+    size_t i, k;
+
+    if (!eng->nbatch)
+        return;
+    for (k = 0; k < eng->nbatch; k++)
+        __atomic_store_n(&eng->batch[k]->refs, eng->nstages, __ATOMIC_RELAXED);
     for (i = 0; i < eng->nstages; i++) {
         struct stage *st = &eng->stages[i];
 
-        st->q[(st->q_head + st->q_len) % eng->nslots] = s;
-        st->q_len++;
+        pthread_mutex_lock(&st->mu);
+        for (k = 0; k < eng->nbatch; k++) {
+            struct slot *s = eng->batch[k];
+
+            if (st->ordered)
+                st->q[s->seq % eng->nslots] = s;
+            else
+                st->q[(st->q_head + st->q_len) % eng->nslots] = s;
+            st->q_len++;
+        }
+        pthread_mutex_unlock(&st->mu);
+        /* Signalled after the unlock, the stage does not wake up only to
+         * wait for the lock. */
         pthread_cond_signal(&st->cv);
     }
-    pthread_mutex_unlock(&eng->mu);
+    eng->nbatch = 0;
 }
 
 /* The first stage error (0 if none). */
@@ -665,6 +863,8 @@ stage_error(struct engine *eng)
     int e = 0;
     size_t i;
 
+    if (!__atomic_load_n(&eng->stage_failed, __ATOMIC_ACQUIRE))
+        return 0;
     pthread_mutex_lock(&eng->mu);
     for (i = 0; i < eng->nstages && !e; i++)
         e = eng->stages[i].err;
@@ -672,53 +872,59 @@ stage_error(struct engine *eng)
     return e;
 }
 
-/* The writer stage.  In a full backup it also keeps the digest, a piece
- * at a time just before writing it: the hash brings the piece into the
- * CPU cache and the copy into the page cache finds it there (a digest
- * thread read every byte from memory once more: 10 % more CPU in
- * bench-backup.sh's full backup).  An incremental's digest stage has the
- * previous contents to read anyway and adds the new data there, off the
- * writer, the busiest thread of a fragmented incremental.
+/* The writer stage.  (In a full backup it used to keep the digest too,
+ * to hash each piece just before copying it; the digest now follows the
+ * disk in order, and an ordered writer would wait for the slowest read:
+ * bench-backup.sh's full backup took 20-40 % longer that way, with a
+ * digest stage as long as before.)
  */
-#define WRITE_PIECE (256u * 1024)
-
 static int
 write_slot(struct engine *eng, struct slot *s)
 {
-    uint64_t done;
-    int r;
-
-    if (s->kind == RUN_ZERO) {
-        if (eng->digest_new && !digest_aligned(eng, s->off, s->len))
-            eng->digest_new = false;
+    if (s->kind == RUN_ZERO)
         return qcow2_writer_zero(eng->w, s->off, s->len);
-    }
-    if (!eng->digest_new)
-        return qcow2_writer_write(eng->w, s->buf, s->len, s->off);
-    if (!digest_aligned(eng, s->off, s->len)) {
-        eng->digest_new = false;
-        return qcow2_writer_write(eng->w, s->buf, s->len, s->off);
-    }
-    for (done = 0; done < s->len; done += WRITE_PIECE) {
-        size_t n = (size_t)MIN((uint64_t)WRITE_PIECE, s->len - done);
-
-        gdigest_add(&eng->dg_new, s->off + done, s->buf + done, n);
-        r = qcow2_writer_write(eng->w, s->buf + done, n, s->off + done);
-        if (r < 0)
-            return r;
-    }
-    return 0;
+    return qcow2_writer_write(eng->w, s->buf, s->len, s->off);
 }
 
 static int
 digest_slot(struct engine *eng, struct slot *s)
 {
-    return digest_update(eng,
-                         s->off,
-                         s->len,
-                         s->kind == RUN_ZERO ? NULL : s->buf);
+    return digest_feed(eng,
+                       s->off,
+                       s->len,
+                       s->kind == RUN_ZERO ? NULL : s->buf);
 }
 
+/* Take what ST may process now into TAKE (at most nslots): all it has
+ * queued, or for an ordered stage the slots that follow in order.
+ * Under mu.
+ */
+static size_t
+stage_take_locked(struct engine *eng, struct stage *st, struct slot **take)
+{
+    size_t n = 0;
+
+    if (st->ordered) {
+        struct slot *s;
+
+        while ((s = st->q[st->next_seq % eng->nslots])) {
+            st->q[st->next_seq % eng->nslots] = NULL;
+            st->next_seq++;
+            take[n++] = s;
+        }
+    } else {
+        for (; n < st->q_len; n++)
+            take[n] = st->q[(st->q_head + n) % eng->nslots];
+        st->q_head = (st->q_head + n) % eng->nslots;
+    }
+    st->q_len -= n;
+    return n;
+}
+
+/* A stage thread: it takes the slots in batches, and hands the batch
+ * back (those the other stages are done with to the free list) with one
+ * lock and at most one wakeup of the event loop.
+ */
 static void *
 stage_main(void *opaque)
 {
@@ -727,33 +933,47 @@ stage_main(void *opaque)
     bool failed = false;
 
     for (;;) {
-        struct slot *s;
+        struct slot *done = NULL;
         bool wake = false;
-        int r;
+        size_t n, k;
+        int r = 0;
 
-        pthread_mutex_lock(&eng->mu);
-        while (st->q_len == 0 && !eng->stop)
-            pthread_cond_wait(&st->cv, &eng->mu);
-        if (st->q_len == 0) {
-            pthread_mutex_unlock(&eng->mu);
-            break;
-        }
-        s = st->q[st->q_head];
-        st->q_head = (st->q_head + 1) % eng->nslots;
-        st->q_len--;
-        pthread_mutex_unlock(&eng->mu);
+        pthread_mutex_lock(&st->mu);
+        while (!(n = stage_take_locked(eng, st, st->take)) && !st->stop)
+            pthread_cond_wait(&st->cv, &st->mu);
+        pthread_mutex_unlock(&st->mu);
+        if (!n)
+            break; /* Stopped.  (An ordered stage may be left waiting for
+                    * a slot whose read failed: the run is failing then.) */
 
         /* After an error the rest is only handed back. */
-        r = failed ? 0 : st->fn(eng, s);
+        for (k = 0; k < n && !failed; k++) {
+            r = st->fn(eng, st->take[k]);
+            if (r < 0)
+                failed = true;
+        }
 
+        /* The last stage done with a slot frees it. */
+        for (k = 0; k < n; k++)
+            if (__atomic_sub_fetch(&st->take[k]->refs, 1, __ATOMIC_ACQ_REL) ==
+                0) {
+                st->take[k]->next = done;
+                done = st->take[k];
+            }
+        if (!done && r >= 0)
+            continue;
         pthread_mutex_lock(&eng->mu);
         if (r < 0) {
-            failed = true;
             st->err = -r;
             snprintf(st->msg, sizeof st->msg, "%s", qcbt_error_get());
+            __atomic_store_n(&eng->stage_failed, 1, __ATOMIC_RELEASE);
         }
-        if (--s->refs == 0)
+        while (done) {
+            struct slot *s = done;
+
+            done = s->next;
             slot_put_locked(eng, s, &wake);
+        }
         pthread_mutex_unlock(&eng->mu);
         if (wake)
             wake_main(eng);
@@ -761,6 +981,9 @@ stage_main(void *opaque)
     return NULL;
 }
 
+/* The writer, and with DIGEST a digest stage, which takes the slots in
+ * disk order.
+ */
 static int
 stages_start(struct engine *eng, bool digest)
 {
@@ -781,8 +1004,10 @@ stages_start(struct engine *eng, bool digest)
         st->name = kinds[i].name;
         st->fn = kinds[i].fn;
         st->eng = eng;
+        st->ordered = i == 1;
         st->q = calloc(eng->nslots, sizeof *st->q);
-        if (!st->q)
+        st->take = calloc(eng->nslots, sizeof *st->take);
+        if (!st->q || !st->take)
             return qcbt_error(ENOMEM, "out of memory");
         r = pthread_create(&st->t, NULL, stage_main, st);
         if (r)
@@ -803,11 +1028,14 @@ stages_stop(struct engine *eng)
 {
     size_t i;
 
-    pthread_mutex_lock(&eng->mu);
-    eng->stop = true;
-    for (i = 0; i < eng->nstages; i++)
-        pthread_cond_signal(&eng->stages[i].cv);
-    pthread_mutex_unlock(&eng->mu);
+    for (i = 0; i < eng->nstages; i++) {
+        struct stage *st = &eng->stages[i];
+
+        pthread_mutex_lock(&st->mu);
+        st->stop = true;
+        pthread_cond_signal(&st->cv);
+        pthread_mutex_unlock(&st->mu);
+    }
     for (i = 0; i < eng->nstages; i++)
         if (eng->stages[i].running) {
             pthread_join(eng->stages[i].t, NULL);
@@ -912,6 +1140,7 @@ next_work(struct engine *eng, size_t ci)
         eng->zero_bytes += run->len;
         eng->copied += run->len;
         eng->run_done = run->len;
+        s->seq = eng->seq++;
         queue_slot(eng, s);
         return 1;
     }
@@ -920,6 +1149,7 @@ next_work(struct engine *eng, size_t ci)
     s->len = n;
     s->seen = 0;
     s->conn = ci;
+    s->seq = eng->seq;
     if (nbd_aio_pread_structured(
             eng->h[ci],
             s->buf,
@@ -939,6 +1169,7 @@ next_work(struct engine *eng, size_t ci)
         slot_put(eng, s);
         return nbd_fail(eng, ci, prefix, what);
     }
+    eng->seq++;
     eng->in_flight[ci]++;
     eng->requests++;
     eng->run_done += n;
@@ -1102,6 +1333,8 @@ run_loop(struct engine *eng)
                 issued = true;
             }
         }
+        /* Before anything that may block: mapping, waiting, the end. */
+        queue_flush(eng);
         window_done = eng->run_idx >= eng->nruns;
         if (window_done && eng->map_pos < eng->size) {
             r = map_window(eng);
@@ -1144,6 +1377,8 @@ run_engine(struct engine *eng, bool digest)
     if (stages_stop(eng) < 0)
         return -1;
     if (r == 0)
+        r = digest_end(eng);
+    if (r == 0)
         show_progress(eng, true);
     return r;
 }
@@ -1152,6 +1387,7 @@ run_engine(struct engine *eng, bool digest)
 
 struct prev_chain {
     struct chain *c;
+    uint64_t bytes; /* read (by the writer thread) */
 };
 
 /* Partial clusters of an incremental backup keep the previous backup's
@@ -1166,6 +1402,7 @@ fill_from_prev(void *opaque, void *buf, size_t len, uint64_t offset)
         memset(buf, 0, len);
         return 0;
     }
+    p->bytes += len;
     return chain_read(p->c, buf, len, offset);
 }
 
@@ -1390,7 +1627,7 @@ rename_noreplace(const char *oldpath, const char *newpath)
 static void
 clean_leftovers(const char *dir, const struct manifest *m)
 {
-    char next[64], gone[256] = "";
+    char next[64], next_dgi[64], gone[256] = "";
     size_t used = 0;
     struct dirent *de;
     struct stat st;
@@ -1402,13 +1639,17 @@ clean_leftovers(const char *dir, const struct manifest *m)
     pending =
         fstatat(dirfd(d), MANIFEST_TMP_NAME, &st, AT_SYMLINK_NOFOLLOW) == 0;
     snprintf(next, sizeof next, "backup-%04zu.qcow2", m->nr);
+    snprintf(next_dgi, sizeof next_dgi, "backup-%04zu" DGI_SUFFIX, m->nr);
     while ((de = readdir(d))) {
         const char *n = de->d_name;
         int k;
 
-        if (!((strncmp(n, ".backup-", 8) == 0 && ends_with(n, ".qcow2.part")) ||
+        if (!((strncmp(n, ".backup-", 8) == 0 &&
+               (ends_with(n, ".qcow2.part") ||
+                ends_with(n, DGI_SUFFIX ".part"))) ||
               strcmp(n, MANIFEST_TMP_NAME) == 0 ||
-              (pending && strcmp(n, next) == 0 && !manifest_has(m, n))))
+              (pending && strcmp(n, next) == 0 && !manifest_has(m, n)) ||
+              (pending && strcmp(n, next_dgi) == 0)))
             continue;
         if (unlinkat(dirfd(d), n, 0) < 0)
             continue;
@@ -1425,6 +1666,53 @@ clean_leftovers(const char *dir, const struct manifest *m)
         fsync_dir(dir);
         notice("removed what an unfinished backup left: %s", gone);
     }
+}
+
+/* The indexes of the backups the incremental builds on, newest first
+ * down to the full backup, as far as they can be used (digest-index.h).
+ */
+static int
+open_prev_indexes(struct engine *eng, const char *dir, const struct manifest *m)
+{
+    const struct backup_entry *e = &m->backups[m->nr - 1];
+    size_t steps, i;
+
+    eng->dgi_prev = dgi_chain_new(eng->size);
+    if (!eng->dgi_prev)
+        return -1;
+    for (steps = 0; e && steps < m->nr; steps++) {
+        bool full = strcmp(e->type, "full") == 0;
+        char why[256], name[256];
+        char *path = NULL;
+        int r;
+
+        if (e->digest_index && !(path = path_join(dir, e->digest_index)))
+            return qcbt_error(ENOMEM, "out of memory");
+        r = dgi_chain_add(eng->dgi_prev,
+                          path,
+                          e->digest_sum,
+                          full,
+                          why,
+                          sizeof why);
+        free(path);
+        if (r < 0)
+            return r;
+        if (why[0]) {
+            qcbt_escape(name, sizeof name, e->file, strlen(e->file));
+            notice("the digest index of %s is not used (%s): the digest "
+                   "reads back what it would have answered for",
+                   name,
+                   why);
+            return 0;
+        }
+        if (full)
+            return 0;
+        for (i = 0; i < m->nr; i++)
+            if (strcmp(m->backups[i].file, e->backing) == 0)
+                break;
+        e = i < m->nr ? &m->backups[i] : NULL;
+    }
+    return 0;
 }
 
 /* The server closed a connection: say so in the user's terms, with what
@@ -1500,6 +1788,7 @@ cmd_backup(int argc, char **argv)
     bool auto_given = false, fallback_full = false, strict;
     bool part_made = false, final_made = false, listed = false;
     bool tmp_manifest_made = false;
+    bool dgi_part_made = false, dgi_final_made = false;
     int progress = -1, conns = 0, opt, ret = QCBT_EXIT_ERROR, r;
     int fail_rc = QCBT_EXIT_ERROR;
     struct manifest m = {0};
@@ -1512,6 +1801,8 @@ cmd_backup(int argc, char **argv)
     char hex[DIGEST_HEX_LEN + 1], sumhex[DIGEST_HEX_LEN + 1];
     char offers[1024], why_buf[1400];
     char *tmppath = NULL, *finalpath = NULL, *prevpath = NULL;
+    char dginame[64], dgitmp[80];
+    char *dgipath = NULL, *dgifinal = NULL;
     const char *ctx = NULL, *why_full = NULL, *granted_ctx = NULL;
     int lockfd = -1;
     int64_t size, t0 = mono_ms();
@@ -1520,8 +1811,10 @@ cmd_backup(int argc, char **argv)
     eng.efd = -1;
     eng.lost_conn = -1;
     pthread_mutex_init(&eng.mu, NULL);
-    for (i = 0; i < 2; i++)
+    for (i = 0; i < 2; i++) {
         pthread_cond_init(&eng.stages[i].cv, NULL);
+        pthread_mutex_init(&eng.stages[i].mu, NULL);
+    }
     while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (opt) {
         case OPT_FULL:
@@ -1769,7 +2062,8 @@ cmd_backup(int argc, char **argv)
      */
     eng.nslots = eng.nconn * eng.depth + eng.nconn * eng.depth / 4;
     eng.slots = calloc(eng.nslots, sizeof *eng.slots);
-    if (!eng.slots) {
+    eng.batch = calloc(eng.nslots, sizeof *eng.batch);
+    if (!eng.slots || !eng.batch) {
         qcbt_error(ENOMEM, "out of memory");
         goto fail;
     }
@@ -1791,16 +2085,29 @@ cmd_backup(int argc, char **argv)
     eng.digest_stream = digest;
     if (digest && ctx) {
         eng.prev = pc.c;
-        eng.scratch = malloc(eng.chunk);
-        if (!eng.scratch) {
-            qcbt_error(ENOMEM, "out of memory");
-            goto fail;
-        }
         if (!gdigest_sum_parse(&eng.dg, prev->digest_sum))
             eng.digest_stream = false;
     }
-    gdigest_init(&eng.dg_new, eng.size);
-    eng.digest_new = eng.digest_stream && !eng.prev;
+    snprintf(dginame, sizeof dginame, "backup-%04zu" DGI_SUFFIX, m.nr);
+    snprintf(dgitmp, sizeof dgitmp, ".%s.part", dginame);
+    dgipath = path_join(dir, dgitmp);
+    dgifinal = path_join(dir, dginame);
+    if (!dgipath || !dgifinal) {
+        qcbt_error(ENOMEM, "out of memory");
+        goto fail;
+    }
+    if (eng.digest_stream) {
+        eng.gbuf = malloc(DGI_GRANULE);
+        if (!eng.gbuf) {
+            qcbt_error(ENOMEM, "out of memory");
+            goto fail;
+        }
+        if (eng.prev && open_prev_indexes(&eng, dir, &m) < 0)
+            goto fail;
+        if (dgi_writer_open(dgipath, eng.size, &eng.dgi) < 0)
+            goto fail;
+        dgi_part_made = true;
+    }
 
     /* Write to a temporary name (never recorded); the finished file gets
      * its real name only just before the manifest that records it.
@@ -1824,7 +2131,25 @@ cmd_backup(int argc, char **argv)
         goto fail;
     part_made = true;
 
-    r = run_engine(&eng, eng.digest_stream && eng.prev);
+    r = run_engine(&eng, eng.digest_stream);
+    if (eng.dgi_prev) {
+        char why[256];
+
+        while (dgi_chain_broken(eng.dgi_prev, why, sizeof why))
+            notice("a digest index is not used from here on (%s): the digest "
+                   "reads back what it would have answered for",
+                   why);
+    }
+    if (getenv("QCBT_DEBUG"))
+        fprintf(stderr,
+                "qcbt backup: debug: digest read back %" PRIu64
+                " bytes of earlier backups (%" PRIu64 " granules) and %" PRIu64
+                " bytes of digest index; partial clusters read %" PRIu64
+                " bytes\n",
+                eng.readback,
+                eng.readback_granules,
+                eng.dgi_prev ? dgi_chain_bytes_read(eng.dgi_prev) : 0,
+                pc.bytes);
     if (r < 0) {
         if (eng.lost_conn >= 0 && !stage_error(&eng))
             explain_lost(&eng, dir, ctx, prev);
@@ -1853,12 +2178,25 @@ cmd_backup(int argc, char **argv)
     e.requests = eng.requests;
     e.guest_digest = NULL;
     e.digest_sum = NULL;
-    if (digest && eng.digest_stream && (eng.prev || eng.digest_new)) {
-        eng.dg.sum += eng.dg_new.sum;
+    e.digest_index = NULL;
+    if (digest && eng.digest_stream) {
         gdigest_final(&eng.dg, hex);
         gdigest_sum_hex(&eng.dg, sumhex);
         e.guest_digest = hex;
         e.digest_sum = sumhex;
+        if (manifest_test_fault("index-enospc")) {
+            /* As when the file system is full. */
+            dgi_writer_abort(eng.dgi);
+            r = qcbt_error(ENOSPC, "%s: %s", dgipath, strerror(ENOSPC));
+        } else {
+            r = dgi_writer_finish(eng.dgi, eng.dg.sum);
+        }
+        eng.dgi = NULL;
+        if (r < 0) {
+            free(e.export_name);
+            goto fail;
+        }
+        e.digest_index = dginame;
     } else if (digest) {
         /* The digest could not follow the transfer: read it back (the
          * backing file name resolves in DIR, as for the final name).
@@ -1874,6 +2212,12 @@ cmd_backup(int argc, char **argv)
             goto fail;
         }
         chain_close(nc);
+        /* (No index: the granules were not followed in disk order.) */
+        dgi_writer_abort(eng.dgi);
+        eng.dgi = NULL;
+        if (dgi_part_made)
+            unlink(dgipath);
+        dgi_part_made = false;
         gdigest_sum_hex(&d, sumhex);
         e.guest_digest = hex;
         e.digest_sum = sumhex;
@@ -1917,6 +2261,17 @@ cmd_backup(int argc, char **argv)
     }
     part_made = false;
     final_made = true;
+    if (e.digest_index) {
+        if (manifest_test_fault("kill-before-index-rename"))
+            raise(SIGKILL);
+        if (rename(dgipath, dgifinal) < 0) {
+            qcbt_error(errno, "%s: %s", dgifinal, strerror(errno));
+            free(e.export_name);
+            goto fail;
+        }
+        dgi_part_made = false;
+        dgi_final_made = true;
+    }
     fsync_dir(dir);
     if (manifest_test_fault("kill-before-commit"))
         raise(SIGKILL);
@@ -1927,6 +2282,7 @@ cmd_backup(int argc, char **argv)
     }
     tmp_manifest_made = false;
     final_made = false;
+    dgi_final_made = false;
 
     /* Fewer connections than asked for: say why, unless the backup was
      * over before the others could have helped.
@@ -1980,10 +2336,16 @@ fail:
         qcow2_writer_abort(eng.w);
         eng.w = NULL;
     }
+    dgi_writer_abort(eng.dgi);
+    eng.dgi = NULL;
     if (part_made)
         unlink(tmppath);
     if (final_made)
         unlink(finalpath);
+    if (dgi_part_made)
+        unlink(dgipath);
+    if (dgi_final_made)
+        unlink(dgifinal);
     if (tmp_manifest_made) {
         char *tm = path_join(dir, MANIFEST_TMP_NAME);
 
@@ -1991,7 +2353,7 @@ fail:
             unlink(tm);
         free(tm);
     }
-    if (final_made || tmp_manifest_made)
+    if (final_made || tmp_manifest_made || dgi_final_made)
         fsync_dir(dir);
     if (eng.progress && eng.last_progress)
         fputc('\n', stderr); /* end the progress line */
@@ -2008,15 +2370,21 @@ out:
         for (i = 0; i < eng.nslots; i++)
             free(eng.slots[i].buf);
     free(eng.slots);
+    free(eng.batch);
     for (i = 0; i < 2; i++) {
         free(eng.stages[i].q);
+        free(eng.stages[i].take);
         pthread_cond_destroy(&eng.stages[i].cv);
+        pthread_mutex_destroy(&eng.stages[i].mu);
     }
     if (eng.efd >= 0)
         close(eng.efd);
     pthread_mutex_destroy(&eng.mu);
     free(eng.runs);
-    free(eng.scratch);
+    free(eng.gbuf);
+    dgi_chain_free(eng.dgi_prev);
+    free(dgipath);
+    free(dgifinal);
     free(eng.alloc.e);
     free(eng.dirty.e);
     chain_close(pc.c);

@@ -98,6 +98,15 @@ gdigest_sub(struct gdigest *d, uint64_t offset, const void *buf, size_t len)
     accumulate(d, offset, buf, len, false);
 }
 
+unsigned __int128
+gdigest_contrib(uint64_t offset, const void *buf, size_t len)
+{
+    struct gdigest d = {0};
+
+    accumulate(&d, offset, buf, len, true);
+    return d.sum;
+}
+
 void
 gdigest_sum_hex(const struct gdigest *d, char hex[DIGEST_HEX_LEN + 1])
 {

@@ -41,13 +41,19 @@ gdigest_add(struct gdigest *d, uint64_t offset, const void *buf, size_t len);
 void
 gdigest_sub(struct gdigest *d, uint64_t offset, const void *buf, size_t len);
 
+/* What guest bytes BUF[0..len) at OFFSET add to the sum (as gdigest_add,
+ * alone): a granule's contribution, for the digest index.
+ */
+unsigned __int128 gdigest_contrib(uint64_t offset, const void *buf, size_t len);
+
 /* The running sum as 32 hex digits, and back (false if malformed). */
 void gdigest_sum_hex(const struct gdigest *d, char hex[DIGEST_HEX_LEN + 1]);
 bool gdigest_sum_parse(struct gdigest *d, const char *hex);
 
 /* Subtract the contents of chain C over [offset, offset+len) (sector
- * aligned), reading through SCRATCH: an incremental backup removes what a
- * range held before.  Returns 0 or -errno.
+ * aligned), reading through SCRATCH: what a range held before, where no
+ * digest index can say it (qcbt import builds on a chain without one).
+ * Returns 0 or -errno.
  */
 int gdigest_sub_chain(struct gdigest *d,
                       struct chain *c,

@@ -35,6 +35,7 @@ entry_free(struct backup_entry *e)
     free(e->backing);
     free(e->guest_digest);
     free(e->digest_sum);
+    free(e->digest_index);
 }
 
 void
@@ -70,6 +71,7 @@ manifest_append(struct manifest *m, const struct backup_entry *e)
     c->backing = dup_opt(e->backing);
     c->guest_digest = dup_opt(e->guest_digest);
     c->digest_sum = dup_opt(e->digest_sum);
+    c->digest_index = dup_opt(e->digest_index);
     m->nr++;
     return 0;
 }
@@ -207,6 +209,7 @@ manifest_load(const char *dir, struct manifest *m)
             (r = get_str(o, "backing-file", false, &e.backing, i)) < 0 ||
             (r = get_str(o, "guest-digest", false, &e.guest_digest, i)) < 0 ||
             (r = get_str(o, "guest-digest-sum", false, &e.digest_sum, i)) < 0 ||
+            (r = get_str(o, "digest-index", false, &e.digest_index, i)) < 0 ||
             (r = get_u64(o, "virtual-size", &e.size, i)) < 0 ||
             (r = get_u64(o, "data-bytes", &e.data_bytes, i)) < 0 ||
             (r = get_u64(o, "zero-bytes", &e.zero_bytes, i)) < 0 ||
@@ -246,14 +249,15 @@ manifest_load(const char *dir, struct manifest *m)
         if (sec && sec->type == JSON_NUMBER)
             e.seconds = sec->number;
         if (!plain_name(e.file) || (e.backing && !plain_name(e.backing)) ||
+            (e.digest_index && !plain_name(e.digest_index)) ||
             (strcmp(e.type, "full") != 0 &&
              strcmp(e.type, "incremental") != 0 &&
              strcmp(e.type, "differential") != 0) ||
             (strcmp(e.type, "full") == 0) != (e.backing == NULL)) {
             entry_free(&e);
             r = qcbt_error(EINVAL,
-                           "%s: backup %zu: bad file, type or "
-                           "backing file",
+                           "%s: backup %zu: bad file, type, "
+                           "backing file or digest index",
                            path,
                            i);
             goto out;
@@ -347,6 +351,7 @@ manifest_prepare(const char *dir, const struct manifest *m)
         put_str(fp, "time", e->time, true);
         put_str(fp, "guest-digest", e->guest_digest, true);
         put_str(fp, "guest-digest-sum", e->digest_sum, true);
+        put_str(fp, "digest-index", e->digest_index, true);
         fprintf(fp, "      \"digest-algorithm\": \"%s\",\n", DIGEST_ALGORITHM);
         fprintf(fp, "      \"virtual-size\": %" PRIu64 ",\n", e->size);
         fprintf(fp, "      \"data-bytes\": %" PRIu64 ",\n", e->data_bytes);

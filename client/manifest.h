@@ -31,6 +31,7 @@ struct backup_entry {
     char *backing;      /* previous file, or NULL */
     char *guest_digest; /* see digest.h, or NULL */
     char *digest_sum;   /* its running sum (hex), for the next backup */
+    char *digest_index; /* its digest index file (digest-index.h), or NULL */
     uint64_t size;      /* virtual size */
     uint64_t data_bytes, zero_bytes, extents, requests;
     double seconds;
@@ -64,7 +65,10 @@ int manifest_commit(const char *dir);
  * The points (see docs/semantics.md): "manifest-enospc" (manifest_prepare
  * fails as on a file system without free inodes), "kill-before-rename"
  * and "kill-before-commit" (backup raises SIGKILL just before renaming
- * the finished file, and just before saving the manifest).
+ * the finished file, and just before saving the manifest),
+ * "kill-before-index-rename" (after renaming the finished file, before
+ * renaming its digest index), "index-enospc" (the digest index cannot be
+ * made durable).
  */
 bool manifest_test_fault(const char *point);
 

@@ -8,9 +8,12 @@
 #     file), verify passes, the next run is a correct incremental;
 #   - commit-enospc-tmpfs: the same on a real tmpfs without a free inode
 #     for the manifest's temporary file (when this machine lets us mount);
-#   - killed-in-commit-window / killed-before-rename: SIGKILL (fault hook)
-#     after the finished file is renamed / before, i.e. just before the
-#     commit point: the manifest is unchanged and verify passes; the next
+#   - index-enospc: the digest index cannot be made durable (fault hook
+#     index-enospc): the same as commit-enospc;
+#   - killed-in-commit-window / killed-before-index-rename /
+#     killed-before-rename: SIGKILL (fault hook) after the finished file
+#     and its digest index are renamed / after the file only / before
+#     both, i.e. just before the commit point: the manifest is unchanged and verify passes; the next
 #     run, even one that fails (server gone), removes what was left, and
 #     the run after that is a correct incremental;
 #   - lost-manifest: DIR holds backup-0000.qcow2 but no manifest.json (and
@@ -221,12 +224,13 @@ setup_disk() {
 }
 
 # next_is_incremental SOCK: the next run is incremental and exact, and
-# DIR holds exactly the two recorded backups, the manifest and the lock.
+# DIR holds exactly the two recorded backups with their digest indexes,
+# the manifest and the lock.
 next_is_incremental() {
     qb_ok b1.json --json --since X "$(uri "$1")" D &&
         ck "the next run is incremental" $CHECK json b1.json D type=incremental
     restores D 1
-    [[ $(ls -A D | tr '\n' ' ') == ".lock backup-0000.qcow2 backup-0001.qcow2 manifest.json " ]] ||
+    [[ $(ls -A D | tr '\n' ' ') == ".lock backup-0000.dgi backup-0000.qcow2 backup-0001.dgi backup-0001.qcow2 manifest.json " ]] ||
         bad "D holds more than its backups: $(ls -A D | tr '\n' ' ')"
     return 0
 }
@@ -246,17 +250,33 @@ if want commit-enospc; then
     end
 fi
 
+# The digest index cannot be made durable (QCBT_TEST_FAIL_AT=index-enospc):
+# the backup fails like any write, in one line, and DIR is unchanged.
+if want index-enospc; then
+    begin index-enospc
+    sock=$CASE_DIR/src.sock
+    setup_disk "$sock"
+    dir_state D >state.before
+    FAULT=index-enospc qb e.out --since X "$(uri "$sock")" D
+    one_line e.out.err 1 '\.backup-0001\.dgi\.part: No space left on device'
+    same_state D state.before
+    restores D 0
+    next_is_incremental "$sock"
+    end
+fi
+
 # The same with a real file system: a tmpfs whose inodes are all in use
 # once the partial file exists, so the manifest's temporary file gets
 # ENOSPC (mount needs root; without it the case above stands alone).
 if want commit-enospc-tmpfs; then
     begin commit-enospc-tmpfs
     mkdir mnt
-    if mount -t tmpfs -o size=256m,nr_inodes=6 qcbt-test mnt 2>mount.err; then
+    if mount -t tmpfs -o size=256m,nr_inodes=8 qcbt-test mnt 2>mount.err; then
         MOUNTS+=("$CASE_DIR/mnt")
         sock=$CASE_DIR/src.sock
         # Inodes: the root, D, .lock, manifest.json, backup-0000.qcow2,
-        # and the partial file of the second backup: 6.
+        # backup-0000.dgi, and the partial file and partial digest index
+        # of the second backup: 8.
         run qemu-img create -q -f qcow2 disk.qcow2 "$SIZE"
         qio disk.qcow2 "write -P 1 0 $((8 * MiB))"
         run qemu-img bitmap --add disk.qcow2 X
@@ -269,7 +289,7 @@ if want commit-enospc-tmpfs; then
         start_srv qcbt-server "$sock" "$SERVER" -t -B X -k "$sock" disk.qcow2
         dir_state mnt/D >state.before
         qb e.out --since X "$(uri "$sock")" mnt/D
-        one_line e.out.err 1 'No space left on device'
+        one_line e.out.err 1 'manifest\.json\.tmp: No space left on device'
         same_state mnt/D state.before
         ck "verify after ENOSPC" "$QCBT" verify mnt/D
         run mount -o remount,nr_inodes=64 mnt
@@ -288,12 +308,16 @@ fi
 # Item 1: killed just before the commit point, after the rename (the
 # window where an unrecorded backup-0001.qcow2 exists) or before it (a
 # partial file exists).  The next run cleans up, even when it fails.
-for point in kill-before-commit kill-before-rename; do
+for point in kill-before-commit kill-before-rename kill-before-index-rename; do
     name=killed-in-commit-window
-    left=backup-0001.qcow2
+    left=backup-0001.dgi
     if [[ $point == kill-before-rename ]]; then
         name=killed-before-rename
         left=.backup-0001.qcow2.part
+    elif [[ $point == kill-before-index-rename ]]; then
+        # The backup has its name, its digest index not yet.
+        name=killed-before-index-rename
+        left=.backup-0001.dgi.part
     fi
     want "$name" || continue
     begin "$name"
@@ -303,6 +327,8 @@ for point in kill-before-commit kill-before-rename; do
     FAULT=$point qb k.out --since X "$(uri "$sock")" D
     [[ $RC -eq 137 ]] || bad "the backup was not killed by the fault hook (exit $RC: $(cat k.out.err))"
     [[ -e D/$left ]] || bad "no $left after SIGKILL (the hook did not fire where it should): $(ls -A D | tr '\n' ' ')"
+    [[ $point == kill-before-rename || -e D/backup-0001.qcow2 ]] ||
+        bad "no backup-0001.qcow2 after SIGKILL at $point: $(ls -A D | tr '\n' ' ')"
     dir_state D | grep -F " ./manifest.json" >manifest.after
     grep -F " ./manifest.json" state.before | cmp -s - manifest.after || bad "the manifest changed"
     restores D 0

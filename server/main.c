@@ -852,8 +852,7 @@ main(int argc, char **argv)
     /* qemu-nbd's own checks, in its words. */
     if (!strcmp(detect_zeroes, "unmap") && strcmp(discard, "unmap") &&
         strcmp(discard, "on"))
-        usage_error("setting detect-zeroes to unmap is not allowed without "
-                    "setting discard operation to unmap");
+        usage_error("--detect-zeroes=unmap requires --discard=unmap");
     if (!strcmp(aio, "native") &&
         !(cache && (!strcmp(cache, "none") || !strcmp(cache, "off") ||
                     !strcmp(cache, "directsync"))))

@@ -616,6 +616,7 @@ main(int argc, char **argv)
         OPT_TLS_AUTHZ,
         OPT_SELINUX,
         OPT_TRACE,
+        OPT_THREADS,
     };
     static const struct option opts[] = {
         {"format", required_argument, NULL, 'f'},
@@ -630,7 +631,7 @@ main(int argc, char **argv)
         {"bind", required_argument, NULL, 'b'},
         {"port", required_argument, NULL, 'p'},
         {"shared", required_argument, NULL, 'e'},
-        {"threads", required_argument, NULL, 'T'},
+        {"threads", required_argument, NULL, OPT_THREADS},
         {"handshake-timeout", required_argument, NULL, OPT_HSTIMEOUT},
         {"idle-timeout", required_argument, NULL, OPT_IDLETIMEOUT},
         {"persistent", no_argument, NULL, 't'},
@@ -757,6 +758,8 @@ main(int argc, char **argv)
         case 'T':
             if (qemu_nbd_cli)
                 refuse("-T/--trace", "qcbt-server has no QEMU trace events");
+            /* fall through */
+        case OPT_THREADS:
             if (!parse_uint(optarg, 1, 64, &server.threads))
                 usage_error("invalid --threads '%s' (1..64)", optarg);
             break;

@@ -127,6 +127,12 @@ cmp -s once.real.json once.ours.json ||
     bad "defaults: nbdinfo --json differs: $(diff once.real.json once.ours.json | head -n 6)"
 note "ok: defaults: -e 1, exit after the client"
 
+# As qemu-nbd, -T is --trace (refused below) but --threads still works.
+serve ours threads -r -t --threads=2 -k @SOCK@ top.qcow2
+facts "nbd+unix:///?socket=$TMPD/threads.ours.sock" >threads.json ||
+    bad "qemu-nbd(ours) --threads=2: nbdinfo failed"
+kill "$(cat threads.ours.pid)"
+
 # --- refused ---------------------------------------------------------------
 # refused NEEDLE ARGS...: ours exits 1 with one line "qemu-nbd: ..."
 # holding NEEDLE, nothing on stdout, and no server.

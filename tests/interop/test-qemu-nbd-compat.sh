@@ -254,6 +254,11 @@ elif ! grep -qF "a writable export is not supported" "$TMPD/rest-ours.log"; then
 fi
 timeout 600 virtnbdrestore -U "$URI" -i "$TMPD/vnb" -o "$TMPD/rest" >"$TMPD/rest.log" 2>&1 ||
     fail "virtnbdrestore failed: $(tail -n 5 "$TMPD/rest.log")"
+# virtnbdrestore signals its qemu-nbd and returns without waiting for it:
+# wait until the image's lock is free.
+unlocked() { qemu-img info "$1" >/dev/null 2>&1; }
+wait_until -- unlocked "$TMPD/rest/vda.qcow2" ||
+    fail "the restored image stays locked"
 qemu-img compare -q "$IMG/vda.qcow2" "$TMPD/rest/vda.qcow2" ||
     bad "virtnbdrestore output differs from the disk"
 qemu-img convert -O raw "$IMG/vda.qcow2" "$TMPD/disk.raw"

@@ -33,7 +33,7 @@ bad() {
 
 # --- the image: a chain with a persistent bitmap, data, zeroes, holes --------
 K=65536
-cd "$TMPD"
+cd "$TMPD" || fail "cannot enter $TMPD"
 qemu-img create -q -f qcow2 base.qcow2 4M
 qemu-io -f qcow2 -c "write -P 0x11 0 $((4 * K))" \
     -c "write -P 0x12 $((20 * K)) $K" base.qcow2 >/dev/null
@@ -181,35 +181,17 @@ fi
 DOM=qcbt-compat-$$
 MIB=$((1024 * 1024))
 IMG=$TMPD/img
-# A private session libvirtd as nobody, all its state in TMPD: the same
-# set-up as test-vnb-import.sh (copied, not shared: see that script).
-LV=$TMPD/lv
-mkdir -p "$LV"/{home,cfg/libvirt,cache,run} "$IMG"
-echo 'stdio_handler = "file"' >"$LV/cfg/libvirt/qemu.conf"
-asuser=()
-if [[ $(id -u) -eq 0 ]]; then
-    chmod 0711 "$TMPD"
-    chown -R 65534:65534 "$LV" "$IMG"
-    asuser=(setpriv --reuid=65534 --regid=65534 --clear-groups)
-fi
-env -i PATH="$PATH" HOME="$LV/home" XDG_CONFIG_HOME="$LV/cfg" \
-    XDG_CACHE_HOME="$LV/cache" XDG_RUNTIME_DIR="$LV/run" \
-    "${asuser[@]}" libvirtd >"$TMPD/libvirtd.log" 2>&1 </dev/null &
-LV_PID=$!
-cleanup_pid $LV_PID
-URI="qemu:///session?socket=$LV/run/libvirt/libvirt-sock"
+. "$TESTS_DIR/libvirt-lib.sh"
+libvirt_start "$IMG"
+URI="qemu:///session?socket=$LV_SOCK"
 V=(virsh -q -c "$URI")
-export XDG_CONFIG_HOME=$TMPD/virsh-cfg XDG_CACHE_HOME=$TMPD/virsh-cache
-virsh_ok() { "${V[@]}" uri >/dev/null 2>&1; }
-wait_until -p $LV_PID -- virsh_ok ||
-    fail "the private libvirtd does not answer: $(tail -n 3 "$TMPD/libvirtd.log")"
 
 # The domain is defined and never started: virtnbdbackup's offline mode.
 qemu-img create -q -f qcow2 "$IMG/vda.qcow2" $((64 * MIB))
 qemu-io -f qcow2 -c "write -P 0x31 0 $MIB" -c "write -P 0x32 $((33 * MIB)) $((5 * MIB))" \
     -c "write -z $((40 * MIB)) $MIB" -c "write -P 0x33 $((63 * MIB)) 4096" \
     "$IMG/vda.qcow2" >/dev/null
-[[ ${#asuser[@]} -eq 0 ]] || chown 65534:65534 "$IMG"/*.qcow2
+libvirt_own "$IMG"/*.qcow2
 cat >"$TMPD/dom.xml" <<EOF
 <domain type='qemu'>
   <name>$DOM</name>

@@ -35,6 +35,13 @@ static struct server server = {
 };
 static volatile sig_atomic_t quit_signal;
 
+/* The name messages start with: "qemu-nbd" when we were started under
+ * that name (a symlink put first in a backup tool's PATH), and then the
+ * command line means what it means to qemu-nbd (qemu_nbd_cli).
+ */
+static const char *progname = "qcbt-server";
+static bool qemu_nbd_cli;
+
 void
 srv_log(const struct server *srv, int level, const char *fmt, ...)
 {
@@ -46,7 +53,7 @@ srv_log(const struct server *srv, int level, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
-    fprintf(stderr, "qcbt-server: %s\n", buf);
+    fprintf(stderr, "%s: %s\n", progname, buf);
 }
 
 static void
@@ -101,6 +108,16 @@ usage(FILE *fp)
         "option)\n"
         "  -r, --read-only           accepted; exports are always read-only\n"
         "  -h, --help | -V, --version\n"
+        "qemu-nbd options (accepted; they change nothing on a read-only\n"
+        "export): --detect-zeroes=off|on|unmap, --discard=ignore|unmap,\n"
+        "  --cache=MODE, -n/--nocache, --aio=threads|native|io_uring,\n"
+        "  --image-opts (IMAGE is driver=qcow2|raw,file.filename=PATH).\n"
+        "Refused with an error: -c, -d, -L, -s, -l, -o, --tls-authz,\n"
+        "  --selinux-label, and (as qemu-nbd) -T/--trace.\n"
+        "\n"
+        "Started under the name qemu-nbd (a symlink), qcbt-server reads a\n"
+        "qemu-nbd command line: -e defaults to 1, -T is --trace, and -r is\n"
+        "required (qcbt-server cannot serve a writable export).\n"
         "\n"
         "Exit status: 0 after a clean shutdown (SIGTERM, SIGINT, or the "
         "last\n"
@@ -108,12 +125,15 @@ usage(FILE *fp)
     tls_usage(fp);
 }
 
+static void die(const char *fmt, ...)
+    __attribute__((format(printf, 1, 2), noreturn));
+
 static void
 die(const char *fmt, ...)
 {
     va_list ap;
 
-    fputs("qcbt-server: ", stderr);
+    fprintf(stderr, "%s: ", progname);
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
@@ -130,11 +150,11 @@ usage_error(const char *fmt, ...)
 {
     va_list ap;
 
-    fputs("qcbt-server: ", stderr);
+    fprintf(stderr, "%s: ", progname);
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
-    fputs(" (see qcbt-server --help)\n", stderr);
+    fprintf(stderr, " (see %s --help)\n", progname);
     exit(1);
 }
 
@@ -230,7 +250,7 @@ add_bitmap_arg(struct export *e, const char *arg)
 }
 
 static bool
-parse_on(const char *key, const char *v)
+parse_on(const char *what, const char *key, const char *v)
 {
     if (!strcmp(v, "on") || !strcmp(v, "true") || !strcmp(v, "1") ||
         !strcmp(v, "yes"))
@@ -238,8 +258,7 @@ parse_on(const char *key, const char *v)
     if (!strcmp(v, "off") || !strcmp(v, "false") || !strcmp(v, "0") ||
         !strcmp(v, "no"))
         return false;
-    usage_error("--export: %s=%s: expected on or off", key, v);
-    return false;
+    usage_error("%s: %s=%s: expected on or off", what, key, v);
 }
 
 /* --export name=N,image=PATH,bitmap=X[=ALIAS],... */
@@ -271,11 +290,11 @@ parse_export(const char *spec)
         } else if (!strcmp(item, "bitmap")) {
             add_bitmap_arg(e, v);
         } else if (!strcmp(item, "all-bitmaps")) {
-            e->all_bitmaps = parse_on(item, v);
+            e->all_bitmaps = parse_on("--export", item, v);
         } else if (!strcmp(item, "strict")) {
-            e->strict = parse_on(item, v);
+            e->strict = parse_on("--export", item, v);
         } else if (!strcmp(item, "allocation-depth")) {
-            e->alloc_depth = parse_on(item, v);
+            e->alloc_depth = parse_on("--export", item, v);
         } else {
             usage_error("--export: unknown key '%s'", item);
         }
@@ -283,6 +302,79 @@ parse_export(const char *spec)
     free(copy);
     if (!have_name || !e->image)
         usage_error("--export: name= and image= are required");
+}
+
+/* A qemu-nbd option that qcbt-server cannot honour: one line naming it. */
+static void refuse(const char *option, const char *why)
+    __attribute__((noreturn));
+
+static void
+refuse(const char *option, const char *why)
+{
+    die("option %s is not supported: %s", option, why);
+}
+
+/* ARG must be one of the WORDS (NULL-terminated), as qemu-nbd spells the
+ * values of OPTION.
+ */
+static const char *
+one_of(const char *option, const char *arg, const char *const *words)
+{
+    size_t i;
+
+    for (i = 0; words[i]; i++)
+        if (!strcmp(arg, words[i]))
+            return words[i];
+    usage_error("invalid %s '%s'", option, arg);
+}
+
+/* --image-opts: IMAGE is an option string as qemu-nbd takes it, e.g.
+ * driver=qcow2,file.driver=file,file.filename=PATH.  The keys that name a
+ * local file and its format are understood; any other is an error.
+ */
+static void
+parse_image_opts(struct export *e, const char *spec)
+{
+    char *copy = strdup(spec), *save = NULL, *item;
+    const char *driver = NULL;
+    char *path = NULL;
+
+    if (!copy)
+        die("out of memory");
+    for (item = strtok_r(copy, ",", &save); item;
+         item = strtok_r(NULL, ",", &save)) {
+        char *v = strchr(item, '=');
+
+        if (!v)
+            usage_error("--image-opts: '%s' is not KEY=VALUE", item);
+        *v++ = '\0';
+        if (!strcmp(item, "driver")) {
+            static const char *const drivers[] = {"qcow2", "raw", "file", NULL};
+            driver = one_of("--image-opts driver", v, drivers);
+        } else if (!strcmp(item, "file.filename") ||
+                   !strcmp(item, "filename") || !strcmp(item, "file")) {
+            free(path);
+            if (!(path = strdup(v)))
+                die("out of memory");
+        } else if (!strcmp(item, "file.driver")) {
+            if (strcmp(v, "file"))
+                usage_error("--image-opts: file.driver=%s: only local files "
+                            "(file) are supported",
+                            v);
+        } else if (!strcmp(item, "read-only")) {
+            if (!parse_on("--image-opts", item, v))
+                refuse("--image-opts read-only=off",
+                       "qcbt-server serves read-only");
+        } else {
+            usage_error("--image-opts: unsupported key '%s'", item);
+        }
+    }
+    free(copy);
+    if (!driver || !path)
+        usage_error("--image-opts: driver= and file.filename= are required");
+    /* driver=file is the bytes of the file: raw. */
+    e->format = strcmp(driver, "qcow2") ? "raw" : "qcow2";
+    e->image = path;
 }
 
 static void
@@ -515,7 +607,16 @@ main(int argc, char **argv)
         OPT_FORK,
         OPT_PIDFILE,
         OPT_HSTIMEOUT,
-        OPT_IDLETIMEOUT
+        OPT_IDLETIMEOUT,
+        OPT_DETECT_ZEROES,
+        OPT_DISCARD,
+        OPT_CACHE,
+        OPT_AIO,
+        OPT_IMAGE_OPTS,
+        OPT_TLS_AUTHZ,
+        OPT_SELINUX,
+        OPT_TRACE,
+        OPT_THREADS,
     };
     static const struct option opts[] = {
         {"format", required_argument, NULL, 'f'},
@@ -530,7 +631,7 @@ main(int argc, char **argv)
         {"bind", required_argument, NULL, 'b'},
         {"port", required_argument, NULL, 'p'},
         {"shared", required_argument, NULL, 'e'},
-        {"threads", required_argument, NULL, 'T'},
+        {"threads", required_argument, NULL, OPT_THREADS},
         {"handshake-timeout", required_argument, NULL, OPT_HSTIMEOUT},
         {"idle-timeout", required_argument, NULL, OPT_IDLETIMEOUT},
         {"persistent", no_argument, NULL, 't'},
@@ -538,12 +639,50 @@ main(int argc, char **argv)
         {"pid-file", required_argument, NULL, OPT_PIDFILE},
         {"verbose", no_argument, NULL, 'v'},
         {"read-only", no_argument, NULL, 'r'},
+        {"detect-zeroes", required_argument, NULL, OPT_DETECT_ZEROES},
+        {"discard", required_argument, NULL, OPT_DISCARD},
+        {"cache", required_argument, NULL, OPT_CACHE},
+        {"nocache", no_argument, NULL, 'n'},
+        {"aio", required_argument, NULL, OPT_AIO},
+        {"image-opts", no_argument, NULL, OPT_IMAGE_OPTS},
+        {"tls-authz", required_argument, NULL, OPT_TLS_AUTHZ},
+        {"selinux-label", required_argument, NULL, OPT_SELINUX},
+        {"trace", required_argument, NULL, OPT_TRACE},
+        {"offset", required_argument, NULL, 'o'},
+        {"connect", required_argument, NULL, 'c'},
+        {"disconnect", no_argument, NULL, 'd'},
+        {"list", no_argument, NULL, 'L'},
+        {"snapshot", no_argument, NULL, 's'},
+        {"load-snapshot", required_argument, NULL, 'l'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
         TLS_LONG_OPTIONS,
         {NULL, 0, NULL, 0},
     };
-    static const char shortopts[] = ":f:x:D:B:Ak:b:p:e:T:tvrhV";
+    static const char shortopts[] = ":f:x:D:B:Ak:b:p:e:T:tvrhVno:c:dLsl:";
+    static const char *const detect_zeroes_modes[] = {"off",
+                                                      "on",
+                                                      "unmap",
+                                                      NULL};
+    static const char *const discard_modes[] = {"ignore",
+                                                "off",
+                                                "unmap",
+                                                "on",
+                                                NULL};
+    static const char *const cache_modes[] = {"none",
+                                              "off",
+                                              "writeback",
+                                              "writethrough",
+                                              "directsync",
+                                              "unsafe",
+                                              NULL};
+    static const char *const aio_modes[] = {"threads",
+                                            "native",
+                                            "io_uring",
+                                            NULL};
+    const char *detect_zeroes = "off", *discard = "ignore", *cache = NULL;
+    const char *aio = "threads";
+    bool image_opts = false, read_only = false;
     struct export main_exp = {0};
     struct tls_options tls_opts = {0};
     const char *sock = NULL, *bind_addr = NULL, *port = "10809";
@@ -563,6 +702,16 @@ main(int argc, char **argv)
      */
     mallopt(M_MMAP_THRESHOLD, 128 * 1024);
 
+    {
+        const char *base = strrchr(argv[0], '/');
+
+        base = base ? base + 1 : argv[0];
+        if (!strcmp(base, "qemu-nbd")) {
+            qemu_nbd_cli = true;
+            progname = "qemu-nbd";
+            server.max_connections = 1; /* qemu-nbd's default -e */
+        }
+    }
     main_exp.name = "";
     opterr = 0; /* our messages: one line each */
     while ((opt = getopt_long(argc, argv, shortopts, opts, NULL)) != -1) {
@@ -607,6 +756,10 @@ main(int argc, char **argv)
                 usage_error("invalid --shared '%s' (1..65536)", optarg);
             break;
         case 'T':
+            if (qemu_nbd_cli)
+                refuse("-T/--trace", "qcbt-server has no QEMU trace events");
+            /* fall through */
+        case OPT_THREADS:
             if (!parse_uint(optarg, 1, 64, &server.threads))
                 usage_error("invalid --threads '%s' (1..64)", optarg);
             break;
@@ -632,12 +785,59 @@ main(int argc, char **argv)
             server.verbose++;
             break;
         case 'r':
+            read_only = true;
             break;
+        case OPT_DETECT_ZEROES:
+            /* Zeroes are found from the image's metadata and reported as
+             * holes either way: nothing to detect on a read-only export.
+             */
+            detect_zeroes =
+                one_of("--detect-zeroes", optarg, detect_zeroes_modes);
+            break;
+        case OPT_DISCARD:
+            discard = one_of("--discard", optarg, discard_modes);
+            break;
+        case OPT_CACHE:
+            cache = one_of("--cache", optarg, cache_modes);
+            break;
+        case 'n':
+            cache = "none";
+            break;
+        case OPT_AIO:
+            aio = one_of("--aio", optarg, aio_modes);
+            break;
+        case OPT_IMAGE_OPTS:
+            image_opts = true;
+            break;
+        case OPT_TLS_AUTHZ:
+            refuse("--tls-authz", "authorization objects are not supported");
+        case OPT_SELINUX:
+            refuse("--selinux-label", "sockets are not labelled");
+        case OPT_TRACE:
+            refuse("--trace", "qcbt-server has no QEMU trace events");
+        case 'o':
+            refuse("-o/--offset", "exports start at the image's offset 0");
+        case 'c':
+            refuse("-c/--connect",
+                   "qcbt-server does not attach kernel NBD devices");
+        case 'd':
+            refuse("-d/--disconnect",
+                   "qcbt-server does not attach kernel NBD devices");
+        case 'L':
+            refuse("-L/--list",
+                   "qcbt-server is not an NBD client (use nbdinfo --list)");
+        case 's':
+            refuse("-s/--snapshot",
+                   "qcbt-server serves read-only and writes no overlay");
+        case 'l':
+            refuse("-l/--load-snapshot", "internal snapshots are not read");
         case 'h':
             usage(stdout);
             return 0;
         case 'V':
-            printf("qcbt-server %s\n", QCBT_VERSION);
+            printf("qcbt-server %s%s\n",
+                   QCBT_VERSION,
+                   qemu_nbd_cli ? " (started as qemu-nbd)" : "");
             return 0;
         default:
             if (opt >= TLS_OPT_MODE && opt <= TLS_OPT_LAST) {
@@ -652,13 +852,29 @@ main(int argc, char **argv)
         usage_error("expected one IMAGE, got '%s' and '%s'",
                     argv[optind],
                     argv[optind + 1]);
+    /* qemu-nbd's own checks, in its words. */
+    if (!strcmp(detect_zeroes, "unmap") && strcmp(discard, "unmap") &&
+        strcmp(discard, "on"))
+        usage_error("--detect-zeroes=unmap requires --discard=unmap");
+    if (!strcmp(aio, "native") &&
+        !(cache && (!strcmp(cache, "none") || !strcmp(cache, "off") ||
+                    !strcmp(cache, "directsync"))))
+        usage_error("--aio=native requires --cache=none or directsync (as "
+                    "qemu-nbd: aio=native needs cache.direct=on)");
+    if (image_opts && main_exp.format)
+        usage_error("--image-opts and --format are mutually exclusive");
+    if (qemu_nbd_cli && !read_only)
+        die("a writable export is not supported (qcbt-server serves "
+            "read-only): pass -r/--read-only");
     if (optind == argc - 1) {
         struct export *e = new_export();
 
         main_exp.image = argv[optind];
+        if (image_opts)
+            parse_image_opts(&main_exp, argv[optind]);
         *e = main_exp;
         have_main = true;
-    } else if (main_exp.nr_bitmap_args || main_exp.format) {
+    } else if (main_exp.nr_bitmap_args || main_exp.format || image_opts) {
         usage_error("-B/-f apply to IMAGE, which is missing");
     }
     if (server.nr_exports == 0)

@@ -46,33 +46,9 @@ declare -A SIZE=([sda]=$((64 << 20)) [hda]=$((32 << 20)) [vda]=$((16 << 20)))
 
 # ---- a private libvirtd --------------------------------------------------
 
-# As root, libvirtd would be the system instance (/run/libvirt, shared with
-# any other); as another user it is a session daemon that keeps all its
-# state under XDG_*.  QEMU runs as that user too, so TMPD must be
-# traversable and the dirs it uses owned by it.
-LV=$TMPD/lv
-mkdir -p "$LV"/{home,cfg/libvirt,cache,run} "$TMPD/img"
-printf '# no virtlogd: QEMU logs straight to a file\nstdio_handler = "file"\n' \
-    >"$LV/cfg/libvirt/qemu.conf"
-asuser=()
-if [[ $(id -u) -eq 0 ]]; then
-    chmod 0711 "$TMPD"
-    chown -R 65534:65534 "$LV" "$TMPD/img"
-    asuser=(setpriv --reuid=65534 --regid=65534 --clear-groups)
-    "${asuser[@]}" test -w "$LV/run" ||
-        fail "user nobody cannot reach $TMPD (a parent directory of \$TMPDIR is closed to it)"
-fi
-env -i PATH="$PATH" HOME="$LV/home" XDG_CONFIG_HOME="$LV/cfg" \
-    XDG_CACHE_HOME="$LV/cache" XDG_RUNTIME_DIR="$LV/run" \
-    "${asuser[@]}" libvirtd >"$TMPD/libvirtd.log" 2>&1 </dev/null &
-LV_PID=$!
-cleanup_pid "$LV_PID"
-export LIBVIRT_DEFAULT_URI="qemu+unix:///session?socket=$LV/run/libvirt/libvirt-sock"
-# virsh's own files (none expected) stay in TMPD too.
-export XDG_CONFIG_HOME=$TMPD/virsh-cfg XDG_CACHE_HOME=$TMPD/virsh-cache
-virsh_ok() { virsh uri >/dev/null 2>&1; }
-wait_until -p "$LV_PID" -- virsh_ok ||
-    fail "the private libvirtd does not answer: $(tail -n 5 "$TMPD/libvirtd.log")"
+. "$TESTS_DIR/libvirt-lib.sh"
+libvirt_start "$TMPD/img"
+export LIBVIRT_DEFAULT_URI="qemu+unix:///session?socket=$LV_SOCK"
 
 # The domain is destroyed before the daemon goes (libvirtd leaves its
 # domains running when it stops); its QEMU is killed by PID if not.
@@ -92,7 +68,7 @@ for f in "$TMPD/img/vda.qcow2" "$TMPD/model.vda"; do
     qemu-io -c "write -P 0x71 1M 3M" -c "write -P 0x72 $((SIZE[vda] - 65536)) 65536" "$f" >/dev/null ||
         fail "qemu-io on $f failed"
 done
-[[ $(id -u) -eq 0 ]] && chown 65534:65534 "$TMPD"/img/*.qcow2
+libvirt_own "$TMPD"/img/*.qcow2
 cat >"$TMPD/dom.xml" <<XML
 <domain type='qemu'>
   <name>$DOM</name>

@@ -20,33 +20,11 @@ SIZE=$((128 * MIB)) # vda: big enough for a 40 MiB extent (chunked lz4)
 SIZE_B=$((4 * MIB)) # vdb: small, for the mutation sweep
 IMG=$TMPD/img
 
-# --- a private libvirtd -----------------------------------------------------
-# As root libvirtd is the system instance, shared with everything else on
-# the machine; as another user (nobody) it is a session daemon that keeps
-# its state under XDG_* in TMPD.  Its QEMU runs as that user too: it must
-# reach the disks.  No virtlogd: QEMU logs to a file.  virtnbdbackup
-# connects with a plain qemu:// URI (a qemu+unix:// one makes it ask for a
-# user and password).
-LV=$TMPD/lv
-mkdir -p "$LV"/{home,cfg/libvirt,cache,run} "$IMG"
-echo 'stdio_handler = "file"' >"$LV/cfg/libvirt/qemu.conf"
-asuser=()
-if [[ $(id -u) -eq 0 ]]; then
-    chmod 0711 "$TMPD"
-    chown -R 65534:65534 "$LV" "$IMG"
-    asuser=(setpriv --reuid=65534 --regid=65534 --clear-groups)
-fi
-env -i PATH="$PATH" HOME="$LV/home" XDG_CONFIG_HOME="$LV/cfg" \
-    XDG_CACHE_HOME="$LV/cache" XDG_RUNTIME_DIR="$LV/run" \
-    "${asuser[@]}" libvirtd >"$TMPD/libvirtd.log" 2>&1 </dev/null &
-LV_PID=$!
-cleanup_pid $LV_PID
-URI="qemu:///session?socket=$LV/run/libvirt/libvirt-sock"
+# --- a private libvirtd (tests/libvirt-lib.sh) ------------------------------
+. "$TESTS_DIR/libvirt-lib.sh"
+libvirt_start "$IMG"
+URI="qemu:///session?socket=$LV_SOCK"
 V=(virsh -q -c "$URI")
-export XDG_CONFIG_HOME=$TMPD/virsh-cfg XDG_CACHE_HOME=$TMPD/virsh-cache
-virsh_ok() { "${V[@]}" uri >/dev/null 2>&1; }
-wait_until -p $LV_PID -- virsh_ok ||
-    fail "the private libvirtd does not answer: $(tail -n 3 "$TMPD/libvirtd.log")"
 
 # The domain goes before the daemon (which would leave it running).
 vnb_cleanup() {
@@ -59,7 +37,7 @@ trap 'rc=$?; vnb_cleanup; (exit $rc); _qcbt_cleanup' EXIT
 # --- the domain and the shadow model --------------------------------------
 qemu-img create -q -f qcow2 "$IMG/vda.qcow2" $SIZE
 qemu-img create -q -f qcow2 "$IMG/vdb.qcow2" $SIZE_B
-[[ ${#asuser[@]} -eq 0 ]] || chown 65534:65534 "$IMG"/*.qcow2
+libvirt_own "$IMG"/*.qcow2
 truncate -s $SIZE "$TMPD/model-vda.raw"
 truncate -s $SIZE_B "$TMPD/model-vdb.raw"
 

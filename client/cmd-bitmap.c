@@ -13,7 +13,9 @@
 #include "error.h"
 #include "json-out.h"
 #include "merge.h"
+#include "io.h"
 #include "qcbt.h"
+#include "qcow2-store.h"
 
 static void
 bitmap_usage(FILE *fp)
@@ -23,6 +25,8 @@ bitmap_usage(FILE *fp)
             "       qcbt bitmap check  [--json] [--strict] IMAGE NAME\n"
             "       qcbt bitmap dump   [--json] [--strict] IMAGE NAME\n"
             "       qcbt bitmap sha256 [--strict] [--layer N] IMAGE NAME\n"
+            "       qcbt bitmap add [-g SIZE] [--disabled] IMAGE NAME\n"
+            "       qcbt bitmap remove|clear|enable|disable IMAGE NAME\n"
             "\n"
             "Persistent dirty bitmaps of IMAGE's backing chain.  NAME is a\n"
             "checkpoint: one bitmap per checkpoint, same-named bitmaps in\n"
@@ -41,12 +45,25 @@ bitmap_usage(FILE *fp)
             "merged\n"
             "          bitmap, or of layer N's stored bitmap with --layer\n"
             "\n"
+            "Changing the bitmaps of the qcow2 file IMAGE itself (not its\n"
+            "backing files), as 'qemu-img bitmap' does; the image is locked\n"
+            "as qemu-img locks it:\n"
+            "  add     a new empty persistent bitmap NAME, enabled unless\n"
+            "          --disabled, granularity SIZE (-g, default 64K)\n"
+            "  remove  delete NAME and free its clusters\n"
+            "  clear   make NAME empty\n"
+            "  enable  NAME records guest writes (flag auto)\n"
+            "  disable NAME stops recording\n"
+            "\n"
             "  --strict     libvirt's rules: NAME in every layer from the top\n"
             "               down to the deepest that holds it, none in use.\n"
             "               Default (tolerant): layers without a usable NAME\n"
             "               contribute everything they allocate\n"
             "  --json       JSON output\n"
             "  --layer N    sha256 of layer N's own bitmap (0 = top)\n"
+            "  -g, --granularity SIZE  add: bytes per bit, a power of two\n"
+            "               from 512 to 2G (K, M, G suffixes)\n"
+            "  --disabled   add: create the bitmap disabled\n"
             "  -f FORMAT    format of IMAGE (qcow2 or raw; default probe)\n"
             "  -h, --help   show this help\n");
 }
@@ -407,6 +424,46 @@ do_sha256(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
     return QCBT_EXIT_OK;
 }
 
+static const struct {
+    const char *name;
+    enum qcow2_bitmap_op op;
+} modify_subs[] = {
+    {"add", QCOW2_BITMAP_ADD},
+    {"remove", QCOW2_BITMAP_REMOVE},
+    {"clear", QCOW2_BITMAP_CLEAR},
+    {"enable", QCOW2_BITMAP_ENABLE},
+    {"disable", QCOW2_BITMAP_DISABLE},
+};
+
+/* add/remove/clear/enable/disable: the qcow2 file IMAGE, read-write,
+ * holding the image locks qemu-img bitmap holds. */
+static int
+do_modify(enum qcow2_bitmap_op op,
+          const char *image,
+          const char *name,
+          unsigned gbits,
+          bool disabled)
+{
+    struct qcbt_io *io = NULL;
+    struct qcow2_image *img = NULL;
+    int r;
+
+    r = qcbt_io_open_file_rw(image, &io);
+    if (r < 0)
+        return report_error();
+    r = qcbt_io_lock(io, QCBT_IO_LOCK_WRITE);
+    if (r < 0) {
+        qcbt_io_free(io);
+        return report_error();
+    }
+    r = qcow2_open(io, &img); /* owns io from here */
+    if (r < 0)
+        return report_error();
+    r = qcow2_bitmap_modify(img, op, name, gbits, disabled);
+    qcow2_close(img);
+    return r < 0 ? report_error() : QCBT_EXIT_OK;
+}
+
 int
 cmd_bitmap(int argc, char **argv)
 {
@@ -415,15 +472,28 @@ cmd_bitmap(int argc, char **argv)
         {"strict", no_argument, NULL, 's'},
         {"layer", required_argument, NULL, 'L'},
         {"format", required_argument, NULL, 'f'},
+        {"granularity", required_argument, NULL, 'g'},
+        {"disabled", no_argument, NULL, 'D'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    static const char optstring[] = "f:h";
+    static const char optstring[] = "f:g:h";
     struct bopts o = {.layer = -1};
     struct chain_open_opts copts = {0};
     struct chain *c = NULL;
     struct merge_ctx *ctx = NULL;
-    static const char *const subs[] = {"list", "check", "dump", "sha256"};
+    static const char *const subs[] = {"list",
+                                       "check",
+                                       "dump",
+                                       "sha256",
+                                       "add",
+                                       "remove",
+                                       "clear",
+                                       "enable",
+                                       "disable"};
+    const char *granularity = NULL;
+    bool disabled = false;
+    uint64_t gran = 1ULL << QCOW2_BITMAP_DEFAULT_GRANULARITY_BITS;
     const char *sub = NULL;
     char cmd[16] = "bitmap";
     int opt, ret, nargs;
@@ -453,6 +523,12 @@ cmd_bitmap(int argc, char **argv)
         case 'f':
             copts.format = optarg;
             break;
+        case 'g':
+            granularity = optarg;
+            break;
+        case 'D':
+            disabled = true;
+            break;
         case 'h':
             bitmap_usage(stdout);
             return QCBT_EXIT_OK;
@@ -462,15 +538,17 @@ cmd_bitmap(int argc, char **argv)
     }
     if (optind >= argc)
         return usage_error("bitmap",
-                           "expected a subcommand: list, check, dump or "
-                           "sha256");
+                           "expected a subcommand: list, check, dump, "
+                           "sha256, add, remove, clear, enable or "
+                           "disable");
     for (i = 0; i < sizeof subs / sizeof subs[0]; i++)
         if (strcmp(argv[optind], subs[i]) == 0)
             sub = subs[i];
     if (!sub)
         return usage_error(
             "bitmap",
-            "unknown subcommand '%s': list, check, dump or sha256",
+            "unknown subcommand '%s': list, check, dump, sha256, add, "
+            "remove, clear, enable or disable",
             argv[optind]);
     snprintf(cmd, sizeof cmd, "bitmap %s", sub);
     optind++;
@@ -481,6 +559,29 @@ cmd_bitmap(int argc, char **argv)
                            nargs == 1 ? "IMAGE" : "IMAGE NAME");
     if (o.layer >= 0 && strcmp(sub, "sha256") != 0)
         return usage_error(cmd, "--layer is only for sha256");
+    for (i = 0; i < sizeof modify_subs / sizeof modify_subs[0]; i++) {
+        if (strcmp(sub, modify_subs[i].name) != 0)
+            continue;
+        if (o.json || o.strict || copts.format)
+            return usage_error(cmd,
+                               "--json, --strict and -f are not for %s",
+                               sub);
+        if ((granularity || disabled) && modify_subs[i].op != QCOW2_BITMAP_ADD)
+            return usage_error(cmd, "-g and --disabled are only for add");
+        if (granularity && (parse_size(granularity, &gran) < 0 || gran < 512 ||
+                            gran > (1ULL << 31) || (gran & (gran - 1))))
+            return usage_error(cmd,
+                               "invalid granularity '%s': a power of two "
+                               "from 512 to 2G",
+                               granularity);
+        return do_modify(modify_subs[i].op,
+                         argv[optind],
+                         argv[optind + 1],
+                         (unsigned)__builtin_ctzll(gran),
+                         disabled);
+    }
+    if (granularity || disabled)
+        return usage_error(cmd, "-g and --disabled are only for add");
     o.format = copts.format;
     o.image = argv[optind];
     o.name = nargs == 2 ? argv[optind + 1] : NULL;

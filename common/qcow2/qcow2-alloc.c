@@ -152,8 +152,8 @@ again:
             return qcbt_error(ENOSPC,
                               "%s: the image needs a larger refcount table "
                               "for cluster 0x%" PRIx64
-                              " (not supported by qcbt; 'qemu-img amend' "
-                              "or 'qemu-img convert' rewrites it)",
+                              " (qcbt does not grow it; 'qemu-img bitmap' "
+                              "does)",
                               a->io->name,
                               c * a->cs);
         if (a->rt[ri] || find_new_block(a, ri))

@@ -262,7 +262,7 @@ qcow2_bitmap_modify(struct qcow2_image *img,
                           img->io->name);
     r = qcow2_bitmap_name_check(name, len);
     if (r < 0)
-        return r;
+        return qcbt_error_prefix(-r, "%s: bitmap name", img->io->name);
     r = qcow2_bitmaps_load(img, &list);
     if (r < 0)
         return r;

@@ -1,0 +1,237 @@
+#!/bin/bash
+# qcbt bitmap add/remove/clear/enable/disable against qemu-img bitmap.
+#
+#   - Twins: each operation done by qcbt on one copy and by qemu-img on
+#     the other gives identical bitmaps in `qemu-img info` (name,
+#     granularity, flags) and a `qemu-img check` with no error and no
+#     leak; ours on images whose bitmaps QEMU made, theirs on ours.
+#   - QEMU records guest writes into a bitmap we created (qemu-io write,
+#     then qemu-nbd -B + nbdinfo --map), and our clear empties it.
+#   - Refusals: one line, exit 1: a running qemu-io holds the image, name
+#     exists / not found, bad names, bad granularity, version 2, in-use
+#     bitmaps (clear/enable/disable; remove works, as in qemu-img).
+#   - Faults: QCBT_TEST_FAIL_AT=write:N and flush:N at every N of add,
+#     remove and clear: afterwards check has no errors (leaks allowed),
+#     the bitmap set is exactly old or exactly new, guest data unchanged.
+
+. "$(dirname "$0")/../functions.sh"
+requires qemu-img qemu-io qemu-nbd nbdinfo
+
+cd "$TMPD"
+failures=0
+bad() {
+    note "FAIL: $*"
+    failures=$((failures + 1))
+}
+
+# bitmaps IMG: name, granularity and flags of every bitmap, sorted.
+bitmaps() {
+    qemu-img info -U --output=json "$1" | "$PYTHON" -c '
+import json, sys
+d = json.load(sys.stdin)["format-specific"]["data"]
+for b in sorted(d.get("bitmaps", []), key=lambda b: b["name"]):
+    print(b["name"], b["granularity"], ",".join(sorted(b["flags"])))'
+}
+
+# clean IMG: qemu-img check finds neither errors nor leaks.
+clean() {
+    qemu-img check "$1" >check.out 2>&1 || { bad "$CASE: qemu-img check $1: $(cat check.out)"; return 1; }
+}
+
+# dirty_map IMG NAME: the dirty extents qemu-nbd exports for NAME.
+dirty_map() {
+    nbdinfo --map=qemu:dirty-bitmap:"$2" -- [ qemu-nbd -r -f qcow2 -B "$2" "$1" ] |
+        awk '$4 == "dirty" { print $1, $2 }'
+}
+
+# ours OP NAME [OPTS...]: qcbt on a.qcow2.  theirs OPTS... NAME: qemu-img
+# bitmap on b.qcow2.  same: both give the same bitmaps, ours is clean.
+ours() {
+    local op=$1 name=$2
+    shift 2
+    "$QCBT" bitmap "$op" "$@" "$A" "$name" 2>err || bad "$CASE: qcbt bitmap $op $name: $(cat err)"
+}
+theirs() {
+    local name=${*: -1}
+    qemu-img bitmap "${@:1:$#-1}" "$B" "$name" || fail "oracle broke: qemu-img bitmap $*"
+}
+same() {
+    bitmaps "$A" >a.bm
+    bitmaps "$B" >b.bm
+    cmp -s a.bm b.bm || bad "$CASE: bitmaps differ: ours [$(tr '\n' ';' <a.bm)] qemu [$(tr '\n' ';' <b.bm)]"
+    clean "$A"
+    clean "$B"
+}
+
+# --- twins ------------------------------------------------------------------
+
+qemu-img create -q -f qcow2 base.qcow2 1G
+qemu-io -c 'write -P 0x5a 0 1M' base.qcow2 >/dev/null || fail "oracle broke: qemu-io write"
+A=a.qcow2 B=b.qcow2
+cp base.qcow2 "$A"
+cp base.qcow2 "$B"
+CASE=add;            ours add c1;                      theirs --add c1;                      same
+CASE=add-g-disabled; ours add c2 -g 1M --disabled;     theirs --add -g 1M --disable c2;      same
+CASE=add-512;        ours add c3 --granularity 512;    theirs --add -g 512 c3;               same
+[[ $(wc -l <a.bm) -eq 3 ]] || bad "$CASE: expected 3 bitmaps: $(cat a.bm)"
+CASE=disable;        ours disable c1;                  theirs --disable c1;                  same
+CASE=enable;         ours enable c2;                   theirs --enable c2;                   same
+CASE=clear;          ours clear c1;                    theirs --clear c1;                    same
+CASE=remove;         ours remove c3;                   theirs --remove c3;                   same
+
+# Swap: ours on QEMU's bitmaps, theirs on ours.
+A=b.qcow2 B=a.qcow2
+CASE=ours-on-qemu-add;  ours add d1 -g 128K;   theirs --add -g 128K d1;  same
+CASE=ours-on-qemu-dis;  ours disable c2;       theirs --disable c2;      same
+CASE=ours-on-qemu-rm;   ours remove c1;        theirs --remove c1;       same
+CASE=ours-on-qemu-last; ours remove c2;        theirs --remove c2;       same
+ours remove d1; theirs --remove d1
+CASE=none-left; same
+[[ ! -s a.bm ]] || bad "$CASE: bitmaps left: $(cat a.bm)"
+qemu-img compare -q base.qcow2 a.qcow2 || bad "$CASE: guest data changed"
+
+# --- QEMU records into our bitmap; our clear empties it -------------------
+
+CASE=qemu-records
+cp base.qcow2 r.qcow2
+"$QCBT" bitmap add r.qcow2 ck 2>err || bad "$CASE: add: $(cat err)"
+qemu-io -c 'write -P 1 4M 64k' -c 'write -P 2 100M 1M' r.qcow2 >/dev/null || fail "oracle broke: qemu-io write"
+got=$(dirty_map r.qcow2 ck | tr '\n' ';')
+[[ $got == "4194304 65536;104857600 1048576;" ]] || bad "$CASE: dirty map after qemu-io writes: $got"
+clean r.qcow2
+"$QCBT" bitmap clear r.qcow2 ck 2>err || bad "$CASE: clear: $(cat err)"
+got=$(dirty_map r.qcow2 ck | tr '\n' ';')
+[[ -z $got ]] || bad "$CASE: dirty map after our clear: $got"
+clean r.qcow2
+# Disabled: QEMU records nothing.
+"$QCBT" bitmap disable r.qcow2 ck 2>err || bad "$CASE: disable: $(cat err)"
+qemu-io -c 'write -P 3 0 64k' r.qcow2 >/dev/null || fail "oracle broke: qemu-io write"
+got=$(dirty_map r.qcow2 ck | tr '\n' ';')
+[[ -z $got ]] || bad "$CASE: a disabled bitmap recorded: $got"
+
+# --- refusals -----------------------------------------------------------------
+
+CASE=refusals
+cp base.qcow2 e.qcow2
+"$QCBT" bitmap add e.qcow2 x 2>err || bad "$CASE: add x: $(cat err)"
+expect_qcbt_error "bitmap 'x' already exists" -- bitmap add e.qcow2 x || bad "$CASE: exists"
+for op in remove clear enable disable; do
+    expect_qcbt_error "bitmap 'y' not found" -- bitmap $op e.qcow2 y || bad "$CASE: $op not found"
+done
+expect_qcbt_error "1023" -- bitmap add e.qcow2 "$(printf 'n%.0s' {1..1024})" || bad "$CASE: long name"
+"$QCBT" bitmap add e.qcow2 "$(printf 'n%.0s' {1..1023})" 2>err || bad "$CASE: 1023-byte name refused: $(cat err)"
+expect_qcbt_error "UTF-8" -- bitmap add e.qcow2 "$(printf 'a\377')" || bad "$CASE: bad UTF-8"
+expect_qcbt_error "name size 0" -- bitmap add e.qcow2 "" || bad "$CASE: empty name"
+for g in 256 3K 4G x; do
+    expect_qcbt_error "granularity" -- bitmap add -g $g e.qcow2 g || bad "$CASE: granularity $g"
+done
+expect_qcbt_error "only for add" -- bitmap remove -g 1M e.qcow2 x || bad "$CASE: -g on remove"
+qemu-img create -q -f qcow2 -o compat=0.10 v2.qcow2 1G
+qemu-img bitmap --add v2.qcow2 x 2>/dev/null && fail "oracle broke: qemu-img adds a bitmap to a v2 image"
+expect_qcbt_error "version 2" -- bitmap add v2.qcow2 x || bad "$CASE: v2"
+truncate -s 1M raw.img
+expect_qcbt_error "re:(qcow2|magic|format)" -- bitmap add raw.img x || bad "$CASE: not qcow2"
+expect_qcbt_error "not a regular file" -- bitmap add /dev/null x || bad "$CASE: /dev/null"
+clean e.qcow2
+
+# In use: qemu-io killed while it holds an enabled bitmap leaves it in_use.
+CASE=in-use
+cp base.qcow2 u.qcow2
+"$QCBT" bitmap add u.qcow2 u 2>err || bad "$CASE: add: $(cat err)"
+"$QCBT" bitmap add u.qcow2 keep 2>err || bad "$CASE: add: $(cat err)"
+qemu-io -c 'sleep 3600000' u.qcow2 </dev/null >qemu-io.log 2>&1 &
+pid=$!
+cleanup_pid "$pid"
+# (qemu-img info -U may see QEMU's header half written: its warnings are
+# dropped.)
+in_use_shown() { qemu-img info -U --output=json u.qcow2 2>/dev/null | grep -q in-use; }
+wait_until -p "$pid" -- in_use_shown ||
+    fail "oracle broke: qemu-io never marked the bitmaps in use: $(cat qemu-io.log)"
+# The lock: while qemu-io holds the image we refuse to write it.
+expect_qcbt_error "held by another process" -- bitmap add u.qcow2 z || bad "$CASE: locked image written"
+disown "$pid"
+kill -KILL "$pid"
+wait_gone "$pid" || fail "qemu-io does not die"
+for op in clear enable disable; do
+    qemu-img bitmap --$op u.qcow2 u 2>/dev/null && fail "oracle broke: qemu-img $op on an in-use bitmap works"
+    expect_qcbt_error "in use" -- bitmap $op u.qcow2 u || bad "$CASE: $op in use"
+done
+qemu-img check u.qcow2 >/dev/null 2>&1 || true
+"$QCBT" bitmap remove u.qcow2 u 2>err || bad "$CASE: remove of an in-use bitmap: $(cat err)"
+bitmaps u.qcow2 >u.bm
+[[ $(cat u.bm) == "keep 65536 auto,in-use" ]] || bad "$CASE: after remove: $(cat u.bm)"
+
+# --- faults -------------------------------------------------------------------
+
+# sweep OP NAME BEFORE-IMAGE: fail at every write and flush of OP.
+sweep() {
+    local op=$1 name=$2 src=$3 kind n rc old new now
+    old=$(bitmaps "$src")
+    cp "$src" done.qcow2
+    "$QCBT" bitmap "$op" done.qcow2 "$name" || fail "$op $name without faults"
+    new=$(bitmaps done.qcow2)
+    CASE="fault-$op-none"
+    clean done.qcow2
+    for kind in write flush; do
+        for ((n = 1; ; n++)); do
+            CASE="fault-$op-$kind:$n"
+            cp "$src" f.qcow2
+            rc=0
+            QCBT_TEST_FAIL_AT=$kind:$n "$QCBT" bitmap "$op" f.qcow2 "$name" 2>err || rc=$?
+            [[ $rc -eq 0 || $rc -eq 1 ]] || bad "$CASE: exit $rc"
+            rc2=0
+            qemu-img check f.qcow2 >check.out 2>&1 || rc2=$?
+            [[ $rc2 -eq 0 || $rc2 -eq 3 ]] || bad "$CASE: qemu-img check: $(cat check.out)"
+            now=$(bitmaps f.qcow2)
+            if [[ $now == "$new" ]]; then
+                :
+            elif [[ $now == "$old" && $rc -eq 1 ]]; then
+                :
+            else
+                bad "$CASE: bitmaps neither old nor new (exit $rc): $now"
+            fi
+            qemu-img compare -q "$src" f.qcow2 || bad "$CASE: guest data changed"
+            [[ $rc -eq 0 ]] && break
+            ((n < 100)) || fail "$CASE: never succeeds"
+        done
+        note "$op: $kind faults swept at $((n - 1)) points"
+    done
+}
+cp base.qcow2 s.qcow2
+qemu-img bitmap --add s.qcow2 q1 || fail "oracle broke: qemu-img bitmap --add"
+qemu-io -c 'write 0 64k' s.qcow2 >/dev/null
+sweep add s1 s.qcow2
+cp done.qcow2 s2.qcow2
+sweep clear q1 s2.qcow2
+sweep remove q1 s2.qcow2
+sweep remove s1 s2.qcow2
+
+# 512-byte clusters: a refcount block covers 128 KiB.  With the file one
+# cluster short of that, add needs a new refcount block (created at the
+# end, counting itself).
+qemu-img create -q -f qcow2 -o cluster_size=512 c5.qcow2 64M
+for ((off = 0; $(stat -c %s c5.qcow2) < 130560; off += 512)); do
+    qemu-io -c "write -P 7 $off 512" c5.qcow2 >/dev/null || fail "oracle broke: qemu-io write"
+done
+sweep add s1 c5.qcow2
+refblocks=$("$PYTHON" -c '
+import struct, sys
+f = open(sys.argv[1], "rb"); h = f.read(64)
+off, n = struct.unpack(">QI", h[48:60]); f.seek(off)
+t = struct.unpack(">%dQ" % (n * 64), f.read(n * 512))
+print(sum(1 for e in t if e))' done.qcow2)
+[[ $refblocks -eq 2 ]] || bad "refblock: expected a second refcount block, found $refblocks"
+
+# A file reaching past what the refcount table covers (64 blocks of 128
+# KiB): refused, nothing changes.
+CASE=reftable-full
+qemu-img create -q -f qcow2 -o cluster_size=512 t5.qcow2 64M
+truncate -s 8M t5.qcow2
+expect_qcbt_error "needs a larger refcount table" -- bitmap add t5.qcow2 x || bad "$CASE: not refused"
+clean t5.qcow2
+[[ -z $(bitmaps t5.qcow2) ]] || bad "$CASE: a bitmap appeared"
+
+if ((failures)); then
+    fail "$failures failure(s)"
+fi
+note "all cases passed"

@@ -74,26 +74,23 @@ queue_bitmap_clusters(struct store *s, const struct qcow2_bitmap_info *bi)
     return r;
 }
 
-/* Allocate and write a bitmap table of N entries, all zero (an empty
- * bitmap); *offset is where it lies. */
+/* Write an empty bitmap table (all entries zero) of N entries at
+ * OFFSET, in clusters already reserved. */
 static int
-write_empty_table(struct store *s, uint64_t n, uint64_t *offset)
+write_empty_table(struct store *s, uint64_t n, uint64_t offset)
 {
     uint64_t cs = s->img->cluster_size;
     uint64_t clusters = DIV_ROUND_UP(n * 8, cs);
     unsigned char *z;
     int r;
 
-    r = qcow2_alloc_clusters(s->alloc, clusters, offset);
-    if (r < 0)
-        return r;
     z = calloc(clusters, cs);
     if (!z)
         return qcbt_error(ENOMEM, "out of memory");
     r = qcbt_io_write_exact(s->img->io,
                             z,
                             clusters * cs,
-                            *offset,
+                            offset,
                             "bitmap table");
     free(z);
     return r;
@@ -248,6 +245,8 @@ qcow2_bitmap_modify(struct qcow2_image *img,
     struct qcow2_bitmaps_ext be = {0};
     const struct qcow2_bitmaps_ext *oldext = &img->bitmaps.ext;
     uint64_t cs = img->cluster_size, dir_size = 0, dir_off = 0, off;
+    uint64_t dir_clusters;
+    bool new_table = false;
     unsigned char *dir = NULL;
     size_t nr = 0, i, idx = SIZE_MAX, len = strlen(name);
     bool ignore_old;
@@ -373,18 +372,15 @@ qcow2_bitmap_modify(struct qcow2_image *img,
     if (r < 0)
         goto out;
 
+    /* Every cluster is reserved before anything is written: a refusal
+     * (no room in the refcount table) leaves the file untouched. */
     switch (op) {
     case QCOW2_BITMAP_ADD:
-        r = write_empty_table(&s,
-                              ents[idx].bitmap_table_size,
-                              &ents[idx].bitmap_table_offset);
+        new_table = true;
         break;
     case QCOW2_BITMAP_CLEAR:
+        new_table = true;
         r = queue_bitmap_clusters(&s, &list->bitmaps[idx]);
-        if (r == 0)
-            r = write_empty_table(&s,
-                                  ents[idx].bitmap_table_size,
-                                  &ents[idx].bitmap_table_offset);
         break;
     case QCOW2_BITMAP_REMOVE:
         r = queue_bitmap_clusters(&s, &list->bitmaps[idx]);
@@ -398,6 +394,11 @@ qcow2_bitmap_modify(struct qcow2_image *img,
         ents[idx].flags &= ~QCOW2_BME_FLAG_AUTO;
         break;
     }
+    if (r == 0 && new_table)
+        r = qcow2_alloc_clusters(
+            s.alloc,
+            DIV_ROUND_UP((uint64_t)ents[idx].bitmap_table_size * 8, cs),
+            &ents[idx].bitmap_table_offset);
     if (r < 0)
         goto out;
 
@@ -411,10 +412,12 @@ qcow2_bitmap_modify(struct qcow2_image *img,
                        (unsigned long long)QCOW2_MAX_BITMAP_DIR_SIZE);
         goto out;
     }
+    dir_clusters = DIV_ROUND_UP(dir_size, cs);
     if (nr) {
-        uint64_t clusters = DIV_ROUND_UP(dir_size, cs);
-
-        dir = calloc(clusters, cs);
+        r = qcow2_alloc_clusters(s.alloc, dir_clusters, &dir_off);
+        if (r < 0)
+            goto out;
+        dir = calloc(dir_clusters, cs);
         if (!dir) {
             r = qcbt_error(ENOMEM, "out of memory");
             goto out;
@@ -428,16 +431,19 @@ qcow2_bitmap_modify(struct qcow2_image *img,
                 goto out;
             }
         }
-        r = qcow2_alloc_clusters(s.alloc, clusters, &dir_off);
-        if (r == 0)
-            r = qcbt_io_write_exact(img->io,
-                                    dir,
-                                    clusters * cs,
-                                    dir_off,
-                                    "bitmap directory");
-        if (r < 0)
-            goto out;
     }
+    if (new_table)
+        r = write_empty_table(&s,
+                              ents[idx].bitmap_table_size,
+                              ents[idx].bitmap_table_offset);
+    if (r == 0 && nr)
+        r = qcbt_io_write_exact(img->io,
+                                dir,
+                                dir_clusters * cs,
+                                dir_off,
+                                "bitmap directory");
+    if (r < 0)
+        goto out;
     if (!ignore_old && list->present)
         for (off = 0; off < oldext->bitmap_directory_size; off += cs) {
             r = add_old(&s, oldext->bitmap_directory_offset + off);

@@ -226,8 +226,11 @@ print(sum(1 for e in t if e))' done.qcow2)
 # KiB): refused, nothing changes.
 CASE=reftable-full
 qemu-img create -q -f qcow2 -o cluster_size=512 t5.qcow2 64M
-truncate -s 8M t5.qcow2
+# One cluster short: the table would fit, the directory not.
+truncate -s $((8 * 1024 * 1024 - 1024)) t5.qcow2
+cp t5.qcow2 t5-before.qcow2
 expect_qcbt_error "needs a larger refcount table" -- bitmap add t5.qcow2 x || bad "$CASE: not refused"
+cmp -s t5.qcow2 t5-before.qcow2 || bad "$CASE: the refused add changed the file"
 clean t5.qcow2
 [[ -z $(bitmaps t5.qcow2) ]] || bad "$CASE: a bitmap appeared"
 

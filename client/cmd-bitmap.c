@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "bitmap-digest.h"
+#include "bitmap.h"
 #include "chain.h"
 #include "error.h"
 #include "json-out.h"
@@ -27,6 +28,7 @@ bitmap_usage(FILE *fp)
             "       qcbt bitmap sha256 [--strict] [--layer N] IMAGE NAME\n"
             "       qcbt bitmap add [-g SIZE] [--disabled] IMAGE NAME\n"
             "       qcbt bitmap remove|clear|enable|disable IMAGE NAME\n"
+            "       qcbt bitmap merge [-b FILE] IMAGE NAME SOURCE\n"
             "\n"
             "Persistent dirty bitmaps of IMAGE's backing chain.  NAME is a\n"
             "checkpoint: one bitmap per checkpoint, same-named bitmaps in\n"
@@ -54,6 +56,8 @@ bitmap_usage(FILE *fp)
             "  clear   make NAME empty\n"
             "  enable  NAME records guest writes (flag auto)\n"
             "  disable NAME stops recording\n"
+            "  merge   add the bits of bitmap SOURCE (of IMAGE, or of the\n"
+            "          qcow2 FILE with -b; same virtual size) to NAME\n"
             "\n"
             "  --strict     libvirt's rules: NAME in every layer from the top\n"
             "               down to the deepest that holds it, none in use.\n"
@@ -64,6 +68,7 @@ bitmap_usage(FILE *fp)
             "  -g, --granularity SIZE  add: bytes per bit, a power of two\n"
             "               from 512 to 2G (K, M, G suffixes)\n"
             "  --disabled   add: create the bitmap disabled\n"
+            "  -b FILE      merge: SOURCE is a bitmap of FILE\n"
             "  -f FORMAT    format of IMAGE (qcow2 or raw; default probe)\n"
             "  -h, --help   show this help\n");
 }
@@ -433,19 +438,59 @@ static const struct {
     {"clear", QCOW2_BITMAP_CLEAR},
     {"enable", QCOW2_BITMAP_ENABLE},
     {"disable", QCOW2_BITMAP_DISABLE},
+    {"merge", QCOW2_BITMAP_MERGE},
 };
 
-/* add/remove/clear/enable/disable: the qcow2 file IMAGE, read-write,
- * holding the image locks qemu-img bitmap holds. */
+/* The consistent bitmap NAME of the qcow2 FILE, opened read-only and
+ * locked as qemu-img locks a source.  IMG is the target: the same file
+ * is read through it (a second open would conflict with our own lock). */
+static int
+load_source(struct qcow2_image *img,
+            const char *file,
+            const char *name,
+            struct bitmap **out)
+{
+    struct qcbt_io *io = NULL;
+    struct qcow2_image *src = NULL;
+    int r;
+
+    if (!file)
+        return qcow2_bitmap_load_named(img, name, out);
+    r = qcbt_io_open_file(file, &io);
+    if (r < 0)
+        return r;
+    if (io->dev == img->io->dev && io->ino == img->io->ino) {
+        qcbt_io_free(io);
+        return qcow2_bitmap_load_named(img, name, out);
+    }
+    r = qcbt_io_lock(io, QCBT_IO_LOCK_READ);
+    if (r < 0) {
+        qcbt_io_free(io);
+        return r;
+    }
+    r = qcow2_open(io, &src);
+    if (r < 0)
+        return r;
+    r = qcow2_bitmap_load_named(src, name, out);
+    qcow2_close(src);
+    return r;
+}
+
+/* add/remove/clear/enable/disable/merge: the qcow2 file IMAGE,
+ * read-write, holding the image locks qemu-img bitmap holds.  SOURCE
+ * (merge): a bitmap of FILE, or of IMAGE when FILE is NULL. */
 static int
 do_modify(enum qcow2_bitmap_op op,
           const char *image,
           const char *name,
           unsigned gbits,
-          bool disabled)
+          bool disabled,
+          const char *source,
+          const char *file)
 {
     struct qcbt_io *io = NULL;
     struct qcow2_image *img = NULL;
+    struct bitmap *src = NULL;
     int r;
 
     r = qcbt_io_open_file_rw(image, &io);
@@ -459,7 +504,14 @@ do_modify(enum qcow2_bitmap_op op,
     r = qcow2_open(io, &img); /* owns io from here */
     if (r < 0)
         return report_error();
-    r = qcow2_bitmap_modify(img, op, name, gbits, disabled);
+    if (op == QCOW2_BITMAP_MERGE) {
+        r = load_source(img, file, source, &src);
+        if (r == 0)
+            r = qcow2_bitmap_merge(img, name, src);
+        bitmap_free(src);
+    } else {
+        r = qcow2_bitmap_modify(img, op, name, gbits, disabled);
+    }
     qcow2_close(img);
     return r < 0 ? report_error() : QCBT_EXIT_OK;
 }
@@ -474,10 +526,11 @@ cmd_bitmap(int argc, char **argv)
         {"format", required_argument, NULL, 'f'},
         {"granularity", required_argument, NULL, 'g'},
         {"disabled", no_argument, NULL, 'D'},
+        {"source-file", required_argument, NULL, 'b'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    static const char optstring[] = "f:g:h";
+    static const char optstring[] = "b:f:g:h";
     struct bopts o = {.layer = -1};
     struct chain_open_opts copts = {0};
     struct chain *c = NULL;
@@ -490,8 +543,9 @@ cmd_bitmap(int argc, char **argv)
                                        "remove",
                                        "clear",
                                        "enable",
-                                       "disable"};
-    const char *granularity = NULL;
+                                       "disable",
+                                       "merge"};
+    const char *granularity = NULL, *file = NULL;
     bool disabled = false;
     uint64_t gran = 1ULL << QCOW2_BITMAP_DEFAULT_GRANULARITY_BITS;
     const char *sub = NULL;
@@ -529,6 +583,9 @@ cmd_bitmap(int argc, char **argv)
         case 'D':
             disabled = true;
             break;
+        case 'b':
+            file = optarg;
+            break;
         case 'h':
             bitmap_usage(stdout);
             return QCBT_EXIT_OK;
@@ -539,8 +596,8 @@ cmd_bitmap(int argc, char **argv)
     if (optind >= argc)
         return usage_error("bitmap",
                            "expected a subcommand: list, check, dump, "
-                           "sha256, add, remove, clear, enable or "
-                           "disable");
+                           "sha256, add, remove, clear, enable, "
+                           "disable or merge");
     for (i = 0; i < sizeof subs / sizeof subs[0]; i++)
         if (strcmp(argv[optind], subs[i]) == 0)
             sub = subs[i];
@@ -548,15 +605,19 @@ cmd_bitmap(int argc, char **argv)
         return usage_error(
             "bitmap",
             "unknown subcommand '%s': list, check, dump, sha256, add, "
-            "remove, clear, enable or disable",
+            "remove, clear, enable, disable or merge",
             argv[optind]);
     snprintf(cmd, sizeof cmd, "bitmap %s", sub);
     optind++;
-    nargs = strcmp(sub, "list") == 0 ? 1 : 2;
+    nargs = strcmp(sub, "list") == 0 ? 1 : strcmp(sub, "merge") == 0 ? 3 : 2;
     if (argc - optind != nargs)
         return usage_error(cmd,
                            "expected %s",
-                           nargs == 1 ? "IMAGE" : "IMAGE NAME");
+                           nargs == 1   ? "IMAGE"
+                           : nargs == 3 ? "IMAGE NAME SOURCE"
+                                        : "IMAGE NAME");
+    if (file && strcmp(sub, "merge") != 0)
+        return usage_error(cmd, "-b is only for merge");
     if (o.layer >= 0 && strcmp(sub, "sha256") != 0)
         return usage_error(cmd, "--layer is only for sha256");
     for (i = 0; i < sizeof modify_subs / sizeof modify_subs[0]; i++) {
@@ -578,7 +639,9 @@ cmd_bitmap(int argc, char **argv)
                          argv[optind],
                          argv[optind + 1],
                          (unsigned)__builtin_ctzll(gran),
-                         disabled);
+                         disabled,
+                         nargs == 3 ? argv[optind + 2] : NULL,
+                         file);
     }
     if (granularity || disabled)
         return usage_error(cmd, "-g and --disabled are only for add");

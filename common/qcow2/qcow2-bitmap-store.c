@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bitmap.h"
 #include "error.h"
 #include "qcow2-bitmaps.h"
 #include "qcow2-store.h"
@@ -74,25 +75,85 @@ queue_bitmap_clusters(struct store *s, const struct qcow2_bitmap_info *bi)
     return r;
 }
 
-/* Write an empty bitmap table (all entries zero) of N entries at
- * OFFSET, in clusters already reserved. */
+/* Write the bitmap table of N entries at OFFSET, in clusters already
+ * reserved: entry k points at DATA[k] (0: a zero cluster), all zero
+ * (an empty bitmap) when DATA is NULL. */
 static int
-write_empty_table(struct store *s, uint64_t n, uint64_t offset)
+write_table(struct store *s, uint64_t n, uint64_t offset, const uint64_t *data)
 {
     uint64_t cs = s->img->cluster_size;
-    uint64_t clusters = DIV_ROUND_UP(n * 8, cs);
-    unsigned char *z;
+    uint64_t clusters = DIV_ROUND_UP(n * 8, cs), k;
+    struct qcow2_bitmap_table_entry te = {0};
+    unsigned char *t;
     int r;
 
-    z = calloc(clusters, cs);
-    if (!z)
+    t = calloc(clusters, cs);
+    if (!t)
         return qcbt_error(ENOMEM, "out of memory");
+    for (k = 0; data && k < n; k++) {
+        te.offset = data[k];
+        qcow2_bitmap_table_entry_encode(&te, t + k * 8);
+    }
     r = qcbt_io_write_exact(s->img->io,
-                            z,
+                            t,
                             clusters * cs,
                             offset,
                             "bitmap table");
-    free(z);
+    free(t);
+    return r;
+}
+
+static bool
+is_zero(const unsigned char *p, size_t len)
+{
+    return len == 0 || (p[0] == 0 && memcmp(p, p + 1, len - 1) == 0);
+}
+
+/* Reserve a data cluster for every cluster of BM's serialized data that
+ * is not all zero (QEMU stores zero clusters as table entry 0 and never
+ * uses the all-ones flag); *data gets the N offsets (0: none). */
+static int
+reserve_data(struct store *s,
+             const struct bitmap *bm,
+             uint64_t n,
+             unsigned char *buf,
+             uint64_t **data)
+{
+    uint64_t cs = s->img->cluster_size, k;
+    int r = 0;
+
+    *data = calloc(n ? n : 1, sizeof **data);
+    if (!*data)
+        return qcbt_error(ENOMEM, "out of memory");
+    for (k = 0; r == 0 && k < n; k++) {
+        r = bitmap_export(bm, k * cs, buf, cs, 0);
+        if (r == 0 && !is_zero(buf, cs))
+            r = qcow2_alloc_clusters(s->alloc, 1, &(*data)[k]);
+    }
+    return r;
+}
+
+static int
+write_data(struct store *s,
+           const struct bitmap *bm,
+           uint64_t n,
+           unsigned char *buf,
+           const uint64_t *data)
+{
+    uint64_t cs = s->img->cluster_size, k;
+    int r = 0;
+
+    for (k = 0; r == 0 && k < n; k++) {
+        if (!data[k])
+            continue;
+        r = bitmap_export(bm, k * cs, buf, cs, 0);
+        if (r == 0)
+            r = qcbt_io_write_exact(s->img->io,
+                                    buf,
+                                    cs,
+                                    data[k],
+                                    "bitmap data");
+    }
     return r;
 }
 
@@ -230,14 +291,16 @@ static const char *const op_names[] = {
     [QCOW2_BITMAP_CLEAR] = "clearing",
     [QCOW2_BITMAP_ENABLE] = "enabling",
     [QCOW2_BITMAP_DISABLE] = "disabling",
+    [QCOW2_BITMAP_MERGE] = "merging into",
 };
 
-int
-qcow2_bitmap_modify(struct qcow2_image *img,
-                    enum qcow2_bitmap_op op,
-                    const char *name,
-                    unsigned gbits,
-                    bool disabled)
+static int
+change(struct qcow2_image *img,
+       enum qcow2_bitmap_op op,
+       const char *name,
+       unsigned gbits,
+       bool disabled,
+       const struct bitmap *src)
 {
     struct store s = {.img = img};
     struct qcow2_bitmap_list *list = NULL;
@@ -247,6 +310,9 @@ qcow2_bitmap_modify(struct qcow2_image *img,
     uint64_t cs = img->cluster_size, dir_size = 0, dir_off = 0, off;
     uint64_t dir_clusters;
     bool new_table = false;
+    struct bitmap *merged = NULL;
+    uint64_t *data = NULL;
+    unsigned char *cbuf = NULL;
     unsigned char *dir = NULL;
     size_t nr = 0, i, idx = SIZE_MAX, len = strlen(name);
     bool ignore_old;
@@ -393,7 +459,31 @@ qcow2_bitmap_modify(struct qcow2_image *img,
     case QCOW2_BITMAP_DISABLE:
         ents[idx].flags &= ~QCOW2_BME_FLAG_AUTO;
         break;
+    case QCOW2_BITMAP_MERGE:
+        /* QEMU's rule (bdrv_merge_dirty_bitmap): equal sizes; the
+         * granularities may differ (any overlap marks a bit). */
+        if (src->size != img->size) {
+            r = qcbt_error(EINVAL,
+                           "%s: bitmaps are of different sizes (destination "
+                           "size is %" PRIu64 ", source size is %" PRIu64 ")",
+                           img->io->name,
+                           img->size,
+                           src->size);
+            break;
+        }
+        r = qcow2_bitmap_load_data(img, &list->bitmaps[idx], 0, &merged);
+        if (r == 0)
+            r = bitmap_merge_into(merged, src);
+        if (r == 0)
+            r = queue_bitmap_clusters(&s, &list->bitmaps[idx]);
+        new_table = r == 0;
+        cbuf = malloc(cs);
+        if (r == 0 && !cbuf)
+            r = qcbt_error(ENOMEM, "out of memory");
+        break;
     }
+    if (r == 0 && merged)
+        r = reserve_data(&s, merged, ents[idx].bitmap_table_size, cbuf, &data);
     if (r == 0 && new_table)
         r = qcow2_alloc_clusters(
             s.alloc,
@@ -432,10 +522,13 @@ qcow2_bitmap_modify(struct qcow2_image *img,
             }
         }
     }
-    if (new_table)
-        r = write_empty_table(&s,
-                              ents[idx].bitmap_table_size,
-                              ents[idx].bitmap_table_offset);
+    if (merged)
+        r = write_data(&s, merged, ents[idx].bitmap_table_size, cbuf, data);
+    if (r == 0 && new_table)
+        r = write_table(&s,
+                        ents[idx].bitmap_table_size,
+                        ents[idx].bitmap_table_offset,
+                        data);
     if (r == 0 && nr)
         r = qcbt_io_write_exact(img->io,
                                 dir,
@@ -475,9 +568,74 @@ out:
     if (r < 0 && qcbt_error_get()[0] == '\0')
         r = qcbt_error(-r, "%s bitmap '%s' failed", op_names[op], name);
     free(dir);
+    free(data);
+    free(cbuf);
+    bitmap_free(merged);
     free(ents);
     free(s.old);
     qcow2_alloc_free(s.alloc);
+    qcow2_bitmap_list_free(list);
+    return r;
+}
+
+int
+qcow2_bitmap_modify(struct qcow2_image *img,
+                    enum qcow2_bitmap_op op,
+                    const char *name,
+                    unsigned gbits,
+                    bool disabled)
+{
+    if (op == QCOW2_BITMAP_MERGE)
+        return qcbt_error(EINVAL, "merge needs a source bitmap");
+    return change(img, op, name, gbits, disabled, NULL);
+}
+
+int
+qcow2_bitmap_merge(struct qcow2_image *img,
+                   const char *name,
+                   const struct bitmap *src)
+{
+    return change(img, QCOW2_BITMAP_MERGE, name, 0, false, src);
+}
+
+int
+qcow2_bitmap_load_named(struct qcow2_image *img,
+                        const char *name,
+                        struct bitmap **out)
+{
+    struct qcow2_bitmap_list *list = NULL;
+    size_t i;
+    int r;
+
+    r = qcow2_bitmaps_load(img, &list);
+    if (r < 0)
+        return r;
+    for (i = 0; i < list->nr; i++)
+        if (strcmp(list->bitmaps[i].name, name) == 0)
+            break;
+    if (!list->usable)
+        r = qcbt_error(EINVAL,
+                       "%s: bitmaps unusable: %s",
+                       img->io->name,
+                       list->reason);
+    else if (i == list->nr)
+        r = qcbt_error(ENOENT,
+                       "%s: bitmap '%s' not found",
+                       img->io->name,
+                       name);
+    else if (list->bitmaps[i].status == QCOW2_BITMAP_IN_USE)
+        r = qcbt_error(EBUSY,
+                       "%s: bitmap '%s' is in use (inconsistent)",
+                       img->io->name,
+                       name);
+    else if (list->bitmaps[i].status != QCOW2_BITMAP_OK)
+        r = qcbt_error(EINVAL,
+                       "%s: bitmap '%s' is invalid: %s",
+                       img->io->name,
+                       name,
+                       list->bitmaps[i].reason);
+    else
+        r = qcow2_bitmap_load_data(img, &list->bitmaps[i], 0, out);
     qcow2_bitmap_list_free(list);
     return r;
 }

@@ -75,6 +75,7 @@ enum qcow2_bitmap_op {
     QCOW2_BITMAP_CLEAR,
     QCOW2_BITMAP_ENABLE,
     QCOW2_BITMAP_DISABLE,
+    QCOW2_BITMAP_MERGE, /* qcow2_bitmap_merge() */
 };
 
 /* The granularity `qemu-img bitmap --add` uses without -g: 64 KiB. */
@@ -95,5 +96,26 @@ int qcow2_bitmap_modify(struct qcow2_image *img,
                         const char *name,
                         unsigned gbits,
                         bool disabled);
+
+struct bitmap;
+
+/* `qemu-img bitmap --merge`: OR SRC into the persistent bitmap NAME of
+ * IMG (which must exist and not be in use; its flags stay).  SRC must
+ * cover the same virtual size (QEMU's rule); granularities may differ
+ * (a target bit is set when a set source bit overlaps it).  NAME gets a
+ * new table and data clusters (zero clusters stored as entry 0, as QEMU
+ * does); its old ones are freed after the switch.
+ */
+int qcow2_bitmap_merge(struct qcow2_image *img,
+                       const char *name,
+                       const struct bitmap *src);
+
+/* Load the consistent persistent bitmap NAME of IMG (not found, in use
+ * and invalid are errors).  Returns 0 and *out (bitmap_free()) or -errno
+ * with a message.
+ */
+int qcow2_bitmap_load_named(struct qcow2_image *img,
+                            const char *name,
+                            struct bitmap **out);
 
 #endif /* QCBT_QCOW2_STORE_H */

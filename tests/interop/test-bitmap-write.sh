@@ -1,5 +1,5 @@
 #!/bin/bash
-# qcbt bitmap add/remove/clear/enable/disable against qemu-img bitmap.
+# qcbt bitmap add/remove/clear/enable/disable/merge against qemu-img bitmap.
 #
 #   - Twins: each operation done by qcbt on one copy and by qemu-img on
 #     the other gives identical bitmaps in `qemu-img info` (name,
@@ -10,8 +10,11 @@
 #   - Refusals: one line, exit 1: a running qemu-io holds the image, name
 #     exists / not found, bad names, bad granularity, version 2, in-use
 #     bitmaps (clear/enable/disable; remove works, as in qemu-img).
+#   - merge (qcbt bitmap merge [-b FILE] IMAGE NAME SOURCE) against
+#     qemu-img bitmap --merge SOURCE [-b FILE] IMAGE NAME: coarse into fine,
+#     fine into coarse, from another file: the same dirty maps.
 #   - Faults: QCBT_TEST_FAIL_AT=write:N and flush:N at every N of add,
-#     remove and clear: afterwards check has no errors (leaks allowed),
+#     remove, clear and merge: afterwards check has no errors (leaks allowed),
 #     the bitmap set is exactly old or exactly new, guest data unchanged.
 
 . "$(dirname "$0")/../functions.sh"
@@ -109,6 +112,51 @@ qemu-io -c 'write -P 3 0 64k' r.qcow2 >/dev/null || fail "oracle broke: qemu-io 
 got=$(dirty_map r.qcow2 ck | tr '\n' ';')
 [[ -z $got ]] || bad "$CASE: a disabled bitmap recorded: $got"
 
+# --- merge -----------------------------------------------------------------
+
+# maps IMG NAME...: the dirty map qemu-nbd exports for each NAME.
+maps() {
+    local img=$1 b
+    shift
+    for b in "$@"; do printf '%s: %s\n' "$b" "$(dirty_map "$img" "$b" | tr '\n' ';')"; done
+}
+CASE=merge
+qemu-img create -q -f qcow2 m0.qcow2 1G
+qemu-img bitmap --add m0.qcow2 a
+qemu-img bitmap --add -g 1M m0.qcow2 c
+qemu-img bitmap --add -g 4K m0.qcow2 d
+qemu-io -c 'write 0 4k' -c 'write 300M 2M' m0.qcow2 >/dev/null || fail "oracle broke: qemu-io write"
+qemu-img bitmap --disable m0.qcow2 c
+qemu-io -c 'write 900M 8k' m0.qcow2 >/dev/null || fail "oracle broke: qemu-io write"
+qemu-img create -q -f qcow2 mf.qcow2 1G
+qemu-img bitmap --add -g 512 mf.qcow2 f
+qemu-io -c 'write 700M 512' mf.qcow2 >/dev/null || fail "oracle broke: qemu-io write"
+A=m1.qcow2 B=m2.qcow2
+cp m0.qcow2 "$A"
+cp m0.qcow2 "$B"
+# Coarse into fine, fine into a disabled coarse one, from another file.
+# ours_merge NAME SOURCE [-b FILE]
+ours_merge() {
+    "$QCBT" bitmap merge "${@:3}" "$A" "$1" "$2" 2>err || bad "$CASE: qcbt bitmap merge $*: $(cat err)"
+}
+CASE=merge-coarse; ours_merge a c;               theirs --merge c a;               same
+CASE=merge-fine;   ours_merge c d;               theirs --merge d c;               same
+CASE=merge-file;   ours_merge d f -b mf.qcow2;   theirs --merge f -b mf.qcow2 d;   same
+CASE=merge-self;   ours_merge a a;               theirs --merge a a;               same
+CASE=merge-maps
+maps "$A" a c d >a.maps
+maps "$B" a c d >b.maps
+cmp -s a.maps b.maps || bad "$CASE: dirty maps differ: ours $(cat a.maps) qemu $(cat b.maps)"
+grep -q '^d: .*;734003200 4096;' a.maps || bad "$CASE: the bit from mf.qcow2 is missing: $(cat a.maps)"
+qemu-img create -q -f qcow2 m2g.qcow2 2G
+qemu-img bitmap --add m2g.qcow2 big
+expect_qcbt_error "different sizes" -- bitmap merge -b m2g.qcow2 "$A" a big || bad "$CASE: sizes"
+expect_qcbt_error "bitmap 'nope' not found" -- bitmap merge "$A" a nope || bad "$CASE: source not found"
+expect_qcbt_error "bitmap 'nope' not found" -- bitmap merge "$A" nope a || bad "$CASE: target not found"
+expect_qcbt_error "-b is only for merge" -- bitmap clear -b mf.qcow2 "$A" a || bad "$CASE: -b elsewhere"
+expect_qcbt_error "IMAGE NAME SOURCE" -- bitmap merge "$A" a || bad "$CASE: two arguments"
+clean "$A"
+
 # --- refusals -----------------------------------------------------------------
 
 CASE=refusals
@@ -160,16 +208,29 @@ qemu-img check u.qcow2 >/dev/null 2>&1 || true
 "$QCBT" bitmap remove u.qcow2 u 2>err || bad "$CASE: remove of an in-use bitmap: $(cat err)"
 bitmaps u.qcow2 >u.bm
 [[ $(cat u.bm) == "keep 65536 auto,in-use" ]] || bad "$CASE: after remove: $(cat u.bm)"
+expect_qcbt_error "'keep' is in use" -- bitmap merge -b u.qcow2 e.qcow2 x keep || bad "$CASE: in-use source"
+expect_qcbt_error "'keep' is in use" -- bitmap merge u.qcow2 keep keep || bad "$CASE: in-use target"
 
 # --- faults -------------------------------------------------------------------
 
-# sweep OP NAME BEFORE-IMAGE: fail at every write and flush of OP.
+# state IMG: every bitmap's name, granularity, flags and dirty map (what
+# qemu-nbd exports), so that a clear or a merge is seen too.
+state() {
+    local b g f
+    while read -r b g f; do
+        printf '%s %s %s %s\n' "$b" "$g" "$f" "$(dirty_map "$1" "$b" | tr '\n' ';')"
+    done < <(bitmaps "$1")
+}
+
+# sweep OP NAME BEFORE-IMAGE [ARGS...]: fail at every write and flush of
+# OP.
 sweep() {
-    local op=$1 name=$2 src=$3 kind n rc old new now
-    old=$(bitmaps "$src")
+    local op=$1 name=$2 src=$3 kind n rc old new now extra=("${@:4}")
+    old=$(state "$src")
     cp "$src" done.qcow2
-    "$QCBT" bitmap "$op" done.qcow2 "$name" || fail "$op $name without faults"
-    new=$(bitmaps done.qcow2)
+    "$QCBT" bitmap "$op" done.qcow2 "$name" "${extra[@]}" || fail "$op $name without faults"
+    new=$(state done.qcow2)
+    [[ $old != "$new" ]] || fail "$op $name: nothing changes, the sweep would prove nothing"
     CASE="fault-$op-none"
     clean done.qcow2
     for kind in write flush; do
@@ -177,12 +238,12 @@ sweep() {
             CASE="fault-$op-$kind:$n"
             cp "$src" f.qcow2
             rc=0
-            QCBT_TEST_FAIL_AT=$kind:$n "$QCBT" bitmap "$op" f.qcow2 "$name" 2>err || rc=$?
+            QCBT_TEST_FAIL_AT=$kind:$n "$QCBT" bitmap "$op" f.qcow2 "$name" "${extra[@]}" 2>err || rc=$?
             [[ $rc -eq 0 || $rc -eq 1 ]] || bad "$CASE: exit $rc"
             rc2=0
             qemu-img check f.qcow2 >check.out 2>&1 || rc2=$?
             [[ $rc2 -eq 0 || $rc2 -eq 3 ]] || bad "$CASE: qemu-img check: $(cat check.out)"
-            now=$(bitmaps f.qcow2)
+            now=$(state f.qcow2)
             if [[ $now == "$new" ]]; then
                 :
             elif [[ $now == "$old" && $rc -eq 1 ]]; then
@@ -205,6 +266,7 @@ cp done.qcow2 s2.qcow2
 sweep clear q1 s2.qcow2
 sweep remove q1 s2.qcow2
 sweep remove s1 s2.qcow2
+sweep merge s1 s2.qcow2 q1
 
 # 512-byte clusters: a refcount block covers 128 KiB.  With the file one
 # cluster short of that, add needs a new refcount block (created at the

@@ -93,6 +93,23 @@ CASE=none-left; same
 [[ ! -s a.bm ]] || bad "$CASE: bitmaps left: $(cat a.bm)"
 qemu-img compare -q base.qcow2 a.qcow2 || bad "$CASE: guest data changed"
 
+# Every refcount width (sub-byte widths update one byte of a block).
+for bits in 1 2 8 64; do
+    CASE=refcount-bits-$bits
+    qemu-img create -q -f qcow2 -o refcount_bits=$bits rb.qcow2 1G
+    qemu-io -c 'write 0 1M' rb.qcow2 >/dev/null || fail "oracle broke: qemu-io write"
+    cp rb.qcow2 rb0.qcow2
+    A=rb.qcow2
+    ours add x; ours add y -g 1M; ours remove x
+    qemu-img compare -q rb0.qcow2 rb.qcow2 || bad "$CASE: guest data changed"
+    qemu-io -c 'write 5M 64k' rb.qcow2 >/dev/null || fail "oracle broke: qemu-io write"
+    cp rb.qcow2 rb0.qcow2
+    ours clear y
+    ours add z; clean rb.qcow2
+    [[ $(bitmaps rb.qcow2 | tr '\n' ';') == "y 1048576 auto;z 65536 auto;" ]] || bad "$CASE: bitmaps $(bitmaps rb.qcow2)"
+    qemu-img compare -q rb0.qcow2 rb.qcow2 || bad "$CASE: guest data changed"
+done
+
 # --- QEMU records into our bitmap; our clear empties it -------------------
 
 CASE=qemu-records

@@ -9,7 +9,8 @@
 #     then qemu-nbd -B + nbdinfo --map), and our clear empties it.
 #   - Refusals: one line, exit 1: a running qemu-io holds the image, name
 #     exists / not found, bad names, bad granularity, version 2, in-use
-#     bitmaps (clear/enable/disable; remove works, as in qemu-img).
+#     bitmaps (clear/enable/disable; remove works, as in qemu-img), a
+#     file we may not write.
 #   - merge (qcbt bitmap merge [-b FILE] IMAGE NAME SOURCE) against
 #     qemu-img bitmap --merge SOURCE [-b FILE] IMAGE NAME: coarse into fine,
 #     fine into coarse, from another file: the same dirty maps.
@@ -198,6 +199,22 @@ truncate -s 1M raw.img
 expect_qcbt_error "re:(qcow2|magic|format)" -- bitmap add raw.img x || bad "$CASE: not qcow2"
 expect_qcbt_error "not a regular file" -- bitmap add /dev/null x || bad "$CASE: /dev/null"
 clean e.qcow2
+
+# A file we may not write (as root: run as nobody, who may read it).
+CASE=read-only
+cp base.qcow2 ro.qcow2
+chmod 444 ro.qcow2
+as_user=()
+if [[ $EUID -eq 0 ]]; then
+    chmod 755 "$TMPD"
+    as_user=(setpriv --reuid=65534 --regid=65534 --clear-groups)
+fi
+rc=0
+"${as_user[@]}" "$QCBT" bitmap add ro.qcow2 x 2>err || rc=$?
+if [[ $rc -ne 1 || $(wc -l <err) -ne 1 || $(cat err) != "qcbt: ro.qcow2: Permission denied" ]]; then
+    bad "$CASE: exit $rc: $(cat err)"
+fi
+[[ -z $(bitmaps ro.qcow2) ]] || bad "$CASE: a bitmap appeared"
 
 # In use: qemu-io killed while it holds an enabled bitmap leaves it in_use.
 CASE=in-use

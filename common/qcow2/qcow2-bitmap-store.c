@@ -558,12 +558,16 @@ change(struct qcow2_image *img,
         goto out;
 
     /* Old clusters last: a failure from here on only leaks. */
-    for (i = 0; i < s.nr_old; i++) {
+    for (i = 0; r == 0 && i < s.nr_old; i++)
         r = qcow2_free_cluster(s.alloc, s.old[i]);
-        if (r < 0)
-            goto out;
-    }
-    r = qcbt_io_flush(img->io);
+    if (r == 0)
+        r = qcbt_io_flush(img->io);
+    if (r < 0)
+        r = qcbt_error_prefix(-r,
+                              "bitmap '%s' changed, but its old clusters "
+                              "may be leaked ('qemu-img check -r leaks' "
+                              "frees them)",
+                              name);
 out:
     if (r < 0 && qcbt_error_get()[0] == '\0')
         r = qcbt_error(-r, "%s bitmap '%s' failed", op_names[op], name);

@@ -3,9 +3,10 @@
  *
  * New clusters are taken from the end of the file only: simple, and a
  * crash before the header switch then leaks clusters that nothing else
- * uses.  A cluster range whose refcount block does not exist gets a new
- * block placed in that range itself (the block counts itself), also at
- * the end of the file.  The refcount table is never moved or grown.
+ * uses.  The refcount blocks missing for a run are reserved just before
+ * it, at the end of the file, and counted by whichever block covers
+ * them (possibly one of themselves).  The refcount table is never moved
+ * or grown.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -129,55 +130,105 @@ find_new_block(const struct qcow2_alloc *a, uint64_t ri)
     return NULL;
 }
 
-int
-qcow2_alloc_clusters(struct qcow2_alloc *a, uint64_t n, uint64_t *offset)
+static int
+add_run(struct qcow2_alloc *a, uint64_t start, uint64_t n)
 {
-    uint64_t start, c, ri, p;
-    void *grown;
+    void *grown = realloc(a->runs, (a->nr_runs + 1) * sizeof *a->runs);
 
-    if (n == 0)
-        return qcbt_error(EINVAL, "allocating no cluster");
-again:
-    start = a->next;
-    if (start > (QCOW2_MAX_HOST_OFFSET + 1) / a->cs ||
-        n > (QCOW2_MAX_HOST_OFFSET + 1) / a->cs - start)
-        return qcbt_error(EFBIG,
-                          "%s: no room for %" PRIu64
-                          " more clusters (largest qcow2 offset)",
-                          a->io->name,
-                          n);
-    for (c = start; c < start + n; c++) {
-        ri = c / a->rb_entries;
-        if (ri >= a->rt_entries)
-            return qcbt_error(ENOSPC,
-                              "%s: the image needs a larger refcount table "
-                              "for cluster 0x%" PRIx64
-                              " (qcbt does not grow it; 'qemu-img bitmap' "
-                              "does)",
-                              a->io->name,
-                              c * a->cs);
-        if (a->rt[ri] || find_new_block(a, ri))
-            continue;
-        /* The range of table entry RI has no block: put one at its first
-         * cluster not in use (at or past the end of the file), counting
-         * itself, and start over after it.
-         */
-        p = ri * a->rb_entries > start ? ri * a->rb_entries : start;
-        grown = realloc(a->nb, (a->nr_nb + 1) * sizeof *a->nb);
-        if (!grown)
-            return qcbt_error(ENOMEM, "out of memory");
-        a->nb = grown;
-        a->nb[a->nr_nb++] = (struct new_block){ri, p};
-        a->next = p + 1;
-        goto again;
-    }
-    grown = realloc(a->runs, (a->nr_runs + 1) * sizeof *a->runs);
     if (!grown)
         return qcbt_error(ENOMEM, "out of memory");
     a->runs = grown;
     a->runs[a->nr_runs++] = (struct run){start, n};
-    a->next = start + n;
-    *offset = start * a->cs;
+    return 0;
+}
+
+/* Ranges without a block (on disk or reserved) among those of clusters
+ * [first, first+n); the first MAX of them go to LIST if not NULL. */
+static uint64_t
+missing_blocks(const struct qcow2_alloc *a,
+               uint64_t first,
+               uint64_t n,
+               uint64_t *list,
+               uint64_t max)
+{
+    uint64_t ri, m = 0;
+
+    for (ri = first / a->rb_entries; ri <= (first + n - 1) / a->rb_entries;
+         ri++)
+        if (ri >= a->rt_entries || (!a->rt[ri] && !find_new_block(a, ri))) {
+            if (list && m < max)
+                list[m] = ri;
+            m++;
+        }
+    return m;
+}
+
+int
+qcow2_alloc_clusters(struct qcow2_alloc *a, uint64_t n, uint64_t *offset)
+{
+    uint64_t start = a->next, k = 0, m, i, *ris = NULL;
+    uint64_t limit = (QCOW2_MAX_HOST_OFFSET + 1) / a->cs;
+    void *grown;
+    int r;
+
+    if (n == 0)
+        return qcbt_error(EINVAL, "allocating no cluster");
+    /* K new blocks go first, at START..START+K-1, the run after them;
+     * K is the number of ranges of [START, START+K+N) without a block
+     * (a fixed point: it only grows, and by fewer than K+N clusters). */
+    for (;;) {
+        if (start > limit || k > limit - start || n > limit - start - k)
+            return qcbt_error(EFBIG,
+                              "%s: no room for %" PRIu64
+                              " more clusters (largest qcow2 offset)",
+                              a->io->name,
+                              n);
+        m = missing_blocks(a, start, k + n, NULL, 0);
+        if (m == k)
+            break;
+        k = m;
+    }
+    if (k) {
+        ris = malloc(k * sizeof *ris);
+        if (!ris)
+            return qcbt_error(ENOMEM, "out of memory");
+        missing_blocks(a, start, k + n, ris, k);
+        if (ris[k - 1] >= a->rt_entries) {
+            r = qcbt_error(ENOSPC,
+                           "%s: the image needs a larger refcount table "
+                           "for cluster 0x%" PRIx64
+                           " (qcbt does not grow it; 'qemu-img bitmap' "
+                           "does)",
+                           a->io->name,
+                           (start + k + n - 1) * a->cs);
+            free(ris);
+            return r;
+        }
+        grown = realloc(a->nb, (a->nr_nb + k) * sizeof *a->nb);
+        if (!grown) {
+            free(ris);
+            return qcbt_error(ENOMEM, "out of memory");
+        }
+        a->nb = grown;
+        r = add_run(a, start, k);
+        if (r < 0) {
+            free(ris);
+            return r;
+        }
+        for (i = 0; i < k; i++)
+            a->nb[a->nr_nb++] = (struct new_block){ris[i], start + i};
+        free(ris);
+    }
+    r = add_run(a, start + k, n);
+    if (r < 0) {
+        /* Undo the blocks reserved for it. */
+        a->nr_nb -= k;
+        if (k)
+            a->nr_runs--;
+        return r;
+    }
+    a->next = start + k + n;
+    *offset = (start + k) * a->cs;
     return 0;
 }
 
@@ -232,13 +283,10 @@ qcow2_alloc_commit(struct qcow2_alloc *a)
     size_t i;
     int r;
 
-    /* New blocks: themselves and the reserved clusters of their range. */
+    /* New blocks: the reserved clusters of their range (blocks are
+     * reserved clusters too). */
     for (i = 0; i < a->nr_nb; i++) {
         memset(a->block, 0, a->cs);
-        qcow2_refblock_set(a->block,
-                           a->order,
-                           a->nb[i].cluster - a->nb[i].ri * a->rb_entries,
-                           1);
         r = mark_reserved(a, a->nb[i].ri, false);
         if (r == 0)
             r = write_block(a, a->nb[i].cluster * a->cs);

@@ -6,8 +6,8 @@
  *   qcow2-alloc.c         cluster allocation and refcount updates in an
  *                         existing image.  New clusters come from the end
  *                         of the file (free clusters inside the file are
- *                         not reused); a refcount block missing for them
- *                         is created at the end too, covering itself.  An
+ *                         not reused); the refcount blocks missing for
+ *                         them are created just before them.  An
  *                         image that would need a larger refcount table is
  *                         refused (ENOSPC, "needs a larger refcount
  *                         table"): qcbt does not move the refcount table.

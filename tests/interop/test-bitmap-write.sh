@@ -340,6 +340,18 @@ t = struct.unpack(">%dQ" % (n * 64), f.read(n * 512))
 print(sum(1 for e in t if e))' done.qcow2)
 [[ $refblocks -eq 2 ]] || bad "refblock: expected a second refcount block, found $refblocks"
 
+# A bitmap table longer than one refcount block's range (64 GiB at
+# granularity 512 with 512-byte clusters: 512 table clusters): the new
+# blocks go before the run.
+CASE=long-table
+qemu-img create -q -f qcow2 -o cluster_size=512 lt.qcow2 64G
+A=lt.qcow2
+ours add fine -g 512; clean lt.qcow2
+[[ $(bitmaps lt.qcow2) == "fine 512 auto" ]] || bad "$CASE: $(bitmaps lt.qcow2)"
+qemu-io -c 'write 40G 4k' lt.qcow2 >/dev/null || fail "oracle broke: qemu-io write"
+[[ $(dirty_map lt.qcow2 fine) == "42949672960 4096" ]] || bad "$CASE: QEMU's write: $(dirty_map lt.qcow2 fine)"
+ours remove fine; clean lt.qcow2
+
 # A file reaching past what the refcount table covers (64 blocks of 128
 # KiB): refused, nothing changes.
 CASE=reftable-full

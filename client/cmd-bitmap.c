@@ -9,11 +9,14 @@
 #include <string.h>
 
 #include "bitmap-digest.h"
+#include "bitmap.h"
 #include "chain.h"
 #include "error.h"
 #include "json-out.h"
 #include "merge.h"
+#include "io.h"
 #include "qcbt.h"
+#include "qcow2-store.h"
 
 static void
 bitmap_usage(FILE *fp)
@@ -23,6 +26,9 @@ bitmap_usage(FILE *fp)
             "       qcbt bitmap check  [--json] [--strict] IMAGE NAME\n"
             "       qcbt bitmap dump   [--json] [--strict] IMAGE NAME\n"
             "       qcbt bitmap sha256 [--strict] [--layer N] IMAGE NAME\n"
+            "       qcbt bitmap add [-g SIZE] [--disabled] IMAGE NAME\n"
+            "       qcbt bitmap remove|clear|enable|disable IMAGE NAME\n"
+            "       qcbt bitmap merge [-b FILE] IMAGE NAME SOURCE\n"
             "\n"
             "Persistent dirty bitmaps of IMAGE's backing chain.  NAME is a\n"
             "checkpoint: one bitmap per checkpoint, same-named bitmaps in\n"
@@ -41,12 +47,28 @@ bitmap_usage(FILE *fp)
             "merged\n"
             "          bitmap, or of layer N's stored bitmap with --layer\n"
             "\n"
+            "Changing the bitmaps of the qcow2 file IMAGE itself (not its\n"
+            "backing files), as 'qemu-img bitmap' does; the image is locked\n"
+            "as qemu-img locks it:\n"
+            "  add     a new empty persistent bitmap NAME, enabled unless\n"
+            "          --disabled, granularity SIZE (-g, default 64K)\n"
+            "  remove  delete NAME and free its clusters\n"
+            "  clear   make NAME empty\n"
+            "  enable  NAME records guest writes (flag auto)\n"
+            "  disable NAME stops recording\n"
+            "  merge   add the bits of bitmap SOURCE (of IMAGE, or of the\n"
+            "          qcow2 FILE with -b; same virtual size) to NAME\n"
+            "\n"
             "  --strict     libvirt's rules: NAME in every layer from the top\n"
             "               down to the deepest that holds it, none in use.\n"
             "               Default (tolerant): layers without a usable NAME\n"
             "               contribute everything they allocate\n"
             "  --json       JSON output\n"
             "  --layer N    sha256 of layer N's own bitmap (0 = top)\n"
+            "  -g, --granularity SIZE  add: bytes per bit, a power of two\n"
+            "               from 512 to 2G (K, M, G suffixes)\n"
+            "  --disabled   add: create the bitmap disabled\n"
+            "  -b FILE      merge: SOURCE is a bitmap of FILE\n"
             "  -f FORMAT    format of IMAGE (qcow2 or raw; default probe)\n"
             "  -h, --help   show this help\n");
 }
@@ -407,6 +429,93 @@ do_sha256(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
     return QCBT_EXIT_OK;
 }
 
+static const struct {
+    const char *name;
+    enum qcow2_bitmap_op op;
+} modify_subs[] = {
+    {"add", QCOW2_BITMAP_ADD},
+    {"remove", QCOW2_BITMAP_REMOVE},
+    {"clear", QCOW2_BITMAP_CLEAR},
+    {"enable", QCOW2_BITMAP_ENABLE},
+    {"disable", QCOW2_BITMAP_DISABLE},
+    {"merge", QCOW2_BITMAP_MERGE},
+};
+
+/* The consistent bitmap NAME of the qcow2 FILE, opened read-only and
+ * locked as qemu-img locks a source.  IMG is the target: the same file
+ * is read through it (a second open would conflict with our own lock). */
+static int
+load_source(struct qcow2_image *img,
+            const char *file,
+            const char *name,
+            struct bitmap **out)
+{
+    struct qcbt_io *io = NULL;
+    struct qcow2_image *src = NULL;
+    int r;
+
+    if (!file)
+        return qcow2_bitmap_load_named(img, name, out);
+    r = qcbt_io_open_file(file, &io);
+    if (r < 0)
+        return r;
+    if (io->dev == img->io->dev && io->ino == img->io->ino) {
+        qcbt_io_free(io);
+        return qcow2_bitmap_load_named(img, name, out);
+    }
+    r = qcbt_io_lock(io, QCBT_IO_LOCK_READ);
+    if (r < 0) {
+        qcbt_io_free(io);
+        return r;
+    }
+    r = qcow2_open(io, &src);
+    if (r < 0)
+        return r;
+    r = qcow2_bitmap_load_named(src, name, out);
+    qcow2_close(src);
+    return r;
+}
+
+/* add/remove/clear/enable/disable/merge: the qcow2 file IMAGE,
+ * read-write, holding the image locks qemu-img bitmap holds.  SOURCE
+ * (merge): a bitmap of FILE, or of IMAGE when FILE is NULL. */
+static int
+do_modify(enum qcow2_bitmap_op op,
+          const char *image,
+          const char *name,
+          unsigned gbits,
+          bool disabled,
+          const char *source,
+          const char *file)
+{
+    struct qcbt_io *io = NULL;
+    struct qcow2_image *img = NULL;
+    struct bitmap *src = NULL;
+    int r;
+
+    r = qcbt_io_open_file_rw(image, &io);
+    if (r < 0)
+        return report_error();
+    r = qcbt_io_lock(io, QCBT_IO_LOCK_WRITE);
+    if (r < 0) {
+        qcbt_io_free(io);
+        return report_error();
+    }
+    r = qcow2_open(io, &img); /* owns io from here */
+    if (r < 0)
+        return report_error();
+    if (op == QCOW2_BITMAP_MERGE) {
+        r = load_source(img, file, source, &src);
+        if (r == 0)
+            r = qcow2_bitmap_merge(img, name, src);
+        bitmap_free(src);
+    } else {
+        r = qcow2_bitmap_modify(img, op, name, gbits, disabled);
+    }
+    qcow2_close(img);
+    return r < 0 ? report_error() : QCBT_EXIT_OK;
+}
+
 int
 cmd_bitmap(int argc, char **argv)
 {
@@ -415,15 +524,30 @@ cmd_bitmap(int argc, char **argv)
         {"strict", no_argument, NULL, 's'},
         {"layer", required_argument, NULL, 'L'},
         {"format", required_argument, NULL, 'f'},
+        {"granularity", required_argument, NULL, 'g'},
+        {"disabled", no_argument, NULL, 'D'},
+        {"source-file", required_argument, NULL, 'b'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    static const char optstring[] = "f:h";
+    static const char optstring[] = "b:f:g:h";
     struct bopts o = {.layer = -1};
     struct chain_open_opts copts = {0};
     struct chain *c = NULL;
     struct merge_ctx *ctx = NULL;
-    static const char *const subs[] = {"list", "check", "dump", "sha256"};
+    static const char *const subs[] = {"list",
+                                       "check",
+                                       "dump",
+                                       "sha256",
+                                       "add",
+                                       "remove",
+                                       "clear",
+                                       "enable",
+                                       "disable",
+                                       "merge"};
+    const char *granularity = NULL, *file = NULL;
+    bool disabled = false;
+    uint64_t gran = 1ULL << QCOW2_BITMAP_DEFAULT_GRANULARITY_BITS;
     const char *sub = NULL;
     char cmd[16] = "bitmap";
     int opt, ret, nargs;
@@ -453,6 +577,15 @@ cmd_bitmap(int argc, char **argv)
         case 'f':
             copts.format = optarg;
             break;
+        case 'g':
+            granularity = optarg;
+            break;
+        case 'D':
+            disabled = true;
+            break;
+        case 'b':
+            file = optarg;
+            break;
         case 'h':
             bitmap_usage(stdout);
             return QCBT_EXIT_OK;
@@ -462,25 +595,56 @@ cmd_bitmap(int argc, char **argv)
     }
     if (optind >= argc)
         return usage_error("bitmap",
-                           "expected a subcommand: list, check, dump or "
-                           "sha256");
+                           "expected a subcommand: list, check, dump, "
+                           "sha256, add, remove, clear, enable, "
+                           "disable or merge");
     for (i = 0; i < sizeof subs / sizeof subs[0]; i++)
         if (strcmp(argv[optind], subs[i]) == 0)
             sub = subs[i];
     if (!sub)
         return usage_error(
             "bitmap",
-            "unknown subcommand '%s': list, check, dump or sha256",
+            "unknown subcommand '%s': list, check, dump, sha256, add, "
+            "remove, clear, enable, disable or merge",
             argv[optind]);
     snprintf(cmd, sizeof cmd, "bitmap %s", sub);
     optind++;
-    nargs = strcmp(sub, "list") == 0 ? 1 : 2;
+    nargs = strcmp(sub, "list") == 0 ? 1 : strcmp(sub, "merge") == 0 ? 3 : 2;
     if (argc - optind != nargs)
         return usage_error(cmd,
                            "expected %s",
-                           nargs == 1 ? "IMAGE" : "IMAGE NAME");
+                           nargs == 1   ? "IMAGE"
+                           : nargs == 3 ? "IMAGE NAME SOURCE"
+                                        : "IMAGE NAME");
+    if (file && strcmp(sub, "merge") != 0)
+        return usage_error(cmd, "-b is only for merge");
     if (o.layer >= 0 && strcmp(sub, "sha256") != 0)
         return usage_error(cmd, "--layer is only for sha256");
+    for (i = 0; i < sizeof modify_subs / sizeof modify_subs[0]; i++) {
+        if (strcmp(sub, modify_subs[i].name) != 0)
+            continue;
+        if (o.json || o.strict || copts.format)
+            return usage_error(cmd,
+                               "--json, --strict and -f are not for %s",
+                               sub);
+        if ((granularity || disabled) && modify_subs[i].op != QCOW2_BITMAP_ADD)
+            return usage_error(cmd, "-g and --disabled are only for add");
+        if (granularity && (parse_size(granularity, &gran) < 0 || gran < 512 ||
+                            gran > (1ULL << 31) || (gran & (gran - 1))))
+            return usage_error(cmd,
+                               "invalid granularity '%s': a power of two "
+                               "from 512 to 2G",
+                               granularity);
+        return do_modify(modify_subs[i].op,
+                         argv[optind],
+                         argv[optind + 1],
+                         (unsigned)__builtin_ctzll(gran),
+                         disabled,
+                         nargs == 3 ? argv[optind + 2] : NULL,
+                         file);
+    }
+    if (granularity || disabled)
+        return usage_error(cmd, "-g and --disabled are only for add");
     o.format = copts.format;
     o.image = argv[optind];
     o.name = nargs == 2 ? argv[optind + 1] : NULL;

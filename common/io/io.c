@@ -1,6 +1,7 @@
 /* qcbt: the I/O interface, independent of the backend (see io.h). */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -97,6 +98,28 @@ qcbt_io_read_exact(struct qcbt_io *io,
     return 0;
 }
 
+/* The test hook: QCBT_TEST_FAIL_AT=write:N (or flush:N) makes the Nth
+ * qcbt_io_write_exact() (qcbt_io_flush()) of the process, counted from 1,
+ * and every later one fail with EIO before it reaches the backend, as if
+ * the machine had stopped there.  For the crash-safety tests only.
+ */
+static atomic_ulong nr_writes, nr_flushes;
+
+static bool
+injected_fault(const char *kind, atomic_ulong *counter)
+{
+    const char *env = getenv("QCBT_TEST_FAIL_AT");
+    size_t klen = strlen(kind);
+    unsigned long n, at;
+    char *end;
+
+    if (!env || strncmp(env, kind, klen) != 0 || env[klen] != ':')
+        return false;
+    n = atomic_fetch_add(counter, 1) + 1;
+    at = strtoul(env + klen + 1, &end, 10);
+    return *end == '\0' && at > 0 && n >= at;
+}
+
 int
 qcbt_io_write_exact(struct qcbt_io *io,
                     const void *buf,
@@ -120,6 +143,13 @@ qcbt_io_write_exact(struct qcbt_io *io,
                           io->name,
                           what,
                           offset);
+    if (injected_fault("write", &nr_writes))
+        return qcbt_error(EIO,
+                          "%s: writing %s at offset 0x%" PRIx64
+                          ": injected fault (QCBT_TEST_FAIL_AT)",
+                          io->name,
+                          what,
+                          offset);
     r = io->ops->pwrite(io->opaque, buf, count, offset);
     if (r >= 0 && (size_t)r != count)
         r = -EIO; /* the backend broke its contract: never a short write */
@@ -140,6 +170,10 @@ qcbt_io_flush(struct qcbt_io *io)
 {
     int r;
 
+    if (injected_fault("flush", &nr_flushes))
+        return qcbt_error(EIO,
+                          "%s: flush: injected fault (QCBT_TEST_FAIL_AT)",
+                          io->name);
     if (!io->ops->flush)
         return 0;
     r = io->ops->flush(io->opaque);

@@ -1,0 +1,65 @@
+#!/bin/bash
+# qcbt bitmap add/merge/clear/remove vs qemu-img bitmap on a 1 TiB image,
+# one run each (issue 12's figures).
+#
+#   bench/bench-bitmap-write.sh [SCRATCH_DIR]   (default /tmp/qcbt-bench-bmw)
+#
+# Env: QCBT (default: <repo>/build/client/qcbt).
+#
+# Images: two copies of a 1 TiB qcow2 (64 KiB clusters) with bitmap "src"
+# (64 KiB granularity) holding one 4 KiB write in every GiB (1024 set bits,
+# 32 bitmap data clusters); qcbt works on one copy, qemu-img on the other,
+# the same operations in the same order:
+#   add ck            (empty bitmap, default granularity)
+#   add -g 512 fine   (the largest table: 4096 entries, 32 KiB)
+#   merge src -> ck   (32 data clusters written)
+#   clear ck, remove fine, remove ck
+# Printed: wall time of each (ms, date +%s%N around the command), and a
+# check that both copies end with the same bitmaps and qemu-img check is
+# clean.  Floor: qemu-img on the same machine, same page cache state.
+
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+scratch=${1:-/tmp/qcbt-bench-bmw}
+QCBT=${QCBT:-$here/../build/client/qcbt}
+mkdir -p "$scratch"
+cd "$scratch"
+rm -f ours.qcow2 theirs.qcow2
+
+qemu-img create -q -f qcow2 ours.qcow2 1T
+qemu-img bitmap --add ours.qcow2 src
+cmds=()
+for ((g = 0; g < 1024; g++)); do cmds+=(-c "write $((g * 1024 * 1024 * 1024)) 4k"); done
+qemu-io "${cmds[@]}" ours.qcow2 >/dev/null
+cp ours.qcow2 theirs.qcow2
+
+ms() { echo $(($(date +%s%N) / 1000000)); }
+row() {
+    local what=$1 t0 t1 t2
+    shift
+    local ours=() theirs=()
+    while [[ $1 != -- ]]; do ours+=("$1"); shift; done
+    shift
+    theirs=("$@")
+    t0=$(ms)
+    "$QCBT" bitmap "${ours[@]}"
+    t1=$(ms)
+    qemu-img bitmap "${theirs[@]}"
+    t2=$(ms)
+    printf '%-22s qcbt %5d ms   qemu-img %5d ms\n' "$what" $((t1 - t0)) $((t2 - t1))
+}
+row "add ck" add ours.qcow2 ck -- --add theirs.qcow2 ck
+row "add -g 512 fine" add -g 512 ours.qcow2 fine -- --add -g 512 theirs.qcow2 fine
+row "merge src into ck" merge ours.qcow2 ck src -- --merge src theirs.qcow2 ck
+row "clear ck" clear ours.qcow2 ck -- --clear theirs.qcow2 ck
+row "remove fine" remove ours.qcow2 fine -- --remove theirs.qcow2 fine
+row "remove ck" remove ours.qcow2 ck -- --remove theirs.qcow2 ck
+
+for f in ours theirs; do
+    qemu-img check -q "$f.qcow2" || { echo "qemu-img check $f.qcow2 failed"; exit 1; }
+    qemu-img info --output=json "$f.qcow2" |
+        /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["format-specific"]["data"].get("bitmaps"))' >"$f.bm"
+done
+cmp -s ours.bm theirs.bm || { echo "bitmaps differ: $(cat ours.bm) vs $(cat theirs.bm)"; exit 1; }
+echo "same bitmaps, qemu-img check clean"

@@ -1,0 +1,121 @@
+/* qcbt: writing qcow2 metadata in place (DESIGN.md "Loading and storing
+ * (crash safety)").
+ *
+ * Two layers:
+ *
+ *   qcow2-alloc.c         cluster allocation and refcount updates in an
+ *                         existing image.  New clusters come from the end
+ *                         of the file (free clusters inside the file are
+ *                         not reused); the refcount blocks missing for
+ *                         them are created just before them.  An
+ *                         image that would need a larger refcount table is
+ *                         refused (ENOSPC, "needs a larger refcount
+ *                         table"): qcbt does not move the refcount table.
+ *   qcow2-bitmap-store.c  the bitmap directory: add, remove, clear,
+ *                         enable, disable, as `qemu-img bitmap` does them.
+ *
+ * The order of every store is QEMU's (block/qcow2-bitmap.c
+ * update_ext_header_and_dir()): new clusters (bitmap tables, directory,
+ * their refcounts) written and flushed; the header's bitmaps extension
+ * switched by one write of the bytes that change; flushed; only then are
+ * the old clusters' refcounts decremented.  A failure or crash at any
+ * point leaves every bitmap exactly old or exactly new and the image
+ * `qemu-img check` clean but for leaked clusters.
+ *
+ * The image must be opened on a writable io holding the WRITE image lock
+ * (qcbt_io_lock()); nothing here takes locks.  Not thread-safe: one
+ * writer at a time, and no reader of the same image object meanwhile.
+ */
+#ifndef QCBT_QCOW2_STORE_H
+#define QCBT_QCOW2_STORE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "qcow2.h"
+
+/* ------------------------------------------------------------------ */
+/* Cluster allocation (qcow2-alloc.c) */
+
+struct qcow2_alloc;
+
+/* Start allocating in IMG: load the refcount table.  Refuses images whose
+ * refcounts cannot be trusted (dirty with lazy refcounts, marked
+ * corrupt).  Returns 0 and *out or -errno with a message.
+ */
+int qcow2_alloc_new(struct qcow2_image *img, struct qcow2_alloc **out);
+void qcow2_alloc_free(struct qcow2_alloc *a);
+
+/* Reserve N contiguous clusters at the end of the file; *offset is the
+ * byte offset of the first.  Nothing is written until
+ * qcow2_alloc_commit().  The caller writes the clusters' contents.
+ */
+int qcow2_alloc_clusters(struct qcow2_alloc *a, uint64_t n, uint64_t *offset);
+
+/* Make the reserved clusters' refcounts 1 on disk: new refcount blocks
+ * and the increments in existing blocks written and flushed, then the
+ * refcount table entries of the new blocks written and flushed.  Call
+ * after writing the clusters' contents and before anything points to
+ * them.
+ */
+int qcow2_alloc_commit(struct qcow2_alloc *a);
+
+/* Decrement the refcount of the cluster at byte OFFSET (written at once;
+ * the caller flushes).  A refcount already 0 is an error (the image is
+ * corrupt).
+ */
+int qcow2_free_cluster(struct qcow2_alloc *a, uint64_t offset);
+
+/* ------------------------------------------------------------------ */
+/* Bitmap directory changes (qcow2-bitmap-store.c) */
+
+enum qcow2_bitmap_op {
+    QCOW2_BITMAP_ADD,
+    QCOW2_BITMAP_REMOVE,
+    QCOW2_BITMAP_CLEAR,
+    QCOW2_BITMAP_ENABLE,
+    QCOW2_BITMAP_DISABLE,
+    QCOW2_BITMAP_MERGE, /* qcow2_bitmap_merge() */
+};
+
+/* The granularity `qemu-img bitmap --add` uses without -g: 64 KiB. */
+#define QCOW2_BITMAP_DEFAULT_GRANULARITY_BITS 16
+
+/* Apply OP to the persistent bitmap NAME of IMG (opened read-write).
+ * ADD creates an empty bitmap of granularity 2^GBITS, enabled (flag
+ * "auto") unless DISABLED; the others need NAME to exist, and CLEAR,
+ * ENABLE and DISABLE refuse a bitmap in use (as QEMU refuses an
+ * inconsistent bitmap).  Refused as QEMU refuses: version 2 images, bad
+ * names, granularity outside 512 B..2 GiB, more than 65535 bitmaps, a
+ * directory over 64 MiB, an invalid bitmap directory.  Returns 0 or
+ * -errno with a one-line message; on failure the image holds exactly the
+ * old bitmaps (plus, at worst, leaked clusters).
+ */
+int qcow2_bitmap_modify(struct qcow2_image *img,
+                        enum qcow2_bitmap_op op,
+                        const char *name,
+                        unsigned gbits,
+                        bool disabled);
+
+struct bitmap;
+
+/* `qemu-img bitmap --merge`: OR SRC into the persistent bitmap NAME of
+ * IMG (which must exist and not be in use; its flags stay).  SRC must
+ * cover the same virtual size (QEMU's rule); granularities may differ
+ * (a target bit is set when a set source bit overlaps it).  NAME gets a
+ * new table and data clusters (zero clusters stored as entry 0, as QEMU
+ * does); its old ones are freed after the switch.
+ */
+int qcow2_bitmap_merge(struct qcow2_image *img,
+                       const char *name,
+                       const struct bitmap *src);
+
+/* Load the consistent persistent bitmap NAME of IMG (not found, in use
+ * and invalid are errors).  Returns 0 and *out (bitmap_free()) or -errno
+ * with a message.
+ */
+int qcow2_bitmap_load_named(struct qcow2_image *img,
+                            const char *name,
+                            struct bitmap **out);
+
+#endif /* QCBT_QCOW2_STORE_H */

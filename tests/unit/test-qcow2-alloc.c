@@ -1,0 +1,163 @@
+/* Unit tests: cluster allocation and refcount updates in an existing
+ * image (common/qcow2/qcow2-alloc.c), on images qcbt's writer makes in
+ * memory with 512-byte clusters, so that one refcount block covers 256
+ * clusters and the refcount table 64 blocks.
+ */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "error.h"
+#include "io.h"
+#include "qcow2-store.h"
+#include "qcow2-writer.h"
+#include "qcow2.h"
+
+#define CAP (16u * 1024 * 1024)
+
+struct fixture {
+    unsigned char *buf;
+    struct qcow2_image *img;
+};
+
+/* A 1 MiB image with 512-byte clusters, opened read-write in memory. */
+static int
+setup(void **state)
+{
+    struct fixture *f = calloc(1, sizeof *f);
+    struct qcow2_writer_opts o = {.size = 1024 * 1024, .cluster_size = 512};
+    struct qcow2_writer *w;
+    struct qcbt_io *io;
+    size_t len;
+
+    assert_non_null(f);
+    f->buf = calloc(1, CAP);
+    assert_non_null(f->buf);
+    assert_int_equal(qcbt_io_open_mem_rw(f->buf, CAP, 0, "w", &io), 0);
+    assert_int_equal(qcow2_writer_create_io(io, &o, &w), 0);
+    assert_int_equal(qcow2_writer_close(w), 0);
+    for (len = CAP; len > 0 && f->buf[len - 1] == 0; len--)
+        ;
+    len = (len + 511) & ~(size_t)511;
+    assert_int_equal(qcbt_io_open_mem_rw(f->buf, CAP, len, "img", &io), 0);
+    assert_int_equal(qcow2_open(io, &f->img), 0);
+    *state = f;
+    return 0;
+}
+
+static int
+teardown(void **state)
+{
+    struct fixture *f = *state;
+
+    qcow2_close(f->img);
+    free(f->buf);
+    free(f);
+    return 0;
+}
+
+static uint64_t
+refcount(struct qcow2_image *img, uint64_t cluster)
+{
+    uint64_t rc = 99;
+
+    assert_int_equal(qcow2_get_refcount(img, cluster, &rc), 0);
+    return rc;
+}
+
+/* A run reaching past the first block's range gets the missing block
+ * reserved just before it (counted by the first block); nothing is
+ * written before the commit; the table points at the new block after
+ * it.  A run over several missing ranges gets one block each. */
+static void
+test_new_refcount_blocks(void **state)
+{
+    struct fixture *f = *state;
+    struct qcow2_image *img = f->img;
+    struct qcow2_alloc *a;
+    uint64_t size0 = img->io->size, start = size0 / 512, off, c;
+
+    assert_true(start < 256);
+    assert_int_equal(qcow2_alloc_new(img, &a), 0);
+    assert_int_equal(qcow2_alloc_clusters(a, 300, &off), 0);
+    assert_int_equal(off, (start + 1) * 512);
+    assert_int_equal(img->io->size, size0);
+    assert_int_equal(refcount(img, start), 0);
+
+    if (qcow2_alloc_commit(a) < 0)
+        fail_msg("commit: %s", qcbt_error_get());
+    for (c = start; c < start + 301; c++)
+        assert_int_equal(refcount(img, c), 1);
+    assert_int_equal(refcount(img, start + 301), 0);
+
+    /* 600 more: over ranges 1 (has its block now), 2 and 3. */
+    assert_int_equal(qcow2_alloc_clusters(a, 600, &off), 0);
+    assert_int_equal(off, (start + 301 + 2) * 512);
+    if (qcow2_alloc_commit(a) < 0)
+        fail_msg("commit: %s", qcbt_error_get());
+    for (c = start; c < start + 903; c++)
+        assert_int_equal(refcount(img, c), 1);
+    assert_int_equal(refcount(img, start + 903), 0);
+
+    assert_int_equal(qcow2_free_cluster(a, 300 * 512), 0);
+    assert_int_equal(refcount(img, 300), 0);
+    assert_int_equal(refcount(img, 301), 1);
+    assert_int_equal(qcow2_free_cluster(a, 300 * 512), -EIO);
+    assert_non_null(strstr(qcbt_error_get(), "already 0"));
+    qcow2_alloc_free(a);
+}
+
+/* Past the 64 blocks the table holds: refused, nothing reserved. */
+static void
+test_reftable_full(void **state)
+{
+    struct fixture *f = *state;
+    struct qcow2_alloc *a;
+    uint64_t off = 0, size0 = f->img->io->size;
+
+    assert_int_equal(f->img->hdr.refcount_table_clusters, 1);
+    assert_int_equal(qcow2_alloc_new(f->img, &a), 0);
+    assert_int_equal(qcow2_alloc_clusters(a, 64 * 256, &off), -ENOSPC);
+    assert_non_null(strstr(qcbt_error_get(), "larger refcount table"));
+    assert_int_equal(qcow2_alloc_commit(a), 0);
+    assert_int_equal(f->img->io->size, size0);
+    qcow2_alloc_free(a);
+}
+
+/* Images whose refcounts cannot be trusted are refused. */
+static void
+test_refuse_dirty_and_corrupt(void **state)
+{
+    struct fixture *f = *state;
+    struct qcow2_alloc *a = NULL;
+
+    f->img->hdr.incompatible_features |= QCOW2_INCOMPAT_DIRTY;
+    assert_int_equal(qcow2_alloc_new(f->img, &a), -EINVAL);
+    assert_non_null(strstr(qcbt_error_get(), "dirty"));
+    f->img->hdr.incompatible_features = QCOW2_INCOMPAT_CORRUPT;
+    assert_int_equal(qcow2_alloc_new(f->img, &a), -EINVAL);
+    assert_non_null(strstr(qcbt_error_get(), "corrupt"));
+    assert_null(a);
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_new_refcount_blocks,
+                                        setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_reftable_full, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_refuse_dirty_and_corrupt,
+                                        setup,
+                                        teardown),
+    };
+
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

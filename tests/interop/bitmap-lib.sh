@@ -74,7 +74,7 @@ crash() {
     shift
     { printf '%q ' qemu-io -f qcow2 "$@" -c flush -c "sigraise 9" "$img"; printf ' # killed\n'; } >>"$CASE_DIR/recipe.txt"
     sh -c '"$@" >/dev/null 2>&1; exit 0' sh qemu-io -f qcow2 "$@" -c flush -c "sigraise 9" "$img" || true
-    qemu-img info -U --output=json "$img" | grep -q '"in-use"' ||
+    qemu-img info -U --output=json "$img" | grep '"in-use"' >/dev/null ||
         fail "[$CASE] could not leave a bitmap in-use in $img"
 }
 

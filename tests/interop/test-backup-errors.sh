@@ -163,7 +163,7 @@ one_line() {
 # "qcbt: ", and one matches REGEX.
 notices_only() {
     local f=$1 re=$2
-    if grep -v '^qcbt backup: ' "$f" | grep -q .; then
+    if grep -v '^qcbt backup: ' "$f" | grep . >/dev/null; then
         bad "stderr of a successful backup has lines that are not notices: $(cat "$f")"
     elif ! grep -qE -- "$re" "$f"; then
         bad "no notice /$re/ on stderr: $(cat "$f")"

@@ -370,7 +370,7 @@ if want in-use; then
     # the next rw open while the in-use one is left untouched
     run qemu-img bitmap --add -g 65536 img.qcow2 good
     run qemu-io -f qcow2 -c "write -P 0x43 2M 64k" img.qcow2
-    qemu-img info img.qcow2 | grep -q in-use || fail "[$CASE] could not make an in-use bitmap"
+    qemu-img info img.qcow2 | grep in-use >/dev/null || fail "[$CASE] could not make an in-use bitmap"
     before=$(sha_file img.qcow2)
     rc=0
     check_list img.qcow2 || rc=1

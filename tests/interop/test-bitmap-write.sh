@@ -243,7 +243,7 @@ pid=$!
 cleanup_pid "$pid"
 # (qemu-img info -U may see QEMU's header half written: its warnings are
 # dropped.)
-in_use_shown() { qemu-img info -U --output=json u.qcow2 2>/dev/null | grep -q in-use; }
+in_use_shown() { qemu-img info -U --output=json u.qcow2 2>/dev/null | grep in-use >/dev/null; }
 wait_until -p "$pid" -- in_use_shown ||
     fail "oracle broke: qemu-io never marked the bitmaps in use: $(cat qemu-io.log)"
 # The lock: while qemu-io holds the image we refuse to write it.

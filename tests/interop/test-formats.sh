@@ -38,8 +38,8 @@ want() { [[ -z ${QCBT_CASES:-} || $1 =~ $QCBT_CASES ]]; }
 # handlers after an error: then a failure that printed its error and hung
 # is accepted, as in test-nbdkit-plugin.sh.
 NBDKIT_ENV=()
-if nm -D "$PLUGIN" 2>/dev/null | grep -q '__asan_init' ||
-    ldd "$PLUGIN" 2>/dev/null | grep -q libasan; then
+if nm -D "$PLUGIN" 2>/dev/null | grep '__asan_init' >/dev/null ||
+    ldd "$PLUGIN" 2>/dev/null | grep libasan >/dev/null; then
     libasan=$(ldd "$PLUGIN" | awk '/libasan/ { print $3; exit }')
     [[ -n $libasan && -f $libasan ]] || libasan=$(gcc -print-file-name=libasan.so)
     [[ -f $libasan ]] || fail "ASan-built plugin but no libasan found to preload"

@@ -164,7 +164,7 @@ expect_qemu_ok qemu-img bitmap --add "$img" b2
 expect_qemu_ok qemu-io -c 'write 0 64k' "$img"
 stop "$pid"
 
-qemu-img info --output=json "$img" | grep -q '"name": "b2"' ||
+qemu-img info --output=json "$img" | grep '"name": "b2"' >/dev/null ||
     bad "oracle: bitmap b2 not in the image"
 qemu-img check -q "$img" || bad "qemu-img check after the lock tests"
 

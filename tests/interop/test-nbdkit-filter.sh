@@ -46,8 +46,8 @@ want() { [[ -z ${QCBT_CASES:-} || $1 =~ $QCBT_CASES ]]; }
 # --- nbdkit, with libasan preloaded for an ASan-built filter ---------------
 
 NBDKIT_ENV=()
-if nm -D "$FILTER" 2>/dev/null | grep -q '__asan_init' ||
-    ldd "$FILTER" 2>/dev/null | grep -q libasan; then
+if nm -D "$FILTER" 2>/dev/null | grep '__asan_init' >/dev/null ||
+    ldd "$FILTER" 2>/dev/null | grep libasan >/dev/null; then
     libasan=$(ldd "$FILTER" | awk '/libasan/ { print $3; exit }')
     [[ -n $libasan && -f $libasan ]] || libasan=$(gcc -print-file-name=libasan.so)
     [[ -f $libasan ]] || fail "ASan-built filter but no libasan found to preload"
@@ -167,7 +167,7 @@ expect_start_failure() {
     fi
     sanitizer_clean "$err" || return 1
     for n in "${needles[@]}"; do
-        if ! grep -F 'error:' "$err" | grep -qF -- "$n"; then
+        if ! grep -F 'error:' "$err" | grep -F -- "$n" >/dev/null; then
             note "[$CASE] nbdkit's error lacks '$n': $(cat "$err")"
             return 1
         fi
@@ -432,7 +432,7 @@ PYEOF
     fi
     # Over a plugin that cannot cache, the filter does not offer it.
     if nbdkit_start --filter=nocache file "$IMG/plain.qcow2" cachemode=none; then
-        nbdinfo --json "$URI" | grep -q '"can_cache": false' ||
+        nbdinfo --json "$URI" | grep '"can_cache": false' >/dev/null ||
             { note "[$CASE] cache offered over a plugin that cannot cache"; rc=1; }
         nbdkit_stop || rc=1
     else

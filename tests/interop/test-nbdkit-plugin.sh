@@ -39,8 +39,8 @@ want() { [[ -z ${QCBT_CASES:-} || $1 =~ $QCBT_CASES ]]; }
 # --- nbdkit, with libasan preloaded for an ASan-built plugin ---------------
 
 NBDKIT_ENV=()
-if nm -D "$PLUGIN" 2>/dev/null | grep -q '__asan_init' ||
-    ldd "$PLUGIN" 2>/dev/null | grep -q libasan; then
+if nm -D "$PLUGIN" 2>/dev/null | grep '__asan_init' >/dev/null ||
+    ldd "$PLUGIN" 2>/dev/null | grep libasan >/dev/null; then
     libasan=$(ldd "$PLUGIN" | awk '/libasan/ { print $3; exit }')
     [[ -n $libasan && -f $libasan ]] || libasan=$(gcc -print-file-name=libasan.so)
     [[ -f $libasan ]] || fail "ASan-built plugin but no libasan found to preload"
@@ -148,7 +148,7 @@ expect_start_failure() {
     fi
     sanitizer_clean "$err" || return 1
     for n in "${needles[@]}"; do
-        if ! grep -F 'error:' "$err" | grep -qF -- "$n"; then
+        if ! grep -F 'error:' "$err" | grep -F -- "$n" >/dev/null; then
             note "[$CASE] nbdkit's error lacks '$n': $(cat "$err")"
             return 1
         fi

@@ -48,6 +48,9 @@ bitmap_usage(FILE *fp)
             "  --json       JSON output\n"
             "  --layer N    sha256 of layer N's own bitmap (0 = top)\n"
             "  -f FORMAT    format of IMAGE (qcow2 or raw; default probe)\n"
+            "  -U, --force-share\n"
+            "               read an image another process writes (a running\n"
+            "               VM): the bitmaps may be inconsistent\n"
             "  -h, --help   show this help\n");
 }
 
@@ -415,12 +418,16 @@ cmd_bitmap(int argc, char **argv)
         {"strict", no_argument, NULL, 's'},
         {"layer", required_argument, NULL, 'L'},
         {"format", required_argument, NULL, 'f'},
+        {"force-share", no_argument, NULL, 'U'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    static const char optstring[] = "f:h";
+    static const char optstring[] = "f:hU";
     struct bopts o = {.layer = -1};
-    struct chain_open_opts copts = {0};
+    struct chain_open_opts copts = {
+        .lock = QCBT_IO_LOCK_READ,
+        .force_share_option = "-U/--force-share",
+    };
     struct chain *c = NULL;
     struct merge_ctx *ctx = NULL;
     static const char *const subs[] = {"list", "check", "dump", "sha256"};
@@ -452,6 +459,9 @@ cmd_bitmap(int argc, char **argv)
             break;
         case 'f':
             copts.format = optarg;
+            break;
+        case 'U':
+            copts.lock = QCBT_IO_LOCK_SHARED;
             break;
         case 'h':
             bitmap_usage(stdout);

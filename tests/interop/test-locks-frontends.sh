@@ -41,6 +41,19 @@ if nm -D "$PLUGIN" 2>/dev/null | grep -q '__asan_init' ||
     [[ -f $libasan ]] || fail "ASan-built plugin but no libasan found to preload"
     NBDKIT_ENV=(LD_PRELOAD="$libasan" ASAN_OPTIONS=detect_leaks=0)
 fi
+# nbdkit 1.32 with libasan preloaded can hang in its exit handlers (the
+# stock file plugin too; test-nbdkit-plugin.sh says why): probed once,
+# where it happens such an nbdkit is killed after a short bound.
+ASAN_EXIT_HANG=
+if [[ ${#NBDKIT_ENV[@]} -gt 0 ]]; then
+    probe_rc=0
+    timeout -k 5 15 env "${NBDKIT_ENV[@]}" nbdkit -f -U "$TMPD/probe.sock" file "$TMPD/no-such-file" \
+        >/dev/null 2>&1 </dev/null || probe_rc=$?
+    if [[ $probe_rc -eq 124 || $probe_rc -eq 137 ]]; then
+        ASAN_EXIT_HANG=1
+        note "nbdkit with libasan preloaded hangs in exit after an error (stock file plugin too)"
+    fi
+fi
 
 cd "$TMPD"
 failures=0
@@ -79,6 +92,20 @@ stop() {
     wait_gone "$1" || {
         kill -KILL "$1" 2>/dev/null || true
         bad "$CASE: process $1 does not exit after SIGTERM"
+    }
+    wait "$1" 2>/dev/null || true
+}
+
+# stop_nbdkit PID: stop; the probed libasan exit hang is killed, not failed.
+stop_nbdkit() {
+    if [[ -z $ASAN_EXIT_HANG ]]; then
+        stop "$1"
+        return
+    fi
+    kill -TERM "$1" 2>/dev/null || true
+    wait_gone "$1" 10 || {
+        note "$CASE: nbdkit hung in exit (the libasan hang probed above): killed"
+        kill -KILL "$1" 2>/dev/null || true
     }
     wait "$1" 2>/dev/null || true
 }
@@ -212,10 +239,11 @@ expect_server_refused() {
 expect_plugin_refused() {
     local img=$1 held=$2 rc=0 line
     rm -f "$SOCK"
-    timeout -k 5 "$QCBT_WAIT" env "${NBDKIT_ENV[@]}" nbdkit -f -U "$SOCK" "$PLUGIN" "file=$img" \
+    timeout -k 5 "$([[ -n $ASAN_EXIT_HANG ]] && echo 20 || echo "$QCBT_WAIT")" \
+        env "${NBDKIT_ENV[@]}" nbdkit -f -U "$SOCK" "$PLUGIN" "file=$img" \
         </dev/null >out 2>err || rc=$?
     line=$(grep -F 'error:' err || true)
-    if [[ $rc -eq 0 || ($rc -ge 124 && -z ${NBDKIT_ENV[*]}) ]]; then
+    if [[ $rc -eq 0 || ($rc -ge 124 && -z $ASAN_EXIT_HANG) ]]; then
         bad "$CASE: nbdkit plugin: exit $rc, expected a start failure: $(cat err)"
     elif [[ $(grep -c . <<<"$line") -ne 1 || $line != *"$held: held by another process"* ||
             $line != *"force-share=true reads it anyway, but its data may be inconsistent"* ]]; then
@@ -226,7 +254,7 @@ expect_plugin_refused() {
     if nbdkit_start nbdkit.log "file=$img" force-share=true; then
         nbdinfo --size "nbd+unix:///?socket=$SOCK" >/dev/null 2>&1 ||
             bad "$CASE: plugin force-share=true: nbdinfo failed"
-        stop "$spid"
+        stop_nbdkit "$spid"
     else
         bad "$CASE: plugin force-share=true did not serve: $(cat nbdkit.log)"
     fi
@@ -285,7 +313,7 @@ else
 fi
 if nbdkit_start nbdkit.log file=top.qcow2; then
     nbdinfo --size "nbd+unix:///?socket=$SOCK" >/dev/null 2>&1 || bad "$CASE: plugin: nbdinfo failed"
-    stop "$spid"
+    stop_nbdkit "$spid"
 else
     bad "$CASE: plugin refused beside qemu-nbd -r: $(cat nbdkit.log)"
 fi
@@ -321,7 +349,7 @@ stop "$spid"
 CASE=plugin-serves
 nbdkit_start nbdkit.log file=top.qcow2 || fail "$CASE: plugin did not start: $(cat nbdkit.log)"
 expect_writers_out
-stop "$spid"
+stop_nbdkit "$spid"
 
 # With -U nothing is kept out (and once the server is gone, b1 is added).
 CASE=server-serves-U

@@ -70,6 +70,9 @@ bitmap_usage(FILE *fp)
             "  --disabled   add: create the bitmap disabled\n"
             "  -b FILE      merge: SOURCE is a bitmap of FILE\n"
             "  -f FORMAT    format of IMAGE (qcow2 or raw; default probe)\n"
+            "  -U, --force-share\n"
+            "               read an image another process writes (a running\n"
+            "               VM): the bitmaps may be inconsistent\n"
             "  -h, --help   show this help\n");
 }
 
@@ -527,12 +530,16 @@ cmd_bitmap(int argc, char **argv)
         {"granularity", required_argument, NULL, 'g'},
         {"disabled", no_argument, NULL, 'D'},
         {"source-file", required_argument, NULL, 'b'},
+        {"force-share", no_argument, NULL, 'U'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    static const char optstring[] = "b:f:g:h";
+    static const char optstring[] = "b:f:g:hU";
     struct bopts o = {.layer = -1};
-    struct chain_open_opts copts = {0};
+    struct chain_open_opts copts = {
+        .lock = QCBT_IO_LOCK_READ,
+        .force_share_option = "-U/--force-share",
+    };
     struct chain *c = NULL;
     struct merge_ctx *ctx = NULL;
     static const char *const subs[] = {"list",
@@ -586,6 +593,9 @@ cmd_bitmap(int argc, char **argv)
         case 'b':
             file = optarg;
             break;
+        case 'U':
+            copts.lock = QCBT_IO_LOCK_SHARED;
+            break;
         case 'h':
             bitmap_usage(stdout);
             return QCBT_EXIT_OK;
@@ -626,6 +636,11 @@ cmd_bitmap(int argc, char **argv)
         if (o.json || o.strict || copts.format)
             return usage_error(cmd,
                                "--json, --strict and -f are not for %s",
+                               sub);
+        if (copts.lock == QCBT_IO_LOCK_SHARED)
+            return usage_error(cmd,
+                               "-U/--force-share is not for %s: it writes "
+                               "the image, which needs it to itself",
                                sub);
         if ((granularity || disabled) && modify_subs[i].op != QCOW2_BITMAP_ADD)
             return usage_error(cmd, "-g and --disabled are only for add");

@@ -20,7 +20,7 @@ static void
 cat_usage(FILE *fp)
 {
     fprintf(fp,
-            "Usage: qcbt cat [-f FORMAT] [--offset N] [--length N] IMAGE\n"
+            "Usage: qcbt cat [-f FORMAT] [-U] [--offset N] [--length N] IMAGE\n"
             "\n"
             "Write the guest view of IMAGE (the whole backing chain) to\n"
             "standard output.  Sizes take K, M, G, T suffixes.  When stdout\n"
@@ -30,6 +30,8 @@ cat_usage(FILE *fp)
             "probe)\n"
             "      --offset N    start at guest offset N (default 0)\n"
             "      --length N    write N bytes (default: to the end)\n"
+            "  -U, --force-share read an image another process writes (a\n"
+            "                    running VM): its data may be inconsistent\n"
             "  -h, --help        show this help\n");
 }
 
@@ -58,13 +60,17 @@ cmd_cat(int argc, char **argv)
 {
     static const struct option opts[] = {
         {"format", required_argument, NULL, 'f'},
+        {"force-share", no_argument, NULL, 'U'},
         {"offset", required_argument, NULL, 'o'},
         {"length", required_argument, NULL, 'l'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    static const char optstring[] = "f:h";
-    struct chain_open_opts copts = {0};
+    static const char optstring[] = "f:hU";
+    struct chain_open_opts copts = {
+        .lock = QCBT_IO_LOCK_READ,
+        .force_share_option = "-U/--force-share",
+    };
     struct chain *c = NULL;
     uint64_t offset = 0, length = UINT64_MAX, end, pos;
     bool have_length = false, sparse = false;
@@ -76,6 +82,9 @@ cmd_cat(int argc, char **argv)
         switch (opt) {
         case 'f':
             copts.format = optarg;
+            break;
+        case 'U':
+            copts.lock = QCBT_IO_LOCK_SHARED;
             break;
         case 'o':
             if (parse_size(optarg, &offset) < 0)

@@ -15,7 +15,7 @@ static void
 info_usage(FILE *fp)
 {
     fprintf(fp,
-            "Usage: qcbt info [--json] [-f FORMAT] IMAGE\n"
+            "Usage: qcbt info [--json] [-f FORMAT] [-U] IMAGE\n"
             "\n"
             "Show the backing chain of IMAGE and, per layer: file, format,\n"
             "version, virtual size, cluster size, features, backing file "
@@ -25,6 +25,8 @@ info_usage(FILE *fp)
             "  -f, --format FMT  format of IMAGE: qcow2 or raw (default: "
             "probe)\n"
             "      --json        JSON output\n"
+            "  -U, --force-share read an image another process writes (a\n"
+            "                    running VM): its data may be inconsistent\n"
             "  -h, --help        show this help\n");
 }
 
@@ -315,12 +317,16 @@ cmd_info(int argc, char **argv)
 {
     static const struct option opts[] = {
         {"format", required_argument, NULL, 'f'},
+        {"force-share", no_argument, NULL, 'U'},
         {"json", no_argument, NULL, 'j'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    static const char optstring[] = "f:h";
-    struct chain_open_opts copts = {0};
+    static const char optstring[] = "f:hU";
+    struct chain_open_opts copts = {
+        .lock = QCBT_IO_LOCK_READ,
+        .force_share_option = "-U/--force-share",
+    };
     struct chain *c = NULL;
     bool json = false;
     size_t i;
@@ -331,6 +337,9 @@ cmd_info(int argc, char **argv)
         switch (opt) {
         case 'f':
             copts.format = optarg;
+            break;
+        case 'U':
+            copts.lock = QCBT_IO_LOCK_SHARED;
             break;
         case 'j':
             json = true;

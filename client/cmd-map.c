@@ -13,7 +13,7 @@ static void
 map_usage(FILE *fp)
 {
     fprintf(fp,
-            "Usage: qcbt map [--json] [-f FORMAT] IMAGE\n"
+            "Usage: qcbt map [--json] [-f FORMAT] [-U] IMAGE\n"
             "\n"
             "Show which layer of the backing chain provides each guest "
             "range.\n"
@@ -27,6 +27,8 @@ map_usage(FILE *fp)
             "  -f, --format FMT  format of IMAGE: qcow2 or raw (default: "
             "probe)\n"
             "      --json        JSON output (an array, like qemu-img)\n"
+            "  -U, --force-share read an image another process writes (a\n"
+            "                    running VM): its data may be inconsistent\n"
             "  -h, --help        show this help\n");
 }
 
@@ -65,13 +67,17 @@ cmd_map(int argc, char **argv)
 {
     static const struct option opts[] = {
         {"format", required_argument, NULL, 'f'},
+        {"force-share", no_argument, NULL, 'U'},
         {"json", no_argument, NULL, 'j'},
         {"output", required_argument, NULL, 'O'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    static const char optstring[] = "f:h";
-    struct chain_open_opts copts = {0};
+    static const char optstring[] = "f:hU";
+    struct chain_open_opts copts = {
+        .lock = QCBT_IO_LOCK_READ,
+        .force_share_option = "-U/--force-share",
+    };
     struct chain *c = NULL;
     bool json = false, have = false, first = true;
     struct run cur = {0};
@@ -82,6 +88,9 @@ cmd_map(int argc, char **argv)
         switch (opt) {
         case 'f':
             copts.format = optarg;
+            break;
+        case 'U':
+            copts.lock = QCBT_IO_LOCK_SHARED;
             break;
         case 'j':
             json = true;

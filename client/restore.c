@@ -377,30 +377,46 @@ restore_range(struct rjob *j,
     return 0;
 }
 
+/* sync_file_range() of the output: 0, or -errno with a message.  The
+ * output is a regular file or a block device, which support the call; a
+ * kernel (or sandbox) without it (ENOSYS) only loses the pacing, fsync
+ * still makes the data durable.  Any other error is the device's: the
+ * writeback failed, and the kernel reports it once, here, so the restore
+ * fails rather than trusting a later fsync to see it.
+ */
+static int
+sync_range(struct rjob *j, uint64_t off, uint64_t n, unsigned flags)
+{
+    if (sync_file_range(j->fd, (off_t)off, (off_t)n, flags) < 0 &&
+        errno != ENOSYS)
+        return qcbt_error(errno,
+                          "%s: writing back offset %" PRIu64 ": %s",
+                          j->out,
+                          off,
+                          strerror(errno));
+    return 0;
+}
+
 /* Start writeback of [off, off+n) of the output; once WB_CHUNKS ranges
- * are in flight, wait for the oldest and drop it from the page cache.  A
- * write error seen here is reported here: the kernel reports it once.
+ * are in flight, wait for the oldest and drop it from the page cache.
  */
 static int
 writeback(struct rjob *j, struct wbring *wb, uint64_t off, uint64_t n)
 {
     unsigned i;
+    int r;
 
-    sync_file_range(j->fd, off, n, SYNC_FILE_RANGE_WRITE);
+    if ((r = sync_range(j, off, n, SYNC_FILE_RANGE_WRITE)) < 0)
+        return r;
     if (wb->nr == WB_CHUNKS) {
         i = wb->head;
-        if (sync_file_range(j->fd,
-                            wb->off[i],
-                            wb->len[i],
-                            SYNC_FILE_RANGE_WAIT_BEFORE |
-                                SYNC_FILE_RANGE_WRITE |
-                                SYNC_FILE_RANGE_WAIT_AFTER) < 0 &&
-            errno != ESPIPE && errno != EINVAL)
-            return qcbt_error(errno,
-                              "%s: writing back offset %" PRIu64 ": %s",
-                              j->out,
-                              wb->off[i],
-                              strerror(errno));
+        r = sync_range(j,
+                       wb->off[i],
+                       wb->len[i],
+                       SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                           SYNC_FILE_RANGE_WAIT_AFTER);
+        if (r < 0)
+            return r;
         posix_fadvise(j->fd, wb->off[i], wb->len[i], POSIX_FADV_DONTNEED);
         wb->head = (wb->head + 1) % WB_CHUNKS;
         wb->nr--;

@@ -76,7 +76,15 @@ publish_bitmaps(struct export *exp)
 int
 export_open(struct export *exp, int verbose)
 {
-    struct chain_open_opts copts = {.format = exp->format};
+    /* The image locks qemu-nbd -r takes: a chain another process writes
+     * (a running VM) is refused, since a backup of it would be
+     * inconsistent, and writers are kept out while it is served.
+     */
+    struct chain_open_opts copts = {
+        .format = exp->format,
+        .lock = exp->force_share ? QCBT_IO_LOCK_SHARED : QCBT_IO_LOCK_READ,
+        .force_share_option = "-U/--force-share",
+    };
     int r;
 
     chain_opts_from_env(&copts);

@@ -49,6 +49,7 @@ struct export
     bool alloc_depth; /* publish qemu:allocation-depth */
     bool strict;
     bool all_bitmaps;
+    bool force_share;   /* -U: SHARED image locks, not READ */
     char **bitmap_args; /* "NAME" or "NAME=ALIAS" as given */
     size_t nr_bitmap_args;
 

@@ -86,7 +86,13 @@ usage(FILE *fp)
         "                            description=, bitmap=NAME[=ALIAS]\n"
         "                            (repeatable), all-bitmaps=on, "
         "strict=on,\n"
-        "                            allocation-depth=on (repeatable)\n"
+        "                            allocation-depth=on, force-share=on\n"
+        "                            (repeatable)\n"
+        "  -U, --force-share         serve images another process writes\n"
+        "                            (a running VM): their data may be\n"
+        "                            inconsistent.  Default: refuse them, "
+        "and\n"
+        "                            keep writers out while serving\n"
         "Network:\n"
         "  -k, --socket PATH         listen on a unix socket\n"
         "  -b, --bind ADDR           listen address (default 0.0.0.0)\n"
@@ -295,6 +301,8 @@ parse_export(const char *spec)
             e->strict = parse_on("--export", item, v);
         } else if (!strcmp(item, "allocation-depth")) {
             e->alloc_depth = parse_on("--export", item, v);
+        } else if (!strcmp(item, "force-share")) {
+            e->force_share = parse_on("--export", item, v);
         } else {
             usage_error("--export: unknown key '%s'", item);
         }
@@ -654,12 +662,13 @@ main(int argc, char **argv)
         {"list", no_argument, NULL, 'L'},
         {"snapshot", no_argument, NULL, 's'},
         {"load-snapshot", required_argument, NULL, 'l'},
+        {"force-share", no_argument, NULL, 'U'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
         TLS_LONG_OPTIONS,
         {NULL, 0, NULL, 0},
     };
-    static const char shortopts[] = ":f:x:D:B:Ak:b:p:e:T:tvrhVno:c:dLsl:";
+    static const char shortopts[] = ":f:x:D:B:Ak:b:p:e:T:tvrUhVno:c:dLsl:";
     static const char *const detect_zeroes_modes[] = {"off",
                                                       "on",
                                                       "unmap",
@@ -687,7 +696,7 @@ main(int argc, char **argv)
     struct tls_options tls_opts = {0};
     const char *sock = NULL, *bind_addr = NULL, *port = "10809";
     const char *pid_file = NULL;
-    bool do_fork = false, have_main = false;
+    bool do_fork = false, have_main = false, force_share = false;
     int lfds[MAX_LISTEN];
     size_t nl = 0, i;
     int opt, ready_pipe[2] = {-1, -1};
@@ -831,6 +840,9 @@ main(int argc, char **argv)
                    "qcbt-server serves read-only and writes no overlay");
         case 'l':
             refuse("-l/--load-snapshot", "internal snapshots are not read");
+        case 'U':
+            force_share = true;
+            break;
         case 'h':
             usage(stdout);
             return 0;
@@ -880,6 +892,9 @@ main(int argc, char **argv)
     if (server.nr_exports == 0)
         usage_error("nothing to serve: give an IMAGE or --export");
     (void)have_main;
+    if (force_share)
+        for (i = 0; i < server.nr_exports; i++)
+            server.exports[i].force_share = true;
     for (i = 0; i < server.nr_exports; i++) {
         size_t j;
 

@@ -253,15 +253,35 @@ parse_format(const char *s, enum chain_fmt *fmt)
     return 0;
 }
 
+/* Take OPTS->lock on IO.  A READ lock refused because another process
+ * holds the file (-EAGAIN) says which option reads it anyway.
+ */
+static int
+lock_file(struct qcbt_io *io, const struct chain_open_opts *opts)
+{
+    char msg[1024];
+    int r = qcbt_io_lock(io, opts->lock);
+
+    if (r != -EAGAIN || opts->lock != QCBT_IO_LOCK_READ ||
+        !opts->force_share_option)
+        return r;
+    snprintf(msg, sizeof msg, "%s", qcbt_error_get());
+    return qcbt_error(EAGAIN,
+                      "%s; %s reads it anyway, but its data may be "
+                      "inconsistent",
+                      msg,
+                      opts->force_share_option);
+}
+
 /* Set up layer L from IO (ownership passes to the layer). */
 static int
 init_layer(struct chain_layer *l,
            struct qcbt_io *io,
            enum chain_fmt fmt,
            const char *data_dir,
-           bool allow_any,
-           enum qcbt_io_lock_mode lock)
+           const struct chain_open_opts *opts)
 {
+    bool allow_any = opts->allow_data_file;
     int r;
 
     l->fmt = fmt;
@@ -320,7 +340,7 @@ init_layer(struct chain_layer *l,
         r = qcbt_io_open_file(l->data_file_path, &dio);
         if (r < 0)
             return qcbt_error_prefix(-r, "external data file");
-        r = qcbt_io_lock(dio, lock);
+        r = lock_file(dio, opts);
         if (r < 0) {
             qcbt_io_free(dio);
             return qcbt_error_prefix(-r, "external data file");
@@ -397,7 +417,7 @@ add_layers(struct chain *c,
             }
         }
         /* Locked before a byte is read, as QEMU locks at open. */
-        r = qcbt_io_lock(io, opts->lock);
+        r = lock_file(io, opts);
         if (r < 0) {
             qcbt_io_free(io);
             return qcbt_error_prefix(-r, "layer %zu", idx);
@@ -413,12 +433,7 @@ add_layers(struct chain *c,
          * (opened through an io, it has no path); deeper layers are files
          * and their names resolve against their own directory.
          */
-        r = init_layer(l,
-                       io,
-                       fmt,
-                       idx == 0 ? backing_dir : NULL,
-                       opts->allow_data_file,
-                       opts->lock);
+        r = init_layer(l, io, fmt, idx == 0 ? backing_dir : NULL, opts);
         if (r < 0)
             return qcbt_error_prefix(-r, "layer %zu (%s)", idx, l->path);
 

@@ -52,6 +52,12 @@ struct chain_open_opts {
      * -EAGAIN, "layer N: FILE: held by another process (...)".
      */
     enum qcbt_io_lock_mode lock;
+    /* The front end's spelling of SHARED ("-U/--force-share",
+     * "force-share=true"), or NULL.  Given, a conflict of READ locks ends
+     * its message with "; OPTION reads it anyway, but its data may be
+     * inconsistent", so the one line says how to go on and at what cost.
+     */
+    const char *force_share_option;
 };
 
 /* The options every front end takes from the environment:

@@ -28,6 +28,7 @@ NBDKIT_DLL_PUBLIC int qcbt_debug_reads;
 static char *image;                  /* file=, absolute; owned */
 static const char *format = "qcow2"; /* qcow2, raw or NULL (auto) */
 static struct qcbt_view_opts vopts;
+static bool force_share; /* force-share=true: SHARED locks */
 
 /* Built in .get_ready, immutable until .unload. */
 static struct qcbt_view view;
@@ -71,6 +72,14 @@ qcbt_config(const char *key, const char *value)
         image = nbdkit_absolute_path(value);
         return image ? 0 : -1;
     }
+    if (strcmp(key, "force-share") == 0) {
+        int b = nbdkit_parse_bool(value);
+
+        if (b < 0)
+            return -1;
+        force_share = b;
+        return 0;
+    }
     if (strcmp(key, "format") == 0) {
         if (strcmp(value, "qcow2") == 0 || strcmp(value, "raw") == 0)
             format = value;
@@ -100,15 +109,24 @@ qcbt_config_complete(void)
 #define qcbt_config_help                                                    \
     "[file=]IMAGE         (required) The qcow2 image (top of the chain).\n" \
     "format=qcow2|raw|auto  Format of IMAGE (default: "                     \
-    "qcow2).\n" QCBT_VIEW_CONFIG_HELP
+    "qcow2).\n"                                                             \
+    "force-share=true     Serve an image another process writes (its\n"     \
+    "                     data may be inconsistent).\n" QCBT_VIEW_CONFIG_HELP
 
 /* Open the chain and merge the bitmap before nbdkit forks, so that a bad
- * image stops nbdkit with the reason on stderr.
+ * image stops nbdkit with the reason on stderr.  The image locks (those
+ * of qemu-nbd -r, or with force-share=true those of -U) are taken here,
+ * where the image is opened: they are OFD locks, owned by the open file
+ * description, so the daemon nbdkit forks off holds them on.
  */
 static int
 qcbt_get_ready(void)
 {
-    struct chain_open_opts copts = {.format = format};
+    struct chain_open_opts copts = {
+        .format = format,
+        .lock = force_share ? QCBT_IO_LOCK_SHARED : QCBT_IO_LOCK_READ,
+        .force_share_option = "force-share=true",
+    };
     struct chain *c = NULL;
     int r;
 

@@ -551,6 +551,42 @@ read_plain(struct vnb_stream *s,
     return 0;
 }
 
+/* OUTSZ more decoded bytes of the LZ4 frame at FPOS sit in BUF after
+ * *HAVE: count them (never past the data frame's LEN bytes), and pass BUF
+ * on to SINK when full.  0 or -errno.
+ */
+static int
+lz4_take(struct vnb_stream *s,
+         const struct vnb_sink *sink,
+         unsigned char *buf,
+         size_t outsz,
+         size_t *have,
+         uint64_t *produced,
+         uint64_t start,
+         uint64_t len,
+         uint64_t fpos)
+{
+    int r;
+
+    if (outsz > len - *produced)
+        return qcbt_error(EINVAL,
+                          "%s: LZ4 data at byte %" PRIu64
+                          " decompresses to more than the frame's "
+                          "%" PRIu64 " bytes",
+                          s->path,
+                          fpos,
+                          len);
+    *produced += outsz;
+    *have += outsz;
+    if (*have == VNB_CHUNK) {
+        r = sink->data(sink->opaque, buf, *have, start + *produced - *have);
+        if (r < 0)
+            return r;
+        *have = 0;
+    }
+    return 0;
+}
+
 /* A compressed data frame's payload: the LZ4 frames of trailer item
  * CIDX, which must decompress to exactly LEN bytes.
  */
@@ -612,26 +648,17 @@ read_lz4(struct vnb_stream *s,
                     goto out;
                 }
                 used += insz;
-                if (outsz > len - produced) {
-                    r = qcbt_error(EINVAL,
-                                   "%s: LZ4 data at byte %" PRIu64
-                                   " decompresses to more than the frame's "
-                                   "%" PRIu64 " bytes",
-                                   s->path,
-                                   fpos,
-                                   len);
+                r = lz4_take(s,
+                             sink,
+                             buf,
+                             outsz,
+                             &have,
+                             &produced,
+                             start,
+                             len,
+                             fpos);
+                if (r < 0)
                     goto out;
-                }
-                produced += outsz;
-                have += outsz;
-                if (have == VNB_CHUNK) {
-                    if ((r = sink->data(sink->opaque,
-                                        buf,
-                                        have,
-                                        start + produced - have)) < 0)
-                        goto out;
-                    have = 0;
-                }
                 if (hint == 0 && (used < n || cdone + n < csize)) {
                     r = qcbt_error(EINVAL,
                                    "%s: LZ4 frame at byte %" PRIu64
@@ -660,26 +687,17 @@ read_lz4(struct vnb_stream *s,
             hint = LZ4F_decompress(dctx, buf + have, &outsz, in, &insz, NULL);
             if (LZ4F_isError(hint) || outsz == 0)
                 break;
-            if (outsz > len - produced) {
-                r = qcbt_error(EINVAL,
-                               "%s: LZ4 data at byte %" PRIu64
-                               " decompresses to more than the frame's "
-                               "%" PRIu64 " bytes",
-                               s->path,
-                               fpos,
-                               len);
+            r = lz4_take(s,
+                         sink,
+                         buf,
+                         outsz,
+                         &have,
+                         &produced,
+                         start,
+                         len,
+                         fpos);
+            if (r < 0)
                 goto out;
-            }
-            produced += outsz;
-            have += outsz;
-            if (have == VNB_CHUNK) {
-                if ((r = sink->data(sink->opaque,
-                                    buf,
-                                    have,
-                                    start + produced - have)) < 0)
-                    goto out;
-                have = 0;
-            }
         }
         if (hint != 0) {
             r = qcbt_error(EINVAL,

@@ -129,6 +129,8 @@ checkpoint_list_free(struct checkpoint_list *l)
 struct entry {
     const char *name;
     size_t layer, idx;
+    const struct qcow2_bitmap_info *bi;
+    size_t start, count; /* the name's group in the sorted entries */
 };
 
 static int
@@ -332,15 +334,22 @@ list_in(struct chain *c,
         merge_ctx_layer_bitmaps(ctx, li, &bl);
         for (k = 0; k < bl->nr; k++)
             if (!ns || checkpoint_in_namespace(bl->bitmaps[k].name, ns))
-                all[nr_all++] = (struct entry){bl->bitmaps[k].name, li, k};
+                all[nr_all++] = (struct entry){.name = bl->bitmaps[k].name,
+                                               .layer = li,
+                                               .idx = k,
+                                               .bi = &bl->bitmaps[k]};
     }
     /* Group by name (never a quadratic search: a hostile chain may hold
      * 65535 bitmaps per layer); each group's first entry is its oldest.
      */
     qsort(all, nr_all, sizeof *all, cmp_entry_name);
-    for (i = 0; i < nr_all; i++)
-        if (i == 0 || strcmp(all[i].name, all[i - 1].name) != 0)
-            firsts[nr_first++] = all[i];
+    for (i = 0; i < nr_all; i++) {
+        if (i == 0 || strcmp(all[i].name, all[i - 1].name) != 0) {
+            firsts[nr_first] = all[i];
+            firsts[nr_first++].start = i;
+        }
+        firsts[nr_first - 1].count++;
+    }
     qsort(firsts, nr_first, sizeof *firsts, cmp_entry_created);
 
     out->cps = calloc(nr_first ? nr_first : 1, sizeof *out->cps);
@@ -361,18 +370,19 @@ list_in(struct chain *c,
         }
         ci->ns_len = checkpoint_namespace_len(ci->name);
         ci->created = firsts[i].layer;
-        for (j = 0; j < c->nr_layers; j++) {
-            merge_ctx_layer_bitmaps(ctx, j, &bl);
-            bi = find_in(bl, ci->name);
-            if (!bi)
-                continue;
-            ci->held[j] = true;
-            ci->nr_holding++;
-            if (j == 0) {
+        /* The group runs from the oldest layer up: its last entry is the
+         * topmost copy.
+         */
+        for (j = firsts[i].start; j < firsts[i].start + firsts[i].count; j++) {
+            bi = all[j].bi;
+            if (!ci->held[all[j].layer])
+                ci->nr_holding++;
+            ci->held[all[j].layer] = true;
+            if (all[j].layer == 0) {
                 ci->in_top = true;
                 ci->enabled = bi->flags & QCOW2_BME_FLAG_AUTO;
             }
-            if (!ci->granularity && bi->granularity_bits < 64)
+            if (bi->granularity_bits < 64)
                 ci->granularity = 1ULL << bi->granularity_bits;
         }
         if (health) {

@@ -204,6 +204,35 @@ got=$(for f in top mid base; do bitmaps d-$f.qcow2 | cut -d' ' -f1 | tr '\n' ' '
 [[ $got == "new vA/x | old1 | old1 | " ]] || bad "$CASE: after rerun: $got"
 clean d-top.qcow2 d-mid.qcow2 d-base.qcow2
 
+# A lower layer whose bitmap directory cannot be read may hide the name:
+# create and delete refuse, naming it, and change nothing.
+CASE=unreadable
+for f in top mid base; do cp $f.qcow2 x-$f.qcow2; done
+qemu-img rebase -u -F qcow2 -b x-base.qcow2 x-mid.qcow2
+qemu-img rebase -u -F qcow2 -b x-mid.qcow2 x-top.qcow2
+# The bitmaps extension of x-mid.qcow2: its directory offset made
+# unaligned (qcow2.txt "Bitmaps extension": offset 16 of the data).
+"$PYTHON" - x-mid.qcow2 <<'PYEOF'
+import struct, sys
+with open(sys.argv[1], "r+b") as f:
+    h = f.read(65536)
+    off = struct.unpack(">I", h[100:104])[0]  # header_length
+    while True:
+        magic, ln = struct.unpack(">II", h[off:off + 8])
+        if magic == 0:
+            sys.exit("no bitmaps extension")
+        if magic == 0x23852875:
+            f.seek(off + 8 + 16)
+            f.write(struct.pack(">Q", struct.unpack(">Q", h[off + 24:off + 32])[0] + 8))
+            break
+        off += 8 + (ln + 7) // 8 * 8
+PYEOF
+before=$(cat x-top.qcow2 x-mid.qcow2 x-base.qcow2 | sha256sum)
+expect_err "layer 1 (x-mid.qcow2): bitmap directory unreadable" "cannot tell whether it holds 'fresh'" -- checkpoint create x-top.qcow2 fresh
+expect_err "layer 1 (x-mid.qcow2): bitmap directory unreadable" "cannot tell whether it holds 'old2'" -- checkpoint delete x-top.qcow2 old2
+[[ $(cat x-top.qcow2 x-mid.qcow2 x-base.qcow2 | sha256sum) == "$before" ]] ||
+    bad "$CASE: a refused create or delete changed a file of the chain"
+
 # --- namespaces: rotation never crosses consumers -------------------------------
 
 CASE=rotate

@@ -94,6 +94,7 @@ CASE=help
 "$QCBT" checkpoint --help >help.out || bad "$CASE: --help exits non-zero"
 grep -F -- "--keep N" help.out >/dev/null || bad "$CASE: --help lacks --keep"
 "$QCBT" --help | grep -E '^  checkpoint ' >/dev/null || bad "$CASE: not in qcbt --help"
+"$QCBT" help checkpoint | cmp -s - help.out || bad "$CASE: qcbt help checkpoint differs from --help"
 expect_err "expected a subcommand" -- checkpoint
 expect_err "unknown subcommand 'frob'" -- checkpoint frob x.qcow2
 expect_err "expected IMAGE NAME" -- checkpoint create x.qcow2
@@ -280,6 +281,9 @@ wait_until -p "$pid" -- in_use_shown ||
 expect_err "u.qcow2: held by another process" -- checkpoint create u.qcow2 other
 expect_err "u.qcow2: held by another process" -- checkpoint delete u.qcow2 cp
 expect_err "held by another process" "-U/--force-share" -- checkpoint list u.qcow2
+# -U reads it anyway, and sees QEMU's in_use flag.
+"$QCBT" checkpoint list -U u.qcow2 >list.txt 2>err || bad "$CASE: list -U: $(cat err)"
+grep -F "cp: not usable: bitmap 'cp' is in use" list.txt >/dev/null || bad "$CASE: list -U: $(cat list.txt)"
 disown "$pid"
 kill -KILL "$pid"
 wait_gone "$pid" || fail "qemu-io does not die"

@@ -129,6 +129,24 @@ expect_err "nope.qcow2" "No such file" -- checkpoint create nope.qcow2 x
 [[ $(bitmaps c.qcow2 | wc -l) -eq 2 ]] || bad "$CASE: a refused create changed the image: $(bitmaps c.qcow2)"
 clean c.qcow2
 
+# Names QEMU allows but create refuses still list (escaped in text, exact
+# in JSON) and delete.
+CASE=odd-names
+qemu-img create -q -f qcow2 o.qcow2 1M
+odd=$'a\nb"\\/x\e[1m'
+qemu-img bitmap --add o.qcow2 "$odd" || fail "oracle broke: qemu-img bitmap --add with a control character"
+"$QCBT" checkpoint list o.qcow2 >list.txt 2>err || bad "$CASE: list: $(cat err)"
+[[ $(wc -l <list.txt) -eq 1 && $(cat list.txt) == 'a?b"\/x?[1m: usable'* ]] || bad "$CASE: text list: $(cat -v list.txt)"
+"$QCBT" checkpoint list --json o.qcow2 >o.json 2>err || bad "$CASE: list --json: $(cat err)"
+"$PYTHON" -c '
+import json, sys
+c = json.load(open("o.json"))["checkpoints"]
+sys.exit(not (len(c) == 1 and c[0]["name"] == sys.argv[1] and c[0]["namespace"] == sys.argv[1].rsplit("/", 1)[0]))' "$odd" ||
+    bad "$CASE: JSON name or namespace: $(cat o.json)"
+"$QCBT" checkpoint delete o.qcow2 "$odd" 2>err || bad "$CASE: delete: $(cat err)"
+[[ -z $(bitmaps o.qcow2) ]] || bad "$CASE: not deleted"
+clean o.qcow2
+
 # --- writes are recorded, dirty bytes as qemu-nbd sees them --------------------
 
 CASE=recorded

@@ -1,5 +1,5 @@
-/* qcbt: checkpoints over a backing chain (DESIGN.md "The merge engine",
- * "Checkpoints").
+/* qcbt: checkpoints over a backing chain (DESIGN.md "The merge engine";
+ * the decisions in docs/semantics.md "Checkpoints").
  *
  * One persistent bitmap per checkpoint, as libvirt models them: checkpoint
  * X is a bitmap named X created enabled in the top layer, and every

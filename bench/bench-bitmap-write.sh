@@ -17,11 +17,19 @@
 # Printed: wall time of each (ms, date +%s%N around the command), and a
 # check that both copies end with the same bitmaps and qemu-img check is
 # clean.  Floor: qemu-img on the same machine, same page cache state.
+#
+# Then checkpoints, ROUNDS (default 21) interleaved rounds on the same two
+# copies, the first to run alternating: `qcbt checkpoint create` vs
+# `qemu-img bitmap --add` (the same bitmap: enabled, 64 KiB), then
+# `qcbt checkpoint delete` vs `qemu-img bitmap --remove`; median and
+# minimum of each, and the process floor (`qcbt --version`, `qemu-img
+# --version`) measured the same way.
 
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 scratch=${1:-/tmp/qcbt-bench-bmw}
+ROUNDS=${ROUNDS:-21}
 QCBT=${QCBT:-$here/../build/client/qcbt}
 mkdir -p "$scratch"
 cd "$scratch"
@@ -63,3 +71,58 @@ for f in ours theirs; do
 done
 cmp -s ours.bm theirs.bm || { echo "bitmaps differ: $(cat ours.bm) vs $(cat theirs.bm)"; exit 1; }
 echo "same bitmaps, qemu-img check clean"
+
+# --- checkpoints: interleaved rounds, medians ---------------------------------
+
+ns() { date +%s%N; }
+# stat FILE: "median min" in ms (3 decimals) of the nanosecond samples.
+stat_ms() {
+    sort -n "$1" | awk '{ v[NR] = $1 } END {
+        m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+        printf "median %8.3f ms  min %8.3f ms", m / 1e6, v[1] / 1e6 }'
+}
+# time_to FILE CMD...: append CMD's wall time (ns) to FILE.
+time_to() {
+    local f=$1 t0 t1
+    shift
+    t0=$(ns)
+    "$@" >/dev/null
+    t1=$(ns)
+    echo $((t1 - t0)) >>"$f"
+}
+rm -f t.*
+for ((r = 0; r < ROUNDS; r++)); do
+    ours_c=("$QCBT" checkpoint create ours.qcow2 "cp$r")
+    theirs_c=(qemu-img bitmap --add theirs.qcow2 "cp$r")
+    ours_d=("$QCBT" checkpoint delete ours.qcow2 "cp$r")
+    theirs_d=(qemu-img bitmap --remove theirs.qcow2 "cp$r")
+    if ((r % 2)); then
+        time_to t.qc "${ours_c[@]}"
+        time_to t.qi "${theirs_c[@]}"
+        time_to t.qd "${ours_d[@]}"
+        time_to t.qr "${theirs_d[@]}"
+        time_to t.qv "$QCBT" --version
+        time_to t.iv qemu-img --version
+    else
+        time_to t.qi "${theirs_c[@]}"
+        time_to t.qc "${ours_c[@]}"
+        time_to t.qr "${theirs_d[@]}"
+        time_to t.qd "${ours_d[@]}"
+        time_to t.iv qemu-img --version
+        time_to t.qv "$QCBT" --version
+    fi
+done
+echo "1 TiB image, $ROUNDS interleaved rounds:"
+printf '  %-34s %s\n' "qcbt checkpoint create" "$(stat_ms t.qc)"
+printf '  %-34s %s\n' "qemu-img bitmap --add" "$(stat_ms t.qi)"
+printf '  %-34s %s\n' "qcbt checkpoint delete" "$(stat_ms t.qd)"
+printf '  %-34s %s\n' "qemu-img bitmap --remove" "$(stat_ms t.qr)"
+printf '  %-34s %s\n' "floor: qcbt --version" "$(stat_ms t.qv)"
+printf '  %-34s %s\n' "floor: qemu-img --version" "$(stat_ms t.iv)"
+for f in ours theirs; do
+    qemu-img check -q "$f.qcow2" || { echo "qemu-img check $f.qcow2 failed"; exit 1; }
+    qemu-img info --output=json "$f.qcow2" |
+        /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["format-specific"]["data"].get("bitmaps"))' >"$f.bm"
+done
+cmp -s ours.bm theirs.bm || { echo "bitmaps differ after the rounds: $(cat ours.bm) vs $(cat theirs.bm)"; exit 1; }
+echo "same bitmaps after the rounds, qemu-img check clean"

@@ -23,6 +23,7 @@ static const struct {
     {"map", cmd_map, "show guest allocation (like qemu-img map)"},
     {"cat", cmd_cat, "write guest bytes to stdout"},
     {"bitmap", cmd_bitmap, "list, check, dump and digest persistent bitmaps"},
+    {"checkpoint", cmd_checkpoint, "create, list and delete checkpoints"},
     {"backup", cmd_backup, "full or incremental backup of an NBD export"},
     {"restore", cmd_restore, "restore a backup to a file or NBD export"},
     {"verify", cmd_verify, "check a backup directory (and against a source)"},
@@ -41,7 +42,7 @@ usage(FILE *fp)
             "\n"
             "Commands:\n");
     for (i = 0; i < sizeof commands / sizeof commands[0]; i++)
-        fprintf(fp, "  %-8s %s\n", commands[i].name, commands[i].summary);
+        fprintf(fp, "  %-10s %s\n", commands[i].name, commands[i].summary);
     fprintf(fp,
             "\n"
             "Run 'qcbt COMMAND --help' for a command's options.\n"

@@ -76,7 +76,8 @@ int manifest_commit(const char *dir);
  * the finished file, and just before saving the manifest),
  * "kill-before-index-rename" (after renaming the finished file, before
  * renaming its digest index), "index-enospc" (the digest index cannot be
- * made durable).
+ * made durable); for a local image (local-source.h): "kill-server",
+ * "sigterm", "stop-before-checkpoint", "checkpoint-eio".
  */
 bool manifest_test_fault(const char *point);
 

@@ -1770,6 +1770,37 @@ explain_lost(const struct engine *eng,
                kept);
 }
 
+/* Make the newest backup of M record checkpoint context CTX (NULL:
+ * none) instead, and commit the manifest again.  Returns 0 or -errno.
+ */
+static int
+manifest_set_checkpoint(const char *dir, struct manifest *m, const char *ctx)
+{
+    struct backup_entry *last = &m->backups[m->nr - 1];
+    char *nctx = ctx ? strdup(ctx) : NULL, *nck = NULL;
+    int r;
+
+    if (nctx && strncmp(nctx, "qemu:dirty-bitmap:", 18) == 0)
+        nck = strdup(nctx + 18);
+    if ((ctx && !nctx) ||
+        (nctx && !strncmp(nctx, "qemu:dirty-bitmap:", 18) && !nck)) {
+        free(nctx);
+        free(nck);
+        return qcbt_error(ENOMEM, "out of memory");
+    }
+    free(last->context);
+    free(last->checkpoint);
+    last->context = nctx;
+    last->checkpoint = nck;
+    if (manifest_test_fault("checkpoint-eio-manifest"))
+        return qcbt_error(ENOSPC,
+                          "%s: %s",
+                          MANIFEST_TMP_NAME,
+                          strerror(ENOSPC));
+    r = manifest_prepare(dir, m);
+    return r < 0 ? r : manifest_commit(dir);
+}
+
 /* Close every connection (the server ends with its last client). */
 static void
 close_handles(struct engine *eng)
@@ -2417,27 +2448,34 @@ cmd_backup(int argc, char **argv)
         if (new_ckpt) {
             if (local_source_create_checkpoint(ls, new_ckpt) < 0) {
                 char ename[256], why[1400], again[4300];
+                const char *old = ctx ? ctx : granted_ctx;
+                bool rewritten;
 
                 snprintf(why, sizeof why, "%s", qcbt_error_get());
                 qcbt_escape(ename, sizeof ename, new_ckpt, strlen(new_ckpt));
-                /* The checkpoint this backup started from is still
-                 * there and covers everything after it.
+                /* The checkpoint this backup started from is still there
+                 * and covers everything after it: the manifest names it
+                 * again, so that --auto starts from it.  (Should this
+                 * fail too, --auto finds no NEW and makes a full backup.)
                  */
-                if (!ctx)
+                rewritten = manifest_set_checkpoint(dir, &m, old) == 0;
+                if (!old)
                     snprintf(again, sizeof again, "full");
-                else if (strncmp(ctx, "qemu:dirty-bitmap:", 18) == 0)
-                    snprintf(again, sizeof again, "--since %s", ctx + 18);
+                else if (strncmp(old, "qemu:dirty-bitmap:", 18) == 0)
+                    snprintf(again, sizeof again, "--since %s", old + 18);
                 else
-                    snprintf(again, sizeof again, "--bitmap %s", ctx);
+                    snprintf(again, sizeof again, "--bitmap %s", old);
                 qcbt_error(EIO,
                            "%s is recorded in %s, but checkpoint '%s' was "
                            "not created (%s): the next backup must be %s "
-                           "again",
+                           "again%s",
                            fname,
                            dir,
                            ename,
                            why,
-                           again);
+                           again,
+                           rewritten ? " (--auto does so)"
+                                     : "; --auto would make a full backup");
             } else {
                 ckpt_made = true;
             }

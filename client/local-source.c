@@ -658,7 +658,8 @@ local_source_create_checkpoint(struct local_source *ls, const char *name)
     r = qcbt_io_lock(top->io, QCBT_IO_LOCK_WRITE);
     if (r < 0)
         return r;
-    if (manifest_test_fault("checkpoint-eio"))
+    if (manifest_test_fault("checkpoint-eio") ||
+        manifest_test_fault("checkpoint-eio-manifest"))
         return qcbt_error(EIO, "%s: %s (injected)", ls->image, strerror(EIO));
     return checkpoint_create(top->qcow2, name);
 }

@@ -29,7 +29,9 @@
 #     and the server is gone, before the checkpoint: a qemu-io write is
 #     refused on the lock, so no write escapes both backup and checkpoint;
 #   - checkpoint-eio: the backup is recorded but NEW cannot be created:
-#     exit 1, one line saying so; --since OLD works next.
+#     exit 1, one line saying so, the manifest names OLD again and --auto
+#     starts from it; if that manifest write fails too, --auto makes a
+#     full backup (NEW does not exist).
 #
 # Environment: QCBT (client; qcbt-server is found beside it),
 # CASES=REGEX to run some cases only, QCBT_KEEP_TMP=1 to keep the files.
@@ -255,18 +257,44 @@ if want checkpoint-eio; then
     qemu-io -f qcow2 -c 'write -P 0x51 2M 64k' "$img" >/dev/null
     export QCBT_TEST_FAIL_AT=checkpoint-eio
     expect_qcbt_error "backup-0001.qcow2 is recorded in" "checkpoint 'E2' was not created" \
-        "must be --since E1 again" -- backup --since E1 --checkpoint E2 "$img" "$D" ||
-        fail "[$CASE] message"
+        "must be --since E1 again (--auto does so)" -- \
+        backup --since E1 --checkpoint E2 "$img" "$D" || fail "[$CASE] message"
     unset QCBT_TEST_FAIL_AT
     expect_eq "$(manifest_field 1 file "$D")" backup-0001.qcow2 "the backup is recorded"
+    # The manifest names the checkpoint that still exists.
+    expect_eq "$(manifest_field 1 checkpoint "$D")" E1 "backup 1's checkpoint"
     bitmaps "$img" | grep -q '^E2:' && fail "[$CASE] E2 was created"
     qemu-img check -q "$img" || fail "[$CASE] qemu-img check: not clean"
-    # As the message says: --since E1 again.
-    "$QCBT" backup --since E1 --checkpoint E2 "$img" "$D" >/dev/null 2>"$TMPD/err" ||
-        fail "[$CASE] --since E1 again: $(cat "$TMPD/err")"
+    # --auto starts from E1 again.
+    qemu-io -f qcow2 -c 'write -P 0x52 3M 64k' "$img" >/dev/null
+    "$QCBT" backup --auto --checkpoint E2 --json "$img" "$D" >"$TMPD/out" 2>"$TMPD/err" ||
+        fail "[$CASE] --auto after the failure: $(cat "$TMPD/err")"
+    "$PYTHON" -c '
+import json, sys
+j = json.load(open(sys.argv[1]))
+assert j["type"] == "incremental" and j["data-bytes"] == 131072, j' "$TMPD/out" ||
+        fail "[$CASE] --auto after the failure: $(cat "$TMPD/out")"
+    expect_eq "$(manifest_field 2 since "$D")" qemu:dirty-bitmap:E1 "backup 2 since"
     qemu-img convert -U -O raw "$img" "$TMPD/eio.raw"
     compare_at "$D" 2 "$TMPD/eio.raw"
     bitmaps "$img" | grep -qx 'E2:auto' || fail "[$CASE] E2 missing after the retry"
+
+    # Neither the checkpoint nor the manifest's correction: --auto cannot
+    # start from a checkpoint that does not exist, and makes a full backup.
+    export QCBT_TEST_FAIL_AT=checkpoint-eio-manifest
+    expect_qcbt_error "checkpoint 'E3' was not created" "--auto would make a full backup" -- \
+        backup --auto --checkpoint E3 "$img" "$D" || fail "[$CASE] message (manifest)"
+    unset QCBT_TEST_FAIL_AT
+    expect_eq "$(manifest_field 3 checkpoint "$D")" E3 "backup 3's checkpoint"
+    "$QCBT" backup --auto --json "$img" "$D" >"$TMPD/out" 2>"$TMPD/err" ||
+        fail "[$CASE] --auto after the second failure: $(cat "$TMPD/err")"
+    grep -q "full backup: bitmap 'E3' cannot be used" "$TMPD/err" ||
+        fail "[$CASE] no notice of the full backup: $(cat "$TMPD/err")"
+    "$PYTHON" -c '
+import json, sys
+j = json.load(open(sys.argv[1]))
+assert j["type"] == "full", j' "$TMPD/out" || fail "[$CASE] not full: $(cat "$TMPD/out")"
+    compare_at "$D" 4 "$TMPD/eio.raw"
     check_no_server
     check_tmp_clean
     note "PASS $CASE"

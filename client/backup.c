@@ -2070,8 +2070,8 @@ cmd_backup(int argc, char **argv)
         goto fail;
     if (ls && manifest_test_fault("kill-server"))
         local_source_kill_server(ls);
-    if (ls && manifest_test_fault("sigterm"))
-        raise(SIGTERM);
+    if (ls && manifest_test_fault("stop-after-connect"))
+        raise(SIGSTOP); /* the test signals it meanwhile */
     eng.cst[0] = CONN_READY;
     eng.nconn = eng.nready = 1;
     size = nbd_get_size(eng.h[0]);

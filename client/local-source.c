@@ -40,7 +40,6 @@ struct local_source {
     char *uri;
     pid_t pid;   /* the server, until reaped */
     bool reaped; /* status is valid */
-    bool stopped_by_us;
     int status;
 };
 
@@ -567,7 +566,6 @@ local_source_stop(struct local_source *ls)
     reap(ls, false);
     if (ls->reaped)
         return;
-    ls->stopped_by_us = true;
     kill(ls->pid, SIGTERM);
     /* It answers SIGTERM at once once its clients are gone; a server
      * stuck for 10 s is killed (it only ever read the image).
@@ -591,12 +589,15 @@ local_source_explain(struct local_source *ls)
 
     if (!ls || ls->pid <= 0)
         return;
-    reap(ls, false);
-    if (!ls->reaped) {
-        local_source_stop(ls);
-        return; /* it was running: it did not cause the failure */
-    }
-    if (WIFEXITED(ls->status) && WEXITSTATUS(ls->status) == 0)
+    /* A server still running ends on SIGTERM with status 0: only an
+     * error exit or another signal is its own doing (one dying of
+     * SIGKILL may not be reaped yet when its socket closes, hence the
+     * stop and not a look).
+     */
+    local_source_stop(ls);
+    if (!ls->reaped ||
+        (WIFEXITED(ls->status) && WEXITSTATUS(ls->status) == 0) ||
+        (WIFSIGNALED(ls->status) && WTERMSIG(ls->status) == SIGTERM))
         return;
     if (WIFSIGNALED(ls->status))
         snprintf(how,

@@ -77,7 +77,7 @@ int manifest_commit(const char *dir);
  * "kill-before-index-rename" (after renaming the finished file, before
  * renaming its digest index), "index-enospc" (the digest index cannot be
  * made durable); for a local image (local-source.h): "kill-server",
- * "sigterm", "stop-before-checkpoint", "checkpoint-eio",
+ * "stop-after-connect", "stop-before-checkpoint", "checkpoint-eio",
  * "checkpoint-eio-manifest".
  */
 bool manifest_test_fault(const char *point);

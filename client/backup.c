@@ -2058,6 +2058,12 @@ cmd_backup(int argc, char **argv)
                                            local_note);
             if (r < 0)
                 goto fail;
+            if (r == 0 && strict) {
+                /* Named: exit 2, before any server is started. */
+                qcbt_error(ENOENT, "%s: %s", local_source_image(ls), local_why);
+                fail_rc = QCBT_EXIT_FULL;
+                goto fail;
+            }
             if (r == 0)
                 bm = NULL;
         }
@@ -2101,13 +2107,8 @@ cmd_backup(int argc, char **argv)
         why_full = "no checkpoint given and none recorded";
     } else if (!granted_ctx && local_why[0]) {
         /* A local image: the bitmap was checked before the server
-         * started, and is not published.
+         * started (strict runs ended there), and is not published.
          */
-        if (strict) {
-            qcbt_error(ENOENT, "%s: %s", local_source_image(ls), local_why);
-            fail_rc = QCBT_EXIT_FULL;
-            goto fail;
-        }
         why_full = local_why;
     } else if (!granted_ctx) {
         char ectx[256];

@@ -16,9 +16,10 @@
 #     checkpoint is in the top layer only;
 #   - multi-conn: --connections 2 uses 2 connections, restores equal;
 #   - refusals before anything is written (DIR byte-identical, no server
-#     left): NEW already exists; --checkpoint with a URI; TLS options with
-#     an IMAGE; a qemu-io holding the image (QEMU's lock message); no
-#     qcbt-server ($QCBT_SERVER wrong);
+#     left): NEW already exists; --since a checkpoint not in the chain
+#     (exit 2, the merge engine's reason); --checkpoint with a URI; TLS
+#     options with an IMAGE; a qemu-io holding the image (QEMU's lock
+#     message); no qcbt-server ($QCBT_SERVER wrong);
 #   - failures: DIR not a directory, the manifest cannot be written
 #     (QCBT_TEST_FAIL_AT=manifest-enospc), the server killed during the
 #     backup (kill-server), SIGTERM and SIGHUP from outside while the
@@ -183,6 +184,12 @@ if want refusals; then
         backup --auto --checkpoint C2 "$img" "$B" || fail "[$CASE] existing NEW"
     expect_qcbt_error "needs a local IMAGE" "libvirt" -- \
         backup --checkpoint C9 "nbd+unix:///?socket=$SOCK" "$B" || fail "[$CASE] URI"
+    # A checkpoint not in the chain: exit 2 with the merge engine's reason.
+    rc=0
+    "$QCBT" backup --since NOPE --checkpoint C9 "$img" "$B" >/dev/null 2>"$TMPD/err" || rc=$?
+    expect_eq "$rc" 2 "exit status of --since NOPE ($(cat "$TMPD/err"))"
+    grep -q "bitmap 'NOPE' cannot be used (tolerant mode)" "$TMPD/err" ||
+        fail "[$CASE] --since NOPE: $(cat "$TMPD/err")"
     expect_qcbt_error "TLS options" -- \
         backup --tls=require --checkpoint C9 "$img" "$B" || fail "[$CASE] TLS"
     QCBT_SERVER=/nonexistent expect_qcbt_error 'QCBT_SERVER' -- \

@@ -15,6 +15,8 @@
 #     qcbt bitmap add): the incremental merges both layers, the new
 #     checkpoint is in the top layer only;
 #   - multi-conn: --connections 2 uses 2 connections, restores equal;
+#   - lookup: qcbt-server beside the qcbt binary, then on PATH; neither is
+#     one line and no checkpoint;
 #   - refusals before anything is written (DIR byte-identical, no server
 #     left): NEW already exists; --since a checkpoint not in the chain
 #     (exit 2, the merge engine's reason); --checkpoint with a URI; TLS
@@ -399,6 +401,40 @@ assert j["type"] == "incremental" and j["data-bytes"] == (1 << 20) + (2 << 20) +
     expect_eq "$(bitmaps "$base" | tr '\n' ' ')" "K1:auto " "base layer's bitmaps"
     qemu-img check -q "$top" || fail "[$CASE] qemu-img check top: not clean"
     qemu-img check -q "$base" || fail "[$CASE] qemu-img check base: not clean"
+    check_no_server
+    check_tmp_clean
+    note "PASS $CASE"
+fi
+
+# --- where qcbt finds qcbt-server -------------------------------------------
+if want lookup; then
+    CASE=lookup
+    srv=$(dirname "$QCBT")/../server/qcbt-server
+    [[ -x $srv ]] || fail "oracle broke: no qcbt-server beside the build's qcbt ($srv)"
+    l=$TMPD/lookup.qcbt
+    qemu-img create -q -f qcow2 "$l" 16M
+    qemu-io -f qcow2 -c 'write -P 0x91 0 1M' "$l" >/dev/null
+    mkdir -p "$TMPD/beside" "$TMPD/alone" "$TMPD/onpath"
+    cp "$QCBT" "$srv" "$TMPD/beside/"
+    cp "$QCBT" "$TMPD/alone/"
+    cp "$srv" "$TMPD/onpath/"
+    # Beside the binary.
+    "$TMPD/beside/qcbt" backup --full --checkpoint P1 "$l" "$TMPD/lk1" >/dev/null 2>"$TMPD/err" ||
+        fail "[$CASE] qcbt-server beside qcbt not found: $(cat "$TMPD/err")"
+    # Nowhere (a copy of qcbt alone, an empty PATH): one line, nothing
+    # written, no checkpoint.
+    mkdir -p "$TMPD/empty"
+    printf '#!/bin/bash\nexec /usr/bin/env PATH=%q %q "$@"\n' "$TMPD/empty" "$TMPD/alone/qcbt" \
+        >"$TMPD/alone-nopath"
+    chmod +x "$TMPD/alone-nopath"
+    QCBT=$TMPD/alone-nopath expect_qcbt_error "qcbt-server not found" -- \
+        backup --full --checkpoint P2 "$l" "$TMPD/lk2" || fail "[$CASE] nowhere"
+    [[ ! -e $TMPD/lk2/manifest.json ]] || fail "[$CASE] a backup without a server"
+    bitmaps "$l" | grep -q '^P2:' && fail "[$CASE] P2 created without a server"
+    # On PATH.
+    PATH=$TMPD/onpath:/usr/bin:/bin "$TMPD/alone/qcbt" backup --full --checkpoint P2 "$l" "$TMPD/lk2" \
+        >/dev/null 2>"$TMPD/err" || fail "[$CASE] qcbt-server on PATH not found: $(cat "$TMPD/err")"
+    expect_eq "$(bitmaps "$l" | tr '\n' ' ')" "P1:auto P2:auto " "bitmaps"
     check_no_server
     check_tmp_clean
     note "PASS $CASE"

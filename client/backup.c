@@ -46,6 +46,7 @@
 #include "error.h"
 #include "json-out.h"
 #include "json.h"
+#include "local-source.h"
 #include "manifest.h"
 #include "minmax.h"
 #include "nbd-connect.h"
@@ -289,12 +290,15 @@ backup_usage(FILE *fp)
     fputs(
         "Usage: qcbt backup [--full | --since NAME | --auto] "
         "[--fallback-full]\n"
-        "                   [--bitmap CONTEXT] [--connections N]\n"
+        "                   [--checkpoint NEW] [--bitmap CONTEXT] "
+        "[--connections N]\n"
         "                   [--progress|--no-progress] [--no-digest] [--json]\n"
-        "                   URI DIR\n"
+        "                   URI|IMAGE DIR\n"
         "\n"
-        "Back up the NBD export URI (nbd://, nbds://, nbd+unix://, ...) into\n"
-        "DIR, one disk per directory.  Each backup is a qcow2 file; an\n"
+        "Back up the NBD export URI (nbd://, nbds://, nbd+unix://, ...) or\n"
+        "the local image IMAGE (any argument without SCHEME://; its whole\n"
+        "backing chain, served by a qcbt-server that qcbt starts and stops)\n"
+        "into DIR, one disk per directory.  Each backup is a qcow2 file; an\n"
         "incremental one has the previous backup as its backing file, so\n"
         "the newest file is the disk at that time for qemu-img, qemu-nbd\n"
         "and a VM.\n"
@@ -309,6 +313,12 @@ backup_usage(FILE *fp)
         "  --auto            like --since with the checkpoint of the previous\n"
         "                    backup; full when in doubt (the default)\n"
         "  --fallback-full   with --since or --bitmap: full instead of exit 2\n"
+        "  --checkpoint NEW  IMAGE only: once the backup is recorded,\n"
+        "                    create checkpoint NEW (an enabled persistent\n"
+        "                    bitmap in IMAGE, the top layer) holding the\n"
+        "                    changes after the backup; the manifest records\n"
+        "                    it for the next --auto.  IMAGE stays locked\n"
+        "                    against writers throughout.  NEW must be new\n"
         "  --bitmap CONTEXT  the dirty-bitmap context to use, e.g. backup-vda\n"
         "                    (qemu:dirty-bitmap:CONTEXT) or a full context "
         "name\n"
@@ -323,8 +333,16 @@ backup_usage(FILE *fp)
         "\"qcbt backup: ...\" on stderr, once the backup is recorded (at once\n"
         "on a terminal); an error is one line \"qcbt: ...\".\n"
         "\n"
-        "Exit status: 0 backup written and recorded; 1 error; 2 a full backup\n"
-        "is needed (--since, --bitmap).  On error DIR is left as it was.\n",
+        "For IMAGE, qcbt-server is $QCBT_SERVER, else the one beside qcbt\n"
+        "(or in ../server/ of a build tree), else the first on PATH.  A\n"
+        "running VM's disk (an image another process writes) is refused:\n"
+        "back it up through libvirt (URI), which creates its checkpoints.\n"
+        "\n"
+        "Exit status: 0 backup written and recorded (and NEW created); 1\n"
+        "error (if NEW could not be created after the backup was recorded,\n"
+        "the message says so: the next run uses --since OLD again); 2 a\n"
+        "full backup is needed (--since, --bitmap).  On error DIR is left as\n"
+        "it was.\n",
         fp);
     nbd_connect_usage(fp);
 }
@@ -1752,6 +1770,77 @@ explain_lost(const struct engine *eng,
                kept);
 }
 
+/* Make the newest backup of M record checkpoint context CTX (NULL:
+ * none) instead, and commit the manifest again.  Returns 0 or -errno.
+ */
+static int
+manifest_set_checkpoint(const char *dir, struct manifest *m, const char *ctx)
+{
+    struct backup_entry *last = &m->backups[m->nr - 1];
+    char *nctx = ctx ? strdup(ctx) : NULL, *nck = NULL;
+    int r;
+
+    if (nctx && strncmp(nctx, "qemu:dirty-bitmap:", 18) == 0)
+        nck = strdup(nctx + 18);
+    if ((ctx && !nctx) ||
+        (nctx && !strncmp(nctx, "qemu:dirty-bitmap:", 18) && !nck)) {
+        free(nctx);
+        free(nck);
+        return qcbt_error(ENOMEM, "out of memory");
+    }
+    free(last->context);
+    free(last->checkpoint);
+    last->context = nctx;
+    last->checkpoint = nck;
+    if (manifest_test_fault("checkpoint-eio-manifest"))
+        return qcbt_error(ENOSPC,
+                          "%s: %s",
+                          MANIFEST_TMP_NAME,
+                          strerror(ENOSPC));
+    r = manifest_prepare(dir, m);
+    return r < 0 ? r : manifest_commit(dir);
+}
+
+/* Close every connection (the server ends with its last client). */
+static void
+close_handles(struct engine *eng)
+{
+    size_t i;
+
+    for (i = 0; i < MAX_CONNS; i++)
+        if (eng->h[i]) {
+            if (eng->cst[i] == CONN_READY)
+                nbd_shutdown(eng->h[i], 0);
+            nbd_close(eng->h[i]);
+            eng->h[i] = NULL;
+        }
+}
+
+/* Connections to open: CONNS, or by default one per CPU, up to 4 (as
+ * nbdcopy): on a 2-CPU machine 4 connections cost more in wakeups than
+ * they gain (bench-backup.sh: the fragmented incremental 1.9 -> 1.75 s,
+ * the full 2.85 -> 2.65 s).
+ */
+static size_t
+backup_connections(int conns)
+{
+    long ncpu;
+
+    if (conns)
+        return (size_t)conns;
+    ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    return ncpu < 1 ? 1 : ncpu > 4 ? 4 : (size_t)ncpu;
+}
+
+/* A merge notice of a local image's bitmap (a layer contributes its
+ * allocation map).
+ */
+static void
+local_note(const char *text)
+{
+    notice("%s", text);
+}
+
 int
 cmd_backup(int argc, char **argv)
 {
@@ -1765,7 +1854,8 @@ cmd_backup(int argc, char **argv)
         OPT_PROGRESS,
         OPT_NOPROGRESS,
         OPT_JSON,
-        OPT_NODIGEST
+        OPT_NODIGEST,
+        OPT_CHECKPOINT
     };
     static const struct option opts[] = {
         {"full", no_argument, NULL, OPT_FULL},
@@ -1778,12 +1868,18 @@ cmd_backup(int argc, char **argv)
         {"no-progress", no_argument, NULL, OPT_NOPROGRESS},
         {"no-digest", no_argument, NULL, OPT_NODIGEST},
         {"json", no_argument, NULL, OPT_JSON},
+        {"checkpoint", required_argument, NULL, OPT_CHECKPOINT},
         {"help", no_argument, NULL, 'h'},
         NBD_CONNECT_LONG_OPTIONS,
         {NULL, 0, NULL, 0},
     };
     struct nbd_connect_opts nco = NBD_CONNECT_OPTS_INIT;
     const char *since = NULL, *bitmap = NULL, *uri, *dir;
+    const char *new_ckpt = NULL;
+    struct local_source *ls = NULL;
+    char local_why[1024] = "";
+    char new_ctx[1100];
+    bool local = false, ckpt_made = false;
     bool want_full = false, json = false, digest = true;
     bool auto_given = false, fallback_full = false, strict;
     bool part_made = false, final_made = false, listed = false;
@@ -1851,6 +1947,9 @@ cmd_backup(int argc, char **argv)
         case OPT_JSON:
             json = true;
             break;
+        case OPT_CHECKPOINT:
+            new_ckpt = optarg;
+            break;
         case 'h':
             backup_usage(stdout);
             return QCBT_EXIT_OK;
@@ -1864,7 +1963,7 @@ cmd_backup(int argc, char **argv)
         }
     }
     if (argc - optind != 2)
-        return usage_error("backup", "expected URI DIR");
+        return usage_error("backup", "expected URI DIR or IMAGE DIR");
     if (want_full && (since || bitmap)) {
         die_msg("backup: --full cannot be combined with --since/--bitmap");
         return QCBT_EXIT_ERROR;
@@ -1875,6 +1974,21 @@ cmd_backup(int argc, char **argv)
     strict = (since || bitmap) && !auto_given && !fallback_full;
     uri = argv[optind];
     dir = argv[optind + 1];
+    local = !local_source_is_uri(uri);
+    if (local && (nco.tls >= 0 || nco.certificates || nco.psk_file ||
+                  nco.username || nco.no_verify_peer)) {
+        die_msg("backup: the TLS options are for a URI, not a local IMAGE");
+        return QCBT_EXIT_ERROR;
+    }
+    if (new_ckpt && !local) {
+        /* A running VM writes its disk: only QEMU can start a checkpoint
+         * at the backup's point in time.
+         */
+        die_msg("backup: --checkpoint needs a local IMAGE, not a URI: for "
+                "a running VM, libvirt or QEMU create the checkpoint with "
+                "the backup job (virsh backup-begin with a checkpoint)");
+        return QCBT_EXIT_ERROR;
+    }
     eng.progress = progress < 0 ? isatty(STDERR_FILENO) : progress;
     notice_now = eng.progress;
     if (mkdir(dir, 0777) < 0 && errno != EEXIST) {
@@ -1925,9 +2039,45 @@ cmd_backup(int argc, char **argv)
         }
     }
 
+    if (local) {
+        /* The image is locked (READ) before the server starts and stays
+         * locked until NEW exists: no writer in between.
+         */
+        const char *bm = NULL;
+
+        if (ctx && strncmp(ctx, "qemu:dirty-bitmap:", 18) == 0)
+            bm = ctx + 18;
+        if (local_source_open(uri, new_ckpt != NULL, &ls) < 0 ||
+            (new_ckpt && local_source_check_new(ls, new_ckpt) < 0))
+            goto fail;
+        if (bm) {
+            r = local_source_bitmap_usable(ls,
+                                           bm,
+                                           local_why,
+                                           sizeof local_why,
+                                           local_note);
+            if (r < 0)
+                goto fail;
+            if (r == 0 && strict) {
+                /* Named: exit 2, before any server is started. */
+                qcbt_error(ENOENT, "%s: %s", local_source_image(ls), local_why);
+                fail_rc = QCBT_EXIT_FULL;
+                goto fail;
+            }
+            if (r == 0)
+                bm = NULL;
+        }
+        if (local_source_start(ls, bm, backup_connections(conns)) < 0)
+            goto fail;
+        uri = local_source_uri(ls);
+    }
     eng.h[0] = open_first(uri, &nco, ctx, offers, sizeof offers, &listed);
     if (!eng.h[0])
         goto fail;
+    if (ls && manifest_test_fault("kill-server"))
+        local_source_kill_server(ls);
+    if (ls && manifest_test_fault("stop-after-connect"))
+        raise(SIGSTOP); /* the test signals it meanwhile */
     eng.cst[0] = CONN_READY;
     eng.nconn = eng.nready = 1;
     size = nbd_get_size(eng.h[0]);
@@ -1955,6 +2105,11 @@ cmd_backup(int argc, char **argv)
         why_full = "--full";
     } else if (!ctx) {
         why_full = "no checkpoint given and none recorded";
+    } else if (!granted_ctx && local_why[0]) {
+        /* A local image: the bitmap was checked before the server
+         * started (strict runs ended there), and is not published.
+         */
+        why_full = local_why;
     } else if (!granted_ctx) {
         char ectx[256];
 
@@ -2020,23 +2175,14 @@ cmd_backup(int argc, char **argv)
         goto fail;
     }
 
-    /* Connections: several only when the server says they are coherent.
-     * By default one per CPU, up to 4 (as nbdcopy): on a 2-CPU machine 4
-     * connections cost more in wakeups than they gain (bench-backup.sh:
-     * the fragmented incremental 1.9 -> 1.75 s, the full 2.85 -> 2.65 s).
-     * The others connect while the first one works and join when ready;
-     * a server may accept fewer (qemu-nbd -e N, nbdkit's limit filter).
+    /* Connections: several only when the server says they are coherent
+     * (backup_connections()).  The others connect while the first one
+     * works and join when ready; a server may accept fewer (qemu-nbd -e
+     * N, nbdkit's limit filter).
      */
     {
-        size_t want;
+        size_t want = backup_connections(conns);
 
-        if (conns) {
-            want = (size_t)conns;
-        } else {
-            long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-
-            want = ncpu < 1 ? 1 : ncpu > 4 ? 4 : (size_t)ncpu;
-        }
         if (want > 1 && nbd_can_multi_conn(eng.h[0]) <= 0) {
             if (conns > 1)
                 notice("the server does not allow multi-conn: using one "
@@ -2164,10 +2310,20 @@ cmd_backup(int argc, char **argv)
     e.type = ctx ? "incremental" : "full";
     e.backing = ctx ? prev->file : NULL;
     e.context = (char *)(ctx ? ctx : granted_ctx);
+    e.since = (char *)ctx;
+    if (new_ckpt) {
+        /* Recorded before it exists: the checkpoint can only be made
+         * once the backup is recorded (else a failed backup would leave
+         * a checkpoint the next run takes for a base it does not have).
+         */
+        snprintf(new_ctx, sizeof new_ctx, "qemu:dirty-bitmap:%s", new_ckpt);
+        e.context = new_ctx;
+    }
     e.checkpoint = NULL;
     if (e.context && strncmp(e.context, "qemu:dirty-bitmap:", 18) == 0)
         e.checkpoint = e.context + 18;
-    e.uri = (char *)uri;
+    e.uri = ls ? NULL : (char *)uri;
+    e.source_image = ls ? (char *)local_source_abspath(ls) : NULL;
     e.export_name = nbd_get_export_name(eng.h[0]);
     now_iso(timebuf, sizeof timebuf);
     e.time = timebuf;
@@ -2284,6 +2440,49 @@ cmd_backup(int argc, char **argv)
     final_made = false;
     dgi_final_made = false;
 
+    /* The backup is recorded.  The server goes first (it holds the
+     * image too), then the new checkpoint.
+     */
+    if (ls) {
+        close_handles(&eng);
+        local_source_stop(ls);
+        if (new_ckpt) {
+            if (local_source_create_checkpoint(ls, new_ckpt) < 0) {
+                char ename[256], why[1400], again[4300];
+                const char *old = ctx ? ctx : granted_ctx;
+                bool rewritten;
+
+                snprintf(why, sizeof why, "%s", qcbt_error_get());
+                qcbt_escape(ename, sizeof ename, new_ckpt, strlen(new_ckpt));
+                /* The checkpoint this backup started from is still there
+                 * and covers everything after it: the manifest names it
+                 * again, so that --auto starts from it.  (Should this
+                 * fail too, --auto finds no NEW and makes a full backup.)
+                 */
+                rewritten = manifest_set_checkpoint(dir, &m, old) == 0;
+                if (!old)
+                    snprintf(again, sizeof again, "full");
+                else if (strncmp(old, "qemu:dirty-bitmap:", 18) == 0)
+                    snprintf(again, sizeof again, "--since %s", old + 18);
+                else
+                    snprintf(again, sizeof again, "--bitmap %s", old);
+                qcbt_error(EIO,
+                           "%s is recorded in %s, but checkpoint '%s' was "
+                           "not created (%s): the next backup must be %s "
+                           "again%s",
+                           fname,
+                           dir,
+                           ename,
+                           why,
+                           again,
+                           rewritten ? " (--auto does so)"
+                                     : "; --auto would make a full backup");
+            } else {
+                ckpt_made = true;
+            }
+        }
+    }
+
     /* Fewer connections than asked for: say why, unless the backup was
      * over before the others could have helped.
      */
@@ -2305,7 +2504,8 @@ cmd_backup(int argc, char **argv)
         printf(", \"virtual-size\": %" PRIu64 ", \"data-bytes\": %" PRIu64
                ", \"zero-bytes\": %" PRIu64 ", \"extents\": %" PRIu64
                ", \"requests\": %" PRIu64 ", \"connections\": %zu, "
-               "\"seconds\": %.3f, \"guest-digest\": %s%s%s}\n",
+               "\"seconds\": %.3f, \"guest-digest\": %s%s%s, "
+               "\"checkpoint-created\": ",
                e.size,
                e.data_bytes,
                e.zero_bytes,
@@ -2316,6 +2516,11 @@ cmd_backup(int argc, char **argv)
                digest ? "\"" : "",
                digest ? hex : "null",
                digest ? "\"" : "");
+        if (ckpt_made)
+            json_string(stdout, new_ckpt);
+        else
+            printf("null");
+        printf("}\n");
     } else {
         printf("%s: %s backup, %" PRIu64 " bytes of data and %" PRIu64
                " bytes of zeros in %" PRIu64 " extents, %.2f s\n",
@@ -2325,8 +2530,22 @@ cmd_backup(int argc, char **argv)
                e.zero_bytes,
                e.extents,
                e.seconds);
+        if (ckpt_made) {
+            char ename[256];
+
+            qcbt_escape(ename, sizeof ename, new_ckpt, strlen(new_ckpt));
+            printf("checkpoint %s created in %s\n",
+                   ename,
+                   local_source_image(ls));
+        }
     }
     free(e.export_name);
+    if (new_ckpt && !ckpt_made) {
+        /* Recorded, but without its checkpoint: one line says so. */
+        report_error();
+        ret = QCBT_EXIT_ERROR;
+        goto out;
+    }
     ret = QCBT_EXIT_OK;
     goto out;
 
@@ -2357,15 +2576,16 @@ fail:
         fsync_dir(dir);
     if (eng.progress && eng.last_progress)
         fputc('\n', stderr); /* end the progress line */
+    if (ls) {
+        /* Did the server end by itself?  Then that is part of the story. */
+        close_handles(&eng);
+        local_source_explain(ls);
+    }
     report_error();
     ret = fail_rc;
 out:
-    for (i = 0; i < MAX_CONNS; i++)
-        if (eng.h[i]) {
-            if (eng.cst[i] == CONN_READY)
-                nbd_shutdown(eng.h[i], 0);
-            nbd_close(eng.h[i]);
-        }
+    close_handles(&eng);
+    local_source_free(ls);
     if (eng.slots)
         for (i = 0; i < eng.nslots; i++)
             free(eng.slots[i].buf);

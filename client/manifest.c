@@ -29,7 +29,9 @@ entry_free(struct backup_entry *e)
     free(e->type);
     free(e->checkpoint);
     free(e->context);
+    free(e->since);
     free(e->uri);
+    free(e->source_image);
     free(e->export_name);
     free(e->time);
     free(e->backing);
@@ -65,7 +67,9 @@ manifest_append(struct manifest *m, const struct backup_entry *e)
     c->type = dup_opt(e->type);
     c->checkpoint = dup_opt(e->checkpoint);
     c->context = dup_opt(e->context);
+    c->since = dup_opt(e->since);
     c->uri = dup_opt(e->uri);
+    c->source_image = dup_opt(e->source_image);
     c->export_name = dup_opt(e->export_name);
     c->time = dup_opt(e->time);
     c->backing = dup_opt(e->backing);
@@ -203,7 +207,9 @@ manifest_load(const char *dir, struct manifest *m)
             (r = get_str(o, "type", true, &e.type, i)) < 0 ||
             (r = get_str(o, "checkpoint", false, &e.checkpoint, i)) < 0 ||
             (r = get_str(o, "context", false, &e.context, i)) < 0 ||
+            (r = get_str(o, "since", false, &e.since, i)) < 0 ||
             (r = get_str(o, "source-uri", false, &e.uri, i)) < 0 ||
+            (r = get_str(o, "source-image", false, &e.source_image, i)) < 0 ||
             (r = get_str(o, "export", false, &e.export_name, i)) < 0 ||
             (r = get_str(o, "time", false, &e.time, i)) < 0 ||
             (r = get_str(o, "backing-file", false, &e.backing, i)) < 0 ||
@@ -346,7 +352,9 @@ manifest_prepare(const char *dir, const struct manifest *m)
         put_str(fp, "backing-file", e->backing, true);
         put_str(fp, "checkpoint", e->checkpoint, true);
         put_str(fp, "context", e->context, true);
+        put_str(fp, "since", e->since, true);
         put_str(fp, "source-uri", e->uri, true);
+        put_str(fp, "source-image", e->source_image, true);
         put_str(fp, "export", e->export_name, true);
         put_str(fp, "time", e->time, true);
         put_str(fp, "guest-digest", e->guest_digest, true);

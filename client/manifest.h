@@ -18,14 +18,22 @@
 #define MANIFEST_VERSION 1
 
 struct backup_entry {
-    char *file;       /* "backup-0003.qcow2" */
-    char *type;       /* "full" / "incremental" / "differential" (its
-                         backing file is an older backup than the
-                         previous one: qcbt import of virtnbdbackup
-                         differentials) */
-    char *checkpoint; /* bitmap name, or NULL */
-    char *context;    /* meta context used, or NULL */
-    char *uri;        /* source URI */
+    char *file; /* "backup-0003.qcow2" */
+    char *type; /* "full" / "incremental" / "differential" (its
+                   backing file is an older backup than the
+                   previous one: qcbt import of virtnbdbackup
+                   differentials) */
+    /* The checkpoint of this backup: the one whose bitmap holds the
+     * changes after it, which the next --auto run starts from (the
+     * bitmap it copied changes since, a full backup's granted one, or
+     * the checkpoint --checkpoint created), and its meta context.
+     */
+    char *checkpoint;   /* bitmap name, or NULL */
+    char *context;      /* meta context, or NULL */
+    char *since;        /* an incremental's meta context of the changes it
+                           copied, or NULL (manifests before it: NULL) */
+    char *uri;          /* source URI, or NULL for a local image */
+    char *source_image; /* the local image backed up (absolute), or NULL */
     char *export_name;
     char *time;         /* ISO 8601 UTC */
     char *backing;      /* previous file, or NULL */
@@ -68,7 +76,9 @@ int manifest_commit(const char *dir);
  * the finished file, and just before saving the manifest),
  * "kill-before-index-rename" (after renaming the finished file, before
  * renaming its digest index), "index-enospc" (the digest index cannot be
- * made durable).
+ * made durable); for a local image (local-source.h): "kill-server",
+ * "stop-after-connect", "stop-before-checkpoint", "checkpoint-eio",
+ * "checkpoint-eio-manifest".
  */
 bool manifest_test_fault(const char *point);
 

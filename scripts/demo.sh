@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The demo: install dependencies, build, and run qcbt's main job end to
 # end on a generated 3-layer backing chain (raw base <- qcow2 <- qcow2)
-# with a libvirt-style checkpoint bitmap:
+# with libvirt-style checkpoints (one bitmap per checkpoint), qcbt alone:
+#   a full backup that creates checkpoint ckpt, guest-like writes, an
+#   external snapshot with the checkpoint propagated, more writes,
 #   qcbt info / map / cat (checked against qemu-img convert),
-#   qcbt bitmap check, qcbt-server, a full backup, guest-like writes in
-#   two layers, an incremental backup, a restore, and qemu-img compare.
+#   qcbt bitmap check, an incremental backup of the chain since ckpt that
+#   creates the next checkpoint, a restore, and qemu-img compare.
 # Usage: scripts/demo.sh [WORKDIR]   (default: a fresh temporary directory)
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,8 +14,7 @@ src=$(cd "$(dirname "$0")/.." && pwd)
 bash "$src/scripts/setup.sh"
 echo "== building"
 bash "$src/scripts/build.sh" "$src/build"
-qcbt=$src/build/client/qcbt
-server=$src/build/server/qcbt-server
+qcbt=$src/build/client/qcbt   # it finds ../server/qcbt-server itself
 
 work=${1:-$(mktemp -d /tmp/qcbt-demo.XXXXXX)}
 mkdir -p "$work/base" "$work/snap"
@@ -28,14 +29,26 @@ qemu-io -f raw -c 'write -P 0x11 0 64M' -c 'write -P 0x12 128M 32M' \
 qemu-img create -q -f qcow2 -b ../base/disk.raw -F raw snap/mid.qcow2 256M
 qemu-io -f qcow2 -c 'write -P 0x21 1M 3M' -c 'write -z 130M 2M' \
     -c 'write -P 0x22 200M 1M' snap/mid.qcow2 >/dev/null
-# Checkpoint "ckpt" (libvirt's model: one bitmap per checkpoint, created
-# in the active layer and again in each overlay made after it).
-qemu-img bitmap --add snap/mid.qcow2 ckpt
-# Second snapshot: the active layer, with the checkpoint propagated.
+
+# The VM is off: a full backup of the chain, which creates checkpoint
+# "ckpt" in its active layer (libvirt's model: one bitmap per checkpoint).
+# qcbt serves the chain with a qcbt-server of its own and keeps writers
+# out until the checkpoint exists, so ckpt holds exactly what changes
+# after the backup.
+echo
+echo "\$ qcbt backup --full --checkpoint ckpt snap/mid.qcow2 backups"
+"$qcbt" backup --full --checkpoint ckpt --no-progress snap/mid.qcow2 backups
+
+echo
+echo "== the VM runs: writes, an external snapshot (ckpt propagated), writes"
+qemu-io -f qcow2 -c 'write -P 0x23 3M 128k' -c 'write -z 2M 64k' \
+    snap/mid.qcow2 >/dev/null
+# The snapshot: the new active layer gets a same-named empty bitmap.
 qemu-img create -q -f qcow2 -b snap/mid.qcow2 -F qcow2 top.qcow2 256M
-qemu-img bitmap --add top.qcow2 ckpt
+"$qcbt" bitmap add top.qcow2 ckpt
 qemu-io -f qcow2 -c 'write -P 0x31 2M 64k' -c 'discard 10M 1M' \
-    -c 'write -z 20M 4M' -c 'write -P 0x32 255M 1M' top.qcow2 >/dev/null
+    -c 'write -z 20M 4M' -c 'write -P 0x32 255M 1M' \
+    -c 'write -P 0x42 200M 2M' top.qcow2 >/dev/null
 
 echo
 echo "\$ qcbt info top.qcow2"
@@ -58,32 +71,11 @@ echo
 echo "\$ qcbt bitmap check top.qcow2 ckpt"
 "$qcbt" bitmap check top.qcow2 ckpt
 
-sock=$work/nbd.sock
-uri="nbd+unix:///?socket=$sock"
-serve() {
-    "$server" -k "$sock" -B ckpt -t --fork --pid-file "$work/server.pid" \
-        top.qcow2
-}
-stop() {
-    kill "$(cat "$work/server.pid")"
-    while [ -e "$work/server.pid" ]; do sleep 0.05; done
-}
-
 echo
-echo "\$ qcbt-server -k nbd.sock -B ckpt top.qcow2 &"
-serve
-echo "\$ qcbt backup --full $uri backups"
-"$qcbt" backup --full --no-progress "$uri" backups
-stop
-
-echo
-echo "== guest-like writes (the VM is off: qemu-io writes into the chain)"
-qemu-io -f qcow2 -c 'write -P 0x41 3M 128k' -c 'write -z 2M 64k' \
-    -c 'write -P 0x42 200M 2M' top.qcow2 >/dev/null
-serve
-echo "\$ qcbt backup --since ckpt $uri backups"
-"$qcbt" backup --since ckpt --no-progress "$uri" backups
-stop
+echo "\$ qcbt backup --since ckpt --checkpoint ckpt2 top.qcow2 backups"
+"$qcbt" backup --since ckpt --checkpoint ckpt2 --no-progress top.qcow2 backups
+echo "\$ qcbt bitmap list top.qcow2"
+"$qcbt" bitmap list top.qcow2
 
 echo
 echo "\$ qcbt verify backups"

@@ -16,14 +16,13 @@
 #include <unistd.h>
 
 #include "chain.h"
+#include "checkpoint.h"
 #include "error.h"
 #include "io.h"
 #include "local-source.h"
 #include "manifest.h"
 #include "publish.h"
 #include "qcbt.h"
-#include "qcow2-bitmaps.h"
-#include "qcow2-store.h"
 
 #define SERVER_NAME "qcbt-server"
 #define SOCK_NAME   "s"
@@ -111,69 +110,17 @@ fail:
 int
 local_source_check_new(struct local_source *ls, const char *name)
 {
-    struct chain_layer *top = &ls->chain->layers[0];
-    struct qcow2_bitmap_list *bl = NULL;
     char ename[256];
-    size_t i, j;
-    int r = 0;
 
-    qcbt_escape(ename, sizeof ename, name, strlen(name));
-    if (qcow2_bitmap_name_check(name, strlen(name)) < 0)
-        return qcbt_error(EINVAL,
-                          "checkpoint '%s': not a valid bitmap name (1 to "
-                          "1023 bytes of UTF-8)",
-                          ename);
-    if (strchr(name, '='))
+    /* The server publishes it as -B NAME, where '=' starts an alias. */
+    if (strchr(name, '=')) {
+        qcbt_escape(ename, sizeof ename, name, strlen(name));
         return qcbt_error(EINVAL,
                           "checkpoint '%s': a name with '=' cannot be "
                           "published (qcbt-server -B NAME=ALIAS)",
                           ename);
-    if (!top->qcow2)
-        return qcbt_error(ENOTSUP,
-                          "%s: a raw image cannot hold checkpoint '%s' "
-                          "(bitmaps need qcow2 version 3)",
-                          ls->image,
-                          ename);
-    if (top->qcow2->hdr.version < 3)
-        return qcbt_error(ENOTSUP,
-                          "%s: a qcow2 version 2 image cannot hold "
-                          "checkpoint '%s' (bitmaps need version 3)",
-                          ls->image,
-                          ename);
-    for (i = 0; i < ls->chain->nr_layers && r == 0; i++) {
-        struct chain_layer *l = &ls->chain->layers[i];
-
-        if (!l->qcow2)
-            continue;
-        r = qcow2_bitmaps_load(l->qcow2, &bl);
-        if (r < 0)
-            return r;
-        if (i == 0 && bl->present && !bl->usable)
-            r = qcbt_error(EINVAL,
-                           "%s: checkpoint '%s' cannot be created: the "
-                           "bitmap directory is invalid (%s)",
-                           ls->image,
-                           ename,
-                           bl->reason);
-        for (j = 0; j < bl->nr && r == 0; j++)
-            if (bl->bitmaps[j].name && strcmp(bl->bitmaps[j].name, name) == 0)
-                r = i == 0 ? qcbt_error(EEXIST,
-                                        "%s: checkpoint '%s' already "
-                                        "exists: name a new one",
-                                        ls->image,
-                                        ename)
-                           : qcbt_error(EEXIST,
-                                        "%s: checkpoint '%s' already "
-                                        "exists in layer %zu (%s): name a "
-                                        "new one",
-                                        ls->image,
-                                        ename,
-                                        i,
-                                        l->path);
-        qcow2_bitmap_list_free(bl);
-        bl = NULL;
     }
-    return r;
+    return checkpoint_check_new(ls->chain, name);
 }
 
 int
@@ -633,19 +580,6 @@ local_source_explain(struct local_source *ls)
                    how);
 }
 
-/* The one place qcbt backup creates a checkpoint: an enabled persistent
- * bitmap in the top layer, as `qemu-img bitmap --add` makes it.
- */
-static int
-checkpoint_create(struct qcow2_image *img, const char *name)
-{
-    return qcow2_bitmap_modify(img,
-                               QCOW2_BITMAP_ADD,
-                               name,
-                               QCOW2_BITMAP_DEFAULT_GRANULARITY_BITS,
-                               false);
-}
-
 int
 local_source_create_checkpoint(struct local_source *ls, const char *name)
 {
@@ -662,7 +596,7 @@ local_source_create_checkpoint(struct local_source *ls, const char *name)
     if (manifest_test_fault("checkpoint-eio") ||
         manifest_test_fault("checkpoint-eio-manifest"))
         return qcbt_error(EIO, "%s: %s (injected)", ls->image, strerror(EIO));
-    return checkpoint_create(top->qcow2, name);
+    return checkpoint_add(ls->chain, name, 0);
 }
 
 void

@@ -704,6 +704,61 @@ rotate(const char *image,
 }
 
 int
+checkpoint_check_new(struct chain *c, const char *name)
+{
+    size_t li;
+    int r;
+
+    r = checkpoint_name_check(name);
+    if (r < 0)
+        return r;
+    if (!c->layers[0].qcow2)
+        return qcbt_error(ENOTSUP,
+                          "%s: a %s image cannot hold checkpoints (qcow2 "
+                          "only)",
+                          c->layers[0].path,
+                          chain_fmt_name(c->layers[0].fmt));
+    if (c->layers[0].qcow2->hdr.version < 3)
+        return qcbt_error(ENOTSUP,
+                          "%s: a qcow2 version 2 image cannot hold "
+                          "checkpoints (bitmaps need version 3)",
+                          c->layers[0].path);
+    for (li = 0; li < c->nr_layers; li++) {
+        r = layer_holds(c, li, name);
+        if (r == 1)
+            return qcbt_error(EEXIST,
+                              "checkpoint '%s' already exists (layer %zu: %s)",
+                              name,
+                              li,
+                              c->layers[li].path);
+        if (r < 0)
+            return r;
+    }
+    return 0;
+}
+
+int
+checkpoint_add(struct chain *c, const char *name, unsigned gbits)
+{
+    struct qcow2_image *top = c->layers[0].qcow2;
+    int r;
+
+    if (!top)
+        return qcbt_error(ENOTSUP,
+                          "%s: not a qcow2 image: cannot hold checkpoints",
+                          c->layers[0].path);
+    if (gbits == 0)
+        gbits = checkpoint_default_gbits(top->cluster_size);
+    r = qcow2_bitmap_modify(top, QCOW2_BITMAP_ADD, name, gbits, false);
+    if (r == -EEXIST)
+        r = qcbt_error(EEXIST,
+                       "checkpoint '%s' already exists (layer 0: %s)",
+                       name,
+                       c->layers[0].path);
+    return r;
+}
+
+int
 checkpoint_create(const char *image,
                   const char *name,
                   unsigned gbits,
@@ -714,7 +769,6 @@ checkpoint_create(const char *image,
     struct qcbt_io *io = NULL;
     struct qcow2_image *img = NULL;
     struct chain *c = NULL;
-    size_t li;
     char *ns = NULL;
     int r;
 
@@ -733,20 +787,8 @@ checkpoint_create(const char *image,
         r = qcbt_io_lock(io, QCBT_IO_LOCK_WRITE);
     if (r == 0)
         r = open_scan(image, copts, &c);
-    if (r == 0 && !c->layers[0].qcow2)
-        r = qcbt_error(ENOTSUP,
-                       "%s: a %s image cannot hold checkpoints (qcow2 only)",
-                       image,
-                       chain_fmt_name(c->layers[0].fmt));
-    for (li = 0; r == 0 && li < c->nr_layers; li++) {
-        r = layer_holds(c, li, name);
-        if (r == 1)
-            r = qcbt_error(EEXIST,
-                           "checkpoint '%s' already exists (layer %zu: %s)",
-                           name,
-                           li,
-                           c->layers[li].path);
-    }
+    if (r == 0)
+        r = checkpoint_check_new(c, name);
     if (r == 0 && gbits == 0)
         gbits = checkpoint_default_gbits(c->layers[0].qcow2->cluster_size);
     chain_close(c);

@@ -118,6 +118,21 @@ struct checkpoint_result {
 
 void checkpoint_result_free(struct checkpoint_result *r);
 
+/* What creating checkpoint NAME in the top layer of the open chain C
+ * needs: a valid NAME, a qcow2 version 3 top, and no layer of C holding
+ * NAME (a layer whose bitmap directory cannot be read is an error: it
+ * might).  Returns 0 or -errno with a one-line message.
+ */
+int checkpoint_check_new(struct chain *c, const char *name);
+
+/* Add checkpoint NAME to the top layer of C, which the caller opened
+ * read-write and holds with the WRITE lock, after checkpoint_check_new():
+ * an empty, enabled persistent bitmap of granularity 2^GBITS (0: the
+ * default).  For callers that keep the chain open and locked across other
+ * work (backup --checkpoint).  Returns 0 or -errno with a message.
+ */
+int checkpoint_add(struct chain *c, const char *name, unsigned gbits);
+
 /* Create checkpoint NAME in IMAGE (a qcow2 file, the top of its chain): an
  * empty, enabled persistent bitmap of granularity 2^GBITS (0: the default
  * of checkpoint_default_gbits()).  IMAGE is opened read-write with QEMU's

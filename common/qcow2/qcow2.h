@@ -19,6 +19,10 @@
  *     qcow2_bitmaps_parse_dir(), qcow2_bitmap_load_data(), the bitmap
  *     store (qcow2-store.h) and an allocator from qcow2_alloc_new() to
  *     qcow2_alloc_free() take it themselves.
+ * One exception: img->io->size grows as the store writes past the end of
+ * the file, and qcow2_map() reads it unlocked.  No process maps an image
+ * while it changes its metadata today; one that writes guest data while
+ * serving reads must first move the size under the lock.
  */
 #ifndef QCBT_QCOW2_H
 #define QCBT_QCOW2_H

@@ -26,7 +26,10 @@
 # function run once in an empty directory that leaves before.qcow2 there
 # (and any file ARGS names); ARGS are qcbt's arguments with IMG standing
 # for the image under test (run in that directory).  To sweep a new
-# command, add its line (and a setup if none fits).
+# command, add its line (and a setup if none fits), e.g.
+#     "checkpoint-create|fs_setup_bitmaps|checkpoint create IMG c1"
+# An operation that writes another file than IMG (convert DST) needs its
+# setup to leave that file's "before" state too: fs_check looks at IMG.
 # shellcheck disable=SC2034 # for the sourcing scripts
 FAULT_OPS=(
     "bitmap-add|fs_setup_bitmaps|bitmap add IMG s1"

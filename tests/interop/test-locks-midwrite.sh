@@ -5,7 +5,8 @@
 #     flush) by the test-only hook QCBT_TEST_FAIL_AT=pause-OP:N (it creates
 #     $QCBT_TEST_PAUSE_FILE and waits for $QCBT_TEST_PAUSE_FILE.resume,
 #     docs/qcbt.pod "ENVIRONMENT").  Meanwhile `qemu-img bitmap --add` and
-#     `qemu-io -c write` fail with QEMU's 'Failed to get "write" lock',
+#     `qemu-io -c write` and a writable qemu-nbd fail with QEMU's 'Failed
+#     to get "write" lock',
 #     `qemu-img info` with 'Failed to get shared "write" lock', and
 #     /proc/locks shows a write lock (byte 101).  Released, the operation completes
 #     with the bitmaps qemu-img bitmap gives on a twin, `qemu-img check`
@@ -96,6 +97,13 @@ paused() {
     expect_qemu_refused 'Failed to get "write" lock' qemu-img bitmap --add "$img" z
     expect_qemu_refused 'Failed to get "write" lock' qemu-io -c 'write -P 9 0 64k' "$img"
     expect_qemu_refused 'Failed to get shared "write" lock' qemu-img info "$img"
+    # qemu-nbd (forking once it serves: a refused one never does).
+    rm -f qnbd.pid
+    expect_qemu_refused 'Failed to get "write" lock' \
+        qemu-nbd --fork --pid-file="$TMPD/qnbd.pid" -k "$TMPD/q.sock" -f qcow2 "$img"
+    if [[ -s $TMPD/qnbd.pid ]]; then
+        kill "$(cat "$TMPD/qnbd.pid")" 2>/dev/null || true
+    fi
     pid_alive "$pid" || bad "$CASE: qcbt did not stay paused"
     touch "$TMPD/paused.resume"
     wait "$pid" || rc=$?

@@ -474,7 +474,8 @@ open_scan(const char *image,
 static int
 dir_holds(struct qcow2_image *img, const char *name, char *why, size_t whylen)
 {
-    const struct qcow2_bitmaps_ext *ext = &img->bitmaps.ext;
+    struct qcow2_bitmaps_found found;
+    const struct qcow2_bitmaps_ext *ext = &found.ext;
     struct qcow2_bitmap_dir_entry e;
     size_t len = strlen(name);
     uint64_t pos = 0;
@@ -482,9 +483,10 @@ dir_holds(struct qcow2_image *img, const char *name, char *why, size_t whylen)
     uint32_t i;
     int r;
 
-    if (!img->bitmaps.present)
+    qcow2_get_bitmaps_found(img, &found);
+    if (!found.present)
         return 0;
-    if (img->bitmaps.ext_len != QCOW2_BITMAPS_EXT_SIZE) {
+    if (found.ext_len != QCOW2_BITMAPS_EXT_SIZE) {
         snprintf(why, whylen, "bitmaps extension of the wrong length");
         return -EINVAL;
     }

@@ -1,9 +1,14 @@
 /* qcbt: the I/O interface, independent of the backend (see io.h). */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "error.h"
 #include "io.h"
@@ -98,26 +103,112 @@ qcbt_io_read_exact(struct qcbt_io *io,
     return 0;
 }
 
-/* The test hook: QCBT_TEST_FAIL_AT=write:N (or flush:N) makes the Nth
- * qcbt_io_write_exact() (qcbt_io_flush()) of the process, counted from 1,
- * and every later one fail with EIO before it reaches the backend, as if
- * the machine had stopped there.  For the crash-safety tests only.
+/* The test hook (crash-safety tests only; docs/qcbt.pod "ENVIRONMENT"):
+ * QCBT_TEST_FAIL_AT=[KIND-]OP:N acts at the Nth qcbt_io_write_exact()
+ * (OP "write") or qcbt_io_flush() (OP "flush") of the process, counted
+ * from 1, before it reaches the backend:
+ *
+ *   OP:N, eio-OP:N    the Nth and every later one fails with EIO, as if
+ *                     the disk had stopped there;
+ *   enospc-OP:N       the same with ENOSPC (the file system is full);
+ *   kill-OP:N         the process dies of SIGKILL at the Nth: nothing
+ *                     after it happens, no cleanup (a crash);
+ *   pause-OP:N        at the Nth the process creates the file
+ *                     $QCBT_TEST_PAUSE_FILE and waits until the file
+ *                     "$QCBT_TEST_PAUSE_FILE.resume" exists, then goes
+ *                     on (holding everything it holds: locks, the half
+ *                     done change), so a test can act mid-write.
  */
+enum fault {
+    FAULT_NONE,
+    FAULT_EIO,
+    FAULT_ENOSPC,
+    FAULT_KILL,
+    FAULT_PAUSE,
+};
+
 static atomic_ulong nr_writes, nr_flushes;
 
-static bool
-injected_fault(const char *kind, atomic_ulong *counter)
+static enum fault
+injected_fault(const char *op, atomic_ulong *counter)
 {
-    const char *env = getenv("QCBT_TEST_FAIL_AT");
-    size_t klen = strlen(kind);
+    static const struct {
+        const char *prefix;
+        enum fault fault;
+    } kinds[] = {
+        {"", FAULT_EIO},
+        {"eio-", FAULT_EIO},
+        {"enospc-", FAULT_ENOSPC},
+        {"kill-", FAULT_KILL},
+        {"pause-", FAULT_PAUSE},
+    };
+    const char *env = getenv("QCBT_TEST_FAIL_AT"), *arg = NULL;
+    size_t i, plen, olen = strlen(op);
+    enum fault f = FAULT_NONE;
     unsigned long n, at;
     char *end;
 
-    if (!env || strncmp(env, kind, klen) != 0 || env[klen] != ':')
-        return false;
+    if (!env)
+        return FAULT_NONE;
+    for (i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
+        plen = strlen(kinds[i].prefix);
+        if (strncmp(env, kinds[i].prefix, plen) == 0 &&
+            strncmp(env + plen, op, olen) == 0 && env[plen + olen] == ':') {
+            f = kinds[i].fault;
+            arg = env + plen + olen + 1;
+            break;
+        }
+    }
+    if (!arg)
+        return FAULT_NONE;
     n = atomic_fetch_add(counter, 1) + 1;
-    at = strtoul(env + klen + 1, &end, 10);
-    return *end == '\0' && at > 0 && n >= at;
+    at = strtoul(arg, &end, 10);
+    if (*end != '\0' || at == 0 || n < at)
+        return FAULT_NONE;
+    if ((f == FAULT_KILL || f == FAULT_PAUSE) && n != at)
+        return FAULT_NONE;
+    return f;
+}
+
+/* pause-OP:N: announce the pause, wait to be resumed. */
+static void
+pause_here(void)
+{
+    const char *marker = getenv("QCBT_TEST_PAUSE_FILE");
+    struct timespec tick = {0, 10 * 1000 * 1000};
+    char *resume;
+    int fd;
+
+    if (!marker || asprintf(&resume, "%s.resume", marker) < 0)
+        return;
+    fd = open(marker, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+    if (fd >= 0)
+        close(fd);
+    while (access(resume, F_OK) < 0)
+        nanosleep(&tick, NULL);
+    free(resume);
+}
+
+/* Apply the test hook to the Nth write or flush: 0 to go on, or the
+ * errno to fail with. */
+static int
+test_fault(const char *op, atomic_ulong *counter)
+{
+    switch (injected_fault(op, counter)) {
+    case FAULT_NONE:
+        return 0;
+    case FAULT_EIO:
+        return EIO;
+    case FAULT_ENOSPC:
+        return ENOSPC;
+    case FAULT_KILL:
+        raise(SIGKILL);
+        return EIO; /* not reached */
+    case FAULT_PAUSE:
+        pause_here();
+        return 0;
+    }
+    return 0;
 }
 
 int
@@ -128,6 +219,7 @@ qcbt_io_write_exact(struct qcbt_io *io,
                     const char *what)
 {
     ssize_t r;
+    int fault;
 
     if (!io->ops->pwrite)
         return qcbt_error(EROFS,
@@ -143,13 +235,15 @@ qcbt_io_write_exact(struct qcbt_io *io,
                           io->name,
                           what,
                           offset);
-    if (injected_fault("write", &nr_writes))
-        return qcbt_error(EIO,
+    fault = test_fault("write", &nr_writes);
+    if (fault)
+        return qcbt_error(fault,
                           "%s: writing %s at offset 0x%" PRIx64
-                          ": injected fault (QCBT_TEST_FAIL_AT)",
+                          ": %s (injected by QCBT_TEST_FAIL_AT)",
                           io->name,
                           what,
-                          offset);
+                          offset,
+                          strerror(fault));
     r = io->ops->pwrite(io->opaque, buf, count, offset);
     if (r >= 0 && (size_t)r != count)
         r = -EIO; /* the backend broke its contract: never a short write */
@@ -168,12 +262,13 @@ qcbt_io_write_exact(struct qcbt_io *io,
 int
 qcbt_io_flush(struct qcbt_io *io)
 {
-    int r;
+    int r = test_fault("flush", &nr_flushes);
 
-    if (injected_fault("flush", &nr_flushes))
-        return qcbt_error(EIO,
-                          "%s: flush: injected fault (QCBT_TEST_FAIL_AT)",
-                          io->name);
+    if (r)
+        return qcbt_error(r,
+                          "%s: flush: %s (injected by QCBT_TEST_FAIL_AT)",
+                          io->name,
+                          strerror(r));
     if (!io->ops->flush)
         return 0;
     r = io->ops->flush(io->opaque);

@@ -65,6 +65,9 @@ qcow2_alloc_new(struct qcow2_image *img, struct qcow2_alloc **out)
     a = calloc(1, sizeof *a);
     if (!a)
         return qcbt_error(ENOMEM, "out of memory");
+    /* The refcounts and the end of the file are the image's mutable
+     * state: held until qcow2_alloc_free() (qcow2.h). */
+    qcow2_lock(img);
     a->img = img;
     a->io = img->io;
     a->cs = img->cluster_size;
@@ -112,6 +115,8 @@ qcow2_alloc_free(struct qcow2_alloc *a)
 {
     if (!a)
         return;
+    if (a->img)
+        qcow2_unlock(a->img);
     free(a->rt);
     free(a->runs);
     free(a->nb);

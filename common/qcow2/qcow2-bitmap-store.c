@@ -178,10 +178,12 @@ put_bitmaps_ext(unsigned char *p, const struct qcow2_bitmaps_ext *be)
 /* Point the header at the new directory (NB == 0: no bitmaps extension)
  * with one write of the bytes of cluster 0 that change, and set the
  * autoclear bits to what they now mean.  The extensions other than
- * bitmaps and the backing file name are kept byte for byte.
+ * bitmaps and the backing file name are kept byte for byte.  The image's
+ * mutable state follows the header: the caller holds img->st.lock.
  */
 static int
-switch_header(struct qcow2_image *img, const struct qcow2_bitmaps_ext *be)
+switch_header_locked(struct qcow2_image *img,
+                     const struct qcow2_bitmaps_ext *be)
 {
     uint64_t cs = img->cluster_size, off, end, pos, sz, first, last;
     struct qcow2_header h;
@@ -267,11 +269,11 @@ switch_header(struct qcow2_image *img, const struct qcow2_bitmaps_ext *be)
                             first,
                             "header");
     if (r == 0) {
-        img->hdr.autoclear_features = h.autoclear_features;
-        img->hdr.backing_file_offset = h.backing_file_offset;
-        img->bitmaps.present = be->nb_bitmaps != 0;
-        img->bitmaps.ext_len = be->nb_bitmaps ? QCOW2_BITMAPS_EXT_SIZE : 0;
-        img->bitmaps.ext = *be;
+        img->st.autoclear_features = h.autoclear_features;
+        img->st.backing_file_offset = h.backing_file_offset;
+        img->st.bitmaps.present = be->nb_bitmaps != 0;
+        img->st.bitmaps.ext_len = be->nb_bitmaps ? QCOW2_BITMAPS_EXT_SIZE : 0;
+        img->st.bitmaps.ext = *be;
     }
     goto out;
 full:
@@ -294,19 +296,20 @@ static const char *const op_names[] = {
     [QCOW2_BITMAP_MERGE] = "merging into",
 };
 
+/* One change, under img->st.lock (the caller holds it). */
 static int
-change(struct qcow2_image *img,
-       enum qcow2_bitmap_op op,
-       const char *name,
-       unsigned gbits,
-       bool disabled,
-       const struct bitmap *src)
+change_locked(struct qcow2_image *img,
+              enum qcow2_bitmap_op op,
+              const char *name,
+              unsigned gbits,
+              bool disabled,
+              const struct bitmap *src)
 {
     struct store s = {.img = img};
     struct qcow2_bitmap_list *list = NULL;
     struct qcow2_bitmap_dir_entry *ents = NULL;
     struct qcow2_bitmaps_ext be = {0};
-    const struct qcow2_bitmaps_ext *oldext = &img->bitmaps.ext;
+    const struct qcow2_bitmaps_ext oldext = img->st.bitmaps.ext;
     uint64_t cs = img->cluster_size, dir_size = 0, dir_off = 0, off;
     uint64_t dir_clusters;
     bool new_table = false;
@@ -335,7 +338,7 @@ change(struct qcow2_image *img,
      * that does not know bitmaps: QEMU drops it, and so do we (its
      * clusters are leaked, as QEMU leaks them). */
     ignore_old = list->present &&
-                 !(img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS);
+                 !(img->st.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS);
     if (!ignore_old && !list->usable) {
         r = qcbt_error(EINVAL,
                        "%s: cannot change bitmaps: %s",
@@ -538,8 +541,8 @@ change(struct qcow2_image *img,
     if (r < 0)
         goto out;
     if (!ignore_old && list->present)
-        for (off = 0; off < oldext->bitmap_directory_size; off += cs) {
-            r = add_old(&s, oldext->bitmap_directory_offset + off);
+        for (off = 0; off < oldext.bitmap_directory_size; off += cs) {
+            r = add_old(&s, oldext.bitmap_directory_offset + off);
             if (r < 0)
                 goto out;
         }
@@ -551,7 +554,7 @@ change(struct qcow2_image *img,
     be.nb_bitmaps = (uint32_t)nr;
     be.bitmap_directory_size = dir_size;
     be.bitmap_directory_offset = dir_off;
-    r = switch_header(img, &be);
+    r = switch_header_locked(img, &be);
     if (r == 0)
         r = qcbt_io_flush(img->io);
     if (r < 0)
@@ -579,6 +582,22 @@ out:
     free(s.old);
     qcow2_alloc_free(s.alloc);
     qcow2_bitmap_list_free(list);
+    return r;
+}
+
+static int
+change(struct qcow2_image *img,
+       enum qcow2_bitmap_op op,
+       const char *name,
+       unsigned gbits,
+       bool disabled,
+       const struct bitmap *src)
+{
+    int r;
+
+    qcow2_lock(img);
+    r = change_locked(img, op, name, gbits, disabled, src);
+    qcow2_unlock(img);
     return r;
 }
 
@@ -611,9 +630,13 @@ qcow2_bitmap_load_named(struct qcow2_image *img,
     size_t i;
     int r;
 
+    /* The list and the data from one state of the image. */
+    qcow2_lock(img);
     r = qcow2_bitmaps_load(img, &list);
-    if (r < 0)
+    if (r < 0) {
+        qcow2_unlock(img);
         return r;
+    }
     for (i = 0; i < list->nr; i++)
         if (strcmp(list->bitmaps[i].name, name) == 0)
             break;
@@ -640,6 +663,7 @@ qcow2_bitmap_load_named(struct qcow2_image *img,
                        list->bitmaps[i].reason);
     else
         r = qcow2_bitmap_load_data(img, &list->bitmaps[i], 0, out);
+    qcow2_unlock(img);
     qcow2_bitmap_list_free(list);
     return r;
 }

@@ -57,12 +57,13 @@ overlaps(uint64_t off, uint64_t len, uint64_t m, uint64_t mlen)
 
 /* What metadata (header, L1, refcount table and blocks, L2 tables, the
  * bitmap directory, and once the directory is valid the bitmap tables)
- * a host range overlaps, or NULL.
+ * a host range overlaps, or NULL.  The map is the image's mutable state:
+ * the caller holds img->st.lock.
  */
 static const char *
-hits_metadata(const struct qcow2_image *img, uint64_t off, uint64_t len)
+hits_metadata_locked(const struct qcow2_image *img, uint64_t off, uint64_t len)
 {
-    return img->bm_map ? qcow2_metamap_hit(img->bm_map, off, len) : NULL;
+    return img->st.bm_map ? qcow2_metamap_hit(img->st.bm_map, off, len) : NULL;
 }
 
 /* Where an entry that passed qcow2_bitmap_dir_entry_check() keeps its
@@ -86,7 +87,7 @@ check_entry(struct qcow2_image *img, struct qcow2_bitmap_info *bm)
                    bm->table_offset);
         return;
     }
-    hit = hits_metadata(img, bm->table_offset, table_bytes);
+    hit = hits_metadata_locked(img, bm->table_offset, table_bytes);
     if (hit) {
         BITMAP_BAD(bm,
                    "bitmap '%s': bitmap table at 0x%" PRIx64 " overlaps %s",
@@ -105,7 +106,9 @@ check_entry(struct qcow2_image *img, struct qcow2_bitmap_info *bm)
     }
 }
 
-static const struct qcow2_bitmap_list *sort_list;
+/* qsort has no argument: the list being sorted, per thread (two threads
+ * may load the bitmaps of two images at once). */
+static __thread const struct qcow2_bitmap_list *sort_list;
 
 static int
 cmp_name_idx(const void *a, const void *b)
@@ -276,13 +279,13 @@ parse_dir(struct qcow2_image *img,
  * without qcow2_bitmaps_load, e.g. the fuzzer).
  */
 static int
-ensure_map(struct qcow2_image *img, struct qcow2_bitmap_list *list)
+ensure_map_locked(struct qcow2_image *img, struct qcow2_bitmap_list *list)
 {
     int r;
 
-    if (img->bm_map)
+    if (img->st.bm_map)
         return 0;
-    r = qcow2_metamap_build(img, &img->bm_map);
+    r = qcow2_metamap_build(img, &img->st.bm_map);
     if (r == -ENOMEM)
         return r;
     if (r < 0) {
@@ -291,22 +294,22 @@ ensure_map(struct qcow2_image *img, struct qcow2_bitmap_list *list)
                   qcbt_error_get());
         return 0;
     }
-    if (img->bitmaps.present &&
-        ((r = qcow2_metamap_add(img->bm_map,
-                                img->bitmaps.ext.bitmap_directory_offset,
-                                img->bitmaps.ext.bitmap_directory_size,
+    if (img->st.bitmaps.present &&
+        ((r = qcow2_metamap_add(img->st.bm_map,
+                                img->st.bitmaps.ext.bitmap_directory_offset,
+                                img->st.bitmaps.ext.bitmap_directory_size,
                                 "the bitmap directory")) < 0 ||
-         (r = qcow2_metamap_sort(img->bm_map)) < 0))
+         (r = qcow2_metamap_sort(img->st.bm_map)) < 0))
         return r;
     return 0;
 }
 
-int
-qcow2_bitmaps_parse_dir(struct qcow2_image *img,
-                        const unsigned char *dir,
-                        uint64_t dir_size,
-                        uint32_t nb_bitmaps,
-                        struct qcow2_bitmap_list *list)
+static int
+parse_dir_locked(struct qcow2_image *img,
+                 const unsigned char *dir,
+                 uint64_t dir_size,
+                 uint32_t nb_bitmaps,
+                 struct qcow2_bitmap_list *list)
 {
     size_t i;
     int r;
@@ -321,7 +324,7 @@ qcow2_bitmaps_parse_dir(struct qcow2_image *img,
                   QCOW2_MAX_BITMAPS);
         return 0;
     }
-    r = ensure_map(img, list);
+    r = ensure_map_locked(img, list);
     if (r < 0)
         return r;
     if (!list->reason[0]) {
@@ -340,6 +343,21 @@ qcow2_bitmaps_parse_dir(struct qcow2_image *img,
                          list->reason);
             }
     return 0;
+}
+
+int
+qcow2_bitmaps_parse_dir(struct qcow2_image *img,
+                        const unsigned char *dir,
+                        uint64_t dir_size,
+                        uint32_t nb_bitmaps,
+                        struct qcow2_bitmap_list *list)
+{
+    int r;
+
+    qcow2_lock(img);
+    r = parse_dir_locked(img, dir, dir_size, nb_bitmaps, list);
+    qcow2_unlock(img);
+    return r;
 }
 
 static int cmp_u64(const void *a, const void *b);
@@ -461,7 +479,7 @@ check_guest_overlap(struct qcow2_image *img,
  * breaking that is invalid (the others stay usable).
  */
 static int
-check_placement(struct qcow2_image *img, struct qcow2_bitmap_list *list)
+check_placement_locked(struct qcow2_image *img, struct qcow2_bitmap_list *list)
 {
     struct owned *refs = NULL;
     size_t nrefs = 0, cap = 0, i, k;
@@ -469,14 +487,14 @@ check_placement(struct qcow2_image *img, struct qcow2_bitmap_list *list)
     int r;
 
     for (i = 0; i < list->nr; i++) {
-        r = qcow2_metamap_add(img->bm_map,
+        r = qcow2_metamap_add(img->st.bm_map,
                               list->bitmaps[i].table_offset,
                               (uint64_t)list->bitmaps[i].table_size * 8,
                               "a bitmap table");
         if (r < 0)
             return r;
     }
-    r = qcow2_metamap_sort(img->bm_map);
+    r = qcow2_metamap_sort(img->st.bm_map);
     if (r < 0)
         return r;
 
@@ -520,7 +538,7 @@ check_placement(struct qcow2_image *img, struct qcow2_bitmap_list *list)
                 continue;
             hit = overlaps(off, img->cluster_size, bi->table_offset, tb)
                       ? "its own bitmap table"
-                      : hits_metadata(img, off, img->cluster_size);
+                      : hits_metadata_locked(img, off, img->cluster_size);
             if (hit) {
                 char name[80];
 
@@ -599,10 +617,10 @@ out:
     return r;
 }
 
-int
-qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
+static int
+bitmaps_load_locked(struct qcow2_image *img, struct qcow2_bitmap_list **out)
 {
-    const struct qcow2_bitmaps_found *found = &img->bitmaps;
+    const struct qcow2_bitmaps_found *found = &img->st.bitmaps;
     const struct qcow2_bitmaps_ext *ext = &found->ext;
     struct qcow2_bitmap_list *list;
     unsigned char *dir = NULL;
@@ -619,8 +637,8 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
     if (!found->present) {
         /* No bitmaps: nothing is wrong (unless the autoclear bit says
          * there should be some). */
-        list->usable = !(img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS);
-        if (img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)
+        list->usable = !(img->st.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS);
+        if (img->st.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)
             LAYER_BAD(list,
                       "bitmaps autoclear bit set without a bitmaps "
                       "extension");
@@ -642,10 +660,10 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
     /* The map of the image's own metadata (without the directory yet),
      * rebuilt on every load (tables are added below).
      */
-    qcow2_metamap_free(img->bm_map);
-    img->bm_map = NULL;
+    qcow2_metamap_free(img->st.bm_map);
+    img->st.bm_map = NULL;
     {
-        r = qcow2_metamap_build(img, &img->bm_map);
+        r = qcow2_metamap_build(img, &img->st.bm_map);
         if (r == -ENOMEM)
             return r;
         if (r < 0) {
@@ -655,9 +673,9 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
             return 0;
         }
     }
-    hit = hits_metadata(img,
-                        ext->bitmap_directory_offset,
-                        ext->bitmap_directory_size);
+    hit = hits_metadata_locked(img,
+                               ext->bitmap_directory_offset,
+                               ext->bitmap_directory_size);
     if (hit) {
         LAYER_BAD(list,
                   "bitmap directory at 0x%" PRIx64 " overlaps %s",
@@ -680,19 +698,19 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
         free(dir);
         return 0;
     }
-    if ((r = qcow2_metamap_add(img->bm_map,
+    if ((r = qcow2_metamap_add(img->st.bm_map,
                                ext->bitmap_directory_offset,
                                ext->bitmap_directory_size,
                                "the bitmap directory")) < 0 ||
-        (r = qcow2_metamap_sort(img->bm_map)) < 0) {
+        (r = qcow2_metamap_sort(img->st.bm_map)) < 0) {
         free(dir);
         return r;
     }
-    r = qcow2_bitmaps_parse_dir(img,
-                                dir,
-                                ext->bitmap_directory_size,
-                                ext->nb_bitmaps,
-                                list);
+    r = parse_dir_locked(img,
+                         dir,
+                         ext->bitmap_directory_size,
+                         ext->nb_bitmaps,
+                         list);
     free(dir);
     if (r < 0)
         return r;
@@ -705,7 +723,7 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
                   "bitmaps are inconsistent");
     }
     if (list->usable &&
-        !(img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)) {
+        !(img->st.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)) {
         list->usable = false;
         LAYER_BAD(list,
                   "bitmaps autoclear bit is clear: a program lacking "
@@ -720,7 +738,7 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
                   "trusted");
     }
     if (list->usable) {
-        r = check_placement(img, list);
+        r = check_placement_locked(img, list);
         if (r < 0)
             return r;
     }
@@ -736,6 +754,17 @@ qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
         }
     }
     return 0;
+}
+
+int
+qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out)
+{
+    int r;
+
+    qcow2_lock(img);
+    r = bitmaps_load_locked(img, out);
+    qcow2_unlock(img);
+    return r;
 }
 
 void
@@ -759,11 +788,11 @@ cmp_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-int
-qcow2_bitmap_load_data(struct qcow2_image *img,
-                       const struct qcow2_bitmap_info *bi,
-                       unsigned flags,
-                       struct bitmap **out)
+static int
+load_data_locked(struct qcow2_image *img,
+                 const struct qcow2_bitmap_info *bi,
+                 unsigned flags,
+                 struct bitmap **out)
 {
     struct bitmap *bm = NULL;
     unsigned char *raw = NULL, *cluster = NULL;
@@ -831,7 +860,7 @@ qcow2_bitmap_load_data(struct qcow2_image *img,
             }
             continue;
         }
-        hit = hits_metadata(img, off, img->cluster_size);
+        hit = hits_metadata_locked(img, off, img->cluster_size);
         if (!hit && overlaps(off,
                              img->cluster_size,
                              bi->table_offset,
@@ -839,8 +868,8 @@ qcow2_bitmap_load_data(struct qcow2_image *img,
             hit = "its own bitmap table";
         if (!hit && overlaps(off,
                              img->cluster_size,
-                             img->bitmaps.ext.bitmap_directory_offset,
-                             img->bitmaps.ext.bitmap_directory_size))
+                             img->st.bitmaps.ext.bitmap_directory_offset,
+                             img->st.bitmaps.ext.bitmap_directory_size))
             hit = "the bitmap directory";
         if (hit) {
             r = qcbt_error(EINVAL,
@@ -891,5 +920,19 @@ out:
     free(raw);
     free(offsets);
     free(cluster);
+    return r;
+}
+
+int
+qcow2_bitmap_load_data(struct qcow2_image *img,
+                       const struct qcow2_bitmap_info *bi,
+                       unsigned flags,
+                       struct bitmap **out)
+{
+    int r;
+
+    qcow2_lock(img);
+    r = load_data_locked(img, bi, flags, out);
+    qcow2_unlock(img);
     return r;
 }

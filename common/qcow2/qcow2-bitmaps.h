@@ -45,11 +45,15 @@ struct qcow2_bitmap_list {
 };
 
 /* Read and validate the bitmaps extension and directory of IMG.  Returns
- * 0 and *out (free with qcow2_bitmap_list_free) or -ENOMEM.
+ * 0 and *out (free with qcow2_bitmap_list_free) or -ENOMEM.  Rebuilds
+ * the image's metadata map under its lock (qcow2_lock()); the list is the
+ * image as it was then: hold the lock across this call and
+ * qcow2_bitmap_load_data() if another thread may change the bitmaps.
  */
 int qcow2_bitmaps_load(struct qcow2_image *img, struct qcow2_bitmap_list **out);
 
-/* Parse a directory held in memory (for the unit tests and fuzzing). */
+/* Parse a directory held in memory (for the unit tests and fuzzing);
+ * builds the metadata map if there is none, under the image's lock. */
 int qcow2_bitmaps_parse_dir(struct qcow2_image *img,
                             const unsigned char *dir,
                             uint64_t dir_size,
@@ -65,7 +69,8 @@ struct bitmap;
  * alignment, all-ones flag with an offset, data past the end of the file,
  * clusters overlapping metadata or used twice): any failure is an error
  * and no bitmap is returned.  FLAGS: BITMAP_RAW keeps the garbage bits
- * past the end of the last word (for QEMU's digest).
+ * past the end of the last word (for QEMU's digest).  Holds the image's
+ * lock (it reads the metadata map) while it reads.
  */
 int qcow2_bitmap_load_data(struct qcow2_image *img,
                            const struct qcow2_bitmap_info *bi,

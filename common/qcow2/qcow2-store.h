@@ -23,8 +23,13 @@
  * `qemu-img check` clean but for leaked clusters.
  *
  * The image must be opened on a writable io holding the WRITE image lock
- * (qcbt_io_lock()); nothing here takes locks.  Not thread-safe: one
- * writer at a time, and no reader of the same image object meanwhile.
+ * (qcbt_io_lock(): other processes).  Inside the process, everything here
+ * changes the image's mutable part and holds its lock (qcow2.h,
+ * qcow2_lock()): a bitmap change from start to end, an allocator from
+ * qcow2_alloc_new() to qcow2_alloc_free() (on the thread that created
+ * it), so bitmap loads of the same image object from other threads wait
+ * and see the image before or after.  qcow2_map() and guest reads do not
+ * take it: a writer of guest data (L1/L2) would have to.
  */
 #ifndef QCBT_QCOW2_STORE_H
 #define QCBT_QCOW2_STORE_H

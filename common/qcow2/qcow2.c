@@ -150,11 +150,11 @@ parse_extensions(struct qcow2_image *img, const unsigned char *c0)
                                   "duplicate bitmaps header "
                                   "extension");
             seen_bitmaps = true;
-            img->bitmaps.present = true;
-            img->bitmaps.ext_len = len;
+            img->st.bitmaps.present = true;
+            img->st.bitmaps.ext_len = len;
             /* Its rules are checked by qcow2_bitmaps_load(). */
             if (len >= QCOW2_BITMAPS_EXT_SIZE)
-                qcow2_bitmaps_ext_decode(data, &img->bitmaps.ext);
+                qcow2_bitmaps_ext_decode(data, &img->st.bitmaps.ext);
             break;
 
         case QCOW2_EXT_CRYPTO:
@@ -236,6 +236,57 @@ check_incompatible(struct qcow2_image *img)
     return qcbt_error(ENOTSUP, "unsupported incompatible feature: %s", list);
 }
 
+/* The lock of the mutable part: recursive (qcow2.h). */
+static int
+init_state_lock(struct qcow2_image *img)
+{
+    pthread_mutexattr_t attr;
+    int r;
+
+    r = pthread_mutexattr_init(&attr);
+    if (r == 0) {
+        r = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE);
+        if (r == 0)
+            r = pthread_mutex_init(&img->st.lock, &attr);
+        pthread_mutexattr_destroy(&attr);
+    }
+    if (r != 0)
+        return qcbt_error(r, "image lock: %s", strerror(r));
+    return 0;
+}
+
+void
+qcow2_lock(struct qcow2_image *img)
+{
+    pthread_mutex_lock(&img->st.lock);
+}
+
+void
+qcow2_unlock(struct qcow2_image *img)
+{
+    pthread_mutex_unlock(&img->st.lock);
+}
+
+void
+qcow2_get_bitmaps_found(struct qcow2_image *img,
+                        struct qcow2_bitmaps_found *out)
+{
+    qcow2_lock(img);
+    *out = img->st.bitmaps;
+    qcow2_unlock(img);
+}
+
+uint64_t
+qcow2_autoclear_features(struct qcow2_image *img)
+{
+    uint64_t v;
+
+    qcow2_lock(img);
+    v = img->st.autoclear_features;
+    qcow2_unlock(img);
+    return v;
+}
+
 int
 qcow2_open(struct qcbt_io *io, struct qcow2_image **out)
 {
@@ -250,6 +301,12 @@ qcow2_open(struct qcbt_io *io, struct qcow2_image **out)
     if (!img) {
         qcbt_io_free(io);
         return qcbt_error(ENOMEM, "out of memory");
+    }
+    r = init_state_lock(img);
+    if (r < 0) {
+        free(img);
+        qcbt_io_free(io);
+        return r;
     }
     img->io = io;
     img->prealloc_once = (pthread_once_t)PTHREAD_ONCE_INIT;
@@ -266,6 +323,8 @@ qcow2_open(struct qcbt_io *io, struct qcow2_image **out)
         if (r < 0)
             goto fail;
     }
+    img->st.autoclear_features = img->hdr.autoclear_features;
+    img->st.backing_file_offset = img->hdr.backing_file_offset;
     img->cluster_size = 1ULL << img->hdr.cluster_bits;
     img->extended_l2 = img->hdr.incompatible_features & QCOW2_INCOMPAT_EXTL2;
     img->l2_bits = img->hdr.cluster_bits - (img->extended_l2 ? 4 : 3);
@@ -372,7 +431,8 @@ qcow2_close(struct qcow2_image *img)
     if (!img)
         return;
     qcow2_l2_cache_free(img);
-    qcow2_metamap_free(img->bm_map);
+    qcow2_metamap_free(img->st.bm_map);
+    pthread_mutex_destroy(&img->st.lock);
     if (img->data_io && img->data_io != img->io)
         qcbt_io_free(img->data_io);
     qcbt_io_free(img->io);

@@ -2,10 +2,27 @@
  *
  * Format facts: QEMU docs/interop/qcow2.txt; ../shared/docs/qcow2-format.md.
  * Every field read from the image is decoded and validated at the boundary
- * by the format layer (qcow2-format.h), the same rules the writer obeys.  After
- * qcow2_open() the header fields are immutable; only the L2 cache changes,
- * under its own mutex, so one image may be mapped and read from several
- * threads.
+ * by the format layer (qcow2-format.h), the same rules the writer obeys.
+ *
+ * Threads.  An image is two parts:
+ *   - the immutable part, built by qcow2_open() and never changed after
+ *     (hdr as read at open, sizes, l1, names, extensions): read it from any
+ *     thread without a lock.  qcow2_map() and the data path use only this
+ *     and the L2 cache, a read cache with its own mutex (taken last, never
+ *     held while taking another lock);
+ *   - the mutable part, img->st (struct qcow2_image_state): what changes
+ *     after open (the header fields a bitmap store switches, the bitmaps
+ *     extension, the metadata map the bitmap loader rebuilds) and,
+ *     through a qcow2_alloc, the cluster allocation and refcounts.  It is
+ *     guarded by ONE lock, img->st.lock (qcow2_lock()/qcow2_unlock()):
+ *     every reader and writer of st takes it.  qcow2_bitmaps_load(),
+ *     qcow2_bitmaps_parse_dir(), qcow2_bitmap_load_data(), the bitmap
+ *     store (qcow2-store.h) and an allocator from qcow2_alloc_new() to
+ *     qcow2_alloc_free() take it themselves.
+ * One exception: img->io->size grows as the store writes past the end of
+ * the file, and qcow2_map() reads it unlocked.  No process maps an image
+ * while it changes its metadata today; one that writes guest data while
+ * serving reads must first move the size under the lock.
  */
 #ifndef QCBT_QCOW2_H
 #define QCBT_QCOW2_H
@@ -35,11 +52,32 @@ struct qcow2_bitmaps_found {
 };
 
 struct qcow2_l2_cache;
+struct qcow2_metamap;
+
+/* The part of an image that changes after open (see the top of this
+ * file).  Every field is read and written under LOCK only; use the
+ * accessors below outside common/qcow2.
+ *
+ * LOCK is recursive: the bitmap store holds it across a whole change and
+ * calls the loaders, which take it again, and a writer holding an
+ * allocator may load bitmaps.  Hold it on one thread at a time, never
+ * across a wait for another thread that takes it.
+ */
+struct qcow2_image_state {
+    pthread_mutex_t lock;
+    uint64_t autoclear_features;  /* as on disk now (hdr: as at open) */
+    uint64_t backing_file_offset; /* the same */
+    struct qcow2_bitmaps_found bitmaps;
+    /* Metadata placement for bitmap checks (qcow2-metamap.h), built by
+     * qcow2_bitmaps_load(); NULL before. */
+    struct qcow2_metamap *bm_map;
+};
 
 struct qcow2_image {
     struct qcbt_io *io;      /* the qcow2 file; owned */
     struct qcbt_io *data_io; /* external data file, or == io; owned if != io */
-    struct qcow2_header hdr;
+    struct qcow2_header hdr; /* as read at open, never changed: the fields
+                                a store changes are in st */
 
     uint64_t cluster_size;
     uint64_t size;    /* guest bytes: hdr.size rounded down to 512 */
@@ -57,19 +95,29 @@ struct qcow2_image {
     size_t nr_features;
     struct qcow2_unknown_ext *unknown_exts;
     size_t nr_unknown_exts;
-    struct qcow2_bitmaps_found bitmaps;
     bool has_crypto_ext;
 
     struct qcow2_l2_cache *l2_cache;
 
-    /* Metadata placement for bitmap checks (qcow2-metamap.h), built by
-     * qcow2_bitmaps_load(); NULL before. */
-    struct qcow2_metamap *bm_map;
-
     /* QEMU's metadata-preallocation heuristic, computed on first use. */
     pthread_once_t prealloc_once;
     bool metadata_prealloc;
+
+    struct qcow2_image_state st; /* mutable: under st.lock */
 };
+
+/* Take and release the lock of IMG's mutable part (recursive). */
+void qcow2_lock(struct qcow2_image *img);
+void qcow2_unlock(struct qcow2_image *img);
+
+/* The bitmaps extension as it is now (it changes when a bitmap store
+ * switches the header), copied under the lock. */
+void qcow2_get_bitmaps_found(struct qcow2_image *img,
+                             struct qcow2_bitmaps_found *out);
+
+/* The autoclear feature bits as they are now (hdr.autoclear_features is
+ * their value at open). */
+uint64_t qcow2_autoclear_features(struct qcow2_image *img);
 
 /* Parse and validate the header, every header extension and the L1 table
  * of the qcow2 image read through IO.  Takes ownership of io (freed on

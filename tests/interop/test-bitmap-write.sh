@@ -14,9 +14,8 @@
 #   - merge (qcbt bitmap merge [-b FILE] IMAGE NAME SOURCE) against
 #     qemu-img bitmap --merge SOURCE [-b FILE] IMAGE NAME: coarse into fine,
 #     fine into coarse, from another file: the same dirty maps.
-#   - Faults: QCBT_TEST_FAIL_AT=write:N and flush:N at every N of add,
-#     remove, clear and merge: afterwards check has no errors (leaks allowed),
-#     the bitmap set is exactly old or exactly new, guest data unchanged.
+#   - Faults (kill, EIO, ENOSPC at every write and flush): in
+#     test-fault-sweep.sh.
 
 . "$(dirname "$0")/../functions.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo
@@ -263,82 +262,7 @@ bitmaps u.qcow2 >u.bm
 expect_qcbt_error "'keep' is in use" -- bitmap merge -b u.qcow2 e.qcow2 x keep || bad "$CASE: in-use source"
 expect_qcbt_error "'keep' is in use" -- bitmap merge u.qcow2 keep keep || bad "$CASE: in-use target"
 
-# --- faults -------------------------------------------------------------------
-
-# state IMG: every bitmap's name, granularity, flags and dirty map (what
-# qemu-nbd exports), so that a clear or a merge is seen too.
-state() {
-    local b g f
-    while read -r b g f; do
-        printf '%s %s %s %s\n' "$b" "$g" "$f" "$(dirty_map "$1" "$b" | tr '\n' ';')"
-    done < <(bitmaps "$1")
-}
-
-# sweep OP NAME BEFORE-IMAGE [ARGS...]: fail at every write and flush of
-# OP.
-sweep() {
-    local op=$1 name=$2 src=$3 kind n rc old new now extra=("${@:4}")
-    old=$(state "$src")
-    cp "$src" done.qcow2
-    "$QCBT" bitmap "$op" done.qcow2 "$name" "${extra[@]}" || fail "$op $name without faults"
-    new=$(state done.qcow2)
-    [[ $old != "$new" ]] || fail "$op $name: nothing changes, the sweep would prove nothing"
-    CASE="fault-$op-none"
-    clean done.qcow2
-    for kind in write flush; do
-        for ((n = 1; ; n++)); do
-            CASE="fault-$op-$kind:$n"
-            cp "$src" f.qcow2
-            rc=0
-            QCBT_TEST_FAIL_AT=$kind:$n "$QCBT" bitmap "$op" f.qcow2 "$name" "${extra[@]}" 2>err || rc=$?
-            [[ $rc -eq 0 || $rc -eq 1 ]] || bad "$CASE: exit $rc"
-            rc2=0
-            qemu-img check f.qcow2 >check.out 2>&1 || rc2=$?
-            [[ $rc2 -eq 0 || $rc2 -eq 3 ]] || bad "$CASE: qemu-img check: $(cat check.out)"
-            now=$(state f.qcow2)
-            if [[ $now == "$new" ]]; then
-                # Failed after the switch: the message says the change is
-                # done (freeing failed) or that its flush failed.
-                if [[ $rc -eq 1 && $(cat err) != *"may be leaked"* && $(cat err) != *"flush"* ]]; then
-                    bad "$CASE: new bitmaps but the error does not say so: $(cat err)"
-                fi
-            elif [[ $now == "$old" && $rc -eq 1 ]]; then
-                :
-            else
-                bad "$CASE: bitmaps neither old nor new (exit $rc): $now"
-            fi
-            qemu-img compare -q "$src" f.qcow2 || bad "$CASE: guest data changed"
-            [[ $rc -eq 0 ]] && break
-            ((n < 100)) || fail "$CASE: never succeeds"
-        done
-        note "$op: $kind faults swept at $((n - 1)) points"
-    done
-}
-cp base.qcow2 s.qcow2
-qemu-img bitmap --add s.qcow2 q1 || fail "oracle broke: qemu-img bitmap --add"
-qemu-io -c 'write 0 64k' s.qcow2 >/dev/null
-sweep add s1 s.qcow2
-cp done.qcow2 s2.qcow2
-sweep clear q1 s2.qcow2
-sweep remove q1 s2.qcow2
-sweep remove s1 s2.qcow2
-sweep merge s1 s2.qcow2 q1
-
-# 512-byte clusters: a refcount block covers 128 KiB.  With the file one
-# cluster short of that, add needs a new refcount block (created at the
-# end, counting itself).
-qemu-img create -q -f qcow2 -o cluster_size=512 c5.qcow2 64M
-for ((off = 0; $(stat -c %s c5.qcow2) < 130560; off += 512)); do
-    qemu-io -c "write -P 7 $off 512" c5.qcow2 >/dev/null || fail "oracle broke: qemu-io write"
-done
-sweep add s1 c5.qcow2
-refblocks=$("$PYTHON" -c '
-import struct, sys
-f = open(sys.argv[1], "rb"); h = f.read(64)
-off, n = struct.unpack(">QI", h[48:60]); f.seek(off)
-t = struct.unpack(">%dQ" % (n * 64), f.read(n * 512))
-print(sum(1 for e in t if e))' done.qcow2)
-[[ $refblocks -eq 2 ]] || bad "refblock: expected a second refcount block, found $refblocks"
+# --- faults: tests/interop/test-fault-sweep.sh (scripts/fault-sweep.sh) ------
 
 # A bitmap table longer than one refcount block's range (64 GiB at
 # granularity 512 with 512-byte clusters: 512 table clusters): the new

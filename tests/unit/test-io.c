@@ -7,13 +7,17 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -338,6 +342,144 @@ test_locks(void **state)
     qcbt_io_free(a);
 }
 
+/* ------------------------------------------------------------------ */
+/* The test hook (QCBT_TEST_FAIL_AT, io.c).  Its counters are per process
+ * and count only while the variable names their operation: this test
+ * alone sets it, so the numbers below are the process's. */
+
+struct pause_watch {
+    const char *marker;
+    const unsigned char *buf;
+    bool written_while_paused;
+    int resumed; /* test_write_file() of the resume file */
+};
+
+static void *
+resume_when_paused(void *p)
+{
+    struct pause_watch *w = p;
+    struct timespec tick = {0, 1000 * 1000};
+    char resume[PATH_MAX + 32];
+
+    while (access(w->marker, F_OK) < 0)
+        nanosleep(&tick, NULL);
+    /* Paused before the write reaches the backend. */
+    w->written_while_paused = w->buf[4096] == 0x99;
+    snprintf(resume, sizeof resume, "%s.resume", w->marker);
+    w->resumed = test_write_file(resume, "", 0);
+    return NULL;
+}
+
+/* A child writing (or flushing) FILE under QCBT_TEST_FAIL_AT=SPEC dies of
+ * SIGKILL and the file keeps its bytes. */
+static void
+expect_killed(const char *spec, const char *file, bool flush)
+{
+    unsigned char got[512], zero[512] = {0};
+    int status, fd;
+    pid_t pid = fork();
+
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        struct qcbt_io *io;
+        unsigned char b[512];
+
+        memset(b, 0x77, sizeof b);
+        setenv("QCBT_TEST_FAIL_AT", spec, 1);
+        if (qcbt_io_open_file_rw(file, &io) < 0)
+            _exit(3);
+        if (flush)
+            qcbt_io_flush(io);
+        else
+            qcbt_io_write_exact(io, b, sizeof b, 0, "data");
+        _exit(0);
+    }
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFSIGNALED(status));
+    assert_int_equal(WTERMSIG(status), SIGKILL);
+    fd = open(file, O_RDONLY);
+    assert_true(fd >= 0);
+    assert_int_equal(pread(fd, got, sizeof got, 0), (ssize_t)sizeof got);
+    close(fd);
+    assert_memory_equal(got, zero, sizeof got);
+}
+
+static void
+test_fault_hook(void **state)
+{
+    static unsigned char buf[65536];
+    unsigned char b[512];
+    char marker[PATH_MAX + 16], resume[PATH_MAX + 32], file[PATH_MAX + 16];
+    struct pause_watch w = {.buf = buf};
+    struct qcbt_io *io;
+    pthread_t t;
+    int i;
+
+    (void)state;
+    memset(b, 0x99, sizeof b);
+    assert_int_equal(qcbt_io_open_mem_rw(buf, sizeof buf, 0, "m", &io), 0);
+
+    /* enospc-write:2: the 2nd write and every later one. */
+    setenv("QCBT_TEST_FAIL_AT", "enospc-write:2", 1);
+    assert_int_equal(qcbt_io_write_exact(io, b, 512, 0, "one"), 0);
+    for (i = 0; i < 2; i++)
+        expect_error(qcbt_io_write_exact(io, b, 512, 512, "two"),
+                     ENOSPC,
+                     "m: writing two at offset 0x200: No space left on "
+                     "device (injected by QCBT_TEST_FAIL_AT)");
+    assert_int_equal(buf[512], 0);
+    /* write:5 (EIO): writes 4 and 5. */
+    setenv("QCBT_TEST_FAIL_AT", "write:5", 1);
+    assert_int_equal(qcbt_io_write_exact(io, b, 512, 1024, "four"), 0);
+    expect_error(qcbt_io_write_exact(io, b, 512, 1536, "five"),
+                 EIO,
+                 "Input/output error");
+    /* Flushes count apart. */
+    setenv("QCBT_TEST_FAIL_AT", "eio-flush:1", 1);
+    expect_error(qcbt_io_flush(io), EIO, "m: flush: Input/output error");
+    setenv("QCBT_TEST_FAIL_AT", "enospc-flush:3", 1);
+    assert_int_equal(qcbt_io_flush(io), 0);
+    expect_error(qcbt_io_flush(io), ENOSPC, "No space left on device");
+    /* Nonsense acts nowhere (writes 6 and 7 are counted, the last one
+     * not: no known kind). */
+    setenv("QCBT_TEST_FAIL_AT", "write:x", 1);
+    assert_int_equal(qcbt_io_write_exact(io, b, 512, 2048, "six"), 0);
+    setenv("QCBT_TEST_FAIL_AT", "write:0", 1);
+    assert_int_equal(qcbt_io_write_exact(io, b, 512, 2048, "seven"), 0);
+    setenv("QCBT_TEST_FAIL_AT", "crash-write:1", 1);
+    assert_int_equal(qcbt_io_write_exact(io, b, 512, 2048, "uncounted"), 0);
+
+    /* pause-write:9: write 9 waits for the resume file, then happens;
+     * write 10 does not wait. */
+    snprintf(marker, sizeof marker, "%s/paused", test_tmpdir);
+    snprintf(resume, sizeof resume, "%s.resume", marker);
+    setenv("QCBT_TEST_PAUSE_FILE", marker, 1);
+    setenv("QCBT_TEST_FAIL_AT", "pause-write:9", 1);
+    assert_int_equal(qcbt_io_write_exact(io, b, 512, 3072, "eight"), 0);
+    assert_int_equal(access(marker, F_OK), -1);
+    w.marker = marker;
+    assert_int_equal(pthread_create(&t, NULL, resume_when_paused, &w), 0);
+    assert_int_equal(qcbt_io_write_exact(io, b, 512, 4096, "nine"), 0);
+    assert_int_equal(pthread_join(t, NULL), 0);
+    assert_int_equal(w.resumed, 0);
+    assert_false(w.written_while_paused);
+    assert_int_equal(buf[4096], 0x99);
+    assert_int_equal(unlink(marker), 0);
+    assert_int_equal(unlink(resume), 0);
+    assert_int_equal(qcbt_io_write_exact(io, b, 512, 4608, "ten"), 0);
+    assert_int_equal(access(marker, F_OK), -1);
+    qcbt_io_free(io);
+
+    /* kill-OP:N: the process dies before the write or flush (the
+     * counters are inherited: 10 writes and 3 flushes so far). */
+    snprintf(file, sizeof file, "%s/killed", test_tmpdir);
+    assert_int_equal(test_write_file(file, buf + 60000, 512), 0);
+    expect_killed("kill-write:11", file, false);
+    expect_killed("kill-flush:4", file, true);
+    unsetenv("QCBT_TEST_FAIL_AT");
+    unsetenv("QCBT_TEST_PAUSE_FILE");
+}
+
 int
 main(void)
 {
@@ -348,6 +490,7 @@ main(void)
         cmocka_unit_test(test_backend_errors),
         cmocka_unit_test(test_lock_modes),
         cmocka_unit_test(test_locks),
+        cmocka_unit_test(test_fault_hook),
     };
 
     return cmocka_run_group_tests(tests,

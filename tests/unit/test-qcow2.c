@@ -1429,10 +1429,12 @@ test_bad_extension_length(void **state)
     qb_free(b);
     {
         struct qcow2_image *q = expect_open_ok(img, len, "short bitmaps ext");
+        struct qcow2_bitmaps_found found;
 
-        assert_true(q->bitmaps.present);
-        assert_int_equal(q->bitmaps.ext_len, 4);
-        assert_int_equal(q->bitmaps.ext.nb_bitmaps, 0);
+        qcow2_get_bitmaps_found(q, &found);
+        assert_true(found.present);
+        assert_int_equal(found.ext_len, 4);
+        assert_int_equal(found.ext.nb_bitmaps, 0);
         qcow2_close(q);
     }
     free(img);

@@ -27,6 +27,7 @@ static const struct {
     {"restore", cmd_restore, "restore a backup to a file or NBD export"},
     {"verify", cmd_verify, "check a backup directory (and against a source)"},
     {"import", cmd_import, "turn a virtnbdbackup backup set into a backup dir"},
+    {"snapshot", cmd_snapshot, "new overlay keeping the checkpoints (offline)"},
 };
 
 static void

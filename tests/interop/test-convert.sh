@@ -108,6 +108,9 @@ for ((seed = first; seed <= last; seed++)); do
         continue
     fi
     check_image l0.qcow2 dst.qcow2 || rc=1
+    cs=$(qemu-img info -U --output=json l0.qcow2 | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["cluster-size"])')
+    [[ $(qemu-img info --output=json dst.qcow2 | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["cluster-size"])') == "$cs" ]] ||
+        { note "[$CASE] DST's cluster size is not the top's ($cs)"; rc=1; }
     # X against the model
     mrc=0
     model dump "${MODEL_OPTS[@]}" --info model.info l0.qcow2 X >model.json 2>model.err || mrc=$?
@@ -181,6 +184,26 @@ import json, sys
 for e in json.load(sys.stdin):
     if e["data"] and e["start"] < (8 << 20) + 65536 and e["start"] + e["length"] > 8 << 20:
         sys.exit("8M: data in DST")' || { note "[$CASE] zeros written as data"; rc=1; }
+
+# --json: what was stored, with the merge's dirty bytes
+qc j.out convert --json --bitmaps 'X=jx' --bitmaps 'Y,persistent=off' top.qcow2 j.qcow2 || { note "[$CASE] $(cat j.out.err)"; rc=1; }
+qc check-X.json bitmap check --json top.qcow2 X || rc=1
+qc check-Y.json bitmap check --json top.qcow2 Y || rc=1
+"$PYTHON" - j.out check-X.json check-Y.json "$size" <<'PYEOF' || { note "[$CASE] convert --json disagrees"; rc=1; }
+import json, sys
+d = json.load(open(sys.argv[1]))
+cx, cy = (json.load(open(f)) for f in sys.argv[2:4])
+want = {"filename": "j.qcow2", "virtual-size": int(sys.argv[4]), "cluster-size": 65536,
+        "bitmaps": [{"name": "X", "alias": "jx", "granularity": cx["granularity"], "enabled": True,
+                     "persistent": True, "dirty-bytes": cx["dirty-bytes"]},
+                    {"name": "Y", "alias": "Y", "granularity": cy["granularity"], "enabled": False,
+                     "persistent": False, "dirty-bytes": cy["dirty-bytes"]}]}
+bad = {k: (d.get(k), v) for k, v in want.items() if d.get(k) != v}
+if not isinstance(d.get("data-bytes"), int) or d["data-bytes"] <= 0:
+    bad["data-bytes"] = d.get("data-bytes")
+sys.exit("convert --json: %r" % bad if bad else 0)
+PYEOF
+[[ $(bitmaps_of j.qcow2) == "jx 512 auto" ]] || { note "[$CASE] j: $(bitmaps_of j.qcow2)"; rc=1; }
 
 qc map.out convert --bitmaps 'X=renamed,enabled=off' --bitmaps 'Y,enabled=on' \
     --bitmaps 'X=gone,persistent=off' top.qcow2 map.qcow2 || { note "[$CASE] $(cat map.out.err)"; rc=1; }

@@ -3,6 +3,7 @@
  */
 #include <getopt.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,6 +57,16 @@ convert_usage(FILE *fp)
             "DST may be\n"
             "                      inconsistent\n"
             "  -h, --help          show this help\n");
+}
+
+/* The signal that stopped the conversion (0: none).  convert_run()
+ * polls it, removes DST and returns; then the signal is raised again. */
+static volatile sig_atomic_t convert_signal;
+
+static void
+convert_on_signal(int sig)
+{
+    convert_signal = sig;
 }
 
 static void
@@ -129,6 +140,8 @@ cmd_convert(int argc, char **argv)
         .lock = QCBT_IO_LOCK_READ,
         .force_share_option = "-U/--force-share",
     };
+    static const int sigs[] = {SIGINT, SIGTERM, SIGHUP};
+    struct sigaction sa = {.sa_handler = convert_on_signal}, old[3];
     struct convert_opts co = {.mode = MERGE_TOLERANT};
     struct convert_bitmap_spec *specs = NULL;
     struct convert_result *res = NULL;
@@ -190,10 +203,20 @@ cmd_convert(int argc, char **argv)
         ret = report_error();
         goto out;
     }
+    co.stop = &convert_signal;
+    for (i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
+        sigaction(sigs[i], &sa, &old[i]);
     r = convert_run(c, argv[optind + 1], &co, &res);
+    for (i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
+        sigaction(sigs[i], &old[i], NULL);
     chain_close(c);
     if (r < 0) {
         ret = report_error();
+        if (convert_signal) {
+            /* DST is gone: die of the signal, as without the handler. */
+            signal(convert_signal, SIG_DFL);
+            raise(convert_signal);
+        }
         goto out;
     }
     for (i = 0; i < res->nr_notices; i++)

@@ -257,9 +257,19 @@ all_zero(const unsigned char *p, size_t len)
  * read, and each run of clusters that is not all zeros is written.
  */
 static int
+stopped(const struct convert_opts *o, const char *dst)
+{
+    if (o->stop && *o->stop)
+        return qcbt_error(EINTR, "%s: interrupted: removed", dst);
+    return 0;
+}
+
+static int
 copy_data(struct chain *src,
           struct qcow2_writer *w,
           uint32_t cs,
+          const struct convert_opts *o,
+          const char *dst,
           struct convert_result *res)
 {
     size_t chunk = MAX((size_t)cs, (size_t)CONVERT_CHUNK);
@@ -272,6 +282,8 @@ copy_data(struct chain *src,
     for (off = 0; r == 0 && off < size; off += chunk) {
         uint64_t len = MIN((uint64_t)chunk, size - off), pos, c, run;
         bool any = false;
+
+        r = stopped(o, dst);
 
         for (pos = 0; r == 0 && pos < len;) {
             struct chain_status st;
@@ -356,7 +368,7 @@ convert_run(struct chain *src,
         goto fail;
     r = new_image_writer(ni, &wo, &w);
     if (r == 0) {
-        r = copy_data(src, w, res->cluster_size, res);
+        r = copy_data(src, w, res->cluster_size, o, dst_path, res);
         if (r < 0)
             qcow2_writer_abort(w);
         else
@@ -367,7 +379,8 @@ convert_run(struct chain *src,
     for (i = 0; r == 0 && i < res->nr_bitmaps; i++) {
         const struct convert_bitmap *b = &res->bitmaps[i];
 
-        if (b->persistent)
+        r = stopped(o, dst_path);
+        if (r == 0 && b->persistent)
             r = new_image_add_bitmap(ni,
                                      b->alias,
                                      (unsigned)__builtin_ctzll(b->granularity),

@@ -25,6 +25,7 @@
 #ifndef QCBT_CONVERT_H
 #define QCBT_CONVERT_H
 
+#include <signal.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -54,6 +55,11 @@ struct convert_opts {
     size_t nr_specs;
     bool no_bitmaps; /* store none (specs must be empty) */
     enum merge_mode mode;
+    /* Optional: when *stop becomes non-zero (a signal handler sets it),
+     * the conversion stops at the next chunk of data or bitmap with
+     * -EINTR, and DST is removed as after any failure.
+     */
+    const volatile sig_atomic_t *stop;
 };
 
 struct convert_bitmap {

@@ -14,7 +14,7 @@
 #   - --bitmaps: rename, enabled=on|off, persistent=off, refusals (not
 #     found, strict gap, in use, alias twice, bad spec), --no-bitmaps.
 #   - DST never left behind: DST exists, a writer holds SRC (-U reads it),
-#     an injected write failure at every step.
+#     an injected write failure at every step, SIGTERM/SIGINT mid-copy.
 #
 # QCBT_RANDOM_SEEDS="FIRST LAST" (default "1 10").
 
@@ -269,6 +269,24 @@ note "[$CASE] failed cleanly at each of $((n - 1)) writes"
 ((n > 5)) || { note "[$CASE] only $((n - 1)) writes"; rc=1; }
 check_image top.qcow2 f.qcow2 || rc=1
 [[ $(bitmaps_of f.qcow2) == "X 512 auto" ]] || { note "[$CASE] f.qcow2: $(bitmaps_of f.qcow2)"; rc=1; }
+# a fatal signal in the middle leaves no DST, and qcbt dies of it
+run qemu-img create -q -f qcow2 big.qcow2 1G
+run qemu-io -f qcow2 -c 'write -P 0x5a 0 512M' big.qcow2
+for sig in TERM INT; do
+    "$QCBT" convert big.qcow2 sig.qcow2 >/dev/null 2>sig.err &
+    pid=$!
+    wait_until -p "$pid" -- test -e sig.qcow2 ||
+        fail "[$CASE] oracle broke: convert finished before it could be interrupted"
+    kill -"$sig" "$pid"
+    erc=0
+    wait "$pid" || erc=$?
+    want_rc=$((128 + $(kill -l "$sig")))
+    if [[ $erc -ne $want_rc || -e sig.qcow2 ]]; then
+        note "[$CASE] SIG$sig: exit $erc (want $want_rc), sig.qcow2 $([[ -e sig.qcow2 ]] && echo left || echo gone): $(cat sig.err)"
+        rc=1
+        rm -f sig.qcow2
+    fi
+done
 case_result "$rc"
 
 finish_cases

@@ -7,8 +7,9 @@
 #     size, bitmaps X and Y (auto, same granularity), not D (disabled) nor
 #     U (in use), each left out with a warning; qemu-img check clean.
 #   - qemu-io writes into NEW (QEMU records into our bitmaps); then the
-#     strict merge over the chain (qcbt bitmap dump --strict) equals QEMU's
-#     own union (qemu-img bitmap --merge from each layer, read back with
+#     strict merge over the chain (qcbt bitmap dump --strict, and
+#     qcbt-server --strict -B read with nbdinfo --map) equals QEMU's own
+#     union (qemu-img bitmap --merge from each layer, read back with
 #     qemu-nbd -B), and qemu-img check stays clean.
 #   - the backing name resolves from NEW's directory: relative in the same
 #     directory, absolute otherwise; a raw IMAGE.
@@ -117,6 +118,20 @@ for a, b in sorted(want):
 sys.exit(0 if dirty == merged else "dirty %r, want %r" % (dirty, merged))
 PYEOF
 done
+# qcbt-server publishes the same merged bitmaps over NBD (strict mode)
+SERVER=${QCBT_SERVER:-${QCBT_BUILD_DIR:-$TESTS_DIR/../build}/server/qcbt-server}
+[[ -x $SERVER ]] || fail "qcbt-server not found: $SERVER"
+"$SERVER" -t -k "$CASE_DIR/srv.sock" --strict -B X -B Y snap.qcow2 2>server.log &
+spid=$!
+cleanup_pid "$spid"
+wait_nbd "nbd+unix:///?socket=$CASE_DIR/srv.sock" "$spid" || fail "[$CASE] qcbt-server did not start: $(cat server.log)"
+for b in X Y; do
+    nbdinfo --map=qemu:dirty-bitmap:"$b" --json "nbd+unix:///?socket=$CASE_DIR/srv.sock" >"srv-$b.json" ||
+        { note "[$CASE] nbdinfo --map $b from qcbt-server failed"; rc=1; continue; }
+    mcompare --loose --size "$size" --context "$CASE $b: QEMU union vs qcbt-server" "union-$b.json" "srv-$b.json" || rc=1
+done
+kill -TERM "$spid"
+wait "$spid" 2>/dev/null || true
 case_result "$rc"
 
 # --- backing names, --json, raw IMAGE ---------------------------------------
@@ -149,6 +164,14 @@ qc raw.out snapshot -f raw r.raw r.qcow2 || { note "[$CASE] raw: $(cat raw.out.e
 [[ $(info_field r.qcow2 backing-filename-format) == raw && -z $(bitmaps_of r.qcow2) ]] || { note "[$CASE] raw overlay"; rc=1; }
 check_clean r.qcow2 || rc=1
 check_clean d2/c.qcow2 || rc=1
+# a bitmap-unaware writer cleared the autoclear bit: nothing is healthy
+run qemu-img create -q -f qcow2 ac.qcow2 4M
+run qemu-img bitmap --add ac.qcow2 ck
+recipe_note "clear autoclear bit 0 (header byte 95) of ac.qcow2"
+"$PYTHON" -c 'import sys; f = open(sys.argv[1], "r+b"); f.seek(95); b = f.read(1)[0]; f.seek(95); f.write(bytes([b & ~1]))' ac.qcow2
+qc ac.out snapshot ac.qcow2 ac-new.qcow2 || { note "[$CASE] autoclear: $(cat ac.out.err)"; rc=1; }
+grep -q "bitmap 'ck' is not carried .*unusable" ac.out.err || { note "[$CASE] autoclear: $(cat ac.out.err)"; rc=1; }
+[[ -z $(bitmaps_of ac-new.qcow2) ]] || { note "[$CASE] autoclear: NEW has $(bitmaps_of ac-new.qcow2)"; rc=1; }
 case_result "$rc"
 
 # --- refusals: NEW never left behind ----------------------------------------

@@ -53,6 +53,12 @@ new_image_create(const char *path, struct new_image **out)
                               path);
         return qcbt_error(errno, "%s: %s", path, strerror(errno));
     }
+    if (fstat(fd, &st) < 0) {
+        r = qcbt_error(errno, "%s: fstat: %s", path, strerror(errno));
+        close(fd);
+        unlink(path); /* just created by us */
+        return r;
+    }
     ni = calloc(1, sizeof *ni);
     if (!ni || !(ni->path = strdup(path))) {
         free(ni);
@@ -61,10 +67,6 @@ new_image_create(const char *path, struct new_image **out)
         return qcbt_error(ENOMEM, "out of memory");
     }
     ni->fd = fd;
-    if (fstat(fd, &st) < 0) {
-        r = qcbt_error(errno, "%s: fstat: %s", path, strerror(errno));
-        goto fail;
-    }
     ni->dev = st.st_dev;
     ni->ino = st.st_ino;
     r = dup_io(ni, &ni->lock_io);

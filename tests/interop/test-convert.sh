@@ -14,7 +14,8 @@
 #   - --bitmaps: rename, enabled=on|off, persistent=off, refusals (not
 #     found, strict gap, in use, alias twice, bad spec), --no-bitmaps.
 #   - DST never left behind: DST exists, a writer holds SRC (-U reads it),
-#     an injected write failure at every step, SIGTERM/SIGINT mid-copy.
+#     an injected write failure at every step, SIGTERM/SIGINT mid-copy;
+#     qemu-img cannot open DST while it is being written.
 #
 # QCBT_RANDOM_SEEDS="FIRST LAST" (default "1 10").
 
@@ -287,6 +288,21 @@ for sig in TERM INT; do
         rm -f sig.qcow2
     fi
 done
+# while DST is being written, QEMU cannot open it (our write lock).  -f
+# qcow2: before its header is written the file probes as raw, and qemu-img
+# info of a raw file asks for no lock at all.
+"$QCBT" convert big.qcow2 busy.qcow2 >/dev/null 2>busy.err &
+pid=$!
+wait_until -p "$pid" -- test -e busy.qcow2 ||
+    fail "[$CASE] oracle broke: convert finished before it could be stopped"
+kill -STOP "$pid"
+out=$(qemu-img info -f qcow2 busy.qcow2 2>&1) && { note "[$CASE] qemu-img info opened a DST being written: $out"; rc=1; }
+[[ $out == *"Failed to get shared \"write\" lock"* ]] || { note "[$CASE] qemu-img info on a DST being written: $out"; rc=1; }
+kill -CONT "$pid"
+erc=0
+wait "$pid" || erc=$?
+[[ $erc -eq 0 ]] || { note "[$CASE] convert after SIGSTOP/SIGCONT: exit $erc: $(cat busy.err)"; rc=1; }
+check_image big.qcow2 busy.qcow2 || rc=1
 case_result "$rc"
 
 finish_cases

@@ -28,6 +28,8 @@ static const struct {
     {"restore", cmd_restore, "restore a backup to a file or NBD export"},
     {"verify", cmd_verify, "check a backup directory (and against a source)"},
     {"import", cmd_import, "turn a virtnbdbackup backup set into a backup dir"},
+    {"snapshot", cmd_snapshot, "new overlay keeping the checkpoints (offline)"},
+    {"convert", cmd_convert, "squash a chain into one qcow2 with its bitmaps"},
 };
 
 static void

@@ -19,6 +19,8 @@ int cmd_backup(int argc, char **argv);
 int cmd_restore(int argc, char **argv);
 int cmd_verify(int argc, char **argv);
 int cmd_import(int argc, char **argv);
+int cmd_snapshot(int argc, char **argv);
+int cmd_convert(int argc, char **argv);
 
 /* Print "qcbt: MSG" (printf format) on stderr, one line. */
 void die_msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -15,12 +15,22 @@
 #include "qcow2.h"
 #include "rounding.h"
 
-/* Read refcount CLUSTER with a one-block cache (caller's). */
+/* The caller's cache: the last refcount table entry and block read, so
+ * a walk over consecutive clusters reads each once (not one table entry
+ * per cluster). */
+struct rc_cache {
+    unsigned char *block; /* one cluster */
+    uint64_t block_off;   /* of the block in BLOCK, 0: none */
+    uint64_t ti;          /* table index of ENTRY */
+    bool have_entry;
+    unsigned char entry[8];
+};
+
+/* Read refcount CLUSTER through the caller's cache. */
 static int
 get_refcount_cached(struct qcow2_image *img,
                     uint64_t cluster,
-                    unsigned char *block,
-                    uint64_t *block_off,
+                    struct rc_cache *cc,
                     uint64_t *refcount)
 {
     unsigned bits = 1u << img->hdr.refcount_order;
@@ -28,22 +38,26 @@ get_refcount_cached(struct qcow2_image *img,
     uint64_t ti = cluster / per_block, bi = cluster % per_block;
     uint64_t entries =
         (uint64_t)img->hdr.refcount_table_clusters * img->cluster_size / 8;
-    unsigned char e[8];
     uint64_t off;
     int r;
 
     *refcount = 0;
     if (ti >= entries)
         return 0;
-    r = qcbt_io_read_exact(img->io,
-                           e,
-                           8,
-                           img->hdr.refcount_table_offset + ti * 8,
-                           false,
-                           "refcount table");
-    if (r < 0)
-        return r;
-    off = qcow2_table_get(e, 0) & QCOW2_REFT_OFFSET_MASK;
+    if (!cc->have_entry || cc->ti != ti) {
+        cc->have_entry = false;
+        r = qcbt_io_read_exact(img->io,
+                               cc->entry,
+                               8,
+                               img->hdr.refcount_table_offset + ti * 8,
+                               false,
+                               "refcount table");
+        if (r < 0)
+            return r;
+        cc->ti = ti;
+        cc->have_entry = true;
+    }
+    off = qcow2_table_get(cc->entry, 0) & QCOW2_REFT_OFFSET_MASK;
     if (off == 0)
         return 0;
     if (!IS_ALIGNED(off, img->cluster_size) || off >= img->io->size)
@@ -51,18 +65,19 @@ get_refcount_cached(struct qcow2_image *img,
                           "%s: refcount block offset 0x%" PRIx64 " is invalid",
                           img->io->name,
                           off);
-    if (*block_off != off) {
+    if (cc->block_off != off) {
+        cc->block_off = 0;
         r = qcbt_io_read_exact(img->io,
-                               block,
+                               cc->block,
                                img->cluster_size,
                                off,
                                true,
                                "refcount block");
         if (r < 0)
             return r;
-        *block_off = off;
+        cc->block_off = off;
     }
-    *refcount = qcow2_refblock_get(block, img->hdr.refcount_order, bi);
+    *refcount = qcow2_refblock_get(cc->block, img->hdr.refcount_order, bi);
     return 0;
 }
 
@@ -71,14 +86,13 @@ qcow2_get_refcount(struct qcow2_image *img,
                    uint64_t cluster,
                    uint64_t *refcount)
 {
-    unsigned char *block = malloc(img->cluster_size);
-    uint64_t block_off = 0;
+    struct rc_cache cc = {.block = malloc(img->cluster_size)};
     int r;
 
-    if (!block)
+    if (!cc.block)
         return qcbt_error(ENOMEM, "out of memory");
-    r = get_refcount_cached(img, cluster, block, &block_off, refcount);
-    free(block);
+    r = get_refcount_cached(img, cluster, &cc, refcount);
+    free(cc.block);
     return r;
 }
 
@@ -87,8 +101,7 @@ static bool
 detect(struct qcow2_image *img)
 {
     uint64_t file_length, real_clusters, threshold, end_cluster, i, count = 0;
-    uint64_t block_off = 0;
-    unsigned char *block;
+    struct rc_cache cc = {0};
     bool result = false;
 
     if (img->io->allocated < 0)
@@ -101,13 +114,13 @@ detect(struct qcow2_image *img)
         threshold = real_clusters + 2;
     end_cluster = DIV_ROUND_UP(file_length, img->cluster_size);
 
-    block = malloc(img->cluster_size);
-    if (!block)
+    cc.block = malloc(img->cluster_size);
+    if (!cc.block)
         return false;
     for (i = 0; i < end_cluster && count <= threshold; i++) {
         uint64_t rc;
 
-        if (get_refcount_cached(img, i, block, &block_off, &rc) < 0) {
+        if (get_refcount_cached(img, i, &cc, &rc) < 0) {
             qcbt_error_clear();
             goto out;
         }
@@ -115,7 +128,7 @@ detect(struct qcow2_image *img)
     }
     result = count > threshold;
 out:
-    free(block);
+    free(cc.block);
     return result;
 }
 

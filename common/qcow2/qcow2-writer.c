@@ -66,8 +66,9 @@ struct qcow2_writer {
     qcow2_writer_fill_fn fill;
     void *fill_opaque;
 
-    uint64_t next_host; /* bytes of host file allocated */
-    uint64_t *free;     /* released host cluster offsets */
+    uint64_t next_host;  /* bytes of host file allocated */
+    uint64_t rt_reserve; /* clusters the refcount table must also cover */
+    uint64_t *free;      /* released host cluster offsets */
     size_t nr_free, free_cap;
 
     unsigned char *buf; /* write-behind buffer */
@@ -666,6 +667,12 @@ check_opts(const struct qcow2_writer_opts *opts, const char *name)
                           " is not a power of two between 512 and 2097152",
                           name,
                           cs);
+    if (opts->refcount_reserve > (UINT64_C(1) << 40))
+        return qcbt_error(EINVAL,
+                          "%s: refcount reserve of %" PRIu64
+                          " clusters is too large",
+                          name,
+                          opts->refcount_reserve);
     if (!has_backing) {
         if (opts->backing_fmt)
             return qcbt_error(EINVAL,
@@ -771,6 +778,7 @@ qcow2_writer_create_io(struct qcbt_io *io,
     w->l1_size = (uint32_t)l1_size;
     w->fill = opts->fill;
     w->fill_opaque = opts->fill_opaque;
+    w->rt_reserve = opts->refcount_reserve;
     w->name = strdup(name);
     w->l2 = calloc(l1_size ? l1_size : 1, sizeof *w->l2);
     w->scratch = malloc(cs);
@@ -970,7 +978,10 @@ write_refcounts(struct qcow2_writer *w,
     for (;;) {
         total = used + ntable + nblocks;
         nb = DIV_ROUND_UP(total, rb_entries);
-        nt = DIV_ROUND_UP(nb * 8, cs);
+        /* Entries for the blocks of clusters appended after close (the
+         * reserve) stay 0 until qcow2_alloc creates those blocks. */
+        nt = DIV_ROUND_UP(DIV_ROUND_UP(total + w->rt_reserve, rb_entries) * 8,
+                          cs);
         if (nb == nblocks && nt == ntable)
             break;
         nblocks = nb;

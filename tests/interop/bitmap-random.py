@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Build one random qcow2 chain with bitmaps for test-bitmap-random.sh.
 
-    bitmap-random.py SEED DIR
+    bitmap-random.py SEED DIR [--compress]
 
 Creates DIR/l<depth>.qcow2 (l0 = top) with qemu-img and qemu-io only,
 appends every command to DIR/recipe.txt (a shell script that rebuilds the
@@ -15,7 +15,9 @@ multiple of 64 KiB), per layer a cluster size, a state for bitmap X (absent,
 enabled, disabled part-way, added after some writes, left in-use by a
 killed qemu-io, or hidden behind a cleared autoclear bit), a granularity
 (512 B .. 2 GiB), sometimes another bitmap, and random data/zero/discard
-writes.
+writes.  --compress first writes a few compressed clusters (qemu-io write -c)
+into each new qcow2 layer, drawn from a second generator so the chain is
+otherwise the one the seed gives without it.
 """
 
 import json
@@ -94,8 +96,18 @@ def io_cmds(rng, size, n):
     return out
 
 
-def build(seed, d):
+def compressed_cmds(crng, size, c):
+    """1-3 compressed writes of whole clusters inside [0, size)."""
+    out = []
+    n = size // c
+    for k in crng.sample(range(n), min(n, crng.randint(1, 3))):
+        out += ["-c", "write -c -P 0x%02x %d %d" % (crng.randint(1, 255), k * c, c)]
+    return out
+
+
+def build(seed, d, compress=False):
     rng = random.Random(seed)
+    crng = random.Random(seed * 7919 + 13)
     b = Builder(d)
     b.recipe.write("# bitmap-random.py %d: run in an empty directory\n" % seed)
     nl = rng.randint(2, 4)
@@ -118,6 +130,10 @@ def build(seed, d):
             fmt = "raw" if below.endswith(".raw") else "qcow2"
             opts += ["-b", below, "-F", fmt]
         b.run("qemu-img", "create", "-q", "-f", "qcow2", *opts, img, str(size))
+        if compress and size >= c:
+            # first, while the layer is empty: QEMU never compresses into
+            # an allocated cluster
+            b.run("qemu-io", "-f", "qcow2", *compressed_cmds(crng, size, c), img)
         state = rng.choices(["none", "ok", "disabled", "late", "inuse", "autoclear"],
                             [3, 6, 1, 1, 2, 1])[0]
         g = rng.choices([512, 4096, 65536, MiB, 1 << 31], [2, 3, 4, 2, 1])[0]
@@ -155,6 +171,6 @@ def build(seed, d):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4) or sys.argv[3:] not in ([], ["--compress"]):
         sys.exit(__doc__)
-    print(json.dumps(build(int(sys.argv[1]), sys.argv[2])))
+    print(json.dumps(build(int(sys.argv[1]), sys.argv[2], len(sys.argv) == 4)))

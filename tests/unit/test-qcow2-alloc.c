@@ -146,6 +146,49 @@ test_refuse_dirty_and_corrupt(void **state)
     assert_null(a);
 }
 
+/* A writer told to reserve room (refcount_reserve) makes a refcount
+ * table that covers the clusters allocated after close, where the
+ * smallest table is full (test_reftable_full). */
+static void
+test_writer_reserve(void **state)
+{
+    struct qcow2_writer_opts o = {.size = 1024 * 1024,
+                                  .cluster_size = 512,
+                                  .refcount_reserve = 64 * 256};
+    unsigned char *buf = calloc(1, CAP);
+    struct qcow2_image *img;
+    struct qcow2_writer *w;
+    struct qcow2_alloc *a;
+    struct qcbt_io *io;
+    uint64_t off = 0, c;
+    size_t len;
+
+    (void)state;
+    assert_non_null(buf);
+    assert_int_equal(qcbt_io_open_mem_rw(buf, CAP, 0, "w", &io), 0);
+    assert_int_equal(qcow2_writer_create_io(io, &o, &w), 0);
+    assert_int_equal(qcow2_writer_close(w), 0);
+    for (len = CAP; len > 0 && buf[len - 1] == 0; len--)
+        ;
+    len = (len + 511) & ~(size_t)511;
+    assert_int_equal(qcbt_io_open_mem_rw(buf, CAP, len, "img", &io), 0);
+    assert_int_equal(qcow2_open(io, &img), 0);
+    assert_int_equal(img->hdr.refcount_table_clusters, 2);
+    assert_int_equal(qcow2_alloc_new(img, &a), 0);
+    if (qcow2_alloc_clusters(a, 64 * 256, &off) < 0 || qcow2_alloc_commit(a))
+        fail_msg("alloc: %s", qcbt_error_get());
+    for (c = 0; c < 64 * 256; c += 255)
+        assert_int_equal(refcount(img, off / 512 + c), 1);
+    qcow2_alloc_free(a);
+    qcow2_close(img);
+
+    o.refcount_reserve = (UINT64_C(1) << 40) + 1;
+    assert_int_equal(qcbt_io_open_mem_rw(buf, CAP, 0, "w", &io), 0);
+    assert_int_equal(qcow2_writer_create_io(io, &o, &w), -EINVAL);
+    assert_non_null(strstr(qcbt_error_get(), "reserve"));
+    free(buf);
+}
+
 int
 main(void)
 {
@@ -157,6 +200,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_refuse_dirty_and_corrupt,
                                         setup,
                                         teardown),
+        cmocka_unit_test(test_writer_reserve),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

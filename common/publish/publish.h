@@ -3,8 +3,9 @@
  *
  * The rules every front end that hands bitmaps on shares (qcbt-server's
  * qemu:dirty-bitmap:ALIAS contexts, the nbdkit plugin's and filter's
- * dirty view, qcbt convert, backup of a local image): which bitmaps are asked for
- * (NAME or NAME=ALIAS), how each is merged (strict or tolerant), when one
+ * dirty view, qcbt convert, backup of a local image): which bitmaps are
+ * asked for (NAME or NAME=ALIAS), how each is merged (strict or tolerant),
+ * when one
  * that cannot be used refuses the whole request and when it is only
  * skipped (with every bitmap of the chain), and the text of every notice
  * the user is shown.  Front ends parse their arguments, call

@@ -66,8 +66,7 @@ step "2. VM off: a full backup that creates checkpoint 'ckpt'"
 
 step "3. the VM runs: writes, an external snapshot with 'ckpt' propagated, more writes"
 qemu-io -f qcow2 -c 'write -P 0x33 4M 1M' -c 'write -z 8M 2M' base.qcow2 >/dev/null
-qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2
-"$QCBT" bitmap add overlay.qcow2 ckpt
+"$QCBT" snapshot base.qcow2 overlay.qcow2 # carries 'ckpt' (libvirt's rule)
 qemu-io -f qcow2 \
     -c 'write -P 0x44 16M 3M' \
     -c 'write -P 0x55 130M 4k' \

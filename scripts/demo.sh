@@ -43,9 +43,10 @@ echo
 echo "== the VM runs: writes, an external snapshot (ckpt propagated), writes"
 qemu-io -f qcow2 -c 'write -P 0x23 3M 128k' -c 'write -z 2M 64k' \
     snap/mid.qcow2 >/dev/null
-# The snapshot: the new active layer gets a same-named empty bitmap.
-qemu-img create -q -f qcow2 -b snap/mid.qcow2 -F qcow2 top.qcow2 256M
-"$qcbt" bitmap add top.qcow2 ckpt
+# The snapshot: the new active layer gets a same-named empty bitmap for
+# every checkpoint still recording (libvirt's rule).
+echo "\$ qcbt snapshot snap/mid.qcow2 top.qcow2"
+"$qcbt" snapshot snap/mid.qcow2 top.qcow2
 qemu-io -f qcow2 -c 'write -P 0x31 2M 64k' -c 'discard 10M 1M' \
     -c 'write -z 20M 4M' -c 'write -P 0x32 255M 1M' \
     -c 'write -P 0x42 200M 2M' top.qcow2 >/dev/null
@@ -67,6 +68,9 @@ else
     exit 1
 fi
 
+echo
+echo "\$ qcbt checkpoint list top.qcow2"
+"$qcbt" checkpoint list top.qcow2
 echo
 echo "\$ qcbt bitmap check top.qcow2 ckpt"
 "$qcbt" bitmap check top.qcow2 ckpt

@@ -23,6 +23,7 @@ static const struct {
     {"map", cmd_map, "show guest allocation (like qemu-img map)"},
     {"cat", cmd_cat, "write guest bytes to stdout"},
     {"bitmap", cmd_bitmap, "list, check, dump and digest persistent bitmaps"},
+    {"commit", cmd_commit, "commit upper layers into a base, merging bitmaps"},
     {"backup", cmd_backup, "full or incremental backup of an NBD export"},
     {"restore", cmd_restore, "restore a backup to a file or NBD export"},
     {"verify", cmd_verify, "check a backup directory (and against a source)"},

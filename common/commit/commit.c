@@ -292,6 +292,41 @@ classify(struct job *j, uint64_t off, uint64_t end, bool *any, bool *zero)
     return 0;
 }
 
+/* The next base cluster at or after *OFF that the layers above the base
+ * touch: [*off, *end), all zeros there or not (*zero).  *off == size when
+ * none is left.  A cluster is probed alone first (a probe scans as far
+ * as its answer runs), and only an untouched one probes far ahead, so
+ * the walk stays linear in the image. */
+static int
+next_cluster(struct job *j, uint64_t *off, uint64_t *end, bool *zero)
+{
+    uint64_t cs = j->base->cluster_size, size = j->chain->size, o = *off;
+    struct chain_status st;
+    bool any;
+    int r;
+
+    while (o < size) {
+        *end = MIN(o + cs, size);
+        r = classify(j, o, *end, &any, zero);
+        if (r < 0)
+            return r;
+        if (any) {
+            *off = o;
+            return 0;
+        }
+        o = *end;
+        if (o >= size)
+            break;
+        r = chain_block_status(j->chain, o, size - o, &st);
+        if (r < 0)
+            return r;
+        if (st.depth >= j->b)
+            o = MAX(o, ROUND_DOWN(o + st.len, cs));
+    }
+    *off = *end = size;
+    return 0;
+}
+
 /* The most clusters the commit can allocate in the base: one per base
  * cluster it writes, one L2 table per L1 entry those touch, and for each
  * bitmap it stores a table, its data and a new directory.  Checked
@@ -302,23 +337,14 @@ check_room(struct job *j)
     struct qcow2_alloc *a = NULL;
     uint64_t cs = j->base->cluster_size, size = j->chain->size;
     uint64_t off, end, n = 0, tables = 0, last_l1 = UINT64_MAX, per;
-    struct chain_status st;
-    bool any, zero;
+    bool zero;
     size_t i;
     int r = 0;
 
-    for (off = 0; r == 0 && off < size; off = end) {
-        end = MIN(off + cs, size);
-        r = chain_block_status(j->chain, off, size - off, &st);
-        if (r < 0)
+    for (off = 0;; off = end) {
+        r = next_cluster(j, &off, &end, &zero);
+        if (r < 0 || off >= size)
             break;
-        if (st.depth >= j->b && st.len >= end - off) {
-            end = MAX(end, ROUND_DOWN(off + st.len, cs));
-            continue;
-        }
-        r = classify(j, off, end, &any, &zero);
-        if (r < 0 || !any)
-            continue;
         n++;
         if (off / cs / j->base->l2_entries != last_l1) {
             last_l1 = off / cs / j->base->l2_entries;
@@ -352,9 +378,8 @@ commit_data(struct job *j)
     struct qcow2_data_writer *w = NULL;
     uint64_t cs = j->base->cluster_size, size = j->chain->size;
     uint64_t off, end;
-    struct chain_status st;
     unsigned char *buf;
-    bool any, zero;
+    bool zero;
     int r;
 
     j->rep->cluster_size = cs;
@@ -362,20 +387,10 @@ commit_data(struct job *j)
     if (!buf)
         return qcbt_error(ENOMEM, "out of memory");
     r = qcow2_data_writer_new(j->base, &w);
-    for (off = 0; r == 0 && off < size; off = end) {
-        end = MIN(off + cs, size);
-        /* Whole clusters nothing above the base holds are skipped in
-         * one step. */
-        r = chain_block_status(j->chain, off, size - off, &st);
-        if (r < 0)
+    for (off = 0; r == 0; off = end) {
+        r = next_cluster(j, &off, &end, &zero);
+        if (r < 0 || off >= size)
             break;
-        if (st.depth >= j->b && st.len >= end - off) {
-            end = MAX(end, ROUND_DOWN(off + st.len, cs));
-            continue;
-        }
-        r = classify(j, off, end, &any, &zero);
-        if (r < 0 || !any)
-            continue;
         if (zero) {
             r = qcow2_data_writer_put(w, off, NULL);
             j->rep->zero_clusters += r == 0;

@@ -319,6 +319,18 @@ reusable(struct qcow2_data_writer *w, uint64_t host, bool *ok)
     return 0;
 }
 
+/* Write one cluster of guest data and start its writeback at once, so
+ * that the flush before the switch finds little left to write. */
+static int
+write_data(struct qcow2_data_writer *w, const void *buf, uint64_t host)
+{
+    int r = qcbt_io_write_exact(w->img->io, buf, w->cs, host, "guest data");
+
+    if (r == 0)
+        r = qcbt_io_writeback(w->img->io, host, w->cs, false);
+    return r;
+}
+
 static int
 set_entry(struct qcow2_data_writer *w, uint64_t l2i, uint64_t entry)
 {
@@ -398,7 +410,7 @@ qcow2_data_writer_put(struct qcow2_data_writer *w,
     if (inplace) {
         /* Data now, the entry (if the zero flag goes) at the switch. */
         w->staged = true;
-        r = qcbt_io_write_exact(img->io, buf, w->cs, host, "guest data");
+        r = write_data(w, buf, host);
         if (r == 0 && old != (host | QCOW2_OFLAG_COPIED))
             r = set_entry(w, l2i, host | QCOW2_OFLAG_COPIED);
         if (r < 0)
@@ -407,7 +419,7 @@ qcow2_data_writer_put(struct qcow2_data_writer *w,
     }
     r = qcow2_alloc_clusters(w->alloc, 1, &newhost);
     if (r == 0)
-        r = qcbt_io_write_exact(img->io, buf, w->cs, newhost, "guest data");
+        r = write_data(w, buf, newhost);
     if (r == 0)
         r = queue_entry_clusters(w, old);
     if (r == 0)

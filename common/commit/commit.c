@@ -459,10 +459,18 @@ commit_run(const char *image,
     r = merge_all(&j);
     if (r == 0)
         r = check_room(&j);
-    if (r == 0)
-        r = store_bitmaps(&j);
+    if (r < 0)
+        goto out;
+    /* From here on the base changes. */
+    r = store_bitmaps(&j);
     if (r == 0)
         r = commit_data(&j);
+    if (r < 0)
+        r = qcbt_error_prefix(-r,
+                              "commit into %s stopped (%s still reads as "
+                              "before; run qcbt commit again)",
+                              j.rep->base_path,
+                              image);
 out:
     if (j.base) {
         /* A close that fails after a write is the commit's failure. */

@@ -300,8 +300,48 @@ load_table(struct qcow2_data_writer *w, uint64_t idx)
     return qcbt_io_read_exact(img->io, w->l2, w->cs, off, false, "L2 table");
 }
 
-/* May the data cluster at HOST be overwritten in place?  Only a cluster
- * referenced once, inside the file, on no metadata. */
+/* The host bytes the old entry ENTRY of guest cluster GUEST references
+ * must lie inside the file and on no metadata: they are about to be
+ * overwritten or freed, and a hostile entry pointing at the L1 table
+ * must cost an error, not the table. */
+static int
+check_old(struct qcow2_data_writer *w, uint64_t entry, uint64_t guest)
+{
+    struct qcow2_compressed_desc d;
+    uint64_t off, len;
+    const char *what;
+
+    if (entry & QCOW2_OFLAG_COMPRESSED) {
+        qcow2_compressed_desc_decode(entry, w->img->hdr.cluster_bits, &d);
+        off = d.host_offset;
+        len = qcow2_compressed_desc_len(&d);
+    } else {
+        off = entry & QCOW2_L2E_OFFSET_MASK;
+        len = off ? w->cs : 0;
+    }
+    if (len == 0)
+        return 0;
+    if (off + len > w->file_end)
+        return qcbt_error(EIO,
+                          "%s: the L2 entry of guest offset 0x%" PRIx64
+                          " points past the end of the file (0x%" PRIx64 ")",
+                          w->img->io->name,
+                          guest,
+                          off);
+    what = qcow2_metamap_hit(w->meta, off, len);
+    if (what)
+        return qcbt_error(EIO,
+                          "%s: the L2 entry of guest offset 0x%" PRIx64
+                          " points at %s (0x%" PRIx64 "; run 'qemu-img check')",
+                          w->img->io->name,
+                          guest,
+                          what,
+                          off);
+    return 0;
+}
+
+/* May the data cluster at HOST (checked by check_old()) be overwritten
+ * in place?  Only a cluster referenced once. */
 static int
 reusable(struct qcow2_data_writer *w, uint64_t host, bool *ok)
 {
@@ -309,9 +349,6 @@ reusable(struct qcow2_data_writer *w, uint64_t host, bool *ok)
     int r;
 
     *ok = false;
-    if (!IS_ALIGNED(host, w->cs) || host + w->cs > w->file_end ||
-        qcow2_metamap_hit(w->meta, host, w->cs))
-        return 0;
     r = qcow2_get_refcount(w->img, host / w->cs, &rc);
     if (r < 0)
         return r;
@@ -390,6 +427,9 @@ qcow2_data_writer_put(struct qcow2_data_writer *w,
                                  img->io->name,
                                  old,
                                  guest);
+    r = check_old(w, old, guest);
+    if (r < 0)
+        return r;
     host = old & QCOW2_OFLAG_COMPRESSED ? 0 : old & QCOW2_L2E_OFFSET_MASK;
 
     if (!buf) {

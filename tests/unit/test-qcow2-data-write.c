@@ -252,6 +252,31 @@ test_corrupt_entry(void **state)
     qcow2_data_writer_free(w);
 }
 
+/* A data entry pointing at the L1 table: refused, the table intact. */
+static void
+test_entry_on_metadata(void **state)
+{
+    struct fixture *f = *state;
+    struct qcow2_data_writer *w;
+    uint64_t l2, l1off = f->img->hdr.l1_table_offset;
+    unsigned char b[CS] = {0}, l1[CS];
+
+    assert_int_equal(qcow2_data_writer_new(f->img, &w), 0);
+    put(w, 0, 0x11);
+    sync_writer(w);
+    qcow2_data_writer_free(w);
+    l2 = f->img->l1[0] & QCOW2_L1E_OFFSET_MASK;
+    qcow2_table_set(f->buf + l2, 1, l1off | QCOW2_OFLAG_COPIED);
+    memcpy(l1, f->buf + l1off, CS);
+    reopen(f);
+    assert_int_equal(qcow2_data_writer_new(f->img, &w), 0);
+    assert_int_equal(qcow2_data_writer_put(w, CS, b), -EIO);
+    assert_non_null(strstr(qcbt_error_get(), "points at the L1 table"));
+    qcow2_data_writer_free(w);
+    assert_memory_equal(f->buf + l1off, l1, CS);
+    assert_int_equal(refcount(f->img, l1off), 1);
+}
+
 int
 main(void)
 {
@@ -263,6 +288,9 @@ main(void)
         cmocka_unit_test_setup_teardown(test_switch_at_sync, setup, teardown),
         cmocka_unit_test_setup_teardown(test_refusals, setup, teardown),
         cmocka_unit_test_setup_teardown(test_corrupt_entry, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_entry_on_metadata,
+                                        setup,
+                                        teardown),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -35,7 +35,12 @@ struct qcow2_data_writer {
     uint64_t *frees;    /* clusters to decrement after the switch */
     size_t nr_frees, cap_frees;
     bool broken; /* a write failed: only free is allowed */
+    /* Data to host-contiguous clusters goes out in one write. */
+    unsigned char *wb;
+    uint64_t wb_off, wb_len, wb_cap;
 };
+
+#define DATA_WRITE_MAX (1024u * 1024)
 
 int
 qcow2_data_writer_new(struct qcow2_image *img, struct qcow2_data_writer **out)
@@ -85,7 +90,9 @@ qcow2_data_writer_new(struct qcow2_image *img, struct qcow2_data_writer **out)
     w->l1_idx = UINT64_MAX;
     w->l2 = malloc(w->cs);
     w->chg = calloc(img->l2_entries, 1);
-    if (!w->l2 || !w->chg) {
+    w->wb_cap = w->cs > DATA_WRITE_MAX ? w->cs : DATA_WRITE_MAX;
+    w->wb = malloc(w->wb_cap);
+    if (!w->l2 || !w->chg || !w->wb) {
         qcow2_data_writer_free(w);
         return qcbt_error(ENOMEM, "out of memory");
     }
@@ -110,6 +117,7 @@ qcow2_data_writer_free(struct qcow2_data_writer *w)
     free(w->l2);
     free(w->chg);
     free(w->frees);
+    free(w->wb);
     free(w);
 }
 
@@ -186,6 +194,47 @@ write_changed_entries(struct qcow2_data_writer *w)
     return 0;
 }
 
+/* Write the data gathered so far and start its writeback at once, so
+ * that the flush before the switch finds little left to write. */
+static int
+flush_data(struct qcow2_data_writer *w)
+{
+    int r;
+
+    if (w->wb_len == 0)
+        return 0;
+    r = qcbt_io_write_exact(w->img->io,
+                            w->wb,
+                            w->wb_len,
+                            w->wb_off,
+                            "guest data");
+    if (r == 0)
+        r = qcbt_io_writeback(w->img->io, w->wb_off, w->wb_len, false);
+    w->wb_len = 0;
+    return r;
+}
+
+/* One cluster of guest data for host cluster HOST: gathered while the
+ * clusters are contiguous, written by flush_data() (at the latest by the
+ * sync, before anything may point to them). */
+static int
+write_data(struct qcow2_data_writer *w, const void *buf, uint64_t host)
+{
+    int r;
+
+    if (w->wb_len &&
+        (host != w->wb_off + w->wb_len || w->wb_len + w->cs > w->wb_cap)) {
+        r = flush_data(w);
+        if (r < 0)
+            return r;
+    }
+    if (w->wb_len == 0)
+        w->wb_off = host;
+    memcpy(w->wb + w->wb_len, buf, w->cs);
+    w->wb_len += w->cs;
+    return 0;
+}
+
 int
 qcow2_data_writer_sync(struct qcow2_data_writer *w)
 {
@@ -200,6 +249,9 @@ qcow2_data_writer_sync(struct qcow2_data_writer *w)
     if (!w->staged)
         return 0;
     w->broken = true;
+    r = flush_data(w);
+    if (r < 0)
+        return r;
     if (w->l2_new) {
         r = qcbt_io_write_exact(img->io, w->l2, w->cs, w->l2_off, "L2 table");
         if (r < 0)
@@ -354,18 +406,6 @@ reusable(struct qcow2_data_writer *w, uint64_t host, bool *ok)
         return r;
     *ok = rc == 1;
     return 0;
-}
-
-/* Write one cluster of guest data and start its writeback at once, so
- * that the flush before the switch finds little left to write. */
-static int
-write_data(struct qcow2_data_writer *w, const void *buf, uint64_t host)
-{
-    int r = qcbt_io_write_exact(w->img->io, buf, w->cs, host, "guest data");
-
-    if (r == 0)
-        r = qcbt_io_writeback(w->img->io, host, w->cs, false);
-    return r;
 }
 
 static int

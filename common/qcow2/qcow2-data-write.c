@@ -3,8 +3,10 @@
  *
  * One L2 table is staged at a time: its entries as they will be, which of
  * them change, the clusters to decrement once they are switched.  Data
- * goes to disk as it is staged (in place, or into reserved clusters that
- * nothing points to yet); entries switch in qcow2_data_writer_sync().
+ * is gathered into one write per run of host-contiguous clusters (in
+ * place, or into reserved clusters that nothing points to yet), all of
+ * it written before the sync's first flush; entries switch in
+ * qcow2_data_writer_sync().
  * Every entry written is checked by the format layer's validator
  * (qcow2_l2_entry_check()) first, as every entry read is.
  */

@@ -157,6 +157,8 @@ int qcow2_data_writer_new(struct qcow2_image *img,
  * data cluster with refcount 1 is overwritten in place; otherwise a new
  * cluster is written and the entry switched by qcow2_data_writer_sync(),
  * which runs by itself when GUEST leaves the L2 table being staged.
+ * Data may wait in the writer (up to 1 MiB of host-contiguous clusters)
+ * until the next put or sync.
  *
  * The order, per L2 table: data written (in place or to new clusters),
  * a new L2 table written, refcounts of the new clusters made 1 and

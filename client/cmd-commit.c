@@ -23,7 +23,8 @@ commit_usage(FILE *fp)
             "missing in BASE are created there (granularity and recording\n"
             "state of the top-most layer holding them).  A bitmap that no\n"
             "merge can describe (in use or invalid where it starts) is not\n"
-            "made up: it is reported and left as it is.\n"
+            "made up: it is reported as not committed and BASE's stays as\n"
+            "it is.\n"
             "\n"
             "IMAGE and the layers above BASE are left unchanged and still\n"
             "read the same.  Afterwards use BASE directly (the upper layers\n"
@@ -45,7 +46,7 @@ commit_usage(FILE *fp)
 static const char *const actions[] = {
     [COMMIT_BITMAP_MERGED] = "merged",
     [COMMIT_BITMAP_CREATED] = "created",
-    [COMMIT_BITMAP_SKIPPED] = "left as it was",
+    [COMMIT_BITMAP_SKIPPED] = "not committed",
 };
 
 int

@@ -123,6 +123,8 @@ check_commit() {
     qemu-img compare -q "$base" "../theirs/$base" || { note "[$CASE] our base differs from qemu-img commit -d's"; rc=1; }
     for name in "${names[@]}"; do
         if [[ ! -e exp-$name ]]; then
+            grep "^bitmap $name: not committed: " commit.out >/dev/null ||
+                { note "[$CASE] $name: the output does not say it was not committed: $(cat commit.out)"; rc=1; }
             got=$(state "$base" | awk -v n="$name" '$1 == n')
             [[ $got == "$(cat "keep-$name")" ]] || { note "[$CASE] $name: refused merge, but the base's bitmap changed: '$got'"; rc=1; }
             continue
@@ -134,6 +136,8 @@ for bm in json.load(sys.stdin)["format-specific"]["data"].get("bitmaps", []):
     if bm["name"] == sys.argv[1]:
         print(bm["granularity"], "auto" if "auto" in bm["flags"] else "-")' "$name") ||
             { note "[$CASE] $name: not in the base after the commit"; rc=1; continue; }
+        grep "^bitmap $name: $([[ $exp == inbase ]] && echo merged || echo created) (granularity $g)\$" commit.out >/dev/null ||
+            { note "[$CASE] $name: the output says: $(grep "^bitmap $name:" commit.out)"; rc=1; }
         if [[ $exp != inbase && $exp != "$g $auto" ]]; then
             note "[$CASE] $name: created as '$g $auto', expected '$exp'"
             rc=1

@@ -337,8 +337,9 @@ check_room(struct job *j)
     struct qcow2_alloc *a = NULL;
     uint64_t cs = j->base->cluster_size, size = j->chain->size;
     uint64_t off, end, n = 0, tables = 0, last_l1 = UINT64_MAX, per;
+    struct qcow2_bitmap_list *list = NULL;
     bool zero;
-    size_t i;
+    size_t i, k;
     int r = 0;
 
     for (off = 0;; off = end) {
@@ -354,17 +355,29 @@ check_room(struct job *j)
     if (r < 0)
         return r;
     n += tables;
+    r = qcow2_bitmaps_load(j->base, &list);
+    if (r < 0)
+        return r;
     for (i = 0; i < j->rep->nr_bitmaps; i++) {
+        unsigned gbits;
+
         if (!j->results[i]->usable)
             continue;
-        /* The finest granularity any stored bitmap can have. */
-        per = qcow2_bitmap_table_size(j->base, QCOW2_BME_MIN_GRANULARITY_BITS);
+        /* Stored with the base's granularity, or created with the
+         * result's. */
+        gbits = (unsigned)__builtin_ctzll(j->results[i]->bm->granularity);
+        for (k = 0; k < list->nr; k++)
+            if (list->bitmaps[k].status == QCOW2_BITMAP_OK &&
+                strcmp(list->bitmaps[k].name, j->rep->bitmaps[i].name) == 0)
+                gbits = list->bitmaps[k].granularity_bits;
+        per = qcow2_bitmap_table_size(j->base, gbits);
         n += per + DIV_ROUND_UP(per * 8, cs) +
              DIV_ROUND_UP((uint64_t)(j->rep->nr_bitmaps + 1) *
                               (QCOW2_BITMAP_DIR_ENTRY_FIXED +
                                QCOW2_BME_MAX_NAME_SIZE + 8),
                           cs);
     }
+    qcow2_bitmap_list_free(list);
     r = qcow2_alloc_new(j->base, &a);
     if (r == 0)
         r = qcow2_alloc_check_room(a, n);

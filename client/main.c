@@ -24,6 +24,7 @@ static const struct {
     {"cat", cmd_cat, "write guest bytes to stdout"},
     {"bitmap", cmd_bitmap, "list, check, dump and digest persistent bitmaps"},
     {"checkpoint", cmd_checkpoint, "create, list and delete checkpoints"},
+    {"commit", cmd_commit, "commit upper layers into a base, merging bitmaps"},
     {"backup", cmd_backup, "full or incremental backup of an NBD export"},
     {"restore", cmd_restore, "restore a backup to a file or NBD export"},
     {"verify", cmd_verify, "check a backup directory (and against a source)"},

@@ -15,6 +15,7 @@ int cmd_map(int argc, char **argv);
 int cmd_cat(int argc, char **argv);
 int cmd_bitmap(int argc, char **argv);
 int cmd_checkpoint(int argc, char **argv);
+int cmd_commit(int argc, char **argv);
 int cmd_backup(int argc, char **argv);
 int cmd_restore(int argc, char **argv);
 int cmd_verify(int argc, char **argv);

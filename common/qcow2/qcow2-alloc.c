@@ -371,3 +371,29 @@ qcow2_free_cluster(struct qcow2_alloc *a, uint64_t offset)
                                a->rt[ri] + boff,
                                "refcount block");
 }
+
+int
+qcow2_alloc_check_room(struct qcow2_alloc *a, uint64_t n)
+{
+    uint64_t total = n, last;
+    int i;
+
+    /* N clusters, the blocks counting them, the blocks counting those:
+     * three rounds reach a bound (blocks are a 1/rb_entries fraction). */
+    for (i = 0; i < 3; i++)
+        total = n + DIV_ROUND_UP(total, a->rb_entries) + 1;
+    if (total > UINT64_MAX - a->next)
+        return qcbt_error(EFBIG,
+                          "%s: no room for %" PRIu64 " more clusters",
+                          a->io->name,
+                          n);
+    last = a->next + total - 1;
+    if (last / a->rb_entries >= a->rt_entries)
+        return qcbt_error(ENOSPC,
+                          "%s: the image needs a larger refcount table for "
+                          "%" PRIu64 " more clusters (qcbt does not grow it; "
+                          "'qemu-img commit' does)",
+                          a->io->name,
+                          n);
+    return 0;
+}

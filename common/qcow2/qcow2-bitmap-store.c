@@ -446,6 +446,23 @@ change_locked(struct qcow2_image *img,
     switch (op) {
     case QCOW2_BITMAP_ADD:
         new_table = true;
+        if (!src)
+            break;
+        /* qcow2_bitmap_add_merged(): the new bitmap holds SRC. */
+        if (src->size != img->size)
+            r = qcbt_error(EINVAL,
+                           "%s: bitmaps are of different sizes (image "
+                           "size is %" PRIu64 ", source size is %" PRIu64 ")",
+                           img->io->name,
+                           img->size,
+                           src->size);
+        if (r == 0)
+            r = bitmap_new(img->size, 1ULL << gbits, &merged);
+        if (r == 0)
+            r = bitmap_merge_into(merged, src);
+        cbuf = malloc(cs);
+        if (r == 0 && !cbuf)
+            r = qcbt_error(ENOMEM, "out of memory");
         break;
     case QCOW2_BITMAP_CLEAR:
         new_table = true;
@@ -619,6 +636,16 @@ qcow2_bitmap_merge(struct qcow2_image *img,
                    const struct bitmap *src)
 {
     return change(img, QCOW2_BITMAP_MERGE, name, 0, false, src);
+}
+
+int
+qcow2_bitmap_add_merged(struct qcow2_image *img,
+                        const char *name,
+                        unsigned gbits,
+                        bool disabled,
+                        const struct bitmap *src)
+{
+    return change(img, QCOW2_BITMAP_ADD, name, gbits, disabled, src);
 }
 
 int

@@ -65,6 +65,13 @@ int qcow2_alloc_clusters(struct qcow2_alloc *a, uint64_t n, uint64_t *offset);
  */
 int qcow2_alloc_commit(struct qcow2_alloc *a);
 
+/* Would N more clusters, and the refcount blocks they need, fit in the
+ * refcount table?  A bound, computed before anything is written, for an
+ * operation that allocates as it goes.  Returns 0 or -ENOSPC ("needs a
+ * larger refcount table").
+ */
+int qcow2_alloc_check_room(struct qcow2_alloc *a, uint64_t n);
+
 /* Decrement the refcount of the cluster at byte OFFSET (written at once;
  * the caller flushes).  A refcount already 0 is an error (the image is
  * corrupt).
@@ -115,6 +122,17 @@ int qcow2_bitmap_merge(struct qcow2_image *img,
                        const char *name,
                        const struct bitmap *src);
 
+/* ADD and merge in one switch: a new persistent bitmap NAME of
+ * granularity 2^GBITS (enabled unless DISABLED) holding the bits of SRC
+ * (same virtual size, granularities may differ).  A crash leaves the
+ * image without NAME or with NAME complete, never with it empty.
+ */
+int qcow2_bitmap_add_merged(struct qcow2_image *img,
+                            const char *name,
+                            unsigned gbits,
+                            bool disabled,
+                            const struct bitmap *src);
+
 /* Load the consistent persistent bitmap NAME of IMG (not found, in use
  * and invalid are errors).  Returns 0 and *out (bitmap_free()) or -errno
  * with a message.
@@ -122,5 +140,50 @@ int qcow2_bitmap_merge(struct qcow2_image *img,
 int qcow2_bitmap_load_named(struct qcow2_image *img,
                             const char *name,
                             struct bitmap **out);
+
+/* ------------------------------------------------------------------ */
+/* Guest data writes (qcow2-data-write.c) */
+
+struct qcow2_data_writer;
+
+/* Start writing guest data into IMG (opened read-write, holding the
+ * WRITE image lock).  Refused (ENOTSUP, one line): version 2 images,
+ * extended L2 entries (subclusters), an external data file, encryption,
+ * internal snapshots; and, as by qcow2_alloc_new(), images marked dirty
+ * or corrupt.  Returns 0 and *out or -errno with a message.
+ */
+int qcow2_data_writer_new(struct qcow2_image *img,
+                          struct qcow2_data_writer **out);
+
+/* Stage guest cluster GUEST (cluster-aligned, inside the image, strictly
+ * after the cluster staged before): BUF (cluster_size bytes; past the end
+ * of the image they are stored but never read) becomes its data, or with
+ * BUF NULL it becomes a zero cluster (the L2 zero flag; no data).  A
+ * data cluster with refcount 1 is overwritten in place; otherwise a new
+ * cluster is written and the entry switched by qcow2_data_writer_sync(),
+ * which runs by itself when GUEST leaves the L2 table being staged.
+ * Data may wait in the writer (up to 1 MiB of host-contiguous clusters)
+ * until the next put or sync.
+ *
+ * The order, per L2 table: data written (in place or to new clusters),
+ * a new L2 table written, refcounts of the new clusters made 1 and
+ * everything flushed; then the changed L2 entries written (or, for a new
+ * table, its L1 entry), flushed; only then are the clusters no longer
+ * referenced (replaced data clusters, the sectors of compressed ones)
+ * decremented and flushed.  A crash or failure at any point leaves each
+ * cluster's guest data exactly old or exactly new and the image `qemu-img
+ * check` clean but for leaked clusters.  After a failure the writer may
+ * only be freed.
+ */
+int qcow2_data_writer_put(struct qcow2_data_writer *w,
+                          uint64_t guest,
+                          const void *buf);
+
+/* Make every staged cluster live (see above).  Returns 0 or -errno. */
+int qcow2_data_writer_sync(struct qcow2_data_writer *w);
+
+/* Free W; staged changes not synced are dropped (their new clusters
+ * leak, the guest data stays as it was). */
+void qcow2_data_writer_free(struct qcow2_data_writer *w);
 
 #endif /* QCBT_QCOW2_STORE_H */

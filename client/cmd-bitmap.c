@@ -92,17 +92,6 @@ status_name(enum qcow2_bitmap_status s)
                                       : "invalid";
 }
 
-/* Guest bytes a bitmap marks dirty (bits clipped to the disk). */
-static uint64_t
-dirty_bytes(const struct bitmap *bm)
-{
-    uint64_t n = bitmap_count(bm) * bm->granularity;
-
-    if (bm->nbits && bitmap_test(bm, bm->nbits - 1))
-        n -= bm->nbits * bm->granularity - bm->size;
-    return n;
-}
-
 static int
 do_list(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
 {
@@ -162,7 +151,7 @@ do_list(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
                     snprintf(load_err, sizeof load_err, "%s", qcbt_error_get());
                     reason = load_err;
                 } else {
-                    bytes = dirty_bytes(bm);
+                    bytes = bitmap_dirty_bytes(bm);
                     have_bytes = true;
                     bitmap_free(bm);
                 }
@@ -258,7 +247,7 @@ do_check(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
                    res->bm->granularity,
                    res->deepest,
                    res->nr_fallbacks,
-                   dirty_bytes(res->bm));
+                   bitmap_dirty_bytes(res->bm));
         }
         printf(",\n  \"layers\": [");
         for (i = 0; i < c->nr_layers; i++) {
@@ -286,7 +275,7 @@ do_check(struct chain *c, struct merge_ctx *ctx, const struct bopts *o)
         printf("granularity %" PRIu64 ", %" PRIu64 " dirty bytes, deepest "
                "layer %zu\n",
                res->bm->granularity,
-               dirty_bytes(res->bm),
+               bitmap_dirty_bytes(res->bm),
                res->deepest);
         for (i = 0; i < c->nr_layers; i++) {
             const struct merge_layer *ml = &res->layers[i];

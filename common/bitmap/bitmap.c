@@ -312,6 +312,16 @@ bitmap_count(const struct bitmap *bm)
 }
 
 uint64_t
+bitmap_dirty_bytes(const struct bitmap *bm)
+{
+    uint64_t n = bitmap_count(bm) * bm->granularity;
+
+    if (bm->nbits && bitmap_test(bm, bm->nbits - 1))
+        n -= bm->nbits * bm->granularity - bm->size;
+    return n;
+}
+
+uint64_t
 bitmap_count_range(const struct bitmap *bm, uint64_t bit, uint64_t n)
 {
     uint64_t end;

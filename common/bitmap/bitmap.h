@@ -111,6 +111,11 @@ uint64_t bitmap_next_clean(const struct bitmap *bm, uint64_t bit);
 uint64_t bitmap_count(const struct bitmap *bm);
 uint64_t bitmap_count_range(const struct bitmap *bm, uint64_t bit, uint64_t n);
 
+/* Guest bytes BM marks dirty: set bits times the granularity, the last
+ * bit clipped to the disk (bm->size).
+ */
+uint64_t bitmap_dirty_bytes(const struct bitmap *bm);
+
 /* dst |= src and dst &= ~src, for bitmaps of equal size and granularity
  * (else -EINVAL; src == dst is fine).
  */

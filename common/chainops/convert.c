@@ -146,17 +146,6 @@ convert_result_free(struct convert_result *res)
     free(res);
 }
 
-/* Guest bytes a bitmap marks dirty (bits clipped to the disk). */
-static uint64_t
-dirty_bytes(const struct bitmap *bm)
-{
-    uint64_t n = bitmap_count(bm) * bm->granularity;
-
-    if (bm->nbits && bitmap_test(bm, bm->nbits - 1))
-        n -= bm->nbits * bm->granularity - bm->size;
-    return n;
-}
-
 /* The recording state the merge keeps: the topmost bitmap used. */
 static bool
 merged_enabled(const struct merge_result *m)
@@ -238,7 +227,7 @@ merge_bitmaps(struct chain *src,
         b->enabled =
             sp && sp->enabled >= 0 ? sp->enabled : merged_enabled(pb->merge);
         b->persistent = sp ? sp->persistent : true;
-        b->dirty_bytes = dirty_bytes(pb->merge->bm);
+        b->dirty_bytes = bitmap_dirty_bytes(pb->merge->bm);
     }
     *setp = set;
     set = NULL;

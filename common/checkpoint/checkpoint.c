@@ -196,19 +196,6 @@ find_in(const struct qcow2_bitmap_list *bl, const char *name)
     return NULL;
 }
 
-/* Guest bytes a bitmap marks dirty: set bits times the granularity, the
- * last bit clipped to the disk.
- */
-static uint64_t
-dirty_bytes(const struct bitmap *bm)
-{
-    uint64_t n = bitmap_count(bm) * bm->granularity;
-
-    if (bm->nbits && bitmap_test(bm, bm->nbits - 1))
-        n -= bm->nbits * bm->granularity - bm->size;
-    return n;
-}
-
 /* The health of CI: the merge engine's tolerant answer (what every front
  * end publishes), strict derived from it (strict refuses exactly where
  * tolerant falls back), then the checkpoint's own rule: it must record in
@@ -235,7 +222,7 @@ judge(struct chain *c, struct merge_ctx *ctx, struct checkpoint_info *ci)
         return 0;
     }
     ci->granularity = res->bm->granularity;
-    ci->dirty_bytes = dirty_bytes(res->bm);
+    ci->dirty_bytes = bitmap_dirty_bytes(res->bm);
     ci->strict = res->nr_fallbacks == 0;
     for (i = 0; i <= res->deepest && r == 0; i++) {
         const struct merge_layer *ml = &res->layers[i];

@@ -1027,6 +1027,28 @@ test_qemu_digest(void **state)
 /* ------------------------------------------------------------------ */
 /* Errors. */
 
+/* bitmap_dirty_bytes(): set bits times the granularity, the last bit
+ * clipped to the disk.
+ */
+static void
+test_dirty_bytes(void **state)
+{
+    struct bitmap *bm;
+
+    (void)state;
+    assert_int_equal(bitmap_new(100000, 65536, &bm), 0);
+    assert_int_equal(bitmap_dirty_bytes(bm), 0);
+    assert_int_equal(bitmap_set(bm, 1, 1), 0);
+    assert_int_equal(bitmap_dirty_bytes(bm), 100000 - 65536);
+    assert_int_equal(bitmap_set(bm, 0, 1), 0);
+    assert_int_equal(bitmap_dirty_bytes(bm), 100000);
+    bitmap_free(bm);
+    assert_int_equal(bitmap_new(131072, 65536, &bm), 0);
+    assert_int_equal(bitmap_set(bm, 0, 2), 0);
+    assert_int_equal(bitmap_dirty_bytes(bm), 131072);
+    bitmap_free(bm);
+}
+
 static void
 test_errors(void **state)
 {
@@ -1200,6 +1222,7 @@ main(int argc, char *argv[])
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_empty),
+        cmocka_unit_test(test_dirty_bytes),
         cmocka_unit_test(test_small_and_partial),
         cmocka_unit_test(test_layout_example),
         cmocka_unit_test(test_qemu_digest),

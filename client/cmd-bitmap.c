@@ -51,7 +51,7 @@ bitmap_usage(FILE *fp)
             "backing files), as 'qemu-img bitmap' does; the image is locked\n"
             "as qemu-img locks it:\n"
             "  add     a new empty persistent bitmap NAME, enabled unless\n"
-            "          --disabled, granularity SIZE (-g, default 64K)\n"
+            "          --disabled, granularity SIZE (-g)\n"
             "  remove  delete NAME and free its clusters\n"
             "  clear   make NAME empty\n"
             "  enable  NAME records guest writes (flag auto)\n"
@@ -66,7 +66,8 @@ bitmap_usage(FILE *fp)
             "  --json       JSON output\n"
             "  --layer N    sha256 of layer N's own bitmap (0 = top)\n"
             "  -g, --granularity SIZE  add: bytes per bit, a power of two\n"
-            "               from 512 to 2G (K, M, G suffixes)\n"
+            "               from 512 to 2G (K, M, G suffixes); default as\n"
+            "               QEMU: the cluster size, at least 4K, at most 64K\n"
             "  --disabled   add: create the bitmap disabled\n"
             "  -b FILE      merge: SOURCE is a bitmap of FILE\n"
             "  -f FORMAT    format of IMAGE (qcow2 or raw; default probe)\n"
@@ -554,7 +555,7 @@ cmd_bitmap(int argc, char **argv)
                                        "merge"};
     const char *granularity = NULL, *file = NULL;
     bool disabled = false;
-    uint64_t gran = 1ULL << QCOW2_BITMAP_DEFAULT_GRANULARITY_BITS;
+    uint64_t gran = 0; /* 0: QEMU's default for the image */
     const char *sub = NULL;
     char cmd[16] = "bitmap";
     int opt, ret, nargs;
@@ -653,7 +654,7 @@ cmd_bitmap(int argc, char **argv)
         return do_modify(modify_subs[i].op,
                          argv[optind],
                          argv[optind + 1],
-                         (unsigned)__builtin_ctzll(gran),
+                         gran ? (unsigned)__builtin_ctzll(gran) : 0,
                          disabled,
                          nargs == 3 ? argv[optind + 2] : NULL,
                          file);

@@ -399,6 +399,8 @@ change(struct qcow2_image *img,
         goto out;
     }
     if (op == QCOW2_BITMAP_ADD) {
+        if (gbits == 0)
+            gbits = qcow2_bitmap_default_gbits(cs);
         if (gbits < QCOW2_BME_MIN_GRANULARITY_BITS ||
             gbits > QCOW2_BME_MAX_GRANULARITY_BITS) {
             r = qcbt_error(EINVAL,

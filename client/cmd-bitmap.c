@@ -446,8 +446,9 @@ static const struct {
 };
 
 /* The consistent bitmap NAME of the qcow2 FILE, opened read-only and
- * locked as qemu-img locks a source.  IMG is the target: the same file
- * is read through it (a second open would conflict with our own lock). */
+ * locked as qemu-img locks a source.  0 and *out NULL when FILE is NULL
+ * or the target IMG's own file: qcow2_bitmap_merge_named() reads it
+ * through IMG (a second open would conflict with our own lock). */
 static int
 load_source(struct qcow2_image *img,
             const char *file,
@@ -458,14 +459,15 @@ load_source(struct qcow2_image *img,
     struct qcow2_image *src = NULL;
     int r;
 
+    *out = NULL;
     if (!file)
-        return qcow2_bitmap_load_named(img, name, out);
+        return 0;
     r = qcbt_io_open_file(file, &io);
     if (r < 0)
         return r;
     if (io->dev == img->io->dev && io->ino == img->io->ino) {
         qcbt_io_free(io);
-        return qcow2_bitmap_load_named(img, name, out);
+        return 0;
     }
     r = qcbt_io_lock(io, QCBT_IO_LOCK_READ);
     if (r < 0) {
@@ -511,7 +513,8 @@ do_modify(enum qcow2_bitmap_op op,
     if (op == QCOW2_BITMAP_MERGE) {
         r = load_source(img, file, source, &src);
         if (r == 0)
-            r = qcow2_bitmap_merge(img, name, src);
+            r = src ? qcow2_bitmap_merge(img, name, src)
+                    : qcow2_bitmap_merge_named(img, name, source);
         bitmap_free(src);
     } else {
         r = qcow2_bitmap_modify(img, op, name, gbits, disabled);

@@ -285,6 +285,44 @@ out:
     return r;
 }
 
+/* The consistent bitmap NAME of LIST (IMG's bitmaps): qemu-img's
+ * refusals of a merge source, then its data.  *out: bitmap_free().
+ */
+static int
+load_from_list(struct qcow2_image *img,
+               const struct qcow2_bitmap_list *list,
+               const char *name,
+               struct bitmap **out)
+{
+    size_t i;
+
+    for (i = 0; i < list->nr; i++)
+        if (strcmp(list->bitmaps[i].name, name) == 0)
+            break;
+    if (!list->usable)
+        return qcbt_error(EINVAL,
+                          "%s: bitmaps unusable: %s",
+                          img->io->name,
+                          list->reason);
+    if (i == list->nr)
+        return qcbt_error(ENOENT,
+                          "%s: bitmap '%s' not found",
+                          img->io->name,
+                          name);
+    if (list->bitmaps[i].status == QCOW2_BITMAP_IN_USE)
+        return qcbt_error(EBUSY,
+                          "%s: bitmap '%s' is in use (inconsistent)",
+                          img->io->name,
+                          name);
+    if (list->bitmaps[i].status != QCOW2_BITMAP_OK)
+        return qcbt_error(EINVAL,
+                          "%s: bitmap '%s' is invalid: %s",
+                          img->io->name,
+                          name,
+                          list->bitmaps[i].reason);
+    return qcow2_bitmap_load_data(img, &list->bitmaps[i], 0, out);
+}
+
 static const char *const op_names[] = {
     [QCOW2_BITMAP_ADD] = "adding",
     [QCOW2_BITMAP_REMOVE] = "removing",
@@ -300,7 +338,8 @@ change(struct qcow2_image *img,
        const char *name,
        unsigned gbits,
        bool disabled,
-       const struct bitmap *src)
+       const struct bitmap *src,
+       const char *src_name)
 {
     struct store s = {.img = img};
     struct qcow2_bitmap_list *list = NULL;
@@ -310,7 +349,7 @@ change(struct qcow2_image *img,
     uint64_t cs = img->cluster_size, dir_size = 0, dir_off = 0, off;
     uint64_t dir_clusters;
     bool new_table = false;
-    struct bitmap *merged = NULL;
+    struct bitmap *merged = NULL, *own_src = NULL;
     uint64_t *data = NULL;
     unsigned char *cbuf = NULL;
     unsigned char *dir = NULL;
@@ -319,18 +358,34 @@ change(struct qcow2_image *img,
     int64_t w;
     int r;
 
-    if (img->hdr.version < 3)
-        return qcbt_error(ENOTSUP,
-                          "%s: version 2 qcow2 images cannot hold "
-                          "persistent bitmaps (use 'qemu-img amend -o "
-                          "compat=1.1')",
-                          img->io->name);
+    /* A source in IMG itself: the bitmaps are loaded (and the L2 tables
+     * walked) once for both, the source's refusals first as before. */
+    if (src_name) {
+        r = qcow2_bitmaps_load(img, &list);
+        if (r == 0)
+            r = load_from_list(img, list, src_name, &own_src);
+        if (r < 0)
+            goto out;
+        src = own_src;
+    }
+    if (img->hdr.version < 3) {
+        r = qcbt_error(ENOTSUP,
+                       "%s: version 2 qcow2 images cannot hold "
+                       "persistent bitmaps (use 'qemu-img amend -o "
+                       "compat=1.1')",
+                       img->io->name);
+        goto out;
+    }
     r = qcow2_bitmap_name_check(name, len);
-    if (r < 0)
-        return qcbt_error_prefix(-r, "%s: bitmap name", img->io->name);
-    r = qcow2_bitmaps_load(img, &list);
-    if (r < 0)
-        return r;
+    if (r < 0) {
+        r = qcbt_error_prefix(-r, "%s: bitmap name", img->io->name);
+        goto out;
+    }
+    if (!list) {
+        r = qcow2_bitmaps_load(img, &list);
+        if (r < 0)
+            goto out;
+    }
     /* A bitmaps extension without the autoclear bit was left by a program
      * that does not know bitmaps: QEMU drops it, and so do we (its
      * clusters are leaked, as QEMU leaks them). */
@@ -577,6 +632,7 @@ out:
     free(data);
     free(cbuf);
     bitmap_free(merged);
+    bitmap_free(own_src);
     free(ents);
     free(s.old);
     qcow2_alloc_free(s.alloc);
@@ -593,7 +649,7 @@ qcow2_bitmap_modify(struct qcow2_image *img,
 {
     if (op == QCOW2_BITMAP_MERGE)
         return qcbt_error(EINVAL, "merge needs a source bitmap");
-    return change(img, op, name, gbits, disabled, NULL);
+    return change(img, op, name, gbits, disabled, NULL, NULL);
 }
 
 int
@@ -601,7 +657,15 @@ qcow2_bitmap_merge(struct qcow2_image *img,
                    const char *name,
                    const struct bitmap *src)
 {
-    return change(img, QCOW2_BITMAP_MERGE, name, 0, false, src);
+    return change(img, QCOW2_BITMAP_MERGE, name, 0, false, src, NULL);
+}
+
+int
+qcow2_bitmap_merge_named(struct qcow2_image *img,
+                         const char *name,
+                         const char *src_name)
+{
+    return change(img, QCOW2_BITMAP_MERGE, name, 0, false, NULL, src_name);
 }
 
 int
@@ -610,38 +674,11 @@ qcow2_bitmap_load_named(struct qcow2_image *img,
                         struct bitmap **out)
 {
     struct qcow2_bitmap_list *list = NULL;
-    size_t i;
     int r;
 
     r = qcow2_bitmaps_load(img, &list);
-    if (r < 0)
-        return r;
-    for (i = 0; i < list->nr; i++)
-        if (strcmp(list->bitmaps[i].name, name) == 0)
-            break;
-    if (!list->usable)
-        r = qcbt_error(EINVAL,
-                       "%s: bitmaps unusable: %s",
-                       img->io->name,
-                       list->reason);
-    else if (i == list->nr)
-        r = qcbt_error(ENOENT,
-                       "%s: bitmap '%s' not found",
-                       img->io->name,
-                       name);
-    else if (list->bitmaps[i].status == QCOW2_BITMAP_IN_USE)
-        r = qcbt_error(EBUSY,
-                       "%s: bitmap '%s' is in use (inconsistent)",
-                       img->io->name,
-                       name);
-    else if (list->bitmaps[i].status != QCOW2_BITMAP_OK)
-        r = qcbt_error(EINVAL,
-                       "%s: bitmap '%s' is invalid: %s",
-                       img->io->name,
-                       name,
-                       list->bitmaps[i].reason);
-    else
-        r = qcow2_bitmap_load_data(img, &list->bitmaps[i], 0, out);
+    if (r == 0)
+        r = load_from_list(img, list, name, out);
     qcow2_bitmap_list_free(list);
     return r;
 }

@@ -122,6 +122,14 @@ int qcow2_bitmap_merge(struct qcow2_image *img,
                        const char *name,
                        const struct bitmap *src);
 
+/* The same with the source the bitmap SRC_NAME of IMG itself (refused
+ * as qcow2_bitmap_load_named() refuses it, before anything else): IMG's
+ * bitmaps are loaded and checked once for both.
+ */
+int qcow2_bitmap_merge_named(struct qcow2_image *img,
+                             const char *name,
+                             const char *src_name);
+
 /* Load the consistent persistent bitmap NAME of IMG (not found, in use
  * and invalid are errors).  Returns 0 and *out (bitmap_free()) or -errno
  * with a message.

@@ -51,7 +51,7 @@ bitmap_usage(FILE *fp)
             "backing files), as 'qemu-img bitmap' does; the image is locked\n"
             "as qemu-img locks it:\n"
             "  add     a new empty persistent bitmap NAME, enabled unless\n"
-            "          --disabled, granularity SIZE (-g, default 64K)\n"
+            "          --disabled, granularity SIZE (-g)\n"
             "  remove  delete NAME and free its clusters\n"
             "  clear   make NAME empty\n"
             "  enable  NAME records guest writes (flag auto)\n"
@@ -66,7 +66,8 @@ bitmap_usage(FILE *fp)
             "  --json       JSON output\n"
             "  --layer N    sha256 of layer N's own bitmap (0 = top)\n"
             "  -g, --granularity SIZE  add: bytes per bit, a power of two\n"
-            "               from 512 to 2G (K, M, G suffixes)\n"
+            "               from 512 to 2G (K, M, G suffixes); default as\n"
+            "               QEMU: the cluster size, at least 4K, at most 64K\n"
             "  --disabled   add: create the bitmap disabled\n"
             "  -b FILE      merge: SOURCE is a bitmap of FILE\n"
             "  -f FORMAT    format of IMAGE (qcow2 or raw; default probe)\n"
@@ -434,8 +435,9 @@ static const struct {
 };
 
 /* The consistent bitmap NAME of the qcow2 FILE, opened read-only and
- * locked as qemu-img locks a source.  IMG is the target: the same file
- * is read through it (a second open would conflict with our own lock). */
+ * locked as qemu-img locks a source.  0 and *out NULL when FILE is NULL
+ * or the target IMG's own file: qcow2_bitmap_merge_named() reads it
+ * through IMG (a second open would conflict with our own lock). */
 static int
 load_source(struct qcow2_image *img,
             const char *file,
@@ -446,14 +448,15 @@ load_source(struct qcow2_image *img,
     struct qcow2_image *src = NULL;
     int r;
 
+    *out = NULL;
     if (!file)
-        return qcow2_bitmap_load_named(img, name, out);
+        return 0;
     r = qcbt_io_open_file(file, &io);
     if (r < 0)
         return r;
     if (io->dev == img->io->dev && io->ino == img->io->ino) {
         qcbt_io_free(io);
-        return qcow2_bitmap_load_named(img, name, out);
+        return 0;
     }
     r = qcbt_io_lock(io, QCBT_IO_LOCK_READ);
     if (r < 0) {
@@ -499,7 +502,8 @@ do_modify(enum qcow2_bitmap_op op,
     if (op == QCOW2_BITMAP_MERGE) {
         r = load_source(img, file, source, &src);
         if (r == 0)
-            r = qcow2_bitmap_merge(img, name, src);
+            r = src ? qcow2_bitmap_merge(img, name, src)
+                    : qcow2_bitmap_merge_named(img, name, source);
         bitmap_free(src);
     } else {
         r = qcow2_bitmap_modify(img, op, name, gbits, disabled);
@@ -543,7 +547,7 @@ cmd_bitmap(int argc, char **argv)
                                        "merge"};
     const char *granularity = NULL, *file = NULL;
     bool disabled = false;
-    uint64_t gran = 1ULL << QCOW2_BITMAP_DEFAULT_GRANULARITY_BITS;
+    uint64_t gran = 0; /* 0: QEMU's default for the image */
     const char *sub = NULL;
     char cmd[16] = "bitmap";
     int opt, ret, nargs;
@@ -642,7 +646,7 @@ cmd_bitmap(int argc, char **argv)
         return do_modify(modify_subs[i].op,
                          argv[optind],
                          argv[optind + 1],
-                         (unsigned)__builtin_ctzll(gran),
+                         gran ? (unsigned)__builtin_ctzll(gran) : 0,
                          disabled,
                          nargs == 3 ? argv[optind + 2] : NULL,
                          file);

@@ -95,14 +95,6 @@ checkpoint_in_namespace(const char *name, const char *ns)
     return strlen(ns) == n && memcmp(name, ns, n) == 0;
 }
 
-unsigned
-checkpoint_default_gbits(uint64_t cluster_size)
-{
-    unsigned b = cluster_size ? (unsigned)__builtin_ctzll(cluster_size) : 16;
-
-    return MIN(16u, MAX(12u, b));
-}
-
 /* ------------------------------------------------------------------ */
 /* Listing */
 
@@ -736,8 +728,7 @@ checkpoint_add(struct chain *c, const char *name, unsigned gbits)
         return qcbt_error(ENOTSUP,
                           "%s: not a qcow2 image: cannot hold checkpoints",
                           c->layers[0].path);
-    if (gbits == 0)
-        gbits = checkpoint_default_gbits(top->cluster_size);
+    /* gbits 0: qcow2_bitmap_default_gbits() */
     r = qcow2_bitmap_modify(top, QCOW2_BITMAP_ADD, name, gbits, false);
     if (r == -EEXIST)
         r = qcbt_error(EEXIST,
@@ -778,8 +769,6 @@ checkpoint_create(const char *image,
         r = open_scan(image, copts, &c);
     if (r == 0)
         r = checkpoint_check_new(c, name);
-    if (r == 0 && gbits == 0)
-        gbits = checkpoint_default_gbits(c->layers[0].qcow2->cluster_size);
     chain_close(c);
     if (r < 0) {
         qcbt_io_free(io);
@@ -788,7 +777,11 @@ checkpoint_create(const char *image,
     }
     r = qcow2_open(io, &img); /* owns io */
     if (r == 0)
-        r = qcow2_bitmap_modify(img, QCOW2_BITMAP_ADD, name, gbits, false);
+        r = qcow2_bitmap_modify(img,
+                                QCOW2_BITMAP_ADD,
+                                name,
+                                gbits, /* 0: qcow2_bitmap_default_gbits */
+                                false);
     qcow2_close(img);
     if (r == -EEXIST)
         r = qcbt_error(EEXIST,

@@ -49,12 +49,6 @@ size_t checkpoint_namespace_len(const char *name);
 /* NAME is in exactly namespace NS (not in one nested below it). */
 bool checkpoint_in_namespace(const char *name, const char *ns);
 
-/* The granularity QEMU (and so libvirt, which passes none) gives a new
- * bitmap of an image with clusters of CLUSTER_SIZE bytes, as log2:
- * min(64 KiB, max(4 KiB, cluster size)).
- */
-unsigned checkpoint_default_gbits(uint64_t cluster_size);
-
 /* ------------------------------------------------------------------ */
 /* Listing */
 
@@ -134,12 +128,13 @@ int checkpoint_check_new(struct chain *c, const char *name);
 int checkpoint_add(struct chain *c, const char *name, unsigned gbits);
 
 /* Create checkpoint NAME in IMAGE (a qcow2 file, the top of its chain): an
- * empty, enabled persistent bitmap of granularity 2^GBITS (0: the default
- * of checkpoint_default_gbits()).  IMAGE is opened read-write with QEMU's
- * WRITE lock before anything is read (a running QEMU holding it is
- * refused); NAME must be valid and held by no layer of the chain.  With
- * KEEP > 0, then delete the oldest checkpoints of NAME's namespace until
- * KEEP remain (rotation; a failure there says the new checkpoint exists).
+ * empty, enabled persistent bitmap of granularity 2^GBITS (0: QEMU's
+ * default for IMAGE's cluster size, qcow2_bitmap_default_gbits()).  IMAGE
+ * is opened read-write with QEMU's WRITE lock before anything is read (a
+ * running QEMU holding it is refused); NAME must be valid and held by no
+ * layer of the chain.  With KEEP > 0, then delete the oldest checkpoints
+ * of NAME's namespace until KEEP remain (rotation; a failure there says
+ * the new checkpoint exists).
  * COPTS: allow_data_file and max_depth are used; locks as above.
  * Returns 0 or -errno with a one-line message.
  */

@@ -287,6 +287,44 @@ out:
     return r;
 }
 
+/* The consistent bitmap NAME of LIST (IMG's bitmaps): qemu-img's
+ * refusals of a merge source, then its data.  *out: bitmap_free().
+ */
+static int
+load_from_list(struct qcow2_image *img,
+               const struct qcow2_bitmap_list *list,
+               const char *name,
+               struct bitmap **out)
+{
+    size_t i;
+
+    for (i = 0; i < list->nr; i++)
+        if (strcmp(list->bitmaps[i].name, name) == 0)
+            break;
+    if (!list->usable)
+        return qcbt_error(EINVAL,
+                          "%s: bitmaps unusable: %s",
+                          img->io->name,
+                          list->reason);
+    if (i == list->nr)
+        return qcbt_error(ENOENT,
+                          "%s: bitmap '%s' not found",
+                          img->io->name,
+                          name);
+    if (list->bitmaps[i].status == QCOW2_BITMAP_IN_USE)
+        return qcbt_error(EBUSY,
+                          "%s: bitmap '%s' is in use (inconsistent)",
+                          img->io->name,
+                          name);
+    if (list->bitmaps[i].status != QCOW2_BITMAP_OK)
+        return qcbt_error(EINVAL,
+                          "%s: bitmap '%s' is invalid: %s",
+                          img->io->name,
+                          name,
+                          list->bitmaps[i].reason);
+    return qcow2_bitmap_load_data(img, &list->bitmaps[i], 0, out);
+}
+
 static const char *const op_names[] = {
     [QCOW2_BITMAP_ADD] = "adding",
     [QCOW2_BITMAP_REMOVE] = "removing",
@@ -303,7 +341,8 @@ change_locked(struct qcow2_image *img,
               const char *name,
               unsigned gbits,
               bool disabled,
-              const struct bitmap *src)
+              const struct bitmap *src,
+              const char *src_name)
 {
     struct store s = {.img = img};
     struct qcow2_bitmap_list *list = NULL;
@@ -313,7 +352,7 @@ change_locked(struct qcow2_image *img,
     uint64_t cs = img->cluster_size, dir_size = 0, dir_off = 0, off;
     uint64_t dir_clusters;
     bool new_table = false;
-    struct bitmap *merged = NULL;
+    struct bitmap *merged = NULL, *own_src = NULL;
     uint64_t *data = NULL;
     unsigned char *cbuf = NULL;
     unsigned char *dir = NULL;
@@ -322,18 +361,34 @@ change_locked(struct qcow2_image *img,
     int64_t w;
     int r;
 
-    if (img->hdr.version < 3)
-        return qcbt_error(ENOTSUP,
-                          "%s: version 2 qcow2 images cannot hold "
-                          "persistent bitmaps (use 'qemu-img amend -o "
-                          "compat=1.1')",
-                          img->io->name);
+    /* A source in IMG itself: the bitmaps are loaded (and the L2 tables
+     * walked) once for both, the source's refusals first as before. */
+    if (src_name) {
+        r = qcow2_bitmaps_load(img, &list);
+        if (r == 0)
+            r = load_from_list(img, list, src_name, &own_src);
+        if (r < 0)
+            goto out;
+        src = own_src;
+    }
+    if (img->hdr.version < 3) {
+        r = qcbt_error(ENOTSUP,
+                       "%s: version 2 qcow2 images cannot hold "
+                       "persistent bitmaps (use 'qemu-img amend -o "
+                       "compat=1.1')",
+                       img->io->name);
+        goto out;
+    }
     r = qcow2_bitmap_name_check(name, len);
-    if (r < 0)
-        return qcbt_error_prefix(-r, "%s: bitmap name", img->io->name);
-    r = qcow2_bitmaps_load(img, &list);
-    if (r < 0)
-        return r;
+    if (r < 0) {
+        r = qcbt_error_prefix(-r, "%s: bitmap name", img->io->name);
+        goto out;
+    }
+    if (!list) {
+        r = qcow2_bitmaps_load(img, &list);
+        if (r < 0)
+            goto out;
+    }
     /* A bitmaps extension without the autoclear bit was left by a program
      * that does not know bitmaps: QEMU drops it, and so do we (its
      * clusters are leaked, as QEMU leaks them). */
@@ -402,6 +457,8 @@ change_locked(struct qcow2_image *img,
         goto out;
     }
     if (op == QCOW2_BITMAP_ADD) {
+        if (gbits == 0)
+            gbits = qcow2_bitmap_default_gbits(cs);
         if (gbits < QCOW2_BME_MIN_GRANULARITY_BITS ||
             gbits > QCOW2_BME_MAX_GRANULARITY_BITS) {
             r = qcbt_error(EINVAL,
@@ -595,6 +652,7 @@ out:
     free(data);
     free(cbuf);
     bitmap_free(merged);
+    bitmap_free(own_src);
     free(ents);
     free(s.old);
     qcow2_alloc_free(s.alloc);
@@ -608,12 +666,13 @@ change(struct qcow2_image *img,
        const char *name,
        unsigned gbits,
        bool disabled,
-       const struct bitmap *src)
+       const struct bitmap *src,
+       const char *src_name)
 {
     int r;
 
     qcow2_lock(img);
-    r = change_locked(img, op, name, gbits, disabled, src);
+    r = change_locked(img, op, name, gbits, disabled, src, src_name);
     qcow2_unlock(img);
     return r;
 }
@@ -627,7 +686,7 @@ qcow2_bitmap_modify(struct qcow2_image *img,
 {
     if (op == QCOW2_BITMAP_MERGE)
         return qcbt_error(EINVAL, "merge needs a source bitmap");
-    return change(img, op, name, gbits, disabled, NULL);
+    return change(img, op, name, gbits, disabled, NULL, NULL);
 }
 
 int
@@ -635,7 +694,15 @@ qcow2_bitmap_merge(struct qcow2_image *img,
                    const char *name,
                    const struct bitmap *src)
 {
-    return change(img, QCOW2_BITMAP_MERGE, name, 0, false, src);
+    return change(img, QCOW2_BITMAP_MERGE, name, 0, false, src, NULL);
+}
+
+int
+qcow2_bitmap_merge_named(struct qcow2_image *img,
+                         const char *name,
+                         const char *src_name)
+{
+    return change(img, QCOW2_BITMAP_MERGE, name, 0, false, NULL, src_name);
 }
 
 int
@@ -645,7 +712,7 @@ qcow2_bitmap_add_merged(struct qcow2_image *img,
                         bool disabled,
                         const struct bitmap *src)
 {
-    return change(img, QCOW2_BITMAP_ADD, name, gbits, disabled, src);
+    return change(img, QCOW2_BITMAP_ADD, name, gbits, disabled, src, NULL);
 }
 
 int
@@ -654,42 +721,13 @@ qcow2_bitmap_load_named(struct qcow2_image *img,
                         struct bitmap **out)
 {
     struct qcow2_bitmap_list *list = NULL;
-    size_t i;
     int r;
 
     /* The list and the data from one state of the image. */
     qcow2_lock(img);
     r = qcow2_bitmaps_load(img, &list);
-    if (r < 0) {
-        qcow2_unlock(img);
-        return r;
-    }
-    for (i = 0; i < list->nr; i++)
-        if (strcmp(list->bitmaps[i].name, name) == 0)
-            break;
-    if (!list->usable)
-        r = qcbt_error(EINVAL,
-                       "%s: bitmaps unusable: %s",
-                       img->io->name,
-                       list->reason);
-    else if (i == list->nr)
-        r = qcbt_error(ENOENT,
-                       "%s: bitmap '%s' not found",
-                       img->io->name,
-                       name);
-    else if (list->bitmaps[i].status == QCOW2_BITMAP_IN_USE)
-        r = qcbt_error(EBUSY,
-                       "%s: bitmap '%s' is in use (inconsistent)",
-                       img->io->name,
-                       name);
-    else if (list->bitmaps[i].status != QCOW2_BITMAP_OK)
-        r = qcbt_error(EINVAL,
-                       "%s: bitmap '%s' is invalid: %s",
-                       img->io->name,
-                       name,
-                       list->bitmaps[i].reason);
-    else
-        r = qcow2_bitmap_load_data(img, &list->bitmaps[i], 0, out);
+    if (r == 0)
+        r = load_from_list(img, list, name, out);
     qcow2_unlock(img);
     qcow2_bitmap_list_free(list);
     return r;

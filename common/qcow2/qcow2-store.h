@@ -90,12 +90,24 @@ enum qcow2_bitmap_op {
     QCOW2_BITMAP_MERGE, /* qcow2_bitmap_merge() */
 };
 
-/* The granularity `qemu-img bitmap --add` uses without -g: 64 KiB. */
-#define QCOW2_BITMAP_DEFAULT_GRANULARITY_BITS 16
+/* The granularity QEMU gives a new bitmap when none is asked for
+ * (bdrv_get_default_bitmap_granularity(): `qemu-img bitmap --add`
+ * without -g, and libvirt's checkpoints), as log2: the cluster size
+ * clamped to 4 KiB..64 KiB.  512 B clusters give 4 KiB, 2 MiB clusters
+ * 64 KiB.
+ */
+static inline unsigned
+qcow2_bitmap_default_gbits(uint64_t cluster_size)
+{
+    unsigned b = cluster_size ? (unsigned)__builtin_ctzll(cluster_size) : 16;
+
+    return b < 12 ? 12 : b > 16 ? 16 : b;
+}
 
 /* Apply OP to the persistent bitmap NAME of IMG (opened read-write).
- * ADD creates an empty bitmap of granularity 2^GBITS, enabled (flag
- * "auto") unless DISABLED; the others need NAME to exist, and CLEAR,
+ * ADD creates an empty bitmap of granularity 2^GBITS (GBITS 0: QEMU's
+ * default, qcow2_bitmap_default_gbits()), enabled (flag "auto") unless
+ * DISABLED; the others need NAME to exist, and CLEAR,
  * ENABLE and DISABLE refuse a bitmap in use (as QEMU refuses an
  * inconsistent bitmap).  Refused as QEMU refuses: version 2 images, bad
  * names, granularity outside 512 B..2 GiB, more than 65535 bitmaps, a
@@ -132,6 +144,14 @@ int qcow2_bitmap_add_merged(struct qcow2_image *img,
                             unsigned gbits,
                             bool disabled,
                             const struct bitmap *src);
+
+/* The same with the source the bitmap SRC_NAME of IMG itself (refused
+ * as qcow2_bitmap_load_named() refuses it, before anything else): IMG's
+ * bitmaps are loaded and checked once for both.
+ */
+int qcow2_bitmap_merge_named(struct qcow2_image *img,
+                             const char *name,
+                             const char *src_name);
 
 /* Load the consistent persistent bitmap NAME of IMG (not found, in use
  * and invalid are errors).  Returns 0 and *out (bitmap_free()) or -errno

@@ -7,6 +7,8 @@
 #     leak; ours on images whose bitmaps QEMU made, theirs on ours.
 #   - QEMU records guest writes into a bitmap we created (qemu-io write,
 #     then qemu-nbd -B + nbdinfo --map), and our clear empties it.
+#   - Without -g, add and checkpoint create take QEMU's default
+#     granularity on 512 B, 4K, 16K, 64K and 2M clusters.
 #   - Refusals: one line, exit 1: a running qemu-io holds the image, name
 #     exists / not found, bad names, bad granularity, version 2, in-use
 #     bitmaps (clear/enable/disable; remove works, as in qemu-img), a
@@ -125,6 +127,22 @@ for bits in 1 2 8 64; do
     ours add z; clean rb.qcow2
     [[ $(bitmaps rb.qcow2 | tr '\n' ';') == "y 1048576 auto;z 65536 auto;" ]] || bad "$CASE: bitmaps $(bitmaps rb.qcow2)"
     qemu-img compare -q rb0.qcow2 rb.qcow2 || bad "$CASE: guest data changed"
+done
+
+# Default granularity (no -g): QEMU's, the cluster size clamped to
+# 4K..64K, for `qcbt bitmap add` and `qcbt checkpoint create` alike.
+for cs in 512 4096 16384 65536 2097152; do
+    CASE=default-granularity-$cs
+    want=$((cs < 4096 ? 4096 : cs > 65536 ? 65536 : cs))
+    qemu-img create -q -f qcow2 -o cluster_size=$cs dg.qcow2 1G
+    A=dga.qcow2 B=dgb.qcow2
+    cp dg.qcow2 "$A"
+    cp dg.qcow2 "$B"
+    ours add x; theirs --add x; same
+    [[ $(cat b.bm) == "x $want auto" ]] || fail "oracle broke: qemu-img bitmap --add on $cs-byte clusters: $(cat b.bm)"
+    [[ $(cat a.bm) == "x $want auto" ]] || bad "$CASE: ours $(cat a.bm), want x $want auto"
+    "$QCBT" checkpoint create "$A" y 2>err || bad "$CASE: checkpoint create: $(cat err)"
+    theirs --add y; same
 done
 
 # --- QEMU records into our bitmap; our clear empties it -------------------

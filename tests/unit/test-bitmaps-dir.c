@@ -339,9 +339,12 @@ struct base {
 };
 
 static void
-base_build(struct base *bs, unsigned version, unsigned cluster_bits)
+base_build_l2(struct base *bs,
+              unsigned version,
+              unsigned cluster_bits,
+              bool extl2)
 {
-    struct qb *b = qb_new(version, cluster_bits, BASE_SIZE, false, false);
+    struct qb *b = qb_new(version, cluster_bits, BASE_SIZE, extl2, false);
     unsigned char *cl;
     size_t i;
 
@@ -381,6 +384,12 @@ base_build(struct base *bs, unsigned version, unsigned cluster_bits)
     bs->refblock_off = bs->reftable_off + bs->cs; /* builder layout */
     bs->buf = finish(b, &bs->len);
     qb_free(b);
+}
+
+static void
+base_build(struct base *bs, unsigned version, unsigned cluster_bits)
+{
+    base_build_l2(bs, version, cluster_bits, false);
 }
 
 static void
@@ -2086,6 +2095,100 @@ test_tables_cross_metadata(void **state)
         fail_msg("bitmaps on metadata or shared clusters accepted:%s", log);
 }
 
+/* The walk of the L2 tables that finds guest data on bitmap clusters
+ * skips blocks of unallocated entries and entries outside the span of
+ * the bitmaps' clusters: a guest entry at every position around a block
+ * boundary (0, 1, 31..33, 63..65, the last), in plain and extended L2
+ * tables, pointing at the lowest and at the highest-ending bitmap
+ * cluster, is still found, at the right guest offset.
+ */
+static void
+test_guest_overlap_positions(void **state)
+{
+    static const struct {
+        unsigned cluster_bits;
+        bool extl2;
+    } geo[] = {{9, false}, {16, false}, {16, true}};
+    /* UINT64_MAX: the last entry of the table. */
+    static const uint64_t pos[] = {0, 1, 31, 32, 33, 63, 64, 65, UINT64_MAX};
+    char log[8192] = "";
+    size_t g, p, i, j, t;
+
+    (void)state;
+    for (g = 0; g < sizeof geo / sizeof geo[0]; g++) {
+        struct base bs;
+        uint64_t esize = geo[g].extl2 ? 16 : 8;
+        uint64_t entries, lo = UINT64_MAX, hi_end = 0;
+        size_t lo_owner = 0, hi_owner = 0;
+
+        base_build_l2(&bs, 3, geo[g].cluster_bits, geo[g].extl2);
+        entries = bs.cs / esize;
+        /* The lowest owned range and the one ending highest. */
+        for (i = 0; i < NB_BASE; i++) {
+            uint64_t ends[2] = {bs.table[i], bs.table[i] + bs.tsize[i] * 8};
+
+            for (j = 0; j <= bs.tsize[i]; j++) {
+                if (j > 0) { /* data cluster j - 1 */
+                    ends[0] = base_data(&bs, i, j - 1);
+                    if (!ends[0])
+                        continue;
+                    ends[1] = ends[0] + bs.cs;
+                }
+                if (ends[0] < lo) {
+                    lo = ends[0];
+                    lo_owner = i;
+                }
+                if (ends[1] > hi_end) {
+                    hi_end = ends[1];
+                    hi_owner = i;
+                }
+            }
+        }
+        for (p = 0; p < sizeof pos / sizeof pos[0]; p++) {
+            uint64_t idx = pos[p] == UINT64_MAX ? entries - 1 : pos[p];
+
+            if (idx >= entries)
+                continue;
+            for (t = 0; t < 2; t++) {
+                uint64_t host = t ? (hi_end - 1) & ~(bs.cs - 1) : lo;
+                const char *owner = base_names[t ? hi_owner : lo_owner];
+                unsigned char *m = dup_buf(bs.buf, bs.len);
+                char what[160], where[64];
+
+                qb_put_be64(m,
+                            bs.l2_off + idx * esize,
+                            host | QCOW2_OFLAG_COPIED);
+                if (geo[g].extl2) /* subcluster 0 allocated */
+                    qb_put_be64(m, bs.l2_off + idx * esize + 8, 1);
+                snprintf(where,
+                         sizeof where,
+                         "guest offset 0x%" PRIx64 ",",
+                         idx * bs.cs);
+                snprintf(what,
+                         sizeof what,
+                         "%u-bit clusters%s, L2 entry %" PRIu64
+                         ", on the %s cluster of '%s'",
+                         geo[g].cluster_bits,
+                         geo[g].extl2 ? " (extended L2)" : "",
+                         idx,
+                         t ? "highest" : "lowest",
+                         owner);
+                log_case(log,
+                         sizeof log,
+                         what,
+                         never_loads(m,
+                                     bs.len,
+                                     owner,
+                                     SUBS("is also guest data", where)));
+                free(m);
+            }
+        }
+        base_free(&bs);
+    }
+    if (log[0])
+        fail_msg("guest data on bitmap clusters accepted:%s", log);
+}
+
 /* qcow2_bitmaps_parse_dir() on its own (the fuzzing entry point): when it
  * reports the directory unusable, no bitmap it lists may say OK (header
  * of qcow2-bitmaps.h: "a bad extension or directory makes every bitmap of
@@ -2251,6 +2354,7 @@ main(void)
         cmocka_unit_test(test_table_offset),
         cmocka_unit_test(test_table_entries),
         cmocka_unit_test(test_tables_cross_metadata),
+        cmocka_unit_test(test_guest_overlap_positions),
         cmocka_unit_test(test_parse_dir_unusable_statuses),
         cmocka_unit_test(test_dir_bytes_fuzz),
     };

@@ -101,20 +101,6 @@ test_namespaces(void **state)
     assert_false(checkpoint_in_namespace("vendorA", "vendorA"));
 }
 
-static void
-test_default_granularity(void **state)
-{
-    (void)state;
-    /* QEMU's bdrv_get_default_bitmap_granularity() on qcow2, checked with
-     * qemu-img bitmap --add (docs/qcow2-format.md 14.4).
-     */
-    assert_int_equal(checkpoint_default_gbits(512), 12);
-    assert_int_equal(checkpoint_default_gbits(4096), 12);
-    assert_int_equal(checkpoint_default_gbits(16384), 14);
-    assert_int_equal(checkpoint_default_gbits(65536), 16);
-    assert_int_equal(checkpoint_default_gbits(2 << 20), 16);
-}
-
 int
 main(void)
 {
@@ -122,7 +108,6 @@ main(void)
         cmocka_unit_test(test_names),
         cmocka_unit_test(test_namespace_check),
         cmocka_unit_test(test_namespaces),
-        cmocka_unit_test(test_default_granularity),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -189,10 +189,30 @@ test_writer_reserve(void **state)
     free(buf);
 }
 
+/* QEMU's bdrv_get_default_bitmap_granularity() on qcow2, checked with
+ * qemu-img bitmap --add (docs/qcow2-format.md 14.4; the interop test
+ * test-bitmap-write.sh compares with qemu-img itself).
+ */
+static void
+test_default_granularity(void **state)
+{
+    (void)state;
+    assert_int_equal(qcow2_bitmap_default_gbits(512), 12);
+    assert_int_equal(qcow2_bitmap_default_gbits(1024), 12);
+    assert_int_equal(qcow2_bitmap_default_gbits(4096), 12);
+    assert_int_equal(qcow2_bitmap_default_gbits(8192), 13);
+    assert_int_equal(qcow2_bitmap_default_gbits(16384), 14);
+    assert_int_equal(qcow2_bitmap_default_gbits(32768), 15);
+    assert_int_equal(qcow2_bitmap_default_gbits(65536), 16);
+    assert_int_equal(qcow2_bitmap_default_gbits(128 << 10), 16);
+    assert_int_equal(qcow2_bitmap_default_gbits(2 << 20), 16);
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_default_granularity),
         cmocka_unit_test_setup_teardown(test_new_refcount_blocks,
                                         setup,
                                         teardown),

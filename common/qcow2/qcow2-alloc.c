@@ -322,9 +322,10 @@ plan_growth(struct qcow2_alloc *a, uint64_t *tc_out)
 
         if (last_ri + 1 > need)
             need = last_ri + 1;
-        /* QEMU grows the table by half (next_refcount_table_size()). */
+        /* QEMU grows the table by half (next_refcount_table_size());
+         * TC >= 1 (qcow2_header_check()), so each step grows it. */
         for (ntc = tc; ntc * per < need && ntc < max_tc;)
-            ntc = ntc + ntc / 2 + 1 < max_tc ? ntc + ntc / 2 + 1 : max_tc;
+            ntc = (ntc * 3 + 1) / 2 < max_tc ? (ntc * 3 + 1) / 2 : max_tc;
         if (ntc * per < need)
             return qcbt_error(ENOSPC,
                               "%s: the refcount table would exceed "

@@ -19,7 +19,7 @@
 #include "qcow2-writer.h"
 #include "qcow2.h"
 
-#define CAP (16u * 1024 * 1024)
+#define CAP (32u * 1024 * 1024)
 
 struct fixture {
     unsigned char *buf;
@@ -168,6 +168,22 @@ test_reftable_grows(void **state)
         assert_int_equal(refcount(img, c), 1);
     assert_int_equal(qcow2_free_cluster(a, off2), 0);
     assert_int_equal(refcount(img, off2 / 512), 0);
+
+    /* Past the 128 blocks of two clusters: a second move, to three
+     * clusters (QEMU's (n * 3 + 1) / 2); the table moved before, counted
+     * by a block the first move made, is freed. */
+    assert_int_equal(rtc, 2);
+    assert_int_equal(qcow2_alloc_clusters(a, 128 * 256 - end, &off), 0);
+    if (qcow2_alloc_commit(a) < 0)
+        fail_msg("commit: %s", qcbt_error_get());
+    assert_int_equal(img->st.refcount_table_clusters, 3);
+    assert_true(img->st.refcount_table_offset > rt);
+    assert_int_equal(refcount(img, rt / 512), 0);
+    assert_int_equal(refcount(img, rt / 512 + 1), 0);
+    for (c = 0; c < 3; c++)
+        assert_int_equal(refcount(img, img->st.refcount_table_offset / 512 + c),
+                         1);
+    assert_int_equal(refcount(img, off / 512 + 128 * 256 - end - 1), 1);
     qcow2_alloc_free(a);
 }
 

@@ -330,7 +330,8 @@ next_cluster(struct job *j, uint64_t *off, uint64_t *end, bool *zero)
 /* The most clusters the commit can allocate in the base: one per base
  * cluster it writes, one L2 table per L1 entry those touch, and for each
  * bitmap it stores a table, its data and a new directory.  Checked
- * against the refcount table before anything is written. */
+ * against the largest refcount table before anything is written (a
+ * smaller one grows as the commit allocates). */
 static int
 check_room(struct job *j)
 {

@@ -5,8 +5,17 @@
  * crash before the header switch then leaks clusters that nothing else
  * uses.  The refcount blocks missing for a run are reserved just before
  * it, at the end of the file, and counted by whichever block covers
- * them (possibly one of themselves).  The refcount table is never moved
- * or grown.
+ * them (possibly one of themselves).
+ *
+ * A block whose range lies past what the refcount table covers needs a
+ * larger table (QEMU: block/qcow2-refcount.c, alloc_refcount_block()
+ * and qcow2_refcount_area()).  The commit then writes a new table, half
+ * as large again as needed or more, at the end of the file, followed by
+ * the blocks that count it and themselves; flushes; switches the
+ * header's two table fields with one write; flushes; and only then frees
+ * the old table's clusters, counted in the new table.  A crash at any
+ * point leaves the old table and its blocks whole (new clusters leak) or
+ * the new table whole (the old one leaks).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -15,8 +24,12 @@
 
 #include "error.h"
 #include "isaligned.h"
+#include "qcow2-metamap.h"
 #include "qcow2-store.h"
 #include "rounding.h"
+
+/* QEMU's largest refcount table, in entries. */
+#define MAX_ENTRIES ((uint64_t)QCOW2_MAX_REFTABLE_BYTES / 8)
 
 struct run {
     uint64_t start, n; /* clusters */
@@ -34,13 +47,15 @@ struct qcow2_alloc {
     unsigned order;
     uint64_t rb_entries; /* refcounts per block */
     uint64_t rt_entries;
-    uint64_t *rt;  /* host order, as on disk (masked) */
-    uint64_t next; /* first cluster not yet reserved */
+    uint64_t rt_off; /* where the table is now */
+    uint64_t *rt;    /* host order, as on disk (masked) */
+    uint64_t next;   /* first cluster not yet reserved */
     struct run *runs;
     size_t nr_runs;
     struct new_block *nb;
     size_t nr_nb;
-    unsigned char *block; /* scratch, one cluster */
+    unsigned char *block;     /* scratch, one cluster */
+    uint64_t grow_t, grow_tc; /* a planned new table (clusters), or 0 */
 };
 
 int
@@ -73,7 +88,8 @@ qcow2_alloc_new(struct qcow2_image *img, struct qcow2_alloc **out)
     a->cs = img->cluster_size;
     a->order = h->refcount_order;
     a->rb_entries = a->cs * 8 >> a->order;
-    a->rt_entries = (uint64_t)h->refcount_table_clusters * a->cs / 8;
+    a->rt_entries = (uint64_t)img->st.refcount_table_clusters * a->cs / 8;
+    a->rt_off = img->st.refcount_table_offset;
     a->next = DIV_ROUND_UP(a->io->size, a->cs);
     bytes = a->rt_entries * 8;
     a->rt = calloc(a->rt_entries ? a->rt_entries : 1, sizeof *a->rt);
@@ -87,7 +103,7 @@ qcow2_alloc_new(struct qcow2_image *img, struct qcow2_alloc **out)
     r = qcbt_io_read_exact(a->io,
                            raw,
                            bytes,
-                           h->refcount_table_offset,
+                           a->rt_off,
                            false,
                            "refcount table");
     for (i = 0; r == 0 && i < a->rt_entries; i++) {
@@ -159,12 +175,13 @@ missing_blocks(const struct qcow2_alloc *a,
     uint64_t ri, m = 0;
 
     for (ri = first / a->rb_entries; ri <= (first + n - 1) / a->rb_entries;
-         ri++)
-        if (ri >= a->rt_entries || (!a->rt[ri] && !find_new_block(a, ri))) {
-            if (list && m < max)
-                list[m] = ri;
-            m++;
-        }
+         ri++) {
+        if ((ri < a->rt_entries && a->rt[ri]) || find_new_block(a, ri))
+            continue;
+        if (list && m < max)
+            list[m] = ri;
+        m++;
+    }
     return m;
 }
 
@@ -198,12 +215,13 @@ qcow2_alloc_clusters(struct qcow2_alloc *a, uint64_t n, uint64_t *offset)
         if (!ris)
             return qcbt_error(ENOMEM, "out of memory");
         missing_blocks(a, start, k + n, ris, k);
-        if (ris[k - 1] >= a->rt_entries) {
+        /* Past the table: the commit grows it, up to QEMU's limit (which
+         * must leave room for the blocks counting the table itself). */
+        if (ris[k - 1] >= MAX_ENTRIES - MAX_ENTRIES / 8) {
             r = qcbt_error(ENOSPC,
-                           "%s: the image needs a larger refcount table "
-                           "for cluster 0x%" PRIx64
-                           " (qcbt does not grow it; 'qemu-img bitmap' "
-                           "does)",
+                           "%s: cluster 0x%" PRIx64
+                           " is past what the largest refcount table "
+                           "(8 MiB) can count",
                            a->io->name,
                            (start + k + n - 1) * a->cs);
             free(ris);
@@ -280,14 +298,189 @@ mark_reserved(struct qcow2_alloc *a, uint64_t ri, bool check_free)
     return 0;
 }
 
+/* Does a reserved block lie past the table?  Then plan the new table:
+ * TC clusters at a->next, then the K blocks missing for the ranges of
+ * [a->next, a->next+TC+K) (a fixed point: both only grow), all reserved
+ * like any run.  *tc = 0: no growth needed. */
+static int
+plan_growth(struct qcow2_alloc *a, uint64_t *tc_out)
+{
+    uint64_t need = 0, start = a->next, per = a->cs / 8;
+    uint64_t tc = a->rt_entries / per, k = 0, ntc, m, i, *ris;
+    uint64_t max_tc = QCOW2_MAX_REFTABLE_BYTES / a->cs;
+    void *grown;
+    int r;
+
+    *tc_out = 0;
+    for (i = 0; i < a->nr_nb; i++)
+        if (a->nb[i].ri + 1 > need)
+            need = a->nb[i].ri + 1;
+    if (need <= a->rt_entries)
+        return 0;
+    for (;;) {
+        uint64_t last_ri = (start + tc + k - 1) / a->rb_entries;
+
+        if (last_ri + 1 > need)
+            need = last_ri + 1;
+        /* QEMU grows the table by half (next_refcount_table_size());
+         * TC >= 1 (qcow2_header_check()), so each step grows it. */
+        for (ntc = tc; ntc * per < need && ntc < max_tc;)
+            ntc = (ntc * 3 + 1) / 2 < max_tc ? (ntc * 3 + 1) / 2 : max_tc;
+        if (ntc * per < need)
+            return qcbt_error(ENOSPC,
+                              "%s: the refcount table would exceed "
+                              "QEMU's 8 MiB limit",
+                              a->io->name);
+        m = missing_blocks(a, start, ntc + k, NULL, 0);
+        if (ntc == tc && m == k)
+            break;
+        tc = ntc;
+        k = m;
+    }
+    ris = malloc((k ? k : 1) * sizeof *ris);
+    grown = realloc(a->nb, (a->nr_nb + k + 1) * sizeof *a->nb);
+    if (grown)
+        a->nb = grown;
+    if (!ris || !grown) {
+        free(ris);
+        return qcbt_error(ENOMEM, "out of memory");
+    }
+    missing_blocks(a, start, tc + k, ris, k);
+    r = add_run(a, start, tc + k);
+    if (r == 0) {
+        for (i = 0; i < k; i++)
+            a->nb[a->nr_nb++] = (struct new_block){ris[i], start + tc + i};
+        a->next = start + tc + k;
+        *tc_out = tc;
+    }
+    free(ris);
+    return r;
+}
+
+/* Switch the header to the table of TC clusters at cluster T: one write
+ * of the bytes that change (offset and size are adjacent), as the
+ * format layer encodes them. */
+static int
+switch_table(struct qcow2_alloc *a, uint64_t t, uint64_t tc)
+{
+    struct qcow2_header h;
+    unsigned char *old = malloc(a->cs), *new = malloc(a->cs);
+    uint64_t first, last;
+    int r;
+
+    if (!old || !new) {
+        r = qcbt_error(ENOMEM, "out of memory");
+        goto out;
+    }
+    r = qcbt_io_read_exact(a->io, old, a->cs, 0, true, "header cluster");
+    if (r == 0)
+        r = qcow2_header_decode(old, a->cs, &h);
+    if (r < 0)
+        goto out;
+    if (h.refcount_table_offset != a->rt_off ||
+        (uint64_t)h.refcount_table_clusters * a->cs / 8 != a->rt_entries) {
+        r = qcbt_error(EIO,
+                       "%s: the header's refcount table changed under "
+                       "qcbt",
+                       a->io->name);
+        goto out;
+    }
+    h.refcount_table_offset = t * a->cs;
+    h.refcount_table_clusters = (uint32_t)tc;
+    memcpy(new, old, a->cs);
+    qcow2_header_encode(&h, new);
+    for (first = 0; first < a->cs && old[first] == new[first]; first++)
+        ;
+    for (last = a->cs - 1; last > first && old[last] == new[last]; last--)
+        ;
+    r = qcbt_io_write_exact(a->io,
+                            new + first,
+                            last - first + 1,
+                            first,
+                            "header");
+out:
+    free(old);
+    free(new);
+    return r;
+}
+
+/* The new table (T, TC clusters): the entries of the old one and of
+ * every new block. */
+static int
+write_table(struct qcow2_alloc *a, uint64_t t, uint64_t tc)
+{
+    unsigned char *raw = calloc(tc, a->cs);
+    size_t i;
+    int r;
+
+    if (!raw)
+        return qcbt_error(ENOMEM, "out of memory");
+    for (i = 0; i < a->rt_entries; i++)
+        qcow2_table_set(raw, i, a->rt[i]);
+    for (i = 0; i < a->nr_nb; i++)
+        qcow2_table_set(raw, a->nb[i].ri, a->nb[i].cluster * a->cs);
+    r = qcbt_io_write_exact(a->io,
+                            raw,
+                            tc * a->cs,
+                            t * a->cs,
+                            "refcount table");
+    free(raw);
+    return r;
+}
+
+/* After the switch: the allocator and the image follow the new table
+ * (the bitmap loader's metadata map is rebuilt on next use), then the
+ * old table's clusters are freed. */
+static int
+adopt_table(struct qcow2_alloc *a, uint64_t t, uint64_t tc)
+{
+    uint64_t old_off = a->rt_off, old_n = a->rt_entries * 8 / a->cs;
+    uint64_t entries = tc * a->cs / 8, i;
+    uint64_t *rt = calloc(entries, sizeof *rt);
+    int r = 0;
+
+    if (!rt)
+        return qcbt_error(ENOMEM, "out of memory");
+    memcpy(rt, a->rt, a->rt_entries * sizeof *rt);
+    free(a->rt);
+    a->rt = rt;
+    a->rt_entries = entries;
+    a->rt_off = t * a->cs;
+    for (i = 0; i < a->nr_nb; i++)
+        a->rt[a->nb[i].ri] = a->nb[i].cluster * a->cs;
+    a->img->st.refcount_table_offset = a->rt_off;
+    a->img->st.refcount_table_clusters = (uint32_t)tc;
+    qcow2_metamap_free(a->img->st.bm_map);
+    a->img->st.bm_map = NULL;
+    for (i = 0; r == 0 && i < old_n; i++)
+        r = qcow2_free_cluster(a, old_off + i * a->cs);
+    if (r == 0)
+        r = qcbt_io_flush(a->io);
+    if (r < 0)
+        r = qcbt_error_prefix(-r,
+                              "%s: the refcount table moved, but its old "
+                              "clusters may be leaked",
+                              a->io->name);
+    return r;
+}
+
 int
 qcow2_alloc_commit(struct qcow2_alloc *a)
 {
-    uint64_t ri, prev = UINT64_MAX, c;
+    uint64_t ri, prev = UINT64_MAX, c, t, tc;
     unsigned char e[8];
     size_t i;
     int r;
 
+    /* Planned once: a commit retried after a failure reuses the plan. */
+    if (!a->grow_tc) {
+        a->grow_t = a->next;
+        r = plan_growth(a, &a->grow_tc);
+        if (r < 0)
+            return r;
+    }
+    t = a->grow_t;
+    tc = a->grow_tc;
     /* New blocks: the reserved clusters of their range (blocks are
      * reserved clusters too). */
     for (i = 0; i < a->nr_nb; i++) {
@@ -302,7 +495,7 @@ qcow2_alloc_commit(struct qcow2_alloc *a)
     for (i = 0; i < a->nr_runs; i++)
         for (c = a->runs[i].start; c < a->runs[i].start + a->runs[i].n; c++) {
             ri = c / a->rb_entries;
-            if (ri == prev || !a->rt[ri])
+            if (ri == prev || ri >= a->rt_entries || !a->rt[ri])
                 continue;
             prev = ri;
             r = read_block(a, ri);
@@ -313,6 +506,20 @@ qcow2_alloc_commit(struct qcow2_alloc *a)
             if (r < 0)
                 return r;
         }
+    if (tc) {
+        /* Blocks and the new table durable; one switch; durable; only
+         * then the old table goes. */
+        r = write_table(a, t, tc);
+        if (r == 0)
+            r = qcbt_io_flush(a->io);
+        if (r == 0)
+            r = switch_table(a, t, tc);
+        if (r == 0)
+            r = qcbt_io_flush(a->io);
+        if (r == 0)
+            r = adopt_table(a, t, tc);
+        goto out;
+    }
     r = qcbt_io_flush(a->io);
     if (r < 0 || a->nr_nb == 0)
         goto out;
@@ -322,8 +529,7 @@ qcow2_alloc_commit(struct qcow2_alloc *a)
         r = qcbt_io_write_exact(a->io,
                                 e,
                                 8,
-                                a->img->hdr.refcount_table_offset +
-                                    a->nb[i].ri * 8,
+                                a->rt_off + a->nb[i].ri * 8,
                                 "refcount table");
         if (r < 0)
             return r;
@@ -334,6 +540,7 @@ out:
     if (r == 0) {
         a->nr_runs = 0;
         a->nr_nb = 0;
+        a->grow_tc = 0;
     }
     return r;
 }
@@ -379,20 +586,22 @@ qcow2_alloc_check_room(struct qcow2_alloc *a, uint64_t n)
     int i;
 
     /* N clusters, the blocks counting them, the blocks counting those:
-     * three rounds reach a bound (blocks are a 1/rb_entries fraction). */
+     * three rounds reach a bound (blocks are a 1/rb_entries fraction).
+     * The table grows as needed, up to QEMU's limit (and the slack
+     * qcow2_alloc_clusters() keeps for the table's own blocks). */
     for (i = 0; i < 3; i++)
         total = n + DIV_ROUND_UP(total, a->rb_entries) + 1;
+    total += QCOW2_MAX_REFTABLE_BYTES / a->cs;
     if (total > UINT64_MAX - a->next)
         return qcbt_error(EFBIG,
                           "%s: no room for %" PRIu64 " more clusters",
                           a->io->name,
                           n);
     last = a->next + total - 1;
-    if (last / a->rb_entries >= a->rt_entries)
+    if (last / a->rb_entries >= MAX_ENTRIES - MAX_ENTRIES / 8)
         return qcbt_error(ENOSPC,
-                          "%s: the image needs a larger refcount table for "
-                          "%" PRIu64 " more clusters (qcbt does not grow it; "
-                          "'qemu-img commit' does)",
+                          "%s: %" PRIu64 " more clusters are more than "
+                          "the largest refcount table (8 MiB) can count",
                           a->io->name,
                           n);
     return 0;

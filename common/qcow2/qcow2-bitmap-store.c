@@ -499,7 +499,7 @@ change_locked(struct qcow2_image *img,
         goto out;
 
     /* Every cluster is reserved before anything is written: a refusal
-     * (no room in the refcount table) leaves the file untouched. */
+     * (past the largest refcount table) leaves the file untouched. */
     switch (op) {
     case QCOW2_BITMAP_ADD:
         new_table = true;

@@ -97,7 +97,7 @@ qcow2_metamap_build(struct qcow2_image *img, struct qcow2_metamap **out)
 {
     struct qcow2_metamap *m = calloc(1, sizeof *m);
     uint64_t cs = img->cluster_size;
-    uint64_t rt_bytes = (uint64_t)img->hdr.refcount_table_clusters * cs;
+    uint64_t rt_bytes = (uint64_t)img->st.refcount_table_clusters * cs;
     unsigned char *rt = NULL;
     size_t i;
     int r;
@@ -110,7 +110,7 @@ qcow2_metamap_build(struct qcow2_image *img, struct qcow2_metamap **out)
                                (uint64_t)img->hdr.l1_size * 8,
                                "the L1 table")) < 0 ||
         (r = qcow2_metamap_add(m,
-                               img->hdr.refcount_table_offset,
+                               img->st.refcount_table_offset,
                                rt_bytes,
                                "the refcount table")) < 0)
         goto fail;
@@ -129,7 +129,7 @@ qcow2_metamap_build(struct qcow2_image *img, struct qcow2_metamap **out)
     r = qcbt_io_read_exact(img->io,
                            rt,
                            rt_bytes,
-                           img->hdr.refcount_table_offset,
+                           img->st.refcount_table_offset,
                            true,
                            "refcount table");
     if (r < 0)

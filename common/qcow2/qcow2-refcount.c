@@ -36,11 +36,14 @@ get_refcount_cached(struct qcow2_image *img,
     unsigned bits = 1u << img->hdr.refcount_order;
     uint64_t per_block = img->cluster_size * 8 / bits;
     uint64_t ti = cluster / per_block, bi = cluster % per_block;
-    uint64_t entries =
-        (uint64_t)img->hdr.refcount_table_clusters * img->cluster_size / 8;
-    uint64_t off;
+    uint64_t entries, rt_off, off;
     int r;
 
+    /* The table moves when an allocator grows it (qcow2.h). */
+    qcow2_lock(img);
+    entries = (uint64_t)img->st.refcount_table_clusters * img->cluster_size / 8;
+    rt_off = img->st.refcount_table_offset;
+    qcow2_unlock(img);
     *refcount = 0;
     if (ti >= entries)
         return 0;
@@ -49,7 +52,7 @@ get_refcount_cached(struct qcow2_image *img,
         r = qcbt_io_read_exact(img->io,
                                cc->entry,
                                8,
-                               img->hdr.refcount_table_offset + ti * 8,
+                               rt_off + ti * 8,
                                false,
                                "refcount table");
         if (r < 0)

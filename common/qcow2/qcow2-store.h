@@ -7,10 +7,12 @@
  *                         existing image.  New clusters come from the end
  *                         of the file (free clusters inside the file are
  *                         not reused); the refcount blocks missing for
- *                         them are created just before them.  An
- *                         image that would need a larger refcount table is
- *                         refused (ENOSPC, "needs a larger refcount
- *                         table"): qcbt does not move the refcount table.
+ *                         them are created just before them.  A block
+ *                         past what the refcount table counts makes the
+ *                         commit grow the table (as QEMU does: a new one
+ *                         at the end of the file, the header switched,
+ *                         the old one freed); only QEMU's 8 MiB limit is
+ *                         refused (ENOSPC).
  *   qcow2-bitmap-store.c  the bitmap directory: add, remove, clear,
  *                         enable, disable, as `qemu-img bitmap` does them.
  *
@@ -62,13 +64,24 @@ int qcow2_alloc_clusters(struct qcow2_alloc *a, uint64_t n, uint64_t *offset);
  * refcount table entries of the new blocks written and flushed.  Call
  * after writing the clusters' contents and before anything points to
  * them.
+ *
+ * When a new block lies past the table, the table grows instead of
+ * being written in place: a new table half as large again (or more) is
+ * reserved after every cluster reserved so far, with the blocks that
+ * count it and themselves; blocks and table written and flushed; the
+ * header's refcount_table_offset and refcount_table_clusters switched
+ * by one write and flushed; the allocator and img->st follow the new
+ * table; the old table's clusters are freed (counted in the new table)
+ * and flushed.  A failure before the switch leaves the old table in
+ * use (the new clusters leak); after it, at worst the old table leaks.
  */
 int qcow2_alloc_commit(struct qcow2_alloc *a);
 
-/* Would N more clusters, and the refcount blocks they need, fit in the
- * refcount table?  A bound, computed before anything is written, for an
- * operation that allocates as it goes.  Returns 0 or -ENOSPC ("needs a
- * larger refcount table").
+/* Could N more clusters, and the refcount blocks and the grown table
+ * they need, be counted by a refcount table within QEMU's 8 MiB limit?
+ * A bound, computed before anything is written, for an operation that
+ * allocates as it goes.  Returns 0 or -ENOSPC ("largest refcount
+ * table").
  */
 int qcow2_alloc_check_room(struct qcow2_alloc *a, uint64_t n);
 

@@ -99,8 +99,8 @@ struct qcow2_writer_opts {
     size_t buffer_size;
 
     /* Host clusters the image will gain after close (bitmaps added with
-     * qcow2-store.h, which never grows the refcount table): the refcount
-     * table is made large enough to cover them too.  0 = none; at most
+     * qcow2-store.h): the refcount table is made large enough to cover
+     * them too, so that the store need not grow it.  0 = none; at most
      * 2^40.
      */
     uint64_t refcount_reserve;

@@ -325,6 +325,8 @@ qcow2_open(struct qcbt_io *io, struct qcow2_image **out)
     }
     img->st.autoclear_features = img->hdr.autoclear_features;
     img->st.backing_file_offset = img->hdr.backing_file_offset;
+    img->st.refcount_table_offset = img->hdr.refcount_table_offset;
+    img->st.refcount_table_clusters = img->hdr.refcount_table_clusters;
     img->cluster_size = 1ULL << img->hdr.cluster_bits;
     img->extended_l2 = img->hdr.incompatible_features & QCOW2_INCOMPAT_EXTL2;
     img->l2_bits = img->hdr.cluster_bits - (img->extended_l2 ? 4 : 3);

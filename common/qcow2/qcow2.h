@@ -11,7 +11,8 @@
  *     and the L2 cache, a read cache with its own mutex (taken last, never
  *     held while taking another lock);
  *   - the mutable part, img->st (struct qcow2_image_state): what changes
- *     after open (the header fields a bitmap store switches, the bitmaps
+ *     after open (the header fields a bitmap store switches, the refcount
+ *     table an allocator moves when it grows it, the bitmaps
  *     extension, the metadata map the bitmap loader rebuilds) and,
  *     through a qcow2_alloc, the cluster allocation and refcounts.  It is
  *     guarded by ONE lock, img->st.lock (qcow2_lock()/qcow2_unlock()):
@@ -67,6 +68,10 @@ struct qcow2_image_state {
     pthread_mutex_t lock;
     uint64_t autoclear_features;  /* as on disk now (hdr: as at open) */
     uint64_t backing_file_offset; /* the same */
+    /* Where the refcount table is now: an allocator moves it when it
+     * grows it (qcow2-store.h). */
+    uint64_t refcount_table_offset;
+    uint32_t refcount_table_clusters;
     struct qcow2_bitmaps_found bitmaps;
     /* Metadata placement for bitmap checks (qcow2-metamap.h), built by
      * qcow2_bitmaps_load(); NULL before. */

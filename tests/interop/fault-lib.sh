@@ -42,6 +42,7 @@ FAULT_OPS=(
     "bitmap-merge|fs_setup_bitmaps|bitmap merge IMG q2 q1"
     "bitmap-merge-file|fs_setup_bitmaps|bitmap merge -b other.qcow2 IMG q1 o1"
     "bitmap-add-refblock|fs_setup_refblock|bitmap add IMG s1"
+    "bitmap-add-reftable|fs_setup_reftable|bitmap add IMG s1"
     "checkpoint-create|fs_setup_bitmaps|checkpoint create IMG c1"
     "checkpoint-create-keep|fs_setup_bitmaps|checkpoint create --keep 1 IMG c1"
     "checkpoint-delete|fs_setup_bitmaps|checkpoint delete IMG q2"
@@ -83,6 +84,25 @@ fs_setup_refblock() {
     for ((off = 0; $(stat -c %s before.qcow2) < 130560; off += 512)); do
         qemu-io -c "write -P 7 $off 512" before.qcow2 >/dev/null || fail "oracle broke: qemu-io write"
     done
+}
+
+# 512-byte clusters, the file one or two clusters short of the 8 MiB the
+# one-cluster refcount table counts (64 blocks of 256 clusters), with a
+# bitmap: an add needs a block past the table, so a larger table.  Each
+# write fills half the gap (data and L2 clusters), never past the table.
+fs_setup_reftable() {
+    local off=0 n gap end=$((16383 * 512))
+    qemu-img create -q -f qcow2 -o cluster_size=512 before.qcow2 64M
+    qemu-img bitmap --add before.qcow2 q1
+    while (($(stat -c %s before.qcow2) < end)); do
+        gap=$(((end - $(stat -c %s before.qcow2)) / 512))
+        n=$((gap > 2 ? gap / 2 : 1))
+        qemu-io -c "write -P 7 $((off * 512)) $((n * 512))" before.qcow2 >/dev/null ||
+            fail "oracle broke: qemu-io write"
+        off=$((off + n))
+    done
+    [[ $(od -An -tx1 -j56 -N4 before.qcow2 | tr -d ' ') == 00000001 ]] ||
+        fail "setup broke: qemu grew the refcount table itself"
 }
 
 # --- checks -------------------------------------------------------------

@@ -13,6 +13,8 @@
 #     exists / not found, bad names, bad granularity, version 2, in-use
 #     bitmaps (clear/enable/disable; remove works, as in qemu-img), a
 #     file we may not write.
+#   - A file past what the refcount table covers: the add grows the table
+#     (refcount widths 1, 16, 64).
 #   - merge (qcbt bitmap merge [-b FILE] IMAGE NAME SOURCE) against
 #     qemu-img bitmap --merge SOURCE [-b FILE] IMAGE NAME: coarse into fine,
 #     fine into coarse, from another file: the same dirty maps.
@@ -294,17 +296,27 @@ qemu-io -c 'write 40G 4k' lt.qcow2 >/dev/null || fail "oracle broke: qemu-io wri
 [[ $(dirty_map lt.qcow2 fine) == "42949672960 4096" ]] || bad "$CASE: QEMU's write: $(dirty_map lt.qcow2 fine)"
 ours remove fine; clean lt.qcow2
 
-# A file reaching past what the refcount table covers (64 blocks of 128
-# KiB): refused, nothing changes.
-CASE=reftable-full
-qemu-img create -q -f qcow2 -o cluster_size=512 t5.qcow2 64M
-# One cluster short: the table would fit, the directory not.
-truncate -s $((8 * 1024 * 1024 - 1024)) t5.qcow2
-cp t5.qcow2 t5-before.qcow2
-expect_qcbt_error "needs a larger refcount table" -- bitmap add t5.qcow2 x || bad "$CASE: not refused"
-cmp -s t5.qcow2 t5-before.qcow2 || bad "$CASE: the refused add changed the file"
-clean t5.qcow2
-[[ -z $(bitmaps t5.qcow2) ]] || bad "$CASE: a bitmap appeared"
+# A file reaching past what the one-cluster refcount table covers (64
+# blocks of 4096/BITS clusters), for the narrowest, default and widest
+# refcounts: the add grows the table (qcow2-alloc.c; every write and
+# flush of it swept in test-fault-sweep.sh), the image stays clean and
+# QEMU goes on with the new table.
+for bits in 1 16 64; do
+    CASE=reftable-grows-$bits
+    qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=$bits t5.qcow2 64M
+    [[ $(od -An -tx1 -j56 -N4 t5.qcow2 | tr -d ' ') == 00000001 ]] ||
+        fail "oracle broke: qemu-img made a refcount table of more than one cluster"
+    # One cluster short: the bitmap table fits, the directory not.
+    truncate -s $((64 * 4096 / bits * 512 - 512)) t5.qcow2
+    A=t5.qcow2
+    ours add x -g 64K
+    clean t5.qcow2
+    [[ $(od -An -tx1 -j56 -N4 t5.qcow2 | tr -d ' ') != 00000001 ]] || bad "$CASE: the table did not grow"
+    [[ $(bitmaps t5.qcow2) == "x 65536 auto" ]] || bad "$CASE: $(bitmaps t5.qcow2)"
+    qemu-io -c 'write -P 3 40M 64k' t5.qcow2 >/dev/null || fail "oracle broke: qemu-io write"
+    clean t5.qcow2
+    [[ $(dirty_map t5.qcow2 x) == "41943040 65536" ]] || bad "$CASE: QEMU's write: $(dirty_map t5.qcow2 x)"
+done
 
 if ((failures)); then
     fail "$failures failure(s)"

@@ -18,10 +18,11 @@
 #     of l0..l1 alone.
 #   - Refusals, one line, nothing written: single layer, base not in the
 #     chain, raw base, version 2, internal snapshot, extended L2, sizes
-#     differ, corrupt base, a refcount table too small for what the
-#     commit may allocate; a running qemu-io holding the base or the top.
-#     (A random seed refused for its refcount table must leave every file
-#     as it was.)
+#     differ, corrupt base; a running qemu-io holding the base or the top.
+#   - A 512-byte-cluster base whose one-cluster refcount table counts
+#     8 MiB of file, under 12 MiB of new data: the commit grows the table
+#     (the header points at a larger one) and everything above holds
+#     (seeds 1 and 7 of 1..16 need it too; check_commit notes a growth).
 #   - Faults: QCBT_TEST_FAIL_AT=write:N and flush:N at every N of a small
 #     commit: each base cluster exactly old or new, the image reading the
 #     same, qemu-img check clean but for leaks, each base bitmap exactly
@@ -73,6 +74,13 @@ dirty_map() {
         awk '$4 == "dirty" { print $1, $2 }'
 }
 
+# reftable IMG: the refcount table's offset and clusters, as in the header.
+reftable() {
+    od -An -tu8 --endian=big -j48 -N8 "$1" | tr -d ' \n'
+    printf ' '
+    od -An -tu4 --endian=big -j56 -N4 "$1" | tr -d ' \n'
+}
+
 # check_commit TOP BASE B [DUMPTOP]: commit TOP's layers above BASE (layer
 # B of TOP's chain) and check everything against the oracles.  The
 # expected bitmaps are qcbt bitmap dump's of DUMPTOP (default TOP: BASE
@@ -98,18 +106,13 @@ check_commit() {
             state "$base" | awk -v n="$name" '$1 == n' >"keep-$name"
         fi
     done
-    local sum0
-    sum0=$(digest_files)
+    local rt0
+    rt0=$(reftable "$base")
     if ! qc commit.out commit -b "$base" "$top"; then
-        # A refusal qcbt documents: before anything is written.
-        if [[ $(cat commit.out.err) == *"needs a larger refcount table"* &&
-            $(wc -l <commit.out.err) -eq 1 && $sum0 == "$(digest_files)" ]]; then
-            note "[$CASE] refused as documented, nothing written: $(cat commit.out.err)"
-            return 0
-        fi
         note "[$CASE] qcbt commit failed: $(cat commit.out.err)"
         return 1
     fi
+    [[ $(reftable "$base") == "$rt0" ]] || note "[$CASE] the base's refcount table grew: $rt0 -> $(reftable "$base")"
     local c2=0
     qemu-img check "$base" >check.out 2>&1 || c2=$?
     if [[ $c2 -ne 0 && ! ($crc -eq 3 && $c2 -eq 3) ]]; then
@@ -170,6 +173,27 @@ for ((seed = first; seed <= last; seed++)); do
     cd "$CASE_DIR"
     case_result "$rc"
 done
+
+# --- a base whose refcount table must grow -------------------------------------
+
+# 512-byte clusters: the one-cluster refcount table counts 8 MiB of file,
+# 12 MiB are committed.
+begin_case reftable
+mkdir src && cd src
+run qemu-img create -q -f qcow2 -o cluster_size=512 rt.qcow2 16M
+run qemu-img bitmap --add -g 64K rt.qcow2 X
+run qemu-io -c 'write -P 8 4M 1M' rt.qcow2
+run qemu-img create -q -f qcow2 -b rt.qcow2 -F qcow2 onrt.qcow2 16M
+run qemu-img bitmap --add -g 4K onrt.qcow2 X
+run qemu-io -c 'write -P 1 0 12M' onrt.qcow2
+rt0=$(reftable rt.qcow2)
+[[ ${rt0#* } == 1 ]] || fail "[$CASE] oracle broke: qemu-img made a refcount table of $rt0"
+rc=0
+check_commit onrt.qcow2 rt.qcow2 1 || rc=1
+rt1=$(reftable rt.qcow2)
+((${rt1#* } >= 2)) || { note "[$CASE] the refcount table did not grow: $rt0 -> $rt1"; rc=1; }
+cd "$CASE_DIR"
+case_result "$rc"
 
 # --- a middle base ----------------------------------------------------------------
 
@@ -232,11 +256,6 @@ run qemu-img create -q -f qcow2 bad.qcow2 1M
 run qemu-img create -q -f qcow2 -b bad.qcow2 -F qcow2 onbad.qcow2 1M
 set_header_bit bad.qcow2 72 1
 refused "marked corrupt" onbad.qcow2
-# 512-byte clusters: one refcount table cluster counts 8 MiB of file.
-run qemu-img create -q -f qcow2 -o cluster_size=512 rt.qcow2 16M
-run qemu-img create -q -f qcow2 -b rt.qcow2 -F qcow2 onrt.qcow2 16M
-run qemu-io -c 'write -P 1 0 12M' onrt.qcow2
-refused "needs a larger refcount table" onrt.qcow2
 # A running qemu-io holds the base, then the top.
 run qemu-img create -q -f qcow2 lb.qcow2 1M
 run qemu-img create -q -f qcow2 -b lb.qcow2 -F qcow2 lt.qcow2 1M
@@ -261,6 +280,69 @@ case_result "$rc"
 
 # --- faults -----------------------------------------------------------------------
 
+# sweep_faults CS: in src/ (l0.qcow2 over the base l1.qcow2 of CS-byte
+# clusters), fail the commit at every write, then every flush, and check
+# each run as the top of this section says.  Sets rc=1 on a difference.
+sweep_faults() {
+    local cs=$1 old new kind n frc where c2 now line name
+    cd src
+    run qemu-img convert -O raw l0.qcow2 ../image.raw
+    run qemu-img convert -O raw l1.qcow2 ../old.raw
+    old=$(state l1.qcow2)
+    cd "$CASE_DIR"
+    cp -a src done
+    (cd done && "$QCBT" commit -q l0.qcow2) || fail "[$CASE] the commit without faults failed"
+    qemu-img convert -O raw done/l1.qcow2 new.raw
+    new=$(state done/l1.qcow2)
+    [[ $old != "$new" ]] || fail "[$CASE] the bitmaps do not change: the sweep would prove nothing"
+    for kind in write flush; do
+        for ((n = 1; ; n++)); do
+            rm -rf f && cp -a src f
+            frc=0
+            (cd f && QCBT_TEST_FAIL_AT=$kind:$n "$QCBT" commit -q l0.qcow2) 2>err || frc=$?
+            where="$kind:$n (exit $frc)"
+            [[ $frc -eq 0 || $frc -eq 1 ]] || { note "[$CASE] $where: exit status"; rc=1; }
+            if [[ $frc -eq 1 && ($(wc -l <err) -ne 1 || $(cat err) != *"stopped (l0.qcow2 still reads as before; run qcbt commit again)"*) ]]; then
+                note "[$CASE] $where: not the one line saying what happened: $(cat err)"
+                rc=1
+            fi
+            c2=0
+            qemu-img check f/l1.qcow2 >check.out 2>&1 || c2=$?
+            [[ $c2 -eq 0 || $c2 -eq 3 ]] || { note "[$CASE] $where: qemu-img check: $(cat check.out)"; rc=1; }
+            qemu-img convert -O raw f/l1.qcow2 now.raw
+            cc clusters "$cs" old.raw new.raw now.raw >nnew 2>cl.err || { note "[$CASE] $where: $(cat cl.err)"; rc=1; }
+            qemu-img compare -q -f raw image.raw f/l0.qcow2 || { note "[$CASE] $where: the image reads differently"; rc=1; }
+            now=$(state f/l1.qcow2)
+            while read -r line; do
+                name=${line%% *}
+                if [[ $line != "$(grep "^$name " <<<"$new")" && $line != "$(grep "^$name " <<<"$old" || true)" ]]; then
+                    note "[$CASE] $where: bitmap neither old nor new: $line"
+                    rc=1
+                fi
+            done <<<"$now"
+            if [[ $frc -eq 0 ]]; then
+                [[ $now == "$new" && $(cat nnew) -eq $(($(stat -c %s new.raw) / cs)) ]] ||
+                    { note "[$CASE] $where: success but not the whole commit"; rc=1; }
+                [[ $c2 -eq 0 ]] || { note "[$CASE] $where: success with leaks"; rc=1; }
+                break
+            fi
+            # As the message says: running it again finishes the commit.
+            if ! (cd f && "$QCBT" commit -q l0.qcow2) 2>err2; then
+                note "[$CASE] $where: the commit run again fails: $(cat err2)"
+                rc=1
+            else
+                c2=0
+                qemu-img check f/l1.qcow2 >check.out 2>&1 || c2=$?
+                [[ $c2 -eq 0 || $c2 -eq 3 ]] || { note "[$CASE] $where, run again: qemu-img check: $(cat check.out)"; rc=1; }
+                qemu-img compare -q -f raw new.raw f/l1.qcow2 || { note "[$CASE] $where, run again: the base is not the committed one"; rc=1; }
+                [[ $(state f/l1.qcow2) == "$new" ]] || { note "[$CASE] $where, run again: bitmaps $(state f/l1.qcow2)"; rc=1; }
+            fi
+            ((n < 400)) || fail "[$CASE] $kind: never succeeds"
+        done
+        note "[$CASE] $kind faults swept at $((n - 1)) points"
+    done
+}
+
 begin_case faults
 mkdir src && cd src
 # 4 KiB base clusters: an L2 table covers 2 MiB, so 6 MiB has three, the
@@ -273,62 +355,35 @@ run qemu-img create -q -f qcow2 -o cluster_size=65536 -b l1.qcow2 -F qcow2 l0.qc
 run qemu-img bitmap --add l0.qcow2 X
 run qemu-img bitmap --add -g 512 l0.qcow2 Y
 run qemu-io -c 'write -P 4 0 64k' -c 'write -P 5 1M 64k' -c 'write -z 2M 64k' -c 'write -P 6 5M 128k' l0.qcow2
-run qemu-img convert -O raw l0.qcow2 ../image.raw
-run qemu-img convert -O raw l1.qcow2 ../old.raw
-old=$(state l1.qcow2)
 cd "$CASE_DIR"
-cp -a src done
-(cd done && "$QCBT" commit -q l0.qcow2) || fail "[$CASE] the commit without faults failed"
-qemu-img convert -O raw done/l1.qcow2 new.raw
-new=$(state done/l1.qcow2)
-[[ $old != "$new" ]] || fail "[$CASE] the bitmaps do not change: the sweep would prove nothing"
 rc=0
-for kind in write flush; do
-    for ((n = 1; ; n++)); do
-        rm -rf f && cp -a src f
-        frc=0
-        (cd f && QCBT_TEST_FAIL_AT=$kind:$n "$QCBT" commit -q l0.qcow2) 2>err || frc=$?
-        where="$kind:$n (exit $frc)"
-        [[ $frc -eq 0 || $frc -eq 1 ]] || { note "[$CASE] $where: exit status"; rc=1; }
-        if [[ $frc -eq 1 && ($(wc -l <err) -ne 1 || $(cat err) != *"stopped (l0.qcow2 still reads as before; run qcbt commit again)"*) ]]; then
-            note "[$CASE] $where: not the one line saying what happened: $(cat err)"
-            rc=1
-        fi
-        c2=0
-        qemu-img check f/l1.qcow2 >check.out 2>&1 || c2=$?
-        [[ $c2 -eq 0 || $c2 -eq 3 ]] || { note "[$CASE] $where: qemu-img check: $(cat check.out)"; rc=1; }
-        qemu-img convert -O raw f/l1.qcow2 now.raw
-        cc clusters 4096 old.raw new.raw now.raw >nnew 2>cl.err || { note "[$CASE] $where: $(cat cl.err)"; rc=1; }
-        qemu-img compare -q -f raw image.raw f/l0.qcow2 || { note "[$CASE] $where: the image reads differently"; rc=1; }
-        now=$(state f/l1.qcow2)
-        while read -r line; do
-            name=${line%% *}
-            if [[ $line != "$(grep "^$name " <<<"$new")" && $line != "$(grep "^$name " <<<"$old" || true)" ]]; then
-                note "[$CASE] $where: bitmap neither old nor new: $line"
-                rc=1
-            fi
-        done <<<"$now"
-        if [[ $frc -eq 0 ]]; then
-            [[ $now == "$new" && $(cat nnew) -eq $(($(stat -c %s new.raw) / 4096)) ]] ||
-                { note "[$CASE] $where: success but not the whole commit"; rc=1; }
-            [[ $c2 -eq 0 ]] || { note "[$CASE] $where: success with leaks"; rc=1; }
-            break
-        fi
-        # As the message says: running it again finishes the commit.
-        if ! (cd f && "$QCBT" commit -q l0.qcow2) 2>err2; then
-            note "[$CASE] $where: the commit run again fails: $(cat err2)"
-            rc=1
-        else
-            c2=0
-            qemu-img check f/l1.qcow2 >check.out 2>&1 || c2=$?
-            [[ $c2 -eq 0 || $c2 -eq 3 ]] || { note "[$CASE] $where, run again: qemu-img check: $(cat check.out)"; rc=1; }
-            qemu-img compare -q -f raw new.raw f/l1.qcow2 || { note "[$CASE] $where, run again: the base is not the committed one"; rc=1; }
-            [[ $(state f/l1.qcow2) == "$new" ]] || { note "[$CASE] $where, run again: bitmaps $(state f/l1.qcow2)"; rc=1; }
-        fi
-        ((n < 400)) || fail "[$CASE] $kind: never succeeds"
-    done
-    note "[$CASE] $kind faults swept at $((n - 1)) points"
+sweep_faults 4096
+case_result "$rc"
+
+# The same where the commit grows the base's refcount table: 512-byte
+# clusters, the file 40 clusters short of the 8 MiB its one-cluster
+# table counts, 32 KiB of new data and a merged bitmap above.
+begin_case faults-reftable
+mkdir src && cd src
+run qemu-img create -q -f qcow2 -o cluster_size=512 l1.qcow2 16M
+run qemu-img bitmap --add -g 64K l1.qcow2 X
+off=0
+while (($(stat -c %s l1.qcow2) < (16384 - 40) * 512)); do
+    gap=$((((16384 - 40) * 512 - $(stat -c %s l1.qcow2)) / 512))
+    n=$((gap > 2 ? gap / 2 : 1))
+    run qemu-io -c "write -P 1 $((off * 512)) $((n * 512))" l1.qcow2
+    off=$((off + n))
 done
+run qemu-img create -q -f qcow2 -b l1.qcow2 -F qcow2 l0.qcow2 16M
+run qemu-img bitmap --add l0.qcow2 X
+run qemu-io -c 'write -P 4 10M 32k' -c 'write -P 5 0 4k' l0.qcow2
+rt0=$(reftable l1.qcow2)
+[[ ${rt0#* } == 1 ]] || fail "[$CASE] oracle broke: the base's refcount table is $rt0"
+cd "$CASE_DIR"
+rc=0
+sweep_faults 512
+rt1=$(reftable done/l1.qcow2)
+((${rt1#* } >= 2)) || { note "[$CASE] the commit did not grow the refcount table: $rt0 -> $rt1"; rc=1; }
 case_result "$rc"
 
 finish_cases

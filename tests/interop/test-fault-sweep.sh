@@ -62,6 +62,9 @@ off, n = struct.unpack(">QI", h[48:60]); f.seek(off)
 t = struct.unpack(">%dQ" % (n * 64), f.read(n * 512))
 print(sum(1 for e in t if e))' "$TMPD/bitmap-add-refblock/img.qcow2")
 [[ $refblocks -eq 2 ]] || fail "bitmap-add-refblock: expected a second refcount block, found $refblocks"
+# And the reftable case: its add grew the one-cluster refcount table.
+rtc=$(od -An -tu4 --endian=big -j56 -N4 "$TMPD/bitmap-add-reftable/img.qcow2" | tr -d ' ')
+[[ $rtc -ge 2 ]] || fail "bitmap-add-reftable: expected a larger refcount table, found $rtc cluster(s)"
 
 # --- a real full file system --------------------------------------------------
 

@@ -1,7 +1,7 @@
 /* Unit tests: cluster allocation and refcount updates in an existing
  * image (common/qcow2/qcow2-alloc.c), on images qcbt's writer makes in
  * memory with 512-byte clusters, so that one refcount block covers 256
- * clusters and the refcount table 64 blocks.
+ * clusters and the refcount table (one cluster) 64 blocks.
  */
 #include <errno.h>
 #include <setjmp.h>
@@ -19,7 +19,7 @@
 #include "qcow2-writer.h"
 #include "qcow2.h"
 
-#define CAP (16u * 1024 * 1024)
+#define CAP (32u * 1024 * 1024)
 
 struct fixture {
     unsigned char *buf;
@@ -113,18 +113,94 @@ test_new_refcount_blocks(void **state)
     qcow2_alloc_free(a);
 }
 
-/* Past the 64 blocks the table holds: refused, nothing reserved. */
+/* Past the 64 blocks the table holds, the commit grows the table: a new
+ * one at the end of the file (with the blocks counting it), the header
+ * switched to it, the old one freed; the image reopened from the bytes
+ * counts the same; the allocator goes on in the new table. */
 static void
-test_reftable_full(void **state)
+test_reftable_grows(void **state)
+{
+    struct fixture *f = *state;
+    struct qcow2_image *img = f->img, *img2;
+    struct qcow2_alloc *a;
+    struct qcbt_io *io;
+    uint64_t off = 0, off2 = 0, c, old_rt = img->hdr.refcount_table_offset;
+    uint64_t n = 64 * 256, rt, rtc, end;
+
+    assert_int_equal(img->st.refcount_table_clusters, 1);
+    assert_int_equal(qcow2_alloc_new(img, &a), 0);
+    assert_int_equal(qcow2_alloc_clusters(a, n, &off), 0);
+    if (qcow2_alloc_commit(a) < 0)
+        fail_msg("commit: %s", qcbt_error_get());
+    rt = img->st.refcount_table_offset;
+    rtc = img->st.refcount_table_clusters;
+    /* Half as large again as the 65 entries needed, at least. */
+    assert_true(rtc >= 2);
+    assert_true(rt >= off + n * 512);
+    end = img->io->size / 512;
+    assert_int_equal(refcount(img, old_rt / 512), 0);
+    for (c = 0; c < rtc; c++)
+        assert_int_equal(refcount(img, rt / 512 + c), 1);
+    for (c = off / 512; c < end; c++)
+        if (c < rt / 512 || c >= rt / 512 + rtc)
+            assert_int_equal(refcount(img, c), 1);
+    assert_int_equal(refcount(img, end), 0);
+
+    /* On disk: the header points at the new table. */
+    assert_int_equal(
+        qcbt_io_open_mem_rw(f->buf, CAP, img->io->size, "img2", &io),
+        0);
+    assert_int_equal(qcow2_open(io, &img2), 0);
+    assert_int_equal(img2->hdr.refcount_table_offset, rt);
+    assert_int_equal(img2->hdr.refcount_table_clusters, rtc);
+    assert_int_equal(refcount(img2, old_rt / 512), 0);
+    for (c = off / 512; c < end; c += 97)
+        assert_int_equal(refcount(img2, c), 1);
+    qcow2_close(img2);
+
+    /* More clusters, counted through the new table, no new move. */
+    assert_int_equal(qcow2_alloc_clusters(a, 700, &off2), 0);
+    assert_true(off2 >= end * 512 && off2 <= (end + 4) * 512);
+    if (qcow2_alloc_commit(a) < 0)
+        fail_msg("commit: %s", qcbt_error_get());
+    assert_int_equal(img->st.refcount_table_offset, rt);
+    for (c = off2 / 512; c < off2 / 512 + 700; c++)
+        assert_int_equal(refcount(img, c), 1);
+    assert_int_equal(qcow2_free_cluster(a, off2), 0);
+    assert_int_equal(refcount(img, off2 / 512), 0);
+
+    /* Past the 128 blocks of two clusters: a second move, to three
+     * clusters (QEMU's (n * 3 + 1) / 2); the table moved before, counted
+     * by a block the first move made, is freed. */
+    assert_int_equal(rtc, 2);
+    assert_int_equal(qcow2_alloc_clusters(a, 128 * 256 - end, &off), 0);
+    if (qcow2_alloc_commit(a) < 0)
+        fail_msg("commit: %s", qcbt_error_get());
+    assert_int_equal(img->st.refcount_table_clusters, 3);
+    assert_true(img->st.refcount_table_offset > rt);
+    assert_int_equal(refcount(img, rt / 512), 0);
+    assert_int_equal(refcount(img, rt / 512 + 1), 0);
+    for (c = 0; c < 3; c++)
+        assert_int_equal(refcount(img, img->st.refcount_table_offset / 512 + c),
+                         1);
+    assert_int_equal(refcount(img, off / 512 + 128 * 256 - end - 1), 1);
+    qcow2_alloc_free(a);
+}
+
+/* QEMU's limit stays: a cluster past what an 8 MiB table counts is
+ * refused before anything is reserved. */
+static void
+test_reftable_limit(void **state)
 {
     struct fixture *f = *state;
     struct qcow2_alloc *a;
     uint64_t off = 0, size0 = f->img->io->size;
 
-    assert_int_equal(f->img->hdr.refcount_table_clusters, 1);
     assert_int_equal(qcow2_alloc_new(f->img, &a), 0);
-    assert_int_equal(qcow2_alloc_clusters(a, 64 * 256, &off), -ENOSPC);
-    assert_non_null(strstr(qcbt_error_get(), "larger refcount table"));
+    assert_int_equal(qcow2_alloc_clusters(a, UINT64_C(1) << 28, &off), -ENOSPC);
+    assert_non_null(strstr(qcbt_error_get(), "largest refcount table"));
+    assert_int_equal(qcow2_alloc_check_room(a, UINT64_C(1) << 28), -ENOSPC);
+    assert_int_equal(qcow2_alloc_check_room(a, 64 * 256), 0);
     assert_int_equal(qcow2_alloc_commit(a), 0);
     assert_int_equal(f->img->io->size, size0);
     qcow2_alloc_free(a);
@@ -148,7 +224,7 @@ test_refuse_dirty_and_corrupt(void **state)
 
 /* A writer told to reserve room (refcount_reserve) makes a refcount
  * table that covers the clusters allocated after close, where the
- * smallest table is full (test_reftable_full). */
+ * smallest table is full (without growing it, test_reftable_grows). */
 static void
 test_writer_reserve(void **state)
 {
@@ -216,7 +292,8 @@ main(void)
         cmocka_unit_test_setup_teardown(test_new_refcount_blocks,
                                         setup,
                                         teardown),
-        cmocka_unit_test_setup_teardown(test_reftable_full, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reftable_grows, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reftable_limit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_refuse_dirty_and_corrupt,
                                         setup,
                                         teardown),

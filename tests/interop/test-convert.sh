@@ -270,15 +270,23 @@ note "[$CASE] failed cleanly at each of $((n - 1)) writes"
 ((n > 5)) || { note "[$CASE] only $((n - 1)) writes"; rc=1; }
 check_image top.qcow2 f.qcow2 || rc=1
 [[ $(bitmaps_of f.qcow2) == "X 512 auto" ]] || { note "[$CASE] f.qcow2: $(bitmaps_of f.qcow2)"; rc=1; }
-# a fatal signal in the middle leaves no DST, and qcbt dies of it
+# a fatal signal in the middle leaves no DST, and qcbt dies of it.  The
+# test hook holds convert at its 5th write (DST exists, half written)
+# until the signal has come: no race with a convert that ends first.
 run qemu-img create -q -f qcow2 big.qcow2 1G
 run qemu-io -f qcow2 -c 'write -P 0x5a 0 512M' big.qcow2
 for sig in TERM INT; do
-    "$QCBT" convert big.qcow2 sig.qcow2 >/dev/null 2>sig.err &
+    rm -f "$CASE_DIR/pause" "$CASE_DIR/pause.resume"
+    QCBT_TEST_FAIL_AT=pause-write:5 QCBT_TEST_PAUSE_FILE=$CASE_DIR/pause \
+        "$QCBT" convert big.qcow2 sig.qcow2 >/dev/null 2>sig.err &
     pid=$!
-    wait_until -p "$pid" -- test -e sig.qcow2 ||
-        fail "[$CASE] oracle broke: convert finished before it could be interrupted"
+    wait_until -p "$pid" -- test -e "$CASE_DIR/pause" ||
+        fail "[$CASE] oracle broke: convert never reached its 5th write: $(cat sig.err)"
+    [[ -e sig.qcow2 ]] || { note "[$CASE] SIG$sig: no sig.qcow2 at the 5th write"; rc=1; }
+    # the handler only records the signal; convert acts on it once the
+    # write it is in (held by the hook) returns
     kill -"$sig" "$pid"
+    touch "$CASE_DIR/pause.resume"
     erc=0
     wait "$pid" || erc=$?
     want_rc=$((128 + $(kill -l "$sig")))
@@ -291,17 +299,18 @@ done
 # while DST is being written, QEMU cannot open it (our write lock).  -f
 # qcow2: before its header is written the file probes as raw, and qemu-img
 # info of a raw file asks for no lock at all.
-"$QCBT" convert big.qcow2 busy.qcow2 >/dev/null 2>busy.err &
+rm -f "$CASE_DIR/pause" "$CASE_DIR/pause.resume"
+QCBT_TEST_FAIL_AT=pause-write:5 QCBT_TEST_PAUSE_FILE=$CASE_DIR/pause \
+    "$QCBT" convert big.qcow2 busy.qcow2 >/dev/null 2>busy.err &
 pid=$!
-wait_until -p "$pid" -- test -e busy.qcow2 ||
-    fail "[$CASE] oracle broke: convert finished before it could be stopped"
-kill -STOP "$pid"
+wait_until -p "$pid" -- test -e "$CASE_DIR/pause" ||
+    fail "[$CASE] oracle broke: convert never reached its 5th write: $(cat busy.err)"
 out=$(qemu-img info -f qcow2 busy.qcow2 2>&1) && { note "[$CASE] qemu-img info opened a DST being written: $out"; rc=1; }
 [[ $out == *"Failed to get shared \"write\" lock"* ]] || { note "[$CASE] qemu-img info on a DST being written: $out"; rc=1; }
-kill -CONT "$pid"
+touch "$CASE_DIR/pause.resume"
 erc=0
 wait "$pid" || erc=$?
-[[ $erc -eq 0 ]] || { note "[$CASE] convert after SIGSTOP/SIGCONT: exit $erc: $(cat busy.err)"; rc=1; }
+[[ $erc -eq 0 ]] || { note "[$CASE] convert after the pause: exit $erc: $(cat busy.err)"; rc=1; }
 check_image big.qcow2 busy.qcow2 || rc=1
 case_result "$rc"
 

@@ -49,17 +49,27 @@
 #include "manifest.h"
 #include "minmax.h"
 #include "nbd-connect.h"
+#include "pace.h"
 #include "qcbt.h"
 #include "qcow2-writer.h"
 
 /* Bytes per read request.  qemu-nbd spends about twice the CPU per byte
  * on 2 MiB reads as on 256 KiB ones (nbdcopy's size); our server and
- * nbdkit do not care.  DEFAULT_DEPTH of them keep 4 MiB in flight per
- * connection, more than a 10 ms, 1 Gbit/s link holds (1.25 MB).
+ * nbdkit do not care.
+ *
+ * Reads in flight: at least DEFAULT_DEPTH per connection asked for (4 MiB
+ * each, what a local server wants for its own parallelism, and more than
+ * a 10 ms, 1 Gbit/s link holds: 1.25 MB), more when the link measures
+ * longer (pace.h: twice its bandwidth-delay product), up to WINDOW_MAX
+ * bytes (or MAX_REQS reads) over all connections: the read buffers are
+ * allocated as the window grows, so they never take more than
+ * WINDOW_MAX x 1.25.
  */
 #define CHUNK         (256u << 10)
 #define DEFAULT_DEPTH 16
 #define MAX_CONNS     16
+#define WINDOW_MAX    (32u << 20)
+#define MAX_REQS      1024u
 #define MAP_WINDOW    (1ULL << 30) /* bytes of block status per request */
 
 enum run_kind { RUN_COPY, RUN_ZERO };
@@ -118,7 +128,8 @@ struct slot {
     uint64_t seen; /* bytes covered by the reply's data and hole chunks */
     uint64_t seq;  /* issue order */
     size_t conn;
-    unsigned refs; /* stages not done with it (atomic) */
+    int64_t issued_us; /* when the read was sent (pace.h) */
+    unsigned refs;     /* stages not done with it (atomic) */
 };
 
 /* A connection: the first is opened before the engine starts; the others
@@ -134,9 +145,15 @@ struct engine {
     size_t nconn;   /* handles opened */
     size_t nready;  /* of which ready: they carry the reads */
     size_t refused; /* connections the server refused or closed */
-    unsigned depth;
-    struct slot *slots; /* nslots */
+    unsigned depth; /* reads in flight per ready connection, at most */
+    /* The window of reads in flight over all connections (pace.h), and
+     * its bounds in reads.
+     */
+    struct pace pace;
+    unsigned min_reqs, max_reqs, peak_in_flight;
+    struct slot *slots; /* nslots: room for max_reqs in flight */
     size_t nslots;
+    size_t nbufs; /* slots[0..nbufs) have buffers: the others are unused */
     unsigned in_flight[MAX_CONNS];
     uint32_t chunk;
     uint64_t seq; /* slots issued */
@@ -233,6 +250,15 @@ mono_ms(void)
 
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t
+mono_us(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
 /* ---- notices ---------------------------------------------------------- */
@@ -1105,6 +1131,7 @@ read_done(void *opaque, int *error)
         slot_put(eng, s);
         return 1;
     }
+    pace_done(&eng->pace, mono_us(), s->issued_us, s->len);
     eng->data_bytes += s->len;
     eng->copied += s->len;
     queue_slot(eng, s);
@@ -1150,6 +1177,7 @@ next_work(struct engine *eng, size_t ci)
     s->seen = 0;
     s->conn = ci;
     s->seq = eng->seq;
+    s->issued_us = mono_us();
     if (nbd_aio_pread_structured(
             eng->h[ci],
             s->buf,
@@ -1185,6 +1213,41 @@ total_in_flight(const struct engine *eng)
     for (i = 0; i < eng->nconn; i++)
         t += eng->in_flight[i];
     return t;
+}
+
+/* Slots for N reads in flight: as many more again by a quarter for data
+ * waiting for the writer and digest threads (and for runs of zeros).
+ */
+static size_t
+slots_for(unsigned n)
+{
+    return (size_t)n + n / 4;
+}
+
+/* Follow the window (pace.h): the reads each ready connection may have in
+ * flight, and buffers for them.  The window is shared by the connections
+ * the server granted: with fewer, each carries more.
+ */
+static int
+window_follow(struct engine *eng)
+{
+    uint64_t w = pace_window(&eng->pace) / eng->chunk;
+    unsigned reqs =
+        (unsigned)MAX(MIN(w, (uint64_t)eng->max_reqs), (uint64_t)eng->min_reqs);
+    size_t want = MIN(slots_for(reqs), eng->nslots);
+
+    eng->depth =
+        (unsigned)((reqs + eng->nready - 1) / MAX(eng->nready, (size_t)1));
+    for (; eng->nbufs < want; eng->nbufs++) {
+        struct slot *s = &eng->slots[eng->nbufs];
+
+        s->buf = malloc(eng->chunk);
+        if (!s->buf)
+            return qcbt_error(ENOMEM, "out of memory");
+        s->next = eng->own_free;
+        eng->own_free = s;
+    }
+    return 0;
 }
 
 /* Connection CI finished or failed its handshake: it joins the engine, or
@@ -1321,6 +1384,9 @@ run_loop(struct engine *eng)
         }
         if (stage_error(eng))
             return -1; /* stages_stop() reports it */
+        r = window_follow(eng);
+        if (r < 0)
+            return r;
         /* Fill every ready connection's queue from the current window. */
         for (ci = 0; ci < eng->nconn; ci++) {
             while (eng->cst[ci] == CONN_READY &&
@@ -1333,6 +1399,7 @@ run_loop(struct engine *eng)
                 issued = true;
             }
         }
+        eng->peak_in_flight = MAX(eng->peak_in_flight, total_in_flight(eng));
         /* Before anything that may block: mapping, waiting, the end. */
         queue_flush(eng);
         window_done = eng->run_idx >= eng->nruns;
@@ -2050,33 +2117,31 @@ cmd_backup(int argc, char **argv)
         }
         eng.nconn = want;
     }
-    eng.depth = DEFAULT_DEPTH;
     eng.chunk = CHUNK;
     {
         int64_t mx = nbd_get_block_size(eng.h[0], LIBNBD_SIZE_MAXIMUM);
         if (mx > 0 && (uint64_t)mx < eng.chunk)
             eng.chunk = mx;
     }
-    /* Slots for every request in flight, and some more for data waiting
-     * for the writer and digest threads (and for runs of zeros).
+    /* The window of reads in flight: DEFAULT_DEPTH per connection asked
+     * for at first, grown as the link measures (window_follow()).
      */
-    eng.nslots = eng.nconn * eng.depth + eng.nconn * eng.depth / 4;
+    eng.min_reqs = (unsigned)eng.nconn * DEFAULT_DEPTH;
+    eng.max_reqs = MAX(eng.min_reqs, MIN(WINDOW_MAX / eng.chunk, MAX_REQS));
+    pace_init(&eng.pace,
+              (uint64_t)eng.min_reqs * eng.chunk,
+              (uint64_t)eng.max_reqs * eng.chunk);
+    eng.nslots = slots_for(eng.max_reqs);
     eng.slots = calloc(eng.nslots, sizeof *eng.slots);
     eng.batch = calloc(eng.nslots, sizeof *eng.batch);
     if (!eng.slots || !eng.batch) {
         qcbt_error(ENOMEM, "out of memory");
         goto fail;
     }
-    for (i = 0; i < eng.nslots; i++) {
+    for (i = 0; i < eng.nslots; i++)
         eng.slots[i].eng = &eng;
-        eng.slots[i].buf = malloc(eng.chunk);
-        if (!eng.slots[i].buf) {
-            qcbt_error(ENOMEM, "out of memory");
-            goto fail;
-        }
-        eng.slots[i].next = eng.free_list;
-        eng.free_list = &eng.slots[i];
-    }
+    if (window_follow(&eng) < 0)
+        goto fail;
 
     /* The digest follows the transfer: a full backup starts from an empty
      * disk, an incremental from the previous backup's running sum.
@@ -2145,11 +2210,21 @@ cmd_backup(int argc, char **argv)
                 "qcbt backup: debug: digest read back %" PRIu64
                 " bytes of earlier backups (%" PRIu64 " granules) and %" PRIu64
                 " bytes of digest index; partial clusters read %" PRIu64
-                " bytes\n",
+                " bytes\n"
+                "qcbt backup: debug: window %" PRIu64
+                " bytes (%u to %u reads of %u bytes), peak %u reads in "
+                "flight, smallest round trip %.3f ms, best rate %.1f MB/s\n",
                 eng.readback,
                 eng.readback_granules,
                 eng.dgi_prev ? dgi_chain_bytes_read(eng.dgi_prev) : 0,
-                pc.bytes);
+                pc.bytes,
+                pace_window(&eng.pace),
+                eng.min_reqs,
+                eng.max_reqs,
+                eng.chunk,
+                eng.peak_in_flight,
+                eng.pace.min_rtt_us / 1000.0,
+                eng.pace.max_rate);
     if (r < 0) {
         if (eng.lost_conn >= 0 && !stage_error(&eng))
             explain_lost(&eng, dir, ctx, prev);

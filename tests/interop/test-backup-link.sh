@@ -13,7 +13,12 @@
 #   - granted-one: --connections 2 through a server that grants one
 #     connection (qcbt-server -e 1, which then offers no multi-conn): one
 #     notice, and the one connection carries the whole window (more than
-#     two connections' floor in flight on it).
+#     two connections' floor in flight on it);
+#   - map-ahead: an incremental of a 64 GiB disk with 8 dirty runs: the
+#     map (64 block status requests of 1 GiB, a round trip each) is asked
+#     with many requests in flight (QCBT_DEBUG's count: at least 16 at
+#     once), not one after the other; the backup chain equals the source
+#     (qemu-img compare) and verify passes.
 #
 # Environment: QCBT (client), QCBT_SERVER or QCBT_BUILD_DIR (server),
 # CASES=REGEX to run some cases only, QCBT_KEEP_TMP=1 to keep the files.
@@ -97,7 +102,13 @@ backup_linked() {
     WINDOW=${BASH_REMATCH[1]}
     FLOOR=$((BASH_REMATCH[2] * BASH_REMATCH[4]))
     PEAK=${BASH_REMATCH[5]}
-    recipe_note "window $WINDOW bytes, floor $FLOOR, peak $PEAK reads"
+    line=$(grep 'debug: map: ' "$CASE_DIR/$log") ||
+        fail "[$CASE] oracle broke: no map line in $log"
+    [[ $line =~ map:\ ([0-9]+)\ block\ status\ requests,\ at\ most\ ([0-9]+)\ in\ flight ]] ||
+        fail "[$CASE] oracle broke: cannot parse '$line'"
+    MAP_REQS=${BASH_REMATCH[1]}
+    MAP_PEAK=${BASH_REMATCH[2]}
+    recipe_note "window $WINDOW bytes, floor $FLOOR, peak $PEAK reads, map $MAP_REQS requests, $MAP_PEAK at once"
 }
 
 # restores_to IMG: the newest backup restores to IMG's guest view.
@@ -159,6 +170,29 @@ if want granted-one; then
     ((PEAK > 2 * DEPTH)) || bad "at most $PEAK reads in flight on the one connection granted"
     stop_all
     restores_to "$CASE_DIR/src.qcow2"
+    case_result $CASE_RC
+fi
+
+if want map-ahead; then
+    begin_case map-ahead
+    CASE_RC=0
+    run qemu-img create -q -f qcow2 "$CASE_DIR/src.qcow2" 64G
+    run qemu-img bitmap --add -g 64K "$CASE_DIR/src.qcow2" b0
+    serve_linked "$CASE_DIR/src.qcow2"
+    backup_linked full.log --full
+    stop_all
+    for i in $(seq 0 7); do
+        printf 'write -q -P %d %dG 1M\n' $((i + 1)) $((i * 8 + 3))
+    done >"$CASE_DIR/dirty.qio"
+    run sh -c "qemu-io -f qcow2 '$CASE_DIR/src.qcow2' <'$CASE_DIR/dirty.qio'"
+    serve_linked "$CASE_DIR/src.qcow2" -B b0
+    backup_linked incr.log --since b0
+    ((MAP_REQS >= 64)) || bad "$MAP_REQS block status requests for 64 GiB in 1 GiB windows"
+    ((MAP_PEAK >= 16)) || bad "at most $MAP_PEAK block status requests in flight"
+    stop_all
+    run "$QCBT" verify "$CASE_DIR/bk"
+    qemu-img compare -q -f qcow2 -F qcow2 "$CASE_DIR/bk/backup-0001.qcow2" "$CASE_DIR/src.qcow2" ||
+        bad "the backup chain differs from the source"
     case_result $CASE_RC
 fi
 

@@ -42,7 +42,10 @@
 # 1000: 10 ms round trip, 1 Gbit/s), N rounds with the contenders
 # interleaved (each once per round): qcbt incremental (default
 # connections, and --connections 1), qcbt-base, the vnb-style client;
-# qcbt --full (both), qcbt-base --full, nbdcopy --flush.  Medians
+# qcbt --full (both), qcbt-base --full, nbdcopy --flush; and an
+# incremental of sparse.qcow2 (256 GiB, 64 dirty runs of 64 KiB, one per
+# 4 GiB: bound by the map's 256 requests) by qcbt, qcbt-base and the
+# vnb-style client.  Medians
 # against the floor (bytes / rate + 10 round trips: connect, handshake,
 # map) and the target (1.1 x bytes / rate + 10 round trips); vnb-style /
 # qcbt >= 3x.
@@ -81,7 +84,7 @@ cleanup() {
     local p
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -f "$S"/bk-a.sock "$S"/bk-f.sock "$S"/bk-l.sock "$S"/bk-lp.sock
+    rm -f "$S"/bk-a.sock "$S"/bk-f.sock "$S"/bk-[ls].sock "$S"/bk-[ls]p.sock
     [[ -n ${KEEP:-} ]] || rm -rf "$S"/bk-run "$S"/vnb.raw "$S"/nbdcopy.raw "$S"/floor-out.raw "$S"/link-run "$S"/link-out.raw
 }
 trap cleanup EXIT
@@ -112,17 +115,29 @@ T() { "$PY" "$ANCHOR/timeit.py" --out "$OUT" -n "$N" -w 1 "$@"; }
         "$PY" "$ANCHOR/gen_writes.py" scatter 1G 42 5 0x80 link.b0.ext | qemu-io -f qcow2 link.tmp.qcow2 >/dev/null
         mv link.tmp.qcow2 link.qcow2
     fi
-    serve l link.qcow2 b0
-    rm -f "$S/bk-lp.sock"
-    "$PY" "$ANCHOR/latency_proxy.py" "$S/bk-lp.sock" "$S/bk-l.sock" \
-        --delay-ms "$LINK_DELAY_MS" --mbps "$LINK_MBPS" 2>"$S/bk-lp.log" &
-    pids+=($!)
-    for _ in $(seq 200); do [[ -S $S/bk-lp.sock ]] && break; sleep 0.05; done
-    if [[ ! -f $S/bk-prep-l/manifest.json || $S/link.qcow2 -nt $S/bk-prep-l/manifest.json ]]; then
-        rm -rf "$S/bk-prep-l"
-        echo "== preparing a full backup of link.qcow2 (untimed)" >&2
-        "$QCBT" backup --full --no-progress "$(uri l)" "$S/bk-prep-l" >&2
+    # sparse.qcow2: 256 GiB, bitmap b0, 64 dirty runs of 64 KiB, one per
+    # 4 GiB: an incremental bound by the map (256 block status requests).
+    if [[ ! -f sparse.qcow2 ]]; then
+        qemu-img create -q -f qcow2 -o cluster_size=64k sparse.tmp.qcow2 256G
+        qemu-img bitmap --add -g 64K sparse.tmp.qcow2 b0
+        for i in $(seq 0 63); do echo "write -q -P $((i + 1)) $((i * 4 + 1))G 64K"; done |
+            qemu-io -f qcow2 sparse.tmp.qcow2 >/dev/null
+        mv sparse.tmp.qcow2 sparse.qcow2
     fi
+    for x in l s; do
+        serve $x "$([[ $x == l ]] && echo link.qcow2 || echo sparse.qcow2)" b0
+        rm -f "$S/bk-${x}p.sock"
+        "$PY" "$ANCHOR/latency_proxy.py" "$S/bk-${x}p.sock" "$S/bk-$x.sock" \
+            --delay-ms "$LINK_DELAY_MS" --mbps "$LINK_MBPS" 2>"$S/bk-${x}p.log" &
+        pids+=($!)
+        for _ in $(seq 200); do [[ -S $S/bk-${x}p.sock ]] && break; sleep 0.05; done
+        img=$([[ $x == l ]] && echo link.qcow2 || echo sparse.qcow2)
+        if [[ ! -f $S/bk-prep-$x/manifest.json || $S/$img -nt $S/bk-prep-$x/manifest.json ]]; then
+            rm -rf "$S/bk-prep-$x"
+            echo "== preparing a full backup of $img (untimed)" >&2
+            "$QCBT" backup --full --no-progress "$(uri $x)" "$S/bk-prep-$x" >&2
+        fi
+    done
     echo "== link: ${LINK_DELAY_MS} ms each way, ${LINK_MBPS} Mbit/s, N=$N rounds, contenders interleaved" >&2
     "$PY" - "$S" "$N" "$QCBT" "${QCBT_BASE:-}" "$HERE/bench-backup-vnb.py" \
         "$LINK_DELAY_MS" "$LINK_MBPS" <<'PYEOF'
@@ -131,6 +146,7 @@ S, N, new, base, vnb = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], 
 delay_ms, mbps = float(sys.argv[6]), float(sys.argv[7])
 rtt, rate = 2 * delay_ms / 1000, mbps * 1e6 / 8
 uri = f"nbd+unix:///?socket={S}/bk-lp.sock"
+uri_s = f"nbd+unix:///?socket={S}/bk-sp.sock"
 
 def run(cmd, pre):
     subprocess.run(pre, shell=True, check=True)
@@ -142,6 +158,7 @@ def run(cmd, pre):
     return t, j
 
 fresh = f"rm -rf {S}/link-run && cp -al {S}/bk-prep-l {S}/link-run"
+fresh_s = f"rm -rf {S}/link-run && cp -al {S}/bk-prep-s {S}/link-run"
 empty = f"rm -rf {S}/link-run {S}/link-out.raw"
 cases = []   # (kind, label, cmd, pre)
 def qcbt(kind, who, q, extra):
@@ -162,13 +179,19 @@ if base:
     qcbt("full", "qcbt-base", base, [])
 cases.append(("full", "nbdcopy --flush (4 conns x 64 in flight)",
               ["nbdcopy", "--flush", uri, f"{S}/link-out.raw"], empty))
+for who, q in (("qcbt", new), ("qcbt-base", base)):
+    if q:
+        cases.append(("sparse", who, [q, "backup", "--json", "--no-progress", "--since", "b0",
+                                      uri_s, f"{S}/link-run"], fresh_s))
+cases.append(("sparse", "vnb-style (python, 1 sync request)",
+              ["/usr/bin/python3", vnb, uri_s, "b0", f"{S}/link-out.raw"], empty))
 
-res = {c[1]: [] for c in cases}
+res = {(c[0], c[1]): [] for c in cases}
 data = {}
 for r in range(N):
     for kind, label, cmd, pre in cases:
         t, j = run(cmd, pre)
-        res[label].append(t)
+        res[(kind, label)].append(t)
         if "data-bytes" in j:
             data[kind] = j["data-bytes"]
         if "bytes" in j and kind not in data:
@@ -184,26 +207,31 @@ print("| case | median s | min-max | data bytes | floor s | target s | median / 
 print("|---|---:|---:|---:|---:|---:|---:|---|")
 med = {}
 for kind, label, cmd, pre in cases:
-    w = res[label]
-    m = med[label] = statistics.median(w)
+    w = res[(kind, label)]
+    m = med[(kind, label)] = statistics.median(w)
     b = data[kind]
     fl = b / rate + 10 * rtt
     tg = 1.1 * b / rate + 10 * rtt
     met = "yes" if m <= tg else "no"
-    print(f"| {kind}: {label} | {m:.3f} | {min(w):.3f}-{max(w):.3f} | {b} | {fl:.3f} | {tg:.3f} | {m / fl:.2f}x | {met} |")
+    kname = {"sparse": "256 GiB, 64 x 64 KiB dirty"}.get(kind, kind)
+    print(f"| {kname}: {label} | {m:.3f} | {min(w):.3f}-{max(w):.3f} | {b} | {fl:.3f} | {tg:.3f} | {m / fl:.2f}x | {met} |")
 print()
-one = med["vnb-style (python, 1 sync request)"]
+V = "vnb-style (python, 1 sync request)"
+one = med[("incremental", V)]
 print("| comparison | ratio (higher = qcbt faster) | target |")
 print("|---|---:|---:|")
 for label in ("qcbt", "qcbt --connections 1"):
-    r = one / med[label]
+    r = one / med[("incremental", label)]
     print(f"| incremental: vnb-style / {label} | {r:.2f}x | >= 3x ({'met' if r >= 3 else 'MISSED'}) |")
 if base:
-    print(f"| incremental: qcbt-base / qcbt | {med['qcbt-base'] / med['qcbt']:.2f}x | |")
-    print(f"| full: qcbt-base / qcbt | {med['qcbt-base --full'] / med['qcbt --full']:.2f}x | |")
-print(f"| full: nbdcopy --flush / qcbt | {med['nbdcopy --flush (4 conns x 64 in flight)'] / med['qcbt --full']:.2f}x | |")
+    print(f"| incremental: qcbt-base / qcbt | {med[('incremental', 'qcbt-base')] / med[('incremental', 'qcbt')]:.2f}x | |")
+    print(f"| full: qcbt-base / qcbt | {med[('full', 'qcbt-base --full')] / med[('full', 'qcbt --full')]:.2f}x | |")
+print(f"| full: nbdcopy --flush / qcbt | {med[('full', 'nbdcopy --flush (4 conns x 64 in flight)')] / med[('full', 'qcbt --full')]:.2f}x | |")
+print(f"| 256 GiB sparse: vnb-style / qcbt | {med[('sparse', V)] / med[('sparse', 'qcbt')]:.2f}x | |")
+if base:
+    print(f"| 256 GiB sparse: qcbt-base / qcbt | {med[('sparse', 'qcbt-base')] / med[('sparse', 'qcbt')]:.2f}x | |")
 PYEOF
-    kill "$PID_l" 2>/dev/null || true
+    kill "$PID_l" "$PID_s" 2>/dev/null || true
 }
 [[ ${LOCAL:-1} == 0 ]] && exit 0
 

@@ -74,10 +74,12 @@
 /* Block status requests in flight ahead of the reads: a map request costs
  * a round trip, and a 1 TiB disk is 1024 of them; 32 ahead map 32 GiB per
  * round trip.  Each keeps at most MAP_MAX_EXTENTS extents per context
- * (the rest of its range is asked again): 4 MiB at most for all.
+ * (the rest of its range is asked again): enough for a whole window of
+ * 64 KiB granules alternating (never a reply cut short and recomputed by
+ * the server), 16 MiB at most for all.
  */
 #define MAP_AHEAD       32
-#define MAP_MAX_EXTENTS 8192
+#define MAP_MAX_EXTENTS 32768
 
 enum run_kind { RUN_COPY, RUN_ZERO };
 

@@ -1055,6 +1055,48 @@ test_error_exclusive(void **state)
     free(path);
 }
 
+/* A write-only descriptor cannot read tables back: the writer keeps every
+ * table it touched, whatever the cache size, and the image is right.
+ */
+static void
+test_l2_write_only_fd(void **state)
+{
+    struct qcow2_writer_opts o = {.size = 40 * 32768,
+                                  .cluster_size = 512,
+                                  .l2_cache_size = 1};
+    struct qcow2_writer *w;
+    struct model m;
+    char *path = tmp_path("wronly.qcow2");
+    unsigned char b[700];
+    size_t resident;
+    uint64_t loads, stores, i;
+    int fd;
+
+    model_init(&m, o.size, o.cluster_size, false);
+    fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0666);
+    assert_true(fd >= 0);
+    assert_int_equal(qcow2_writer_create_fd(fd, path, &o, &w), 0);
+    /* Two passes over the 40 tables: the second rewrites what the first
+     * wrote (a writer that had dropped a table would lose it).
+     */
+    for (i = 0; i < 80; i++) {
+        uint64_t off = (i % 40) * 32768 + (i / 40) * 300;
+
+        memset(b, (int)(i + 1), sizeof b);
+        assert_int_equal(qcow2_writer_write(w, b, sizeof b, off), 0);
+        model_apply(&m, b, off, sizeof b);
+    }
+    qcow2_writer_l2_stats(w, &resident, &loads, &stores);
+    assert_int_equal(resident, 40);
+    assert_int_equal(loads, 0);
+    assert_int_equal(stores, 0);
+    assert_int_equal(qcow2_writer_close(w), 0);
+    model_verify(&m, path, false);
+    model_free(&m);
+    unlink(path);
+    free(path);
+}
+
 static void
 test_error_readonly_fd(void **state)
 {
@@ -1369,6 +1411,7 @@ main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_random_l2_evict),
+        cmocka_unit_test(test_l2_write_only_fd),
         cmocka_unit_test(test_empty_image),
         cmocka_unit_test(test_zero_size),
         cmocka_unit_test(test_backing_header),

@@ -36,9 +36,24 @@
 # Targets: qcbt >= 3x vnb on frag/f0, >= 1.5x on a/b0, >= 0.9x nbdcopy on
 # the full copy.
 #
+# Across a link (first, unless LINK=0; issue 13): link.qcow2 (1 GiB,
+# 544 MiB of data, bitmap b0 with ~5 % scattered dirty runs), served by
+# qcbt-server behind the anchor's latency_proxy.py (--delay-ms 5 --mbps
+# 1000: 10 ms round trip, 1 Gbit/s), N rounds with the contenders
+# interleaved (each once per round): qcbt incremental (default
+# connections, and --connections 1), qcbt-base, the vnb-style client;
+# qcbt --full (both), qcbt-base --full, nbdcopy --flush; and an
+# incremental of sparse.qcow2 (256 GiB, 64 dirty runs of 64 KiB, one per
+# 4 GiB: bound by the map's 256 requests) by qcbt, qcbt-base and the
+# vnb-style client.  Medians
+# against the floor (bytes / rate + 10 round trips: connect, handshake,
+# map) and the target (1.1 x bytes / rate + 10 round trips); vnb-style /
+# qcbt >= 3x.
+#
 # Environment: QCBT, QCBT_SERVER (default ../build/{client,server}/),
 # QCBT_BASE (optional), N (runs, 5), ANCHOR (/work/shared/bench), KEEP=1
-# keeps the outputs, NOFULL=1 skips the full copies.
+# keeps the outputs, NOFULL=1 skips the full copies, LINK=0 / LOCAL=0
+# skip the link / local cases, LINK_DELAY_MS (5), LINK_MBPS (1000).
 # Output: a markdown table on stdout; raw records in
 # SCRATCH/bench-backup.jsonl.
 set -euo pipefail
@@ -47,6 +62,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ANCHOR=${ANCHOR:-/work/shared/bench}
 PY=/usr/bin/python3
 N=${N:-5}
+LINK_DELAY_MS=${LINK_DELAY_MS:-5}
+LINK_MBPS=${LINK_MBPS:-1000}
 QCBT=${QCBT:-$HERE/../build/client/qcbt}
 QCBT_SERVER=${QCBT_SERVER:-$HERE/../build/server/qcbt-server}
 for t in "$QCBT" "$QCBT_SERVER" "$ANCHOR/timeit.py" "$ANCHOR/mkimage.sh"; do
@@ -54,14 +71,11 @@ for t in "$QCBT" "$QCBT_SERVER" "$ANCHOR/timeit.py" "$ANCHOR/mkimage.sh"; do
 done
 QCBT=$(readlink -f "$QCBT")
 QCBT_SERVER=$(readlink -f "$QCBT_SERVER")
+[[ -z ${QCBT_BASE:-} ]] || QCBT_BASE=$(readlink -f "$QCBT_BASE")
 mkdir -p "$S"
 S=$(cd "$S" && pwd)
 cd "$S"
 
-if [[ ! -f a.qcow2 || ! -f frag.qcow2 ]]; then
-    echo "== building the anchor images in $S (mkimage.sh)" >&2
-    "$ANCHOR/mkimage.sh" "$S" >&2
-fi
 
 OUT=$S/bench-backup.jsonl
 : >"$OUT"
@@ -70,8 +84,8 @@ cleanup() {
     local p
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -f "$S"/bk-a.sock "$S"/bk-f.sock
-    [[ -n ${KEEP:-} ]] || rm -rf "$S"/bk-run "$S"/vnb.raw "$S"/nbdcopy.raw "$S"/floor-out.raw
+    rm -f "$S"/bk-a.sock "$S"/bk-f.sock "$S"/bk-[ls].sock "$S"/bk-[ls]p.sock
+    [[ -n ${KEEP:-} ]] || rm -rf "$S"/bk-run "$S"/vnb.raw "$S"/nbdcopy.raw "$S"/floor-out.raw "$S"/link-run "$S"/link-out.raw
 }
 trap cleanup EXIT
 
@@ -89,6 +103,142 @@ serve() {
 uri() { printf 'nbd+unix:///?socket=%s/bk-%s.sock' "$S" "$1"; }
 T() { "$PY" "$ANCHOR/timeit.py" --out "$OUT" -n "$N" -w 1 "$@"; }
 
+# ---- across a link ------------------------------------------------------
+[[ ${LINK:-1} == 0 ]] || {
+    # link.qcow2: 1 GiB, 544 MiB of data (64 x 8.5 MiB), then bitmap b0 and
+    # ~5 % scattered dirty runs of 64 KiB-1 MiB (gen_writes.py, seed 42).
+    if [[ ! -f link.qcow2 ]]; then
+        echo "== building link.qcow2 in $S" >&2
+        qemu-img create -q -f qcow2 -o cluster_size=64k link.tmp.qcow2 1G
+        "$PY" "$ANCHOR/gen_writes.py" fill 1G 16M 8704K 0x10 | qemu-io -f qcow2 link.tmp.qcow2 >/dev/null
+        qemu-img bitmap --add -g 64K link.tmp.qcow2 b0
+        "$PY" "$ANCHOR/gen_writes.py" scatter 1G 42 5 0x80 link.b0.ext | qemu-io -f qcow2 link.tmp.qcow2 >/dev/null
+        mv link.tmp.qcow2 link.qcow2
+    fi
+    # sparse.qcow2: 256 GiB, bitmap b0, 64 dirty runs of 64 KiB, one per
+    # 4 GiB: an incremental bound by the map (256 block status requests).
+    if [[ ! -f sparse.qcow2 ]]; then
+        qemu-img create -q -f qcow2 -o cluster_size=64k sparse.tmp.qcow2 256G
+        qemu-img bitmap --add -g 64K sparse.tmp.qcow2 b0
+        for i in $(seq 0 63); do echo "write -q -P $((i + 1)) $((i * 4 + 1))G 64K"; done |
+            qemu-io -f qcow2 sparse.tmp.qcow2 >/dev/null
+        mv sparse.tmp.qcow2 sparse.qcow2
+    fi
+    for x in l s; do
+        serve $x "$([[ $x == l ]] && echo link.qcow2 || echo sparse.qcow2)" b0
+        rm -f "$S/bk-${x}p.sock"
+        "$PY" "$ANCHOR/latency_proxy.py" "$S/bk-${x}p.sock" "$S/bk-$x.sock" \
+            --delay-ms "$LINK_DELAY_MS" --mbps "$LINK_MBPS" 2>"$S/bk-${x}p.log" &
+        pids+=($!)
+        for _ in $(seq 200); do [[ -S $S/bk-${x}p.sock ]] && break; sleep 0.05; done
+        img=$([[ $x == l ]] && echo link.qcow2 || echo sparse.qcow2)
+        if [[ ! -f $S/bk-prep-$x/manifest.json || $S/$img -nt $S/bk-prep-$x/manifest.json ]]; then
+            rm -rf "$S/bk-prep-$x"
+            echo "== preparing a full backup of $img (untimed)" >&2
+            "$QCBT" backup --full --no-progress "$(uri $x)" "$S/bk-prep-$x" >&2
+        fi
+    done
+    echo "== link: ${LINK_DELAY_MS} ms each way, ${LINK_MBPS} Mbit/s, N=$N rounds, contenders interleaved" >&2
+    "$PY" - "$S" "$N" "$QCBT" "${QCBT_BASE:-}" "$HERE/bench-backup-vnb.py" \
+        "$LINK_DELAY_MS" "$LINK_MBPS" <<'PYEOF'
+import json, os, statistics, subprocess, sys, time
+S, N, new, base, vnb = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+delay_ms, mbps = float(sys.argv[6]), float(sys.argv[7])
+rtt, rate = 2 * delay_ms / 1000, mbps * 1e6 / 8
+uri = f"nbd+unix:///?socket={S}/bk-lp.sock"
+uri_s = f"nbd+unix:///?socket={S}/bk-sp.sock"
+
+def run(cmd, pre):
+    subprocess.run(pre, shell=True, check=True)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    t = time.perf_counter() - t0
+    out = p.stdout.strip().splitlines()
+    j = json.loads(out[-1]) if out and out[-1].startswith("{") else {}
+    return t, j
+
+fresh = f"rm -rf {S}/link-run && cp -al {S}/bk-prep-l {S}/link-run"
+fresh_s = f"rm -rf {S}/link-run && cp -al {S}/bk-prep-s {S}/link-run"
+empty = f"rm -rf {S}/link-run {S}/link-out.raw"
+cases = []   # (kind, label, cmd, pre)
+def qcbt(kind, who, q, extra):
+    c = [q, "backup", "--json", "--no-progress"] + extra
+    if kind == "incremental":
+        cases.append((kind, f"{who} {' '.join(extra)}".strip(), c + ["--since", "b0", uri, f"{S}/link-run"], fresh))
+    else:
+        cases.append((kind, f"{who} --full {' '.join(extra)}".strip(), c + ["--full", uri, f"{S}/link-run"], empty))
+qcbt("incremental", "qcbt", new, [])
+qcbt("incremental", "qcbt", new, ["--connections", "1"])
+if base:
+    qcbt("incremental", "qcbt-base", base, [])
+cases.append(("incremental", "vnb-style (python, 1 sync request)",
+              ["/usr/bin/python3", vnb, uri, "b0", f"{S}/link-out.raw"], empty))
+qcbt("full", "qcbt", new, [])
+qcbt("full", "qcbt", new, ["--connections", "1"])
+if base:
+    qcbt("full", "qcbt-base", base, [])
+cases.append(("full", "nbdcopy --flush (4 conns x 64 in flight)",
+              ["nbdcopy", "--flush", uri, f"{S}/link-out.raw"], empty))
+for who, q in (("qcbt", new), ("qcbt-base", base)):
+    if q:
+        cases.append(("sparse", who, [q, "backup", "--json", "--no-progress", "--since", "b0",
+                                      uri_s, f"{S}/link-run"], fresh_s))
+cases.append(("sparse", "vnb-style (python, 1 sync request)",
+              ["/usr/bin/python3", vnb, uri_s, "b0", f"{S}/link-out.raw"], empty))
+
+res = {(c[0], c[1]): [] for c in cases}
+data = {}
+for r in range(N):
+    for kind, label, cmd, pre in cases:
+        t, j = run(cmd, pre)
+        res[(kind, label)].append(t)
+        if "data-bytes" in j:
+            data[kind] = j["data-bytes"]
+        if "bytes" in j and kind not in data:
+            data[kind] = j["bytes"]
+    print(f"   round {r + 1}/{N} done", file=sys.stderr)
+subprocess.run(empty, shell=True, check=True)
+
+print(f"Link: latency_proxy.py --delay-ms {delay_ms:g} --mbps {mbps:g} "
+      f"({rtt * 1000:g} ms round trip, {mbps:g} Mbit/s); floor = bytes / rate + "
+      f"10 round trips, target = 1.1 x bytes / rate + 10 round trips.")
+print()
+print("| case | median s | min-max | data bytes | floor s | target s | median / floor | target met |")
+print("|---|---:|---:|---:|---:|---:|---:|---|")
+med = {}
+for kind, label, cmd, pre in cases:
+    w = res[(kind, label)]
+    m = med[(kind, label)] = statistics.median(w)
+    b = data[kind]
+    fl = b / rate + 10 * rtt
+    tg = 1.1 * b / rate + 10 * rtt
+    met = "yes" if m <= tg else "no"
+    kname = {"sparse": "256 GiB, 64 x 64 KiB dirty"}.get(kind, kind)
+    print(f"| {kname}: {label} | {m:.3f} | {min(w):.3f}-{max(w):.3f} | {b} | {fl:.3f} | {tg:.3f} | {m / fl:.2f}x | {met} |")
+print()
+V = "vnb-style (python, 1 sync request)"
+one = med[("incremental", V)]
+print("| comparison | ratio (higher = qcbt faster) | target |")
+print("|---|---:|---:|")
+for label in ("qcbt", "qcbt --connections 1"):
+    r = one / med[("incremental", label)]
+    print(f"| incremental: vnb-style / {label} | {r:.2f}x | >= 3x ({'met' if r >= 3 else 'MISSED'}) |")
+if base:
+    print(f"| incremental: qcbt-base / qcbt | {med[('incremental', 'qcbt-base')] / med[('incremental', 'qcbt')]:.2f}x | |")
+    print(f"| full: qcbt-base / qcbt | {med[('full', 'qcbt-base --full')] / med[('full', 'qcbt --full')]:.2f}x | |")
+print(f"| full: nbdcopy --flush / qcbt | {med[('full', 'nbdcopy --flush (4 conns x 64 in flight)')] / med[('full', 'qcbt --full')]:.2f}x | |")
+print(f"| 256 GiB sparse: vnb-style / qcbt | {med[('sparse', V)] / med[('sparse', 'qcbt')]:.2f}x | |")
+if base:
+    print(f"| 256 GiB sparse: qcbt-base / qcbt | {med[('sparse', 'qcbt-base')] / med[('sparse', 'qcbt')]:.2f}x | |")
+PYEOF
+    kill "$PID_l" "$PID_s" 2>/dev/null || true
+}
+[[ ${LOCAL:-1} == 0 ]] && exit 0
+
+if [[ ! -f a.qcow2 || ! -f frag.qcow2 ]]; then
+    echo "== building the anchor images in $S (mkimage.sh)" >&2
+    "$ANCHOR/mkimage.sh" "$S" >&2
+fi
 serve a a.qcow2 b0
 serve f frag.qcow2 f0
 
@@ -108,7 +258,6 @@ fresh() { echo "rm -rf $S/bk-run && cp -al $S/bk-prep-$1 $S/bk-run"; }
 # evict: the prepared backup (hard links of the same files) leaves the
 # page cache.
 evict() { echo "for f in $S/bk-run/*; do dd if=\$f iflag=nocache count=0 status=none; done"; }
-[[ -z ${QCBT_BASE:-} ]] || QCBT_BASE=$(readlink -f "$QCBT_BASE")
 
 # read_back LABEL QCBT X BITMAP: one untimed incremental under strace; the
 # bytes pread64 from the earlier backups (bk-run/backup-NNNN.qcow2) and

@@ -50,18 +50,37 @@
 #include "manifest.h"
 #include "minmax.h"
 #include "nbd-connect.h"
+#include "pace.h"
 #include "qcbt.h"
 #include "qcow2-writer.h"
 
 /* Bytes per read request.  qemu-nbd spends about twice the CPU per byte
  * on 2 MiB reads as on 256 KiB ones (nbdcopy's size); our server and
- * nbdkit do not care.  DEFAULT_DEPTH of them keep 4 MiB in flight per
- * connection, more than a 10 ms, 1 Gbit/s link holds (1.25 MB).
+ * nbdkit do not care.
+ *
+ * Reads in flight: at least DEFAULT_DEPTH per connection asked for (4 MiB
+ * each, what a local server wants for its own parallelism, and more than
+ * a 10 ms, 1 Gbit/s link holds: 1.25 MB), more when the link measures
+ * longer (pace.h: twice its bandwidth-delay product), up to WINDOW_MAX
+ * bytes (or MAX_REQS reads) over all connections: the read buffers are
+ * allocated as the window grows, so they never take more than
+ * WINDOW_MAX x 1.25.
  */
 #define CHUNK         (256u << 10)
 #define DEFAULT_DEPTH 16
 #define MAX_CONNS     16
+#define WINDOW_MAX    (32u << 20)
+#define MAX_REQS      1024u
 #define MAP_WINDOW    (1ULL << 30) /* bytes of block status per request */
+/* Block status requests in flight ahead of the reads: a map request costs
+ * a round trip, and a 1 TiB disk is 1024 of them; 32 ahead map 32 GiB per
+ * round trip.  Each keeps at most MAP_MAX_EXTENTS extents per context
+ * (the rest of its range is asked again): enough for a whole window of
+ * 64 KiB granules alternating (never a reply cut short and recomputed by
+ * the server), 16 MiB at most for all.
+ */
+#define MAP_AHEAD       32
+#define MAP_MAX_EXTENTS 32768
 
 enum run_kind { RUN_COPY, RUN_ZERO };
 
@@ -78,6 +97,19 @@ struct ext_list {
 
 struct engine;
 struct slot;
+
+/* A block status request for [off, off + len), answered into alloc (and
+ * dirty, for the dirty-bitmap context).
+ */
+struct mapreq {
+    struct engine *eng;
+    struct ext_list alloc, dirty;
+    uint64_t off, len;
+    bool done; /* completed; err is its error (0: none) */
+    int err;
+    int map_err; /* a reply we refuse, with map_msg */
+    char map_msg[256];
+};
 
 /* A thread that takes every slot in turn (struct engine). */
 struct stage {
@@ -119,7 +151,8 @@ struct slot {
     uint64_t seen; /* bytes covered by the reply's data and hole chunks */
     uint64_t seq;  /* issue order */
     size_t conn;
-    unsigned refs; /* stages not done with it (atomic) */
+    int64_t issued_us; /* when the read was sent (pace.h) */
+    unsigned refs;     /* stages not done with it (atomic) */
 };
 
 /* A connection: the first is opened before the engine starts; the others
@@ -135,9 +168,16 @@ struct engine {
     size_t nconn;   /* handles opened */
     size_t nready;  /* of which ready: they carry the reads */
     size_t refused; /* connections the server refused or closed */
-    unsigned depth;
-    struct slot *slots; /* nslots */
+    unsigned depth; /* reads in flight per ready connection, at most */
+    /* The window of reads in flight over all connections (pace.h), and
+     * its bounds in reads.
+     */
+    struct pace pace;
+    unsigned min_reqs, max_reqs, peak_in_flight;
+    unsigned reqs;      /* the window now, in reads */
+    struct slot *slots; /* nslots: room for max_reqs in flight */
     size_t nslots;
+    size_t nbufs; /* slots[0..nbufs) have buffers: the others are unused */
     unsigned in_flight[MAX_CONNS];
     uint32_t chunk;
     uint64_t seq; /* slots issued */
@@ -173,12 +213,14 @@ struct engine {
     uint64_t size;
     struct qcow2_writer *w;
 
-    /* Mapping. */
-    uint64_t map_pos;
-    struct ext_list alloc, dirty;
-    uint64_t req_off, req_len;
-    int map_err;
-    char map_msg[256];
+    /* Mapping: mq_n requests in flight from mq[mq_head] on, for
+     * consecutive ranges from map_pos (mapped into runs up to there) to
+     * map_issue.
+     */
+    uint64_t map_pos, map_issue;
+    struct mapreq mq[MAP_AHEAD];
+    unsigned mq_head, mq_n;
+    unsigned map_requests, map_peak; /* sent, most in flight */
 
     /* Work from the last mapped window. */
     struct run *runs;
@@ -234,6 +276,15 @@ mono_ms(void)
 
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t
+mono_us(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
 /* ---- notices ---------------------------------------------------------- */
@@ -374,27 +425,28 @@ extent_cb(void *opaque,
           size_t nr,
           int *error)
 {
-    struct engine *eng = opaque;
+    struct mapreq *mr = opaque;
+    struct engine *eng = mr->eng;
     struct ext_list *l;
     uint32_t maxflag;
     uint64_t sum = 0;
     size_t i;
 
-    if (*error)
+    if (*error || mr->map_err)
         return 0;
     if (strcmp(metacontext, "base:allocation") == 0) {
-        l = &eng->alloc;
+        l = &mr->alloc;
         maxflag = 3;
     } else if (eng->ctx && strcmp(metacontext, eng->ctx) == 0) {
-        l = &eng->dirty;
+        l = &mr->dirty;
         maxflag = 1;
     } else {
         return 0; /* a context we did not ask for: ignore it */
     }
-    if (l->got || offset != eng->req_off || nr < 2 || nr % 2) {
-        eng->map_err = EPROTO;
-        snprintf(eng->map_msg,
-                 sizeof eng->map_msg,
+    if (l->got || offset != mr->off || nr < 2 || nr % 2) {
+        mr->map_err = EPROTO;
+        snprintf(mr->map_msg,
+                 sizeof mr->map_msg,
                  "server sent a bad block status reply for %s at %" PRIu64,
                  metacontext,
                  offset);
@@ -402,13 +454,14 @@ extent_cb(void *opaque,
     }
     l->got = true;
     /* libnbd passes extents unchecked: the server is not trusted. */
-    for (i = 0; i < nr && sum < eng->req_len; i += 2) {
+    /* (Past MAP_MAX_EXTENTS the rest is asked again.) */
+    for (i = 0; i < nr && sum < mr->len && l->n / 2 < MAP_MAX_EXTENTS; i += 2) {
         uint32_t len = entries[i], flags = entries[i + 1];
 
         if (len == 0 || flags > maxflag) {
-            eng->map_err = EPROTO;
-            snprintf(eng->map_msg,
-                     sizeof eng->map_msg,
+            mr->map_err = EPROTO;
+            snprintf(mr->map_msg,
+                     sizeof mr->map_msg,
                      "server sent an extent with length %" PRIu32
                      " and flags 0x%" PRIx32 " for %s at %" PRIu64,
                      len,
@@ -417,19 +470,19 @@ extent_cb(void *opaque,
                      offset + sum);
             return 0;
         }
-        if (i + 2 < nr && sum + len > eng->req_len) {
-            eng->map_err = EPROTO;
-            snprintf(eng->map_msg,
-                     sizeof eng->map_msg,
+        if (i + 2 < nr && sum + len > mr->len) {
+            mr->map_err = EPROTO;
+            snprintf(mr->map_msg,
+                     sizeof mr->map_msg,
                      "server sent extents past the end of the request for %s",
                      metacontext);
             return 0;
         }
-        if (sum + len > eng->req_len)
-            len = eng->req_len - sum; /* only the last may run past */
+        if (sum + len > mr->len)
+            len = mr->len - sum; /* only the last may run past */
         if (ext_push(l, len, flags) < 0) {
-            eng->map_err = ENOMEM;
-            snprintf(eng->map_msg, sizeof eng->map_msg, "out of memory");
+            mr->map_err = ENOMEM;
+            snprintf(mr->map_msg, sizeof mr->map_msg, "out of memory");
             return 0;
         }
         sum += len;
@@ -524,33 +577,92 @@ nbd_fail(struct engine *eng, size_t ci, const char *prefix, const char *what)
                       msg ? msg : "unknown error");
 }
 
-/* Map the next window [map_pos, ...) into runs. */
 static int
-map_window(struct engine *eng)
+map_done(void *opaque, int *error)
 {
-    nbd_extent_callback cb = {.callback = extent_cb, .user_data = eng};
-    uint64_t pos = eng->map_pos, end, a_end, d_end;
+    struct mapreq *mr = opaque;
+
+    mr->done = true;
+    mr->err = *error;
+    return 1;
+}
+
+/* Ask for block status of [off, off + len) into MR. */
+static int
+map_request(struct engine *eng, struct mapreq *mr, uint64_t off, uint64_t len)
+{
+    mr->eng = eng;
+    mr->off = off;
+    mr->len = len;
+    mr->alloc.n = mr->dirty.n = 0;
+    mr->alloc.got = mr->dirty.got = false;
+    mr->done = false;
+    mr->err = mr->map_err = 0;
+    if (nbd_aio_block_status(
+            eng->h[0],
+            len,
+            off,
+            (nbd_extent_callback){.callback = extent_cb, .user_data = mr},
+            (nbd_completion_callback){.callback = map_done, .user_data = mr},
+            0) < 0) {
+        char prefix[64], what[96];
+
+        snprintf(prefix, sizeof prefix, "block status at %" PRIu64, off);
+        snprintf(what, sizeof what, "mapping the disk at offset %" PRIu64, off);
+        return nbd_fail(eng, 0, prefix, what);
+    }
+    eng->map_requests++;
+    return 0;
+}
+
+/* Keep MAP_AHEAD block status requests in flight (on the first
+ * connection, which negotiated the contexts).
+ */
+static int
+map_ahead(struct engine *eng)
+{
+    while (eng->mq_n < MAP_AHEAD && eng->map_issue < eng->size) {
+        struct mapreq *mr = &eng->mq[(eng->mq_head + eng->mq_n) % MAP_AHEAD];
+        uint64_t len = MIN(MAP_WINDOW, eng->size - eng->map_issue);
+        int r = map_request(eng, mr, eng->map_issue, len);
+
+        if (r < 0)
+            return r;
+        eng->map_issue += len;
+        eng->mq_n++;
+        eng->map_peak = MAX(eng->map_peak, eng->mq_n);
+    }
+    return 0;
+}
+
+/* The oldest block status request has completed: map its answer into
+ * runs, from map_pos on.
+ */
+static int
+map_take(struct engine *eng)
+{
+    struct mapreq *mr = &eng->mq[eng->mq_head];
+    uint64_t pos = mr->off, end, a_end, d_end;
     size_t ai = 0, di = 0;
     uint64_t a_pos, d_pos;
     int r;
 
     eng->nruns = eng->run_idx = 0;
     eng->run_done = 0;
-    eng->alloc.n = eng->dirty.n = 0;
-    eng->alloc.got = eng->dirty.got = false;
-    eng->req_off = pos;
-    eng->req_len = MIN(MAP_WINDOW, eng->size - pos);
-    eng->map_err = 0;
-    if (nbd_block_status(eng->h[0], eng->req_len, pos, cb, 0) < 0) {
-        char prefix[64], what[96];
+    if (mr->err) {
+        char what[96];
 
-        snprintf(prefix, sizeof prefix, "block status at %" PRIu64, pos);
         snprintf(what, sizeof what, "mapping the disk at offset %" PRIu64, pos);
-        return nbd_fail(eng, 0, prefix, what);
+        if (peer_closed(mr->err, NULL) && conn_dead(eng, 0))
+            mark_lost(eng, 0, what);
+        return qcbt_error(mr->err,
+                          "block status at %" PRIu64 ": %s",
+                          pos,
+                          strerror(mr->err));
     }
-    if (eng->map_err)
-        return qcbt_error(eng->map_err, "%s", eng->map_msg);
-    if (!eng->alloc.got || (eng->ctx && !eng->dirty.got))
+    if (mr->map_err)
+        return qcbt_error(mr->map_err, "%s", mr->map_msg);
+    if (!mr->alloc.got || (eng->ctx && !mr->dirty.got))
         return qcbt_error(EPROTO,
                           "server omitted a context from its block "
                           "status reply at %" PRIu64,
@@ -558,13 +670,13 @@ map_window(struct engine *eng)
 
     /* Both contexts cover [pos, their end); use the common part. */
     a_end = pos;
-    for (ai = 0; ai < eng->alloc.n; ai += 2)
-        a_end += eng->alloc.e[ai];
+    for (ai = 0; ai < mr->alloc.n; ai += 2)
+        a_end += mr->alloc.e[ai];
     end = a_end;
     if (eng->ctx) {
         d_end = pos;
-        for (di = 0; di < eng->dirty.n; di += 2)
-            d_end += eng->dirty.e[di];
+        for (di = 0; di < mr->dirty.n; di += 2)
+            d_end += mr->dirty.e[di];
         end = MIN(end, d_end);
     }
     if (end <= pos)
@@ -575,15 +687,15 @@ map_window(struct engine *eng)
     ai = di = 0;
     a_pos = d_pos = pos;
     while (pos < end) {
-        uint64_t a_stop = a_pos + eng->alloc.e[ai];
-        uint32_t aflags = eng->alloc.e[ai + 1];
+        uint64_t a_stop = a_pos + mr->alloc.e[ai];
+        uint32_t aflags = mr->alloc.e[ai + 1];
         bool reads_zero = aflags & 2; /* NBD_STATE_ZERO */
         bool dirty = true;
         uint64_t stop = MIN(a_stop, end);
 
         if (eng->ctx) {
-            uint64_t d_stop = d_pos + eng->dirty.e[di];
-            dirty = eng->dirty.e[di + 1] & 1;
+            uint64_t d_stop = d_pos + mr->dirty.e[di];
+            dirty = mr->dirty.e[di + 1] & 1;
             stop = MIN(stop, d_stop);
             if (stop == d_stop) {
                 d_pos = d_stop;
@@ -609,6 +721,12 @@ map_window(struct engine *eng)
         pos = stop;
     }
     eng->map_pos = end;
+    if (end < mr->off + mr->len)
+        /* A short reply: ask again for the rest, before the windows
+         * ahead. */
+        return map_request(eng, mr, end, mr->off + mr->len - end);
+    eng->mq_head = (eng->mq_head + 1) % MAP_AHEAD;
+    eng->mq_n--;
     return 0;
 }
 
@@ -1123,6 +1241,7 @@ read_done(void *opaque, int *error)
         slot_put(eng, s);
         return 1;
     }
+    pace_done(&eng->pace, mono_us(), s->issued_us, s->len);
     eng->data_bytes += s->len;
     eng->copied += s->len;
     queue_slot(eng, s);
@@ -1168,6 +1287,7 @@ next_work(struct engine *eng, size_t ci)
     s->seen = 0;
     s->conn = ci;
     s->seq = eng->seq;
+    s->issued_us = mono_us();
     if (nbd_aio_pread_structured(
             eng->h[ci],
             s->buf,
@@ -1203,6 +1323,42 @@ total_in_flight(const struct engine *eng)
     for (i = 0; i < eng->nconn; i++)
         t += eng->in_flight[i];
     return t;
+}
+
+/* Slots for N reads in flight: as many more again by a quarter for data
+ * waiting for the writer and digest threads (and for runs of zeros).
+ */
+static size_t
+slots_for(unsigned n)
+{
+    return (size_t)n + n / 4;
+}
+
+/* Follow the window (pace.h): the reads each ready connection may have in
+ * flight, and buffers for them.  The window is shared by the connections
+ * the server granted: with fewer, each carries more.
+ */
+static int
+window_follow(struct engine *eng)
+{
+    uint64_t w = pace_window(&eng->pace) / eng->chunk;
+    unsigned reqs =
+        (unsigned)MAX(MIN(w, (uint64_t)eng->max_reqs), (uint64_t)eng->min_reqs);
+    size_t want = MIN(slots_for(reqs), eng->nslots);
+
+    eng->reqs = reqs;
+    eng->depth =
+        (unsigned)((reqs + eng->nready - 1) / MAX(eng->nready, (size_t)1));
+    for (; eng->nbufs < want; eng->nbufs++) {
+        struct slot *s = &eng->slots[eng->nbufs];
+
+        s->buf = malloc(eng->chunk);
+        if (!s->buf)
+            return qcbt_error(ENOMEM, "out of memory");
+        s->next = eng->own_free;
+        eng->own_free = s;
+    }
+    return 0;
 }
 
 /* Connection CI finished or failed its handshake: it joins the engine, or
@@ -1292,10 +1448,15 @@ wait_some(struct engine *eng)
             if (conn_settle(eng, ci) < 0)
                 return -1;
         } else if (r < 0) {
-            char prefix[32];
+            char prefix[32], what[96] = "waiting for read replies";
 
             snprintf(prefix, sizeof prefix, "connection %zu", ci);
-            return nbd_fail(eng, ci, prefix, "waiting for read replies");
+            if (ci == 0 && eng->mq_n && !eng->in_flight[0])
+                snprintf(what,
+                         sizeof what,
+                         "mapping the disk at offset %" PRIu64,
+                         eng->mq[eng->mq_head].off);
+            return nbd_fail(eng, ci, prefix, what);
         }
     }
     return 0;
@@ -1339,10 +1500,17 @@ run_loop(struct engine *eng)
         }
         if (stage_error(eng))
             return -1; /* stages_stop() reports it */
+        r = window_follow(eng);
+        if (r < 0)
+            return r;
         /* Fill every ready connection's queue from the current window. */
         for (ci = 0; ci < eng->nconn; ci++) {
+            /* (A connection that joins late finds the others with
+             * more than their share in flight: the total is the
+             * window.) */
             while (eng->cst[ci] == CONN_READY &&
-                   eng->in_flight[ci] < eng->depth) {
+                   eng->in_flight[ci] < eng->depth &&
+                   total_in_flight(eng) < eng->reqs) {
                 r = next_work(eng, ci);
                 if (r < 0)
                     return r;
@@ -1351,11 +1519,18 @@ run_loop(struct engine *eng)
                 issued = true;
             }
         }
+        eng->peak_in_flight = MAX(eng->peak_in_flight, total_in_flight(eng));
         /* Before anything that may block: mapping, waiting, the end. */
         queue_flush(eng);
+        r = map_ahead(eng);
+        if (r < 0)
+            return r;
         window_done = eng->run_idx >= eng->nruns;
         if (window_done && eng->map_pos < eng->size) {
-            r = map_window(eng);
+            if (eng->mq[eng->mq_head].done)
+                r = map_take(eng);
+            else
+                r = wait_some(eng);
             if (r < 0)
                 return r;
             show_progress(eng, false);
@@ -2196,33 +2371,31 @@ cmd_backup(int argc, char **argv)
         }
         eng.nconn = want;
     }
-    eng.depth = DEFAULT_DEPTH;
     eng.chunk = CHUNK;
     {
         int64_t mx = nbd_get_block_size(eng.h[0], LIBNBD_SIZE_MAXIMUM);
         if (mx > 0 && (uint64_t)mx < eng.chunk)
             eng.chunk = mx;
     }
-    /* Slots for every request in flight, and some more for data waiting
-     * for the writer and digest threads (and for runs of zeros).
+    /* The window of reads in flight: DEFAULT_DEPTH per connection asked
+     * for at first, grown as the link measures (window_follow()).
      */
-    eng.nslots = eng.nconn * eng.depth + eng.nconn * eng.depth / 4;
+    eng.min_reqs = (unsigned)eng.nconn * DEFAULT_DEPTH;
+    eng.max_reqs = MAX(eng.min_reqs, MIN(WINDOW_MAX / eng.chunk, MAX_REQS));
+    pace_init(&eng.pace,
+              (uint64_t)eng.min_reqs * eng.chunk,
+              (uint64_t)eng.max_reqs * eng.chunk);
+    eng.nslots = slots_for(eng.max_reqs);
     eng.slots = calloc(eng.nslots, sizeof *eng.slots);
     eng.batch = calloc(eng.nslots, sizeof *eng.batch);
     if (!eng.slots || !eng.batch) {
         qcbt_error(ENOMEM, "out of memory");
         goto fail;
     }
-    for (i = 0; i < eng.nslots; i++) {
+    for (i = 0; i < eng.nslots; i++)
         eng.slots[i].eng = &eng;
-        eng.slots[i].buf = malloc(eng.chunk);
-        if (!eng.slots[i].buf) {
-            qcbt_error(ENOMEM, "out of memory");
-            goto fail;
-        }
-        eng.slots[i].next = eng.free_list;
-        eng.free_list = &eng.slots[i];
-    }
+    if (window_follow(&eng) < 0)
+        goto fail;
 
     /* The digest follows the transfer: a full backup starts from an empty
      * disk, an incremental from the previous backup's running sum.
@@ -2291,11 +2464,25 @@ cmd_backup(int argc, char **argv)
                 "qcbt backup: debug: digest read back %" PRIu64
                 " bytes of earlier backups (%" PRIu64 " granules) and %" PRIu64
                 " bytes of digest index; partial clusters read %" PRIu64
-                " bytes\n",
+                " bytes\n"
+                "qcbt backup: debug: window %" PRIu64
+                " bytes (%u to %u reads of %u bytes), peak %u reads in "
+                "flight, smallest round trip %.3f ms, best rate %.1f MB/s\n"
+                "qcbt backup: debug: map: %u block status requests, at most "
+                "%u in flight\n",
                 eng.readback,
                 eng.readback_granules,
                 eng.dgi_prev ? dgi_chain_bytes_read(eng.dgi_prev) : 0,
-                pc.bytes);
+                pc.bytes,
+                pace_window(&eng.pace),
+                eng.min_reqs,
+                eng.max_reqs,
+                eng.chunk,
+                eng.peak_in_flight,
+                eng.pace.min_rtt_us / 1000.0,
+                eng.pace.max_rate,
+                eng.map_requests,
+                eng.map_peak);
     if (r < 0) {
         if (eng.lost_conn >= 0 && !stage_error(&eng))
             explain_lost(&eng, dir, ctx, prev);
@@ -2605,8 +2792,10 @@ out:
     dgi_chain_free(eng.dgi_prev);
     free(dgipath);
     free(dgifinal);
-    free(eng.alloc.e);
-    free(eng.dirty.e);
+    for (i = 0; i < MAP_AHEAD; i++) {
+        free(eng.mq[i].alloc.e);
+        free(eng.mq[i].dirty.e);
+    }
     chain_close(pc.c);
     free(tmppath);
     free(finalpath);

@@ -1,15 +1,20 @@
 /* qcbt: buffered writer for new qcow2 v3 images (see qcow2-writer.h).
  *
- * State while writing: the L2 tables in memory (host byte order, created
- * per L1 entry on first use), the end of the host file (next_host), a
+ * State while writing: the L2 tables in use in memory (host byte order,
+ * created per L1 entry on first use; at most WRITER_L2_CACHE bytes of
+ * them when the file can be read back: the least recently used one is
+ * written out to its own host cluster and read back if it is needed
+ * again, so a writer of a 1 TiB disk does not hold 128 MiB of tables),
+ * the end of the host file (next_host), a
  * list of host clusters released by zero requests (reused first, refcount
  * 0 if still free at close) and a write-behind buffer holding the most
  * recently appended host clusters [buf_off, buf_off + buf_len), with
  * buf_off + buf_len == next_host.  Runs of whole new clusters bypass the
  * buffer: it is flushed and they are appended from the caller's memory
- * (direct_clusters).  Nothing but data clusters is written
- * before close, and cluster 0 (the header) is written last, so a file that
- * was not closed successfully does not start with the qcow2 magic.
+ * (direct_clusters).  Nothing but data clusters and L2 tables is
+ * written before close, and cluster 0 (the header) is written last, so a
+ * file that was not closed successfully does not start with the qcow2
+ * magic.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -40,6 +45,13 @@
  */
 #define WRITER_WB_BYTES  (256u << 20)
 #define WRITER_WB_RANGES 64
+/* L2 tables kept in memory (a file that cannot be read back keeps them
+ * all): 64 tables of 64 KiB clusters cover 32 GiB of guest, so a writer
+ * fed in (nearly) disk order, as a backup is, writes each table once.
+ */
+#define WRITER_L2_CACHE     (4u << 20)
+#define WRITER_L2_CACHE_MIN 4 /* tables: a write spans at most two */
+#define WRITER_L2_CACHE_MAX 1024
 
 /* Feature-name table (qcow2.txt "Feature name table"): qcow2_known_features
  * (qcow2.c), the 8 entries qemu 7.2 writes, in its order.  qemu omits the
@@ -60,6 +72,17 @@ struct qcow2_writer {
     unsigned l2_bits;
     uint32_t l1_size;
     uint64_t **l2; /* l1_size tables of l2_entries, or NULL */
+    /* The L2 cache (can_evict): l2_host[i] is where table i was written
+     * out (0: never), l2_tick[i] when it was last used; res[] lists the
+     * nres tables in memory, at most res_max.
+     */
+    bool can_evict;
+    uint64_t *l2_host;
+    uint64_t *l2_tick;
+    uint64_t tick;
+    uint32_t *res;
+    size_t nres, res_max;
+    uint64_t l2_loads, l2_stores; /* read back, written out (counters) */
 
     char *backing_file; /* NULL if none */
     char *backing_fmt;
@@ -333,20 +356,150 @@ write_in_place(struct qcow2_writer *w,
 /* ------------------------------------------------------------------ */
 /* Guest clusters */
 
-static uint64_t *
-l2_entry(struct qcow2_writer *w, uint64_t cluster)
+/* Write L2 table I (in memory) to its host cluster, allocated on its
+ * first store.  A table with no entry set and no host cluster yet needs
+ * nothing.
+ */
+static int
+l2_store(struct qcow2_writer *w, uint64_t i)
+{
+    uint64_t entries = 1ULL << w->l2_bits;
+    uint64_t *t = w->l2[i], host, j;
+    unsigned char *slot;
+    /* What the entries are checked against: the header written later. */
+    const struct qcow2_header hdr = {
+        .version = 3,
+        .cluster_bits = w->cluster_bits,
+    };
+    bool used = false;
+    int r;
+
+    host = w->l2_host ? w->l2_host[i] : 0;
+    if (host == 0) {
+        for (j = 0; j < entries && !used; j++)
+            used = t[j] != 0;
+        if (!used)
+            return 0;
+        r = alloc_cluster(w, &host, &slot);
+        if (r < 0)
+            return r;
+    } else {
+        slot = in_buffer(w, host, w->cluster_size);
+        if (slot == NULL)
+            slot = w->scratch;
+    }
+    for (j = 0; j < entries; j++) {
+        r = qcow2_l2_entry_check(t[j], 0, &hdr);
+        if (r < 0)
+            return qcbt_error_prefix(
+                -r,
+                "%s: L2 entry 0x%016" PRIx64 " for guest offset 0x%" PRIx64,
+                w->name,
+                t[j],
+                ((i << w->l2_bits) + j) << w->cluster_bits);
+        qcow2_table_set(slot, j, t[j]);
+    }
+    r = commit_cluster(w, host, slot);
+    if (r < 0)
+        return r;
+    if (w->l2_host)
+        w->l2_host[i] = host;
+    w->l2_stores++;
+    return 0;
+}
+
+/* Make room for one more table in memory: write out the least recently
+ * used one and drop it.
+ */
+static int
+l2_evict(struct qcow2_writer *w)
+{
+    size_t k, old = 0;
+    uint32_t i;
+    int r;
+
+    for (k = 1; k < w->nres; k++)
+        if (w->l2_tick[w->res[k]] < w->l2_tick[w->res[old]])
+            old = k;
+    i = w->res[old];
+    r = l2_store(w, i);
+    if (r < 0)
+        return r;
+    free(w->l2[i]);
+    w->l2[i] = NULL;
+    w->res[old] = w->res[--w->nres];
+    return 0;
+}
+
+/* Bring table I into memory: new (zero), or read back where it was
+ * written out.
+ */
+static int
+l2_load(struct qcow2_writer *w, uint64_t i)
+{
+    uint64_t entries = 1ULL << w->l2_bits, j;
+    uint64_t host = w->l2_host ? w->l2_host[i] : 0;
+    uint64_t *t;
+    int r;
+
+    if (w->can_evict && w->nres == w->res_max) {
+        r = l2_evict(w);
+        if (r < 0)
+            return r;
+    }
+    t = calloc(entries, sizeof *t);
+    if (t == NULL)
+        return qcbt_error(ENOMEM, "%s: out of memory for an L2 table", w->name);
+    if (host) {
+        const unsigned char *p = in_buffer(w, host, w->cluster_size);
+
+        if (p == NULL) {
+            r = qcbt_io_read_exact(w->io,
+                                   w->scratch,
+                                   w->cluster_size,
+                                   host,
+                                   false,
+                                   "L2 table");
+            if (r < 0) {
+                free(t);
+                return writer_fail(w,
+                                   -r,
+                                   "reading back the L2 table at host "
+                                   "offset %" PRIu64 ": %s",
+                                   host,
+                                   qcbt_error_get());
+            }
+            p = w->scratch;
+        }
+        for (j = 0; j < entries; j++)
+            t[j] = qcow2_table_get(p, j);
+        w->l2_loads++;
+    }
+    w->l2[i] = t;
+    if (w->can_evict)
+        w->res[w->nres++] = (uint32_t)i;
+    return 0;
+}
+
+/* *ENTRY: the L2 entry of guest cluster CLUSTER, valid until the next
+ * call (which may write its table out).
+ */
+static int
+l2_entry(struct qcow2_writer *w, uint64_t cluster, uint64_t **entry)
 {
     uint64_t l1_idx = cluster >> w->l2_bits;
     uint64_t l2_idx = cluster & ((1ULL << w->l2_bits) - 1);
+    int r;
 
     if (w->l2[l1_idx] == NULL) {
-        w->l2[l1_idx] = calloc(1ULL << w->l2_bits, sizeof(uint64_t));
-        if (w->l2[l1_idx] == NULL) {
-            qcbt_error(ENOMEM, "%s: out of memory for an L2 table", w->name);
-            return NULL;
-        }
+        r = l2_load(w, l1_idx);
+        if (r < 0)
+            return r;
     }
-    return &w->l2[l1_idx][l2_idx];
+    if (w->l2_tick)
+        w->l2_tick[l1_idx] = ++w->tick;
+    *entry = &w->l2[l1_idx][l2_idx];
+    return 0;
 }
 
 /* Guest bytes [a, b) of cluster CSTART that this image does not hold:
@@ -414,9 +567,9 @@ do_cluster(struct qcow2_writer *w,
     unsigned char *slot = NULL;
     int r;
 
-    entry = l2_entry(w, c);
-    if (entry == NULL)
-        return -ENOMEM;
+    r = l2_entry(w, c, &entry);
+    if (r < 0)
+        return r;
     e = *entry;
 
     if (e & QCOW2_L2E_OFFSET_MASK) {
@@ -502,16 +655,17 @@ direct_clusters(struct qcow2_writer *w,
                 uint64_t *len,
                 uint64_t *offset)
 {
-    uint64_t c = *offset >> w->cluster_bits, n = 0, i, bytes;
+    uint64_t c = *offset >> w->cluster_bits, n = 0, i, bytes, host;
     int r;
 
     if (*offset & (w->cluster_size - 1))
         return 0;
     while ((n + 1) * w->cluster_size <= *len) {
-        uint64_t *entry = l2_entry(w, c + n);
+        uint64_t *entry;
 
-        if (entry == NULL)
-            return -ENOMEM;
+        r = l2_entry(w, c + n, &entry);
+        if (r < 0)
+            return r;
         if (*entry & QCOW2_L2E_OFFSET_MASK)
             break;
         n++;
@@ -527,17 +681,24 @@ direct_clusters(struct qcow2_writer *w,
     r = flush_buffer(w);
     if (r < 0)
         return r;
-    r = pwrite_all(w, *src, bytes, w->next_host, "clusters");
+    host = w->next_host;
+    r = pwrite_all(w, *src, bytes, host, "clusters");
     if (r < 0)
         return r;
-    for (i = 0; i < n; i++)
-        *l2_entry(w, c + i) =
-            (w->next_host + i * w->cluster_size) | QCOW2_OFLAG_COPIED;
-    r = appended(w, w->next_host, bytes);
+    r = appended(w, host, bytes);
     if (r < 0)
         return r;
     w->next_host += bytes;
     w->buf_off = w->next_host;
+    /* (A table written out on the way goes after the run.) */
+    for (i = 0; i < n; i++) {
+        uint64_t *entry;
+
+        r = l2_entry(w, c + i, &entry);
+        if (r < 0)
+            return r;
+        *entry = (host + i * w->cluster_size) | QCOW2_OFLAG_COPIED;
+    }
     *src += bytes;
     *len -= bytes;
     *offset += bytes;
@@ -612,6 +773,22 @@ qcow2_writer_cluster_size(const struct qcow2_writer *w)
     return w->cluster_size;
 }
 
+void
+qcow2_writer_l2_stats(const struct qcow2_writer *w,
+                      size_t *resident,
+                      uint64_t *loads,
+                      uint64_t *stores)
+{
+    size_t n = 0;
+    uint32_t i;
+
+    for (i = 0; i < w->l1_size; i++)
+        n += w->l2[i] != NULL;
+    *resident = n;
+    *loads = w->l2_loads;
+    *stores = w->l2_stores;
+}
+
 /* ------------------------------------------------------------------ */
 /* Create */
 
@@ -627,6 +804,9 @@ writer_free(struct qcow2_writer *w)
             free(w->l2[i]);
         free(w->l2);
     }
+    free(w->l2_host);
+    free(w->l2_tick);
+    free(w->res);
     free(w->free);
     free(w->buf);
     free(w->scratch);
@@ -742,10 +922,12 @@ check_size(const struct qcow2_writer_opts *opts,
     return 0;
 }
 
-int
-qcow2_writer_create_io(struct qcbt_io *io,
-                       const struct qcow2_writer_opts *opts,
-                       struct qcow2_writer **out)
+/* CAN_EVICT: IO can be read back (L2 tables may leave memory). */
+static int
+writer_create_io(struct qcbt_io *io,
+                 const struct qcow2_writer_opts *opts,
+                 bool can_evict,
+                 struct qcow2_writer **out)
 {
     struct qcow2_writer *w = NULL;
     const char *name = io->name;
@@ -781,9 +963,23 @@ qcow2_writer_create_io(struct qcbt_io *io,
     w->rt_reserve = opts->refcount_reserve;
     w->name = strdup(name);
     w->l2 = calloc(l1_size ? l1_size : 1, sizeof *w->l2);
+    w->l2_host = calloc(l1_size ? l1_size : 1, sizeof *w->l2_host);
+    w->l2_tick = calloc(l1_size ? l1_size : 1, sizeof *w->l2_tick);
     w->scratch = malloc(cs);
-    if (w->name == NULL || w->l2 == NULL || w->scratch == NULL)
+    if (w->name == NULL || w->l2 == NULL || w->l2_host == NULL ||
+        w->l2_tick == NULL || w->scratch == NULL)
         goto enomem;
+    w->can_evict = can_evict;
+    w->res_max = MAX((size_t)WRITER_L2_CACHE_MIN,
+                     MIN((size_t)WRITER_L2_CACHE_MAX,
+                         (opts->l2_cache_size ? opts->l2_cache_size
+                                              : (size_t)WRITER_L2_CACHE) /
+                             cs));
+    if (can_evict) {
+        w->res = calloc(w->res_max, sizeof *w->res);
+        if (w->res == NULL)
+            goto enomem;
+    }
     if (opts->backing_file && opts->backing_file[0]) {
         w->backing_file = strdup(opts->backing_file);
         w->backing_fmt = strdup(opts->backing_fmt);
@@ -818,6 +1014,14 @@ fail:
     writer_free(w);
     qcbt_io_free(io);
     return r;
+}
+
+int
+qcow2_writer_create_io(struct qcbt_io *io,
+                       const struct qcow2_writer_opts *opts,
+                       struct qcow2_writer **out)
+{
+    return writer_create_io(io, opts, true, out);
 }
 
 int
@@ -860,7 +1064,7 @@ qcow2_writer_create_fd(int fd,
     r = qcbt_io_open_fd(fd, name, &io); /* owns fd from here on */
     if (r < 0)
         return r;
-    return qcow2_writer_create_io(io, opts, out);
+    return writer_create_io(io, opts, (flags & O_ACCMODE) == O_RDWR, out);
 
 fail:
     close(fd);
@@ -872,7 +1076,7 @@ qcow2_writer_create(const char *path,
                     const struct qcow2_writer_opts *opts,
                     struct qcow2_writer **out)
 {
-    int flags = O_WRONLY | O_CREAT | O_CLOEXEC;
+    int flags = O_RDWR | O_CREAT | O_CLOEXEC; /* L2 tables are read back */
     int fd, r;
 
     *out = NULL;
@@ -903,49 +1107,23 @@ append_zeroed(struct qcow2_writer *w, uint64_t *host, unsigned char **slot)
     return r;
 }
 
-/* Write every non-empty L2 table; fill l1[] (host order). */
+/* Write every L2 table in memory; fill l1[] (host order) with every
+ * table written, now or before.
+ */
 static int
 write_l2_tables(struct qcow2_writer *w, uint64_t *l1)
 {
-    uint64_t entries = 1ULL << w->l2_bits;
-    uint64_t host, i, j;
-    unsigned char *slot = NULL;
-    /* What the entries are checked against: the header written later. */
-    const struct qcow2_header hdr = {
-        .version = 3,
-        .cluster_bits = w->cluster_bits,
-    };
-    bool used;
+    uint64_t i;
     int r;
 
     for (i = 0; i < w->l1_size; i++) {
-        uint64_t *t = w->l2[i];
-
-        if (t == NULL)
-            continue;
-        used = false;
-        for (j = 0; j < entries && !used; j++)
-            used = t[j] != 0;
-        if (!used)
-            continue;
-        r = alloc_cluster(w, &host, &slot);
-        if (r < 0)
-            return r;
-        for (j = 0; j < entries; j++) {
-            r = qcow2_l2_entry_check(t[j], 0, &hdr);
+        if (w->l2[i]) {
+            r = l2_store(w, i);
             if (r < 0)
-                return qcbt_error_prefix(
-                    -r,
-                    "%s: L2 entry 0x%016" PRIx64 " for guest offset 0x%" PRIx64,
-                    w->name,
-                    t[j],
-                    ((i << w->l2_bits) + j) << w->cluster_bits);
-            qcow2_table_set(slot, j, t[j]);
+                return r;
         }
-        r = commit_cluster(w, host, slot);
-        if (r < 0)
-            return r;
-        l1[i] = host | QCOW2_OFLAG_COPIED;
+        if (w->l2_host[i])
+            l1[i] = w->l2_host[i] | QCOW2_OFLAG_COPIED;
     }
     return 0;
 }

@@ -15,17 +15,22 @@
  *
  * Host layout: cluster 0 is the header, written last; data clusters are
  * appended in the order they are first written, through a write-behind
- * buffer (large sequential pwrites); at close the L2 tables, the L1 table,
- * the refcount table and the refcount blocks are appended and the header
- * is written.  Refcounts are exact (every cluster in use has refcount 1,
- * clusters freed by a later zero request have refcount 0 unless reused),
- * so `qemu-img check` finds no errors and no leaks.
+ * buffer (large sequential pwrites); L2 tables are appended when they
+ * leave memory (see Memory) and at close, then the L1 table, the refcount
+ * table and the refcount blocks, and the header is written.  Refcounts are
+ * exact (every cluster in use has refcount 1, clusters freed by a later zero
+ * request have refcount 0 unless reused), so `qemu-img check` finds no errors
+ * and no leaks.
  *
- * Memory: the L2 tables live in memory until close and are allocated per
- * L1 entry on first use, so the cost is one cluster per L2 table touched
- * (8 bytes per guest cluster in a touched range: 128 MiB per TiB written
- * with 64 KiB clusters), plus 8 bytes per L1 entry, the write-behind
- * buffer and one scratch cluster.
+ * Memory: L2 tables are allocated per L1 entry on first use; when the file
+ * can be read back (qcow2_writer_create(), a descriptor open O_RDWR, an
+ * io), at most 4 MiB of them (and at least 4 tables) stay in memory: the
+ * least recently used one is written to its host cluster and read back
+ * if it is needed again (writes in nearly guest order, as a backup's,
+ * write each table once).  A write-only descriptor keeps every table
+ * touched until close (one cluster each: 128 MiB per TiB with 64 KiB
+ * clusters).  Plus 24 bytes per L1 entry, the write-behind buffer and
+ * one scratch cluster.
  *
  * Threads: a writer is NOT thread-safe.  All calls on one writer must come
  * from one thread at a time (the backup engine calls it from its single
@@ -104,6 +109,10 @@ struct qcow2_writer_opts {
      * 2^40.
      */
     uint64_t refcount_reserve;
+    /* Bytes of L2 tables kept in memory (see Memory); 0 = 4 MiB.  At
+     * least 4 tables, at most 1024.
+     */
+    size_t l2_cache_size;
 
     /* qcow2_writer_create(): fail with -EEXIST if PATH exists (O_EXCL). */
     bool exclusive;
@@ -121,8 +130,9 @@ int qcow2_writer_create(const char *path,
                         const struct qcow2_writer_opts *opts,
                         struct qcow2_writer **out);
 
-/* The same on an open file descriptor (must be open for writing; a
- * regular file is truncated to 0 bytes).  The writer takes ownership of
+/* The same on an open file descriptor (must be open for writing, and for
+ * reading too to bound the memory; a regular file is truncated to 0
+ * bytes).  The writer takes ownership of
  * FD on success and on error (it is closed either way).  NAME is used in
  * messages only (copied).
  */
@@ -144,6 +154,14 @@ int qcow2_writer_create_io(struct qcbt_io *io,
 /* Guest size after rounding, and cluster size in use. */
 uint64_t qcow2_writer_size(const struct qcow2_writer *w);
 uint32_t qcow2_writer_cluster_size(const struct qcow2_writer *w);
+
+/* The L2 cache so far: tables in memory now, read back, written out
+ * before close.  For tests and debug output.
+ */
+void qcow2_writer_l2_stats(const struct qcow2_writer *w,
+                           size_t *resident,
+                           uint64_t *loads,
+                           uint64_t *stores);
 
 /* Write guest bytes BUF[0..len) at OFFSET (any alignment; the range must
  * lie within the virtual size).  A cluster written for the first time

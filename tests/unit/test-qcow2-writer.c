@@ -343,8 +343,9 @@ struct run_params {
     uint64_t size; /* as passed to the writer */
     uint64_t seed;
     unsigned nr_ops;
-    size_t buffer; /* 0 = default */
-    int backing;   /* 0 none, 1 raw, 2 qcow2 written by the writer */
+    size_t buffer;   /* 0 = default */
+    int backing;     /* 0 none, 1 raw, 2 qcow2 written by the writer */
+    size_t l2_cache; /* 0 = default */
 };
 
 /* Write the model's "below" bytes as the backing file. */
@@ -394,6 +395,7 @@ random_run(const struct run_params *p)
     o.size = p->size;
     o.cluster_size = p->cs;
     o.buffer_size = p->buffer;
+    o.l2_cache_size = p->l2_cache;
     if (p->backing) {
         o.backing_file = p->backing == 1 ? "base.raw" : "base.qcow2";
         o.backing_fmt = p->backing == 1 ? "raw" : "qcow2";
@@ -458,6 +460,15 @@ random_run(const struct run_params *p)
         }
     }
     free(data);
+    if (p->l2_cache) {
+        size_t resident;
+        uint64_t loads, stores;
+
+        qcow2_writer_l2_stats(w, &resident, &loads, &stores);
+        assert_true(resident <= 4);
+        assert_true(loads > 0);
+        assert_true(stores > loads);
+    }
     if (qcow2_writer_close(w) < 0)
         fail_msg("close: %s", qcbt_error_get());
     model_verify(&m, path, p->backing != 0);
@@ -472,7 +483,7 @@ random_run(const struct run_params *p)
 static void
 test_random_512(void **state)
 {
-    struct run_params p = {512, 150 * 512, 1, 400, 0, 0};
+    struct run_params p = {512, 150 * 512, 1, 400, 0, 0, 0};
 
     random_run(&p);
     p.seed = 2;
@@ -483,7 +494,7 @@ test_random_512(void **state)
 static void
 test_random_4k(void **state)
 {
-    struct run_params p = {4096, 97 * 4096 + 1536, 3, 400, 0, 0};
+    struct run_params p = {4096, 97 * 4096 + 1536, 3, 400, 0, 0, 0};
 
     random_run(&p);
     p.seed = 4;
@@ -495,7 +506,7 @@ test_random_4k(void **state)
 static void
 test_random_64k(void **state)
 {
-    struct run_params p = {65536, 41 * 65536 + 7 * 512, 5, 300, 0, 0};
+    struct run_params p = {65536, 41 * 65536 + 7 * 512, 5, 300, 0, 0, 0};
 
     random_run(&p);
     p.seed = 6;
@@ -506,8 +517,29 @@ test_random_64k(void **state)
 static void
 test_random_2m(void **state)
 {
-    struct run_params p = {2 * MiB, 9 * 2 * MiB + 4096, 7, 80, 0, 0};
+    struct run_params p = {2 * MiB, 9 * 2 * MiB + 4096, 7, 80, 0, 0, 0};
 
+    random_run(&p);
+}
+
+/* More L2 tables than the writer keeps in memory, written in random
+ * order: tables leave memory, are read back (from the file, or from the
+ * write-behind buffer) and rewritten in place.
+ */
+static void
+test_random_l2_evict(void **state)
+{
+    /* 512-byte clusters: a table maps 32 KiB; 40 of them, 4 in memory. */
+    struct run_params p = {512, 40 * 32768 + 1024, 11, 1500, 0, 0, 1};
+
+    random_run(&p);
+    p.seed = 12;
+    p.buffer = 512; /* every table read back from the file */
+    random_run(&p);
+    /* 4 KiB clusters: a table maps 2 MiB; 9 of them, 4 in memory, and
+     * partial clusters filled from a backing file.
+     */
+    p = (struct run_params){4096, 17 * MiB + 4096, 13, 1500, 8192, 1, 1};
     random_run(&p);
 }
 
@@ -519,7 +551,7 @@ test_random_backing_raw(void **state)
 
     for (i = 0; i < 3; i++) {
         struct run_params p =
-            {sizes[i], 33 * sizes[i] + 512, 10 + i, 300, 0, 1};
+            {sizes[i], 33 * sizes[i] + 512, 10 + i, 300, 0, 1, 0};
 
         random_run(&p);
         p.seed += 100;
@@ -540,7 +572,8 @@ test_random_backing_qcow2(void **state)
                                20 + i,
                                sizes[i] == 2 * MiB ? 60 : 250,
                                0,
-                               2};
+                               2,
+                               0};
 
         random_run(&p);
     }
@@ -1022,6 +1055,48 @@ test_error_exclusive(void **state)
     free(path);
 }
 
+/* A write-only descriptor cannot read tables back: the writer keeps every
+ * table it touched, whatever the cache size, and the image is right.
+ */
+static void
+test_l2_write_only_fd(void **state)
+{
+    struct qcow2_writer_opts o = {.size = 40 * 32768,
+                                  .cluster_size = 512,
+                                  .l2_cache_size = 1};
+    struct qcow2_writer *w;
+    struct model m;
+    char *path = tmp_path("wronly.qcow2");
+    unsigned char b[700];
+    size_t resident;
+    uint64_t loads, stores, i;
+    int fd;
+
+    model_init(&m, o.size, o.cluster_size, false);
+    fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0666);
+    assert_true(fd >= 0);
+    assert_int_equal(qcow2_writer_create_fd(fd, path, &o, &w), 0);
+    /* Two passes over the 40 tables: the second rewrites what the first
+     * wrote (a writer that had dropped a table would lose it).
+     */
+    for (i = 0; i < 80; i++) {
+        uint64_t off = (i % 40) * 32768 + (i / 40) * 300;
+
+        memset(b, (int)(i + 1), sizeof b);
+        assert_int_equal(qcow2_writer_write(w, b, sizeof b, off), 0);
+        model_apply(&m, b, off, sizeof b);
+    }
+    qcow2_writer_l2_stats(w, &resident, &loads, &stores);
+    assert_int_equal(resident, 40);
+    assert_int_equal(loads, 0);
+    assert_int_equal(stores, 0);
+    assert_int_equal(qcow2_writer_close(w), 0);
+    model_verify(&m, path, false);
+    model_free(&m);
+    unlink(path);
+    free(path);
+}
+
 static void
 test_error_readonly_fd(void **state)
 {
@@ -1335,6 +1410,8 @@ int
 main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_random_l2_evict),
+        cmocka_unit_test(test_l2_write_only_fd),
         cmocka_unit_test(test_empty_image),
         cmocka_unit_test(test_zero_size),
         cmocka_unit_test(test_backing_header),

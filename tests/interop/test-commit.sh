@@ -281,10 +281,12 @@ case_result "$rc"
 # --- faults -----------------------------------------------------------------------
 
 # sweep_faults CS: in src/ (l0.qcow2 over the base l1.qcow2 of CS-byte
-# clusters), fail the commit at every write, then every flush, and check
-# each run as the top of this section says.  Sets rc=1 on a difference.
+# clusters), fail the commit at every write, then every flush (EIO,
+# ENOSPC and SIGKILL in turn), and check each run as the top of this
+# section says.  Sets rc=1 on a difference.
+FAULT_KINDS_COMMIT=(eio enospc kill)
 sweep_faults() {
-    local cs=$1 old new kind n frc where c2 now line name
+    local cs=$1 old new kind n frc where c2 now line name fk want_err
     cd src
     run qemu-img convert -O raw l0.qcow2 ../image.raw
     run qemu-img convert -O raw l1.qcow2 ../old.raw
@@ -299,12 +301,24 @@ sweep_faults() {
         for ((n = 1; ; n++)); do
             rm -rf f && cp -a src f
             frc=0
-            (cd f && QCBT_TEST_FAIL_AT=$kind:$n "$QCBT" commit -q l0.qcow2) 2>err || frc=$?
-            where="$kind:$n (exit $frc)"
-            [[ $frc -eq 0 || $frc -eq 1 ]] || { note "[$CASE] $where: exit status"; rc=1; }
-            if [[ $frc -eq 1 && ($(wc -l <err) -ne 1 || $(cat err) != *"stopped (l0.qcow2 still reads as before; run qcbt commit again)"*) ]]; then
-                note "[$CASE] $where: not the one line saying what happened: $(cat err)"
-                rc=1
+            # One fault per point, the kinds in turn (scripts/fault-sweep.sh
+            # style): an I/O error, a full disk, a crash (SIGKILL).
+            fk=${FAULT_KINDS_COMMIT[n % 3]}
+            (cd f && QCBT_TEST_FAIL_AT=$fk-$kind:$n "$QCBT" commit -q l0.qcow2) 2>err || frc=$?
+            where="$fk-$kind:$n (exit $frc)"
+            if [[ $fk == kill ]]; then
+                [[ $frc -eq 0 || $frc -eq 137 ]] || { note "[$CASE] $where: exit status, want 137"; rc=1; }
+            else
+                [[ $frc -eq 0 || $frc -eq 1 ]] || { note "[$CASE] $where: exit status"; rc=1; }
+                if [[ $frc -eq 1 && ($(wc -l <err) -ne 1 || $(cat err) != *"stopped (l0.qcow2 still reads as before; run qcbt commit again)"*) ]]; then
+                    note "[$CASE] $where: not the one line saying what happened: $(cat err)"
+                    rc=1
+                fi
+                want_err=$([[ $fk == eio ]] && echo "Input/output error" || echo "No space left on device")
+                if [[ $frc -eq 1 && $(cat err) != *"$want_err"* ]]; then
+                    note "[$CASE] $where: the error does not name $want_err: $(cat err)"
+                    rc=1
+                fi
             fi
             c2=0
             qemu-img check f/l1.qcow2 >check.out 2>&1 || c2=$?

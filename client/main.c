@@ -22,15 +22,15 @@ static const struct {
     {"info", cmd_info, "show an image's backing chain and each layer"},
     {"map", cmd_map, "show guest allocation (like qemu-img map)"},
     {"cat", cmd_cat, "write guest bytes to stdout"},
-    {"bitmap", cmd_bitmap, "list, check, dump and digest persistent bitmaps"},
+    {"bitmap", cmd_bitmap, "list, check, dump and change persistent bitmaps"},
     {"checkpoint", cmd_checkpoint, "create, list and delete checkpoints"},
+    {"snapshot", cmd_snapshot, "new overlay keeping the checkpoints (offline)"},
+    {"convert", cmd_convert, "squash a chain into one qcow2 with its bitmaps"},
     {"commit", cmd_commit, "commit upper layers into a base, merging bitmaps"},
-    {"backup", cmd_backup, "full or incremental backup of an NBD export"},
+    {"backup", cmd_backup, "full or incremental backup (NBD export or image)"},
     {"restore", cmd_restore, "restore a backup to a file or NBD export"},
     {"verify", cmd_verify, "check a backup directory (and against a source)"},
     {"import", cmd_import, "turn a virtnbdbackup backup set into a backup dir"},
-    {"snapshot", cmd_snapshot, "new overlay keeping the checkpoints (offline)"},
-    {"convert", cmd_convert, "squash a chain into one qcow2 with its bitmaps"},
 };
 
 static void

@@ -25,6 +25,8 @@
 #     windows grow once the replies come back sparse, so the map takes at
 #     most 3 round trips (1 GiB windows 32 at a time: 32) and fewer than
 #     300 requests (1 GiB windows: 1024); the chain equals the source;
+#   - map-qemu-nbd: the same served by qemu-nbd, which takes the large
+#     windows (4 GiB - 64 KiB) as qcbt-server does;
 #   - map-dense: a 64 GiB disk whose map turns fragmented after sparse
 #     windows (4096 dirty runs of 64 KiB, every other one, at 40 GiB): a
 #     large window meets them and is cut short, the rest asked again in
@@ -212,19 +214,30 @@ if want map-ahead; then
     case_result $CASE_RC
 fi
 
+# serve_qemu_linked IMG [QEMU-NBD ARGS...]: serve_linked with qemu-nbd.
+serve_qemu_linked() {
+    local img=$1
+    shift
+    bg server.log "$CASE_DIR/srv.sock" qemu-nbd -r -t -f qcow2 "$@" \
+        -k "$CASE_DIR/srv.sock" "$img"
+    bg proxy.log "$CASE_DIR/px.sock" "$PYTHON" "$PROXY" \
+        "$CASE_DIR/px.sock" "$CASE_DIR/srv.sock" 25
+}
+
 # map_case NAME SIZE QIO: an incremental of a SIZE disk (bitmap b0 after
-# a full backup) with the writes in QIO through the link; sets the map's
-# figures (backup_linked), checks verify and the backup chain.
+# a full backup) with the writes in QIO through the link, served by
+# ${SERVE:-serve_linked}; sets the map's figures (backup_linked), checks
+# verify and the backup chain.
 map_case() {
-    local size=$1 qio=$2
+    local size=$1 qio=$2 serve=${SERVE:-serve_linked}
     run qemu-img create -q -f qcow2 "$CASE_DIR/src.qcow2" "$size"
     run qemu-io -f qcow2 -c 'write -q -P 9 0 1M' "$CASE_DIR/src.qcow2"
     run qemu-img bitmap --add -g 64K "$CASE_DIR/src.qcow2" b0
-    serve_linked "$CASE_DIR/src.qcow2"
+    $serve "$CASE_DIR/src.qcow2"
     backup_linked full.log --full
     stop_all
     run sh -c "qemu-io -f qcow2 '$CASE_DIR/src.qcow2' <'$qio'"
-    serve_linked "$CASE_DIR/src.qcow2" -B b0
+    $serve "$CASE_DIR/src.qcow2" -B b0
     backup_linked incr.log --since b0
     stop_all
     run "$QCBT" verify "$CASE_DIR/bk"
@@ -239,6 +252,19 @@ if want map-sparse; then
         printf 'write -q -P %d %dG 1M\n' $((i + 1)) $((i * 170 + 5))
     done >"$CASE_DIR/dirty.qio"
     map_case 1T "$CASE_DIR/dirty.qio"
+    ((MAP_ROUNDS >= 1 && MAP_ROUNDS <= 3)) || bad "the map took $MAP_ROUNDS round trips for 1 TiB"
+    ((MAP_REQS < 300)) || bad "$MAP_REQS block status requests for a sparse 1 TiB"
+    case_result $CASE_RC
+fi
+
+if want map-qemu-nbd; then
+    begin_case map-qemu-nbd
+    CASE_RC=0
+    requires qemu-nbd
+    for i in 0 1 2 3 4 5; do
+        printf 'write -q -P %d %dG 1M\n' $((i + 1)) $((i * 170 + 5))
+    done >"$CASE_DIR/dirty.qio"
+    SERVE=serve_qemu_linked map_case 1T "$CASE_DIR/dirty.qio"
     ((MAP_ROUNDS >= 1 && MAP_ROUNDS <= 3)) || bad "the map took $MAP_ROUNDS round trips for 1 TiB"
     ((MAP_REQS < 300)) || bad "$MAP_REQS block status requests for a sparse 1 TiB"
     case_result $CASE_RC

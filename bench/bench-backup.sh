@@ -44,7 +44,8 @@
 # connections, and --connections 1), qcbt-base, the vnb-style client;
 # qcbt --full (both), qcbt-base --full, nbdcopy --flush; and an
 # incremental of sparse.qcow2 (256 GiB, 64 dirty runs of 64 KiB, one per
-# 4 GiB: bound by the map's 256 requests) by qcbt, qcbt-base and the
+# 4 GiB: bound by the map: 256 windows of 1 GiB, 2 round trips since the
+# windows grow on sparse replies) by qcbt, qcbt-base and the
 # vnb-style client.  Medians
 # against the floor (bytes / rate + 10 round trips: connect, handshake,
 # map) and the target (1.1 x bytes / rate + 10 round trips); vnb-style /
@@ -116,7 +117,7 @@ T() { "$PY" "$ANCHOR/timeit.py" --out "$OUT" -n "$N" -w 1 "$@"; }
         mv link.tmp.qcow2 link.qcow2
     fi
     # sparse.qcow2: 256 GiB, bitmap b0, 64 dirty runs of 64 KiB, one per
-    # 4 GiB: an incremental bound by the map (256 block status requests).
+    # 4 GiB: an incremental bound by the map (its round trips).
     if [[ ! -f sparse.qcow2 ]]; then
         qemu-img create -q -f qcow2 -o cluster_size=64k sparse.tmp.qcow2 256G
         qemu-img bitmap --add -g 64K sparse.tmp.qcow2 b0

@@ -73,14 +73,28 @@
 #define MAX_REQS      1024u
 #define MAP_WINDOW    (1ULL << 30) /* bytes of block status per request */
 /* Block status requests in flight ahead of the reads: a map request costs
- * a round trip, and a 1 TiB disk is 1024 of them; 32 ahead map 32 GiB per
- * round trip.  Each keeps at most MAP_MAX_EXTENTS extents per context
- * (the rest of its range is asked again): enough for a whole window of
- * 64 KiB granules alternating (never a reply cut short and recomputed by
- * the server), 16 MiB at most for all.
+ * a round trip, and a 1 TiB disk is 1024 windows of MAP_WINDOW.  Each
+ * request keeps at most the extents it reserved per context (the rest of
+ * its range is asked again), and all those in flight reserve at most
+ * MAP_BUDGET: 16 MiB for both contexts' lists, whatever the map.
+ *
+ * Dense: the map starts with MAP_AHEAD requests of MAP_WINDOW reserving
+ * MAP_MAX_EXTENTS each, enough for a whole window of 64 KiB granules
+ * alternating (never a reply cut short and recomputed by the server).
+ * Sparse: once a reply comes back with few extents (at its density a
+ * MAP_WINDOW_MAX window would need at most half of MAP_SPARSE_EXTENTS),
+ * requests grow to MAP_WINDOW_MAX (the largest 64 KiB-aligned 32-bit
+ * length, what nbdinfo and virtnbdbackup ask for) and reserve
+ * MAP_SPARSE_EXTENTS, so up to MAP_SLOTS of them (1 TiB) fit the budget:
+ * a sparse 1 TiB disk is mapped in two round trips, not 32.  A dense
+ * reply turns new requests (and the rest of a cut one) back to 1 GiB.
  */
-#define MAP_AHEAD       32
-#define MAP_MAX_EXTENTS 32768
+#define MAP_AHEAD          32
+#define MAP_MAX_EXTENTS    32768
+#define MAP_BUDGET         ((size_t)MAP_AHEAD * MAP_MAX_EXTENTS)
+#define MAP_WINDOW_MAX     0xffff0000ULL
+#define MAP_SPARSE_EXTENTS 1024
+#define MAP_SLOTS          256
 
 enum run_kind { RUN_COPY, RUN_ZERO };
 
@@ -105,7 +119,10 @@ struct mapreq {
     struct engine *eng;
     struct ext_list alloc, dirty;
     uint64_t off, len;
-    bool done; /* completed; err is its error (0: none) */
+    uint64_t stop;   /* the slot maps [off, stop), asking again if short */
+    size_t max_ext;  /* extents kept per context, reserved in MAP_BUDGET */
+    unsigned rounds; /* round trips of the map up to this reply */
+    bool done;       /* completed; err is its error (0: none) */
     int err;
     int map_err; /* a reply we refuse, with map_msg */
     char map_msg[256];
@@ -218,9 +235,13 @@ struct engine {
      * map_issue.
      */
     uint64_t map_pos, map_issue;
-    struct mapreq mq[MAP_AHEAD];
+    struct mapreq mq[MAP_SLOTS];
     unsigned mq_head, mq_n;
-    unsigned map_requests, map_peak; /* sent, most in flight */
+    size_t map_reserved; /* extents the requests in flight reserved */
+    bool map_sparse;     /* the last reply was sparse: large windows */
+    unsigned map_rounds; /* the last reply taken: its rounds */
+    unsigned map_requests, map_peak, map_max_rounds; /* for QCBT_DEBUG */
+    size_t map_held, map_held_peak; /* extents the lists hold room for */
 
     /* Work from the last mapped window. */
     struct run *runs;
@@ -401,14 +422,20 @@ backup_usage(FILE *fp)
 /* ---- block status ---------------------------------------------------- */
 
 static int
-ext_push(struct ext_list *l, uint32_t len, uint32_t flags)
+ext_push(struct engine *eng,
+         struct ext_list *l,
+         uint32_t len,
+         uint32_t flags,
+         size_t max_ext)
 {
     if (l->n + 2 > l->cap) {
-        size_t nc = l->cap ? l->cap * 2 : 1024;
+        size_t nc = MIN(l->cap ? l->cap * 2 : 1024, 2 * max_ext);
         uint32_t *ne = realloc(l->e, nc * sizeof *ne);
 
         if (!ne)
             return -1;
+        eng->map_held += (nc - l->cap) / 2;
+        eng->map_held_peak = MAX(eng->map_held_peak, eng->map_held);
         l->e = ne;
         l->cap = nc;
     }
@@ -454,8 +481,8 @@ extent_cb(void *opaque,
     }
     l->got = true;
     /* libnbd passes extents unchecked: the server is not trusted. */
-    /* (Past MAP_MAX_EXTENTS the rest is asked again.) */
-    for (i = 0; i < nr && sum < mr->len && l->n / 2 < MAP_MAX_EXTENTS; i += 2) {
+    /* (Past max_ext the rest is asked again.) */
+    for (i = 0; i < nr && sum < mr->len && l->n / 2 < mr->max_ext; i += 2) {
         uint32_t len = entries[i], flags = entries[i + 1];
 
         if (len == 0 || flags > maxflag) {
@@ -480,7 +507,7 @@ extent_cb(void *opaque,
         }
         if (sum + len > mr->len)
             len = mr->len - sum; /* only the last may run past */
-        if (ext_push(l, len, flags) < 0) {
+        if (ext_push(eng, l, len, flags, mr->max_ext) < 0) {
             mr->map_err = ENOMEM;
             snprintf(mr->map_msg, sizeof mr->map_msg, "out of memory");
             return 0;
@@ -587,13 +614,22 @@ map_done(void *opaque, int *error)
     return 1;
 }
 
-/* Ask for block status of [off, off + len) into MR. */
+/* Ask for block status of [off, off + len) into MR, keeping at most
+ * MAX_EXT extents per context (reserved by the caller).
+ */
 static int
-map_request(struct engine *eng, struct mapreq *mr, uint64_t off, uint64_t len)
+map_request(struct engine *eng,
+            struct mapreq *mr,
+            uint64_t off,
+            uint64_t len,
+            size_t max_ext)
 {
     mr->eng = eng;
     mr->off = off;
     mr->len = len;
+    mr->max_ext = max_ext;
+    mr->rounds++;
+    eng->map_max_rounds = MAX(eng->map_max_rounds, mr->rounds);
     mr->alloc.n = mr->dirty.n = 0;
     mr->alloc.got = mr->dirty.got = false;
     mr->done = false;
@@ -615,19 +651,28 @@ map_request(struct engine *eng, struct mapreq *mr, uint64_t off, uint64_t len)
     return 0;
 }
 
-/* Keep MAP_AHEAD block status requests in flight (on the first
- * connection, which negotiated the contexts).
+/* Keep block status requests in flight (on the first connection, which
+ * negotiated the contexts), as many as MAP_SLOTS and MAP_BUDGET allow.
  */
 static int
 map_ahead(struct engine *eng)
 {
-    while (eng->mq_n < MAP_AHEAD && eng->map_issue < eng->size) {
-        struct mapreq *mr = &eng->mq[(eng->mq_head + eng->mq_n) % MAP_AHEAD];
-        uint64_t len = MIN(MAP_WINDOW, eng->size - eng->map_issue);
-        int r = map_request(eng, mr, eng->map_issue, len);
+    while (eng->mq_n < MAP_SLOTS && eng->map_issue < eng->size) {
+        struct mapreq *mr = &eng->mq[(eng->mq_head + eng->mq_n) % MAP_SLOTS];
+        size_t max_ext = eng->map_sparse ? MAP_SPARSE_EXTENTS : MAP_MAX_EXTENTS;
+        uint64_t len = MIN(eng->map_sparse ? MAP_WINDOW_MAX : MAP_WINDOW,
+                           eng->size - eng->map_issue);
+        int r;
 
+        if (eng->map_reserved + max_ext > MAP_BUDGET)
+            break;
+        /* Asked now: one round trip after the last reply taken. */
+        mr->rounds = eng->map_rounds;
+        mr->stop = eng->map_issue + len;
+        r = map_request(eng, mr, eng->map_issue, len, max_ext);
         if (r < 0)
             return r;
+        eng->map_reserved += max_ext;
         eng->map_issue += len;
         eng->mq_n++;
         eng->map_peak = MAX(eng->map_peak, eng->mq_n);
@@ -643,7 +688,7 @@ map_take(struct engine *eng)
 {
     struct mapreq *mr = &eng->mq[eng->mq_head];
     uint64_t pos = mr->off, end, a_end, d_end;
-    size_t ai = 0, di = 0;
+    size_t ai = 0, di = 0, max_ext;
     uint64_t a_pos, d_pos;
     int r;
 
@@ -721,11 +766,37 @@ map_take(struct engine *eng)
         pos = stop;
     }
     eng->map_pos = end;
-    if (end < mr->off + mr->len)
+    eng->map_rounds = mr->rounds;
+    /* Sparse if a MAP_WINDOW_MAX window at this density would keep at
+     * most half of MAP_SPARSE_EXTENTS (no overflow: at most 2^15
+     * extents times 2^32).
+     */
+    eng->map_sparse =
+        (uint64_t)MAX(mr->alloc.n, mr->dirty.n) / 2 * MAP_WINDOW_MAX <=
+        (uint64_t)MAP_SPARSE_EXTENTS / 2 * (end - mr->off);
+    eng->map_reserved -= mr->max_ext;
+    if (end < mr->stop) {
         /* A short reply: ask again for the rest, before the windows
-         * ahead. */
-        return map_request(eng, mr, end, mr->off + mr->len - end);
-    eng->mq_head = (eng->mq_head + 1) % MAP_AHEAD;
+         * ahead, in a window and with extents as for a new request
+         * (more extents if the budget has them: never fewer than this
+         * request had, which is still free).
+         */
+        max_ext = eng->map_sparse ? MAP_SPARSE_EXTENTS : MAP_MAX_EXTENTS;
+        max_ext = MIN(max_ext, MAP_BUDGET - eng->map_reserved);
+        eng->map_reserved += max_ext;
+        return map_request(
+            eng,
+            mr,
+            end,
+            MIN(mr->stop - end, eng->map_sparse ? MAP_WINDOW_MAX : MAP_WINDOW),
+            max_ext);
+    }
+    /* Give the lists back: a slot keeps only what is reserved. */
+    eng->map_held -= (mr->alloc.cap + mr->dirty.cap) / 2;
+    free(mr->alloc.e);
+    free(mr->dirty.e);
+    mr->alloc = mr->dirty = (struct ext_list){0};
+    eng->mq_head = (eng->mq_head + 1) % MAP_SLOTS;
     eng->mq_n--;
     return 0;
 }
@@ -2469,7 +2540,7 @@ cmd_backup(int argc, char **argv)
                 " bytes (%u to %u reads of %u bytes), peak %u reads in "
                 "flight, smallest round trip %.3f ms, best rate %.1f MB/s\n"
                 "qcbt backup: debug: map: %u block status requests, at most "
-                "%u in flight\n",
+                "%u in flight, %u round trips, room for at most %zu extents\n",
                 eng.readback,
                 eng.readback_granules,
                 eng.dgi_prev ? dgi_chain_bytes_read(eng.dgi_prev) : 0,
@@ -2482,7 +2553,9 @@ cmd_backup(int argc, char **argv)
                 eng.pace.min_rtt_us / 1000.0,
                 eng.pace.max_rate,
                 eng.map_requests,
-                eng.map_peak);
+                eng.map_peak,
+                eng.map_max_rounds,
+                eng.map_held_peak);
     if (r < 0) {
         if (eng.lost_conn >= 0 && !stage_error(&eng))
             explain_lost(&eng, dir, ctx, prev);
@@ -2792,7 +2865,7 @@ out:
     dgi_chain_free(eng.dgi_prev);
     free(dgipath);
     free(dgifinal);
-    for (i = 0; i < MAP_AHEAD; i++) {
+    for (i = 0; i < MAP_SLOTS; i++) {
         free(eng.mq[i].alloc.e);
         free(eng.mq[i].dirty.e);
     }

@@ -17,8 +17,22 @@
 #   - map-ahead: an incremental of a 64 GiB disk with 8 dirty runs: the
 #     map (64 block status requests of 1 GiB, a round trip each) is asked
 #     with many requests in flight (QCBT_DEBUG's count: at least 16 at
-#     once), not one after the other; the backup chain equals the source
-#     (qemu-img compare) and verify passes.
+#     once), not one after the other, and takes at most 2 round trips
+#     (QCBT_DEBUG's count of the map's own round trips, one per reply
+#     each request waited for); the backup chain equals the source
+#     (qemu-img compare) and verify passes;
+#   - map-sparse: the same on a 1 TiB disk with 6 dirty runs: the
+#     windows grow once the replies come back sparse, so the map takes at
+#     most 3 round trips (1 GiB windows 32 at a time: 32) and fewer than
+#     300 requests (1 GiB windows: 1024); the chain equals the source;
+#   - map-qemu-nbd: the same served by qemu-nbd, which takes the large
+#     windows (4 GiB - 64 KiB) as qcbt-server does;
+#   - map-dense: a 64 GiB disk whose map turns fragmented after sparse
+#     windows (4096 dirty runs of 64 KiB, every other one, at 40 GiB): a
+#     large window meets them and is cut short, the rest asked again in
+#     1 GiB windows; the extent lists never hold room for more than the
+#     16 MiB budget (2 x 32 x 32768 extents), and the chain equals the
+#     source.
 #
 # Environment: QCBT (client), QCBT_SERVER or QCBT_BUILD_DIR (server),
 # CASES=REGEX to run some cases only, QCBT_KEEP_TMP=1 to keep the files.
@@ -108,7 +122,11 @@ backup_linked() {
         fail "[$CASE] oracle broke: cannot parse '$line'"
     MAP_REQS=${BASH_REMATCH[1]}
     MAP_PEAK=${BASH_REMATCH[2]}
-    recipe_note "window $WINDOW bytes, floor $FLOOR, peak $PEAK reads, map $MAP_REQS requests, $MAP_PEAK at once"
+    [[ $line =~ in\ flight,\ ([0-9]+)\ round\ trips,\ room\ for\ at\ most\ ([0-9]+)\ extents ]] ||
+        fail "[$CASE] oracle broke: cannot parse '$line'"
+    MAP_ROUNDS=${BASH_REMATCH[1]}
+    MAP_HELD=${BASH_REMATCH[2]}
+    recipe_note "window $WINDOW bytes, floor $FLOOR, peak $PEAK reads, map $MAP_REQS requests, $MAP_PEAK at once, $MAP_ROUNDS round trips, room for $MAP_HELD extents"
 }
 
 # restores_to IMG: the newest backup restores to IMG's guest view.
@@ -187,12 +205,83 @@ if want map-ahead; then
     run sh -c "qemu-io -f qcow2 '$CASE_DIR/src.qcow2' <'$CASE_DIR/dirty.qio'"
     serve_linked "$CASE_DIR/src.qcow2" -B b0
     backup_linked incr.log --since b0
-    ((MAP_REQS >= 64)) || bad "$MAP_REQS block status requests for 64 GiB in 1 GiB windows"
     ((MAP_PEAK >= 16)) || bad "at most $MAP_PEAK block status requests in flight"
+    ((MAP_ROUNDS >= 1 && MAP_ROUNDS <= 2)) || bad "the map took $MAP_ROUNDS round trips"
     stop_all
     run "$QCBT" verify "$CASE_DIR/bk"
     qemu-img compare -q -f qcow2 -F qcow2 "$CASE_DIR/bk/backup-0001.qcow2" "$CASE_DIR/src.qcow2" ||
         bad "the backup chain differs from the source"
+    case_result $CASE_RC
+fi
+
+# serve_qemu_linked IMG [QEMU-NBD ARGS...]: serve_linked with qemu-nbd.
+serve_qemu_linked() {
+    local img=$1
+    shift
+    bg server.log "$CASE_DIR/srv.sock" qemu-nbd -r -t -f qcow2 "$@" \
+        -k "$CASE_DIR/srv.sock" "$img"
+    bg proxy.log "$CASE_DIR/px.sock" "$PYTHON" "$PROXY" \
+        "$CASE_DIR/px.sock" "$CASE_DIR/srv.sock" 25
+}
+
+# map_case NAME SIZE QIO: an incremental of a SIZE disk (bitmap b0 after
+# a full backup) with the writes in QIO through the link, served by
+# ${SERVE:-serve_linked}; sets the map's figures (backup_linked), checks
+# verify and the backup chain.
+map_case() {
+    local size=$1 qio=$2 serve=${SERVE:-serve_linked}
+    run qemu-img create -q -f qcow2 "$CASE_DIR/src.qcow2" "$size"
+    run qemu-io -f qcow2 -c 'write -q -P 9 0 1M' "$CASE_DIR/src.qcow2"
+    run qemu-img bitmap --add -g 64K "$CASE_DIR/src.qcow2" b0
+    $serve "$CASE_DIR/src.qcow2"
+    backup_linked full.log --full
+    stop_all
+    run sh -c "qemu-io -f qcow2 '$CASE_DIR/src.qcow2' <'$qio'"
+    $serve "$CASE_DIR/src.qcow2" -B b0
+    backup_linked incr.log --since b0
+    stop_all
+    run "$QCBT" verify "$CASE_DIR/bk"
+    qemu-img compare -q -f qcow2 -F qcow2 "$CASE_DIR/bk/backup-0001.qcow2" "$CASE_DIR/src.qcow2" ||
+        bad "the backup chain differs from the source"
+}
+
+if want map-sparse; then
+    begin_case map-sparse
+    CASE_RC=0
+    for i in 0 1 2 3 4 5; do
+        printf 'write -q -P %d %dG 1M\n' $((i + 1)) $((i * 170 + 5))
+    done >"$CASE_DIR/dirty.qio"
+    map_case 1T "$CASE_DIR/dirty.qio"
+    ((MAP_ROUNDS >= 1 && MAP_ROUNDS <= 3)) || bad "the map took $MAP_ROUNDS round trips for 1 TiB"
+    ((MAP_REQS < 300)) || bad "$MAP_REQS block status requests for a sparse 1 TiB"
+    case_result $CASE_RC
+fi
+
+if want map-qemu-nbd; then
+    begin_case map-qemu-nbd
+    CASE_RC=0
+    requires qemu-nbd
+    for i in 0 1 2 3 4 5; do
+        printf 'write -q -P %d %dG 1M\n' $((i + 1)) $((i * 170 + 5))
+    done >"$CASE_DIR/dirty.qio"
+    SERVE=serve_qemu_linked map_case 1T "$CASE_DIR/dirty.qio"
+    ((MAP_ROUNDS >= 1 && MAP_ROUNDS <= 3)) || bad "the map took $MAP_ROUNDS round trips for 1 TiB"
+    ((MAP_REQS < 300)) || bad "$MAP_REQS block status requests for a sparse 1 TiB"
+    case_result $CASE_RC
+fi
+
+if want map-dense; then
+    begin_case map-dense
+    CASE_RC=0
+    {
+        printf 'write -q -P 1 3G 1M\n'
+        for i in $(seq 0 4095); do
+            printf 'write -q -P %d %d 64K\n' $((i % 200 + 2)) $(((40 << 30) + i * (128 << 10)))
+        done
+    } >"$CASE_DIR/dirty.qio"
+    map_case 64G "$CASE_DIR/dirty.qio"
+    ((MAP_HELD > 0 && MAP_HELD <= 2 * 32 * 32768)) ||
+        bad "the extent lists held room for $MAP_HELD extents"
     case_result $CASE_RC
 fi
 

@@ -321,7 +321,7 @@ convert_run(struct chain *src,
     struct publish_set *set = NULL;
     struct new_image *ni = NULL;
     struct qcow2_writer *w = NULL;
-    uint64_t dir_bytes = 0;
+    struct new_image_reserve rv = {0};
     size_t i;
     int r;
 
@@ -339,18 +339,16 @@ convert_run(struct chain *src,
     if (r < 0)
         goto fail;
 
+    rv.size = res->size;
+    rv.cluster_size = res->cluster_size;
     for (i = 0; i < res->nr_bitmaps; i++)
         if (res->bitmaps[i].persistent)
-            dir_bytes += new_image_dir_entry_bytes(res->bitmaps[i].alias);
+            new_image_reserve_bitmap(&rv,
+                                     res->bitmaps[i].alias,
+                                     res->bitmaps[i].granularity);
     wo.size = res->size;
     wo.cluster_size = res->cluster_size;
-    for (i = 0; i < res->nr_bitmaps; i++)
-        if (res->bitmaps[i].persistent)
-            wo.refcount_reserve += new_image_bitmap_clusters(
-                res->size,
-                res->cluster_size,
-                (unsigned)__builtin_ctzll(res->bitmaps[i].granularity),
-                dir_bytes);
+    wo.refcount_reserve = new_image_reserve_total(&rv);
 
     r = new_image_create(dst_path, &ni);
     if (r < 0)

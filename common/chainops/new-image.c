@@ -143,27 +143,29 @@ new_image_add_bitmap(struct new_image *ni,
     return r;
 }
 
-uint64_t
-new_image_dir_entry_bytes(const char *name)
+void
+new_image_reserve_bitmap(struct new_image_reserve *rv,
+                         const char *name,
+                         uint64_t granularity)
 {
     struct qcow2_bitmap_dir_entry e = {.name_size = (uint16_t)strlen(name)};
+    uint64_t entries =
+        qcow2_bitmap_table_size_needed(rv->size,
+                                       rv->cluster_size,
+                                       (unsigned)__builtin_ctzll(granularity));
 
-    return qcow2_bitmap_dir_entry_size(&e);
+    /* add: a table; merge: a new table and the data clusters. */
+    rv->clusters += 2 * DIV_ROUND_UP(entries * 8, rv->cluster_size) + entries;
+    rv->dir_bytes += qcow2_bitmap_dir_entry_size(&e);
+    rv->nr++;
 }
 
 uint64_t
-new_image_bitmap_clusters(uint64_t size,
-                          uint32_t cluster_size,
-                          unsigned gbits,
-                          uint64_t dir_bytes)
+new_image_reserve_total(const struct new_image_reserve *rv)
 {
-    uint64_t entries =
-        qcow2_bitmap_table_size_needed(size, cluster_size, gbits);
-    uint64_t table = DIV_ROUND_UP(entries * 8, cluster_size);
-    uint64_t dir = DIV_ROUND_UP(dir_bytes, cluster_size);
-
-    /* add: table + directory; merge: data + table + directory. */
-    return 2 * table + entries + 2 * dir;
+    /* Each bitmap's add and merge write the whole directory anew. */
+    return rv->clusters +
+           rv->nr * 2 * DIV_ROUND_UP(rv->dir_bytes, rv->cluster_size);
 }
 
 /* fsync the directory holding PATH, so that its new name is durable. */

@@ -61,19 +61,24 @@ int new_image_add_bitmap(struct new_image *ni,
                          bool enabled,
                          const struct bitmap *content);
 
-/* At most how many clusters new_image_add_bitmap() takes for a bitmap
- * of granularity 2^GBITS over SIZE guest bytes in an image of
- * CLUSTER_SIZE clusters whose bitmap directory will hold DIR_BYTES (each
- * store writes a new table and directory, and every data cluster): the
- * sum over the bitmaps is the writer's refcount_reserve.
+/* The writer's refcount_reserve for the bitmaps new_image_add_bitmap()
+ * will add: at most the clusters they take (each store writes a new table
+ * and directory, and every data cluster).  Fill SIZE and CLUSTER_SIZE,
+ * call new_image_reserve_bitmap() once per bitmap, then
+ * new_image_reserve_total().
  */
-uint64_t new_image_bitmap_clusters(uint64_t size,
-                                   uint32_t cluster_size,
-                                   unsigned gbits,
-                                   uint64_t dir_bytes);
+struct new_image_reserve {
+    uint64_t size;         /* guest bytes */
+    uint32_t cluster_size; /* of the new image */
+    uint64_t clusters;     /* tables and data, so far */
+    uint64_t dir_bytes;    /* the directory, so far */
+    uint64_t nr;           /* bitmaps, so far */
+};
 
-/* Bytes a bitmap named NAME takes in the bitmap directory. */
-uint64_t new_image_dir_entry_bytes(const char *name);
+void new_image_reserve_bitmap(struct new_image_reserve *rv,
+                              const char *name,
+                              uint64_t granularity);
+uint64_t new_image_reserve_total(const struct new_image_reserve *rv);
 
 /* Close the image, fsync it and its directory, release the lock and free
  * NI.  On failure the file is removed (as new_image_discard()).  Returns 0

@@ -222,7 +222,7 @@ snapshot_create(struct chain *chain,
     struct new_image *ni = NULL;
     struct qcow2_writer *w = NULL;
     struct chain_layer *top = &chain->layers[0];
-    uint64_t dir_bytes = 0;
+    struct new_image_reserve rv = {0};
     size_t i;
     int r;
 
@@ -240,20 +240,18 @@ snapshot_create(struct chain *chain,
     if (r < 0)
         goto fail;
 
+    rv.size = res->size;
+    rv.cluster_size = res->cluster_size;
     for (i = 0; i < res->nr_bitmaps; i++)
         if (res->bitmaps[i].carried)
-            dir_bytes += new_image_dir_entry_bytes(res->bitmaps[i].name);
+            new_image_reserve_bitmap(&rv,
+                                     res->bitmaps[i].name,
+                                     res->bitmaps[i].granularity);
     wo.size = res->size;
     wo.cluster_size = res->cluster_size;
     wo.backing_file = res->backing_name;
     wo.backing_fmt = res->backing_fmt;
-    for (i = 0; i < res->nr_bitmaps; i++)
-        if (res->bitmaps[i].carried)
-            wo.refcount_reserve += new_image_bitmap_clusters(
-                res->size,
-                res->cluster_size,
-                (unsigned)__builtin_ctzll(res->bitmaps[i].granularity),
-                dir_bytes);
+    wo.refcount_reserve = new_image_reserve_total(&rv);
 
     r = new_image_create(new_path, &ni);
     if (r < 0)

@@ -283,6 +283,27 @@ qcow2_map(struct qcow2_image *img,
         l2_index = (pos >> cbits) & (img->l2_entries - 1);
         e = img->extended_l2 ? table[2 * l2_index] : table[l2_index];
         b = img->extended_l2 ? table[2 * l2_index + 1] : 0;
+        if (e == 0 && b == 0) {
+            /* An empty entry: the whole cluster is unallocated, whatever
+             * its subcluster (what classify() says of it).  Sparse disks
+             * are mostly this, and a 4 GiB block status window may cover
+             * 64 Ki of them: skip them in a tight loop.
+             */
+            const uint64_t last = ((end - 1) >> cbits) & (img->l2_entries - 1);
+            uint64_t i = l2_index + 1;
+
+            if (first.kind != QCOW2_UNALLOCATED)
+                break;
+            if (img->extended_l2)
+                while (i <= last && (table[2 * i] | table[2 * i + 1]) == 0)
+                    i++;
+            else
+                while (i <= last && table[i] == 0)
+                    i++;
+            pos =
+                (pos & ~((1ULL << (cbits + img->l2_bits)) - 1)) + (i << cbits);
+            continue;
+        }
         sc = (pos >> ubits) & ((1u << (cbits - ubits)) - 1);
         if (classify(img, pos, e, b, sc, &u) < 0) {
             /* Stop before the bad entry; it is reported when reached. */

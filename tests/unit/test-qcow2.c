@@ -307,6 +307,11 @@ check_standard(unsigned version)
     assert_int_equal(qcow2_map(q, 4 * cs, size, &e), 0);
     assert_int_equal(e.kind, QCOW2_UNALLOCATED);
     assert_int_equal(e.len, 507 * cs);
+    /* a run of empty entries ends where the request does */
+    assert_int_equal(qcow2_map(q, 6 * cs + 7, 100 * cs, &e), 0);
+    assert_int_equal(e.kind, QCOW2_UNALLOCATED);
+    assert_false(e.offset_valid);
+    assert_int_equal(e.len, 100 * cs);
     /* 511 and 512 are in different L2 tables: the run stops at 2 MiB */
     assert_int_equal(qcow2_map(q, 511 * cs, 2 * cs, &e), 0);
     assert_int_equal(e.kind, QCOW2_DATA);
@@ -457,6 +462,15 @@ test_good_extended_l2(void **state)
     assert_int_equal(e.kind, QCOW2_DATA);
     assert_int_equal(e.len, 2 * cs);
     assert_int_equal(e.host_offset, z);
+    /* clusters 6.. have empty entries: unallocated to the end, or to
+     * where the request ends */
+    assert_int_equal(qcow2_map(q, 6 * cs + 3 * sc, size, &e), 0);
+    assert_int_equal(e.kind, QCOW2_UNALLOCATED);
+    assert_false(e.offset_valid);
+    assert_int_equal(e.len, size - 6 * cs - 3 * sc);
+    assert_int_equal(qcow2_map(q, 7 * cs + 100, 3 * cs, &e), 0);
+    assert_int_equal(e.kind, QCOW2_UNALLOCATED);
+    assert_int_equal(e.len, 3 * cs);
     qcow2_close(q);
 
     c = chain_mem(img, len, "extended L2 image");

@@ -182,10 +182,13 @@ enum conn_state { CONN_OFF, CONN_CONNECTING, CONN_READY };
 struct engine {
     struct nbd_handle *h[MAX_CONNS];
     enum conn_state cst[MAX_CONNS];
-    size_t nconn;   /* handles opened */
-    size_t nready;  /* of which ready: they carry the reads */
-    size_t refused; /* connections the server refused or closed */
-    unsigned depth; /* reads in flight per ready connection, at most */
+    size_t nconn;           /* handles opened */
+    size_t nready;          /* of which ready: they carry the reads */
+    size_t refused;         /* connections the server refused or closed */
+    bool extras_started;    /* open_first opened the other connections */
+    size_t early, early_ok; /* for QCBT_DEBUG: how many, and how many had
+                               negotiated when the first one was ready */
+    unsigned depth;         /* reads in flight per ready connection, at most */
     /* The window of reads in flight over all connections (pace.h), and
      * its bounds in reads.
      */
@@ -306,6 +309,39 @@ mono_us(void)
 
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* QCBT_DEBUG: when each stage of the run ended, from the start (a
+ * timeline of the round trips a link costs).
+ */
+static struct debug_mark {
+    const char *what;
+    int64_t us;
+} debug_marks[16];
+static size_t debug_nmarks;
+
+static void
+debug_mark(const char *what)
+{
+    if (debug_nmarks < sizeof debug_marks / sizeof debug_marks[0])
+        debug_marks[debug_nmarks++] =
+            (struct debug_mark){.what = what, .us = mono_us()};
+}
+
+static void
+debug_timeline(void)
+{
+    size_t i;
+
+    if (!getenv("QCBT_DEBUG") || !debug_nmarks)
+        return;
+    fprintf(stderr, "qcbt backup: debug: timeline (ms):");
+    for (i = 1; i < debug_nmarks; i++)
+        fprintf(stderr,
+                " %s %.1f",
+                debug_marks[i].what,
+                (debug_marks[i].us - debug_marks[0].us) / 1000.0);
+    fprintf(stderr, "\n");
 }
 
 /* ---- notices ---------------------------------------------------------- */
@@ -765,7 +801,11 @@ map_take(struct engine *eng)
         }
         pos = stop;
     }
+    if (eng->map_pos == 0)
+        debug_mark("map-reply");
     eng->map_pos = end;
+    if (end == eng->size)
+        debug_mark("mapped");
     eng->map_rounds = mr->rounds;
     /* Sparse if a MAP_WINDOW_MAX window at this density would keep at
      * most half of MAP_SPARSE_EXTENTS (no overflow: at most 2^15
@@ -1444,6 +1484,14 @@ conn_settle(struct engine *eng, size_t ci)
 
     if (nbd_aio_is_connecting(h))
         return 0;
+    /* Opened in option mode (open_extra): it opens the export only now
+     * that the first connection has, so that a server that counts its
+     * clients as they open the export (nbdkit's limit filter) never
+     * gives an extra one the first one's place.
+     */
+    if (nbd_aio_is_negotiating(h) &&
+        nbd_aio_opt_go(h, NBD_NULL_COMPLETION) == 0)
+        return 0;
     if (!nbd_aio_is_ready(h)) {
         if (getenv("QCBT_DEBUG"))
             fprintf(stderr,
@@ -1743,87 +1791,18 @@ offer_cb(void *opaque, const char *name)
     return 0;
 }
 
-/* The first connection.  It is negotiated in libnbd's option mode so that
- * with a context CTX the server's dirty-bitmap contexts can be listed
- * (for the message when CTX is missing) before base:allocation and CTX
- * are requested and the export opened.  OFFERS says what the server
- * listed ("it offers: A, B", or why there is no list); *LISTED whether
- * CTX was among them.
- */
-static struct nbd_handle *
-open_first(const char *uri,
-           const struct nbd_connect_opts *co,
-           const char *ctx,
-           char *offers,
-           size_t len,
-           bool *listed)
-{
-    struct nbd_handle *h = handle_new(co, 0);
-    struct offers *o = NULL;
-
-    snprintf(offers, len, "it did not list its contexts");
-    *listed = false;
-    if (!h)
-        return NULL;
-    if (nbd_set_opt_mode(h, true) < 0 || nbd_connect_uri(h, uri) < 0)
-        goto fail;
-    if (nbd_aio_is_negotiating(h)) {
-        if (ctx) {
-            o = calloc(1, sizeof *o);
-            if (!o) {
-                qcbt_error(ENOMEM, "out of memory");
-                nbd_close(h);
-                return NULL;
-            }
-            o->want = ctx;
-            if (nbd_add_meta_context(h, "qemu:dirty-bitmap:") < 0)
-                goto fail;
-            if (nbd_opt_list_meta_context(
-                    h,
-                    (nbd_context_callback){.callback = offer_cb,
-                                           .user_data = o}) >= 0) {
-                *listed = o->has_want;
-                if (o->n == 0)
-                    snprintf(offers, len, "it offers no dirty bitmap");
-                else
-                    snprintf(offers,
-                             len,
-                             "it offers: %s%s",
-                             o->list,
-                             o->full ? ", ..." : "");
-            } else if (!nbd_aio_is_negotiating(h)) {
-                goto fail;
-            }
-            if (nbd_clear_meta_contexts(h) < 0)
-                goto fail;
-        }
-        if (nbd_add_meta_context(h, "base:allocation") < 0 ||
-            (ctx && nbd_add_meta_context(h, ctx) < 0) || nbd_opt_go(h) < 0)
-            goto fail;
-    }
-    free(o);
-    return h;
-
-fail:
-    qcbt_error(nbd_get_errno() ? nbd_get_errno() : EIO,
-               "%s: %s",
-               uri,
-               nbd_get_error());
-    free(o);
-    nbd_close(h);
-    return NULL;
-}
-
 /* Connection IDX > 0, connecting in the background: it joins the engine
- * when ready (wait_some, conn_settle), or is dropped.  Only the first
- * connection asks for block status, so no meta context is requested.
+ * when ready (wait_some, conn_settle opens its export), or is dropped.
+ * Only the first connection asks for block status, so no meta context is
+ * requested.
  */
 static struct nbd_handle *
 open_extra(const char *uri, const struct nbd_connect_opts *co, int idx)
 {
     struct nbd_handle *h = handle_new(co, idx);
 
-    if (h && nbd_aio_connect_uri(h, uri) < 0) {
+    if (h &&
+        (nbd_set_opt_mode(h, true) < 0 || nbd_aio_connect_uri(h, uri) < 0)) {
         if (getenv("QCBT_DEBUG"))
             fprintf(stderr,
                     "qcbt backup: debug: connection %d not opened: %s\n",
@@ -1833,6 +1812,184 @@ open_extra(const char *uri, const struct nbd_connect_opts *co, int idx)
         h = NULL;
     }
     return h;
+}
+
+/* An option of the first connection in flight (libnbd's aio option
+ * calls): its completion, and the error libnbd set for it.
+ */
+struct opt_wait {
+    bool done;
+    int err;
+    char msg[512];
+};
+
+static int
+opt_done(void *opaque, int *error)
+{
+    struct opt_wait *w = opaque;
+
+    w->done = true;
+    w->err = *error;
+    if (*error)
+        snprintf(w->msg,
+                 sizeof w->msg,
+                 "%s",
+                 nbd_get_error() ? nbd_get_error() : strerror(*error));
+    return 1;
+}
+
+/* Drive H until its option W completes, and meanwhile the other
+ * connections' handshakes (they are settled later, by wait_some).
+ */
+static int
+pump_option(struct engine *eng, struct nbd_handle *h, struct opt_wait *w)
+{
+    while (!w->done) {
+        struct pollfd pfd[MAX_CONNS];
+        struct nbd_handle *hs[MAX_CONNS];
+        size_t i, n = 0;
+
+        for (i = 0; i < MAX_CONNS; i++) {
+            struct nbd_handle *x = i ? eng->h[i] : h;
+            unsigned dir;
+
+            if (!x || (i && !nbd_aio_is_connecting(x)))
+                continue;
+            dir = nbd_aio_get_direction(x);
+            pfd[n].fd = nbd_aio_get_fd(x);
+            pfd[n].events = ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+                            ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0);
+            pfd[n].revents = 0;
+            hs[n++] = x;
+        }
+        if (pfd[0].fd < 0)
+            return -1; /* (h is dead: libnbd said why) */
+        if (poll(pfd, n, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return qcbt_error(errno, "poll: %s", strerror(errno));
+        }
+        for (i = 0; i < n; i++) {
+            short ev = pfd[i].events, rev = pfd[i].revents;
+            int r = 0;
+
+            if ((ev & POLLIN) && (rev & (POLLIN | POLLHUP | POLLERR)))
+                r = nbd_aio_notify_read(hs[i]);
+            else if ((ev & POLLOUT) && (rev & (POLLOUT | POLLHUP | POLLERR)))
+                r = nbd_aio_notify_write(hs[i]);
+            /* (An extra connection that fails is dropped by conn_settle.) */
+            if (r < 0 && i == 0)
+                return -1;
+        }
+    }
+    return 0;
+}
+
+/* The first connection.  It is negotiated in libnbd's option mode so that
+ * with a context CTX the server's dirty-bitmap contexts can be listed
+ * (for the message when CTX is missing) before base:allocation and CTX
+ * are requested and the export opened.  OFFERS says what the server
+ * listed ("it offers: A, B", or why there is no list); *LISTED whether
+ * CTX was among them.
+ *
+ * Connections 1 .. WANT - 1 start once the server has accepted this one
+ * (it is negotiating: a server that takes one client at a time cannot
+ * take an extra one instead).  They connect and negotiate structured
+ * replies while it lists and opens the export, and open theirs after it
+ * (conn_settle): on a long link they are ready one round trip after it,
+ * not three (four with TCP's).  They join the engine in wait_some, or are
+ * dropped if the export does not allow multi-conn.
+ */
+static struct nbd_handle *
+open_first(const char *uri,
+           const struct nbd_connect_opts *co,
+           const char *ctx,
+           struct engine *eng,
+           size_t want,
+           char *offers,
+           size_t len,
+           bool *listed)
+{
+    struct nbd_handle *h = handle_new(co, 0);
+    struct offers *o = NULL;
+    struct opt_wait w = {0};
+    size_t i;
+
+    snprintf(offers, len, "it did not list its contexts");
+    *listed = false;
+    if (!h)
+        return NULL;
+    if (nbd_set_opt_mode(h, true) < 0 || nbd_connect_uri(h, uri) < 0)
+        goto fail;
+    if (!nbd_aio_is_negotiating(h))
+        return h; /* (an oldstyle server: no options) */
+    eng->extras_started = true;
+    for (i = 1; i < want && i < MAX_CONNS; i++) {
+        eng->h[i] = open_extra(uri, co, (int)i);
+        eng->cst[i] = eng->h[i] ? CONN_CONNECTING : CONN_OFF;
+        eng->refused += !eng->h[i];
+    }
+    if (ctx) {
+        o = calloc(1, sizeof *o);
+        if (!o) {
+            qcbt_error(ENOMEM, "out of memory");
+            nbd_close(h);
+            return NULL;
+        }
+        o->want = ctx;
+        if (nbd_add_meta_context(h, "qemu:dirty-bitmap:") < 0 ||
+            nbd_aio_opt_list_meta_context(
+                h,
+                (nbd_context_callback){.callback = offer_cb, .user_data = o},
+                (nbd_completion_callback){.callback = opt_done,
+                                          .user_data = &w}) < 0 ||
+            pump_option(eng, h, &w) < 0)
+            goto fail;
+        if (!w.err) {
+            *listed = o->has_want;
+            if (o->n == 0)
+                snprintf(offers, len, "it offers no dirty bitmap");
+            else
+                snprintf(offers,
+                         len,
+                         "it offers: %s%s",
+                         o->list,
+                         o->full ? ", ..." : "");
+        } else if (!nbd_aio_is_negotiating(h)) {
+            goto fail;
+        }
+        if (nbd_clear_meta_contexts(h) < 0)
+            goto fail;
+    }
+    w = (struct opt_wait){0};
+    if (nbd_add_meta_context(h, "base:allocation") < 0 ||
+        (ctx && nbd_add_meta_context(h, ctx) < 0) ||
+        nbd_aio_opt_go(h,
+                       (nbd_completion_callback){.callback = opt_done,
+                                                 .user_data = &w}) < 0 ||
+        pump_option(eng, h, &w) < 0)
+        goto fail;
+    if (w.err) {
+        qcbt_error(w.err, "%s: %s", uri, w.msg);
+        goto out;
+    }
+    for (i = 1; i < MAX_CONNS; i++)
+        if (eng->h[i]) {
+            eng->early++;
+            eng->early_ok += nbd_aio_is_negotiating(eng->h[i]) > 0;
+        }
+    free(o);
+    return h;
+
+fail:
+    qcbt_error(nbd_get_errno() ? nbd_get_errno() : EIO,
+               "%s: %s",
+               uri,
+               nbd_get_error());
+out:
+    free(o);
+    nbd_close(h);
+    return NULL;
 }
 
 static void
@@ -2047,18 +2204,25 @@ manifest_set_checkpoint(const char *dir, struct manifest *m, const char *ctx)
     return r < 0 ? r : manifest_commit(dir);
 }
 
-/* Close every connection (the server ends with its last client). */
+/* Close every connection (the server ends with its last client).  Each
+ * says goodbye (NBD_CMD_DISC) without waiting for the server to hang up:
+ * nbd_shutdown() waits for that, a round trip per connection, one after
+ * the other.  Connections started but not used go first: a server that
+ * takes one client at a time may only now accept them.
+ */
 static void
 close_handles(struct engine *eng)
 {
     size_t i;
 
-    for (i = 0; i < MAX_CONNS; i++)
+    for (i = MAX_CONNS; i-- > 0;)
+        if (eng->h[i] && eng->cst[i] == CONN_READY)
+            nbd_aio_disconnect(eng->h[i], 0);
+    for (i = MAX_CONNS; i-- > 0;)
         if (eng->h[i]) {
-            if (eng->cst[i] == CONN_READY)
-                nbd_shutdown(eng->h[i], 0);
             nbd_close(eng->h[i]);
             eng->h[i] = NULL;
+            eng->cst[i] = CONN_OFF;
         }
 }
 
@@ -2152,6 +2316,7 @@ cmd_backup(int argc, char **argv)
 
     eng.efd = -1;
     eng.lost_conn = -1;
+    debug_mark("start");
     pthread_mutex_init(&eng.mu, NULL);
     for (i = 0; i < 2; i++) {
         pthread_cond_init(&eng.stages[i].cv, NULL);
@@ -2317,9 +2482,17 @@ cmd_backup(int argc, char **argv)
             goto fail;
         uri = local_source_uri(ls);
     }
-    eng.h[0] = open_first(uri, &nco, ctx, offers, sizeof offers, &listed);
+    eng.h[0] = open_first(uri,
+                          &nco,
+                          ctx,
+                          &eng,
+                          backup_connections(conns),
+                          offers,
+                          sizeof offers,
+                          &listed);
     if (!eng.h[0])
         goto fail;
+    debug_mark("negotiated");
     if (ls && manifest_test_fault("kill-server"))
         local_source_kill_server(ls);
     if (ls && manifest_test_fault("stop-after-connect"))
@@ -2423,8 +2596,8 @@ cmd_backup(int argc, char **argv)
 
     /* Connections: several only when the server says they are coherent
      * (backup_connections()).  The others connect while the first one
-     * works and join when ready; a server may accept fewer (qemu-nbd -e
-     * N, nbdkit's limit filter).
+     * negotiates (open_first) or works, and join when ready; a server may
+     * accept fewer (qemu-nbd -e N, nbdkit's limit filter).
      */
     {
         size_t want = backup_connections(conns);
@@ -2435,11 +2608,19 @@ cmd_backup(int argc, char **argv)
                        "connection");
             want = 1;
         }
-        for (i = 1; i < want; i++) {
-            eng.h[i] = open_extra(uri, &nco, (int)i);
-            eng.cst[i] = eng.h[i] ? CONN_CONNECTING : CONN_OFF;
-            eng.refused += !eng.h[i];
-        }
+        for (i = MAX_CONNS - 1; i >= want; i--)
+            if (eng.h[i]) {
+                /* Started before multi-conn was known: not used. */
+                nbd_close(eng.h[i]);
+                eng.h[i] = NULL;
+                eng.cst[i] = CONN_OFF;
+            }
+        for (i = 1; i < want; i++)
+            if (!eng.h[i] && eng.cst[i] == CONN_OFF && !eng.extras_started) {
+                eng.h[i] = open_extra(uri, &nco, (int)i);
+                eng.cst[i] = eng.h[i] ? CONN_CONNECTING : CONN_OFF;
+                eng.refused += !eng.h[i];
+            }
         eng.nconn = want;
     }
     eng.chunk = CHUNK;
@@ -2521,7 +2702,9 @@ cmd_backup(int argc, char **argv)
         goto fail;
     part_made = true;
 
+    debug_mark("started");
     r = run_engine(&eng, eng.digest_stream);
+    debug_mark("copied");
     if (eng.dgi_prev) {
         char why[256];
 
@@ -2540,7 +2723,9 @@ cmd_backup(int argc, char **argv)
                 " bytes (%u to %u reads of %u bytes), peak %u reads in "
                 "flight, smallest round trip %.3f ms, best rate %.1f MB/s\n"
                 "qcbt backup: debug: map: %u block status requests, at most "
-                "%u in flight, %u round trips, room for at most %zu extents\n",
+                "%u in flight, %u round trips, room for at most %zu extents\n"
+                "qcbt backup: debug: connections: %zu opened while the first "
+                "negotiated, %zu had negotiated when it was ready\n",
                 eng.readback,
                 eng.readback_granules,
                 eng.dgi_prev ? dgi_chain_bytes_read(eng.dgi_prev) : 0,
@@ -2555,16 +2740,26 @@ cmd_backup(int argc, char **argv)
                 eng.map_requests,
                 eng.map_peak,
                 eng.map_max_rounds,
-                eng.map_held_peak);
+                eng.map_held_peak,
+                eng.early,
+                eng.early_ok);
     if (r < 0) {
         if (eng.lost_conn >= 0 && !stage_error(&eng))
             explain_lost(&eng, dir, ctx, prev);
         goto fail;
     }
+    /* Everything is read: the server can go while the files are made
+     * durable.
+     */
+    e.export_name = nbd_get_export_name(eng.h[0]);
+    close_handles(&eng);
     r = qcow2_writer_close(eng.w);
     eng.w = NULL;
-    if (r < 0)
+    if (r < 0) {
+        free(e.export_name);
         goto fail;
+    }
+    debug_mark("synced");
 
     e.file = fname;
     e.type = ctx ? "incremental" : "full";
@@ -2584,7 +2779,6 @@ cmd_backup(int argc, char **argv)
         e.checkpoint = e.context + 18;
     e.uri = ls ? NULL : (char *)uri;
     e.source_image = ls ? (char *)local_source_abspath(ls) : NULL;
-    e.export_name = nbd_get_export_name(eng.h[0]);
     now_iso(timebuf, sizeof timebuf);
     e.time = timebuf;
     e.size = eng.size;
@@ -2699,6 +2893,7 @@ cmd_backup(int argc, char **argv)
     tmp_manifest_made = false;
     final_made = false;
     dgi_final_made = false;
+    debug_mark("recorded");
 
     /* The backup is recorded.  The server goes first (it holds the
      * image too), then the new checkpoint.
@@ -2845,6 +3040,8 @@ fail:
     ret = fail_rc;
 out:
     close_handles(&eng);
+    debug_mark("closed");
+    debug_timeline();
     local_source_free(ls);
     if (eng.slots)
         for (i = 0; i < eng.nslots; i++)

@@ -8,8 +8,9 @@
 #     its floor (QCBT_DEBUG's window and peak reads in flight), and the
 #     backup restores to the source (qemu-img compare);
 #   - two-conns: an incremental over two connections (bitmap b0 after
-#     scattered writes): the window grows past two connections' floor,
-#     verify passes, the restore equals the source;
+#     scattered writes): the second connection starts while the first
+#     negotiates (QCBT_DEBUG's count), the window grows past two
+#     connections' floor, verify passes, the restore equals the source;
 #   - granted-one: --connections 2 through a server that grants one
 #     connection (qcbt-server -e 1, which then offers no multi-conn): one
 #     notice, and the one connection carries the whole window (more than
@@ -169,6 +170,9 @@ if want two-conns; then
     ((FLOOR == 2 * DEPTH * CHUNK)) || bad "floor $FLOOR, expected $((2 * DEPTH * CHUNK))"
     ((WINDOW > FLOOR)) || bad "the window stayed at $WINDOW bytes over a 50 ms link"
     ((PEAK > 2 * DEPTH)) || bad "at most $PEAK reads in flight over a 50 ms link"
+    # The second connection starts while the first negotiates, not after.
+    grep -q 'debug: connections: 1 opened while the first negotiated' "$CASE_DIR/incr.log" ||
+        bad "the second connection did not start during the first one's handshake: $(grep 'debug: connections' "$CASE_DIR/incr.log")"
     grep -q '"connections": 2\|incremental' "$CASE_DIR/incr.log" ||
         bad "not an incremental: $(cat "$CASE_DIR/incr.log")"
     stop_all

@@ -231,6 +231,18 @@ print(f"| full: nbdcopy --flush / qcbt | {med[('full', 'nbdcopy --flush (4 conns
 print(f"| 256 GiB sparse: vnb-style / qcbt | {med[('sparse', V)] / med[('sparse', 'qcbt')]:.2f}x | |")
 if base:
     print(f"| 256 GiB sparse: qcbt-base / qcbt | {med[('sparse', 'qcbt-base')] / med[('sparse', 'qcbt')]:.2f}x | |")
+# Where the sparse incremental's time goes: qcbt's QCBT_DEBUG timeline of
+# three more (untimed) runs, ms from the start of the command.
+print()
+for _ in range(3):
+    subprocess.run(fresh_s, shell=True, check=True)
+    p = subprocess.run([new, "backup", "--no-progress", "--since", "b0", uri_s, f"{S}/link-run"],
+                       env=dict(os.environ, QCBT_DEBUG="1"), check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in p.stderr.splitlines():
+        if "timeline" in line or "debug: connections" in line:
+            print(f"    {line}")
+subprocess.run(empty, shell=True, check=True)
 PYEOF
     kill "$PID_l" "$PID_s" 2>/dev/null || true
 }

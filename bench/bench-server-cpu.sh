@@ -15,7 +15,8 @@
 #                reads as zeros; a "full" copy of it pulls the dirty data,
 #                nbdkit's equivalent of an incremental)
 #   nbdkit-file  nbdkit -f -r file a.raw (nbdkit's own file plugin)
-# Contenders, each once per round, rounds interleaved (N, default 5):
+# Contenders, each once per round (in an order rotated per round, each
+# after a sync), rounds interleaved (N, default 5):
 #   full (every server):
 #     qcbt --full      qcbt backup --full --json URI DIR (DIR empty)
 #     nbdcopy          nbdcopy URI out.raw (4 connections x 64 requests
@@ -43,7 +44,8 @@
 # (its per-connection request summary).  Reads, block status requests, bytes
 # of each, extents answered.
 #
-# Environment: QCBT, QCBT_SERVER, PLUGIN (default ../build/...), N (5),
+# Environment: QCBT, QCBT_SERVER, PLUGIN (default ../build/...), QCBT_BASE
+# (another qcbt: its --full and --since join the contenders), N (5),
 # SERVERS (space-separated subset of the names above), COUNT (1),
 # NODIGEST=1 adds the contender qcbt --full --no-digest, ANCHOR
 # (/work/shared/bench).  Output: markdown on stdout; raw records in
@@ -57,6 +59,7 @@ PY=/usr/bin/python3
 N=${N:-5}
 COUNT=${COUNT:-1}
 QCBT=$(readlink -f "${QCBT:-$HERE/../build/client/qcbt}")
+[[ -z ${QCBT_BASE:-} ]] || QCBT_BASE=$(readlink -f "$QCBT_BASE")
 QCBT_SERVER=$(readlink -f "${QCBT_SERVER:-$HERE/../build/server/qcbt-server}")
 PLUGIN=$(readlink -f "${PLUGIN:-$HERE/../build/plugins/qcbt/nbdkit-qcbt-plugin.so}")
 SERVERS=${SERVERS:-qemu-nbd qcbt-server nbdkit-qcbt nbdkit-dirty nbdkit-file}
@@ -106,10 +109,14 @@ contenders() {
     printf 'full\tqcbt --full\trm -rf cpu-run\t%q backup --json --no-progress --full %q cpu-run\n' "$QCBT" "$u"
     [[ -z ${NODIGEST:-} ]] ||
         printf 'full\tqcbt --full --no-digest\trm -rf cpu-run\t%q backup --json --no-progress --no-digest --full %q cpu-run\n' "$QCBT" "$u"
+    [[ -z ${QCBT_BASE:-} ]] ||
+        printf 'full\tqcbt-base --full\trm -rf cpu-run\t%q backup --json --no-progress --full %q cpu-run\n' "$QCBT_BASE" "$u"
     printf 'full\tnbdcopy\trm -f cpu-out.raw\tnbdcopy %q cpu-out.raw\n' "$u"
     printf 'full\tnbdcopy --flush\trm -f cpu-out.raw\tnbdcopy --flush %q cpu-out.raw\n' "$u"
     if has_bitmap "$name"; then
         printf 'incremental\tqcbt --since\trm -rf cpu-run && cp -al bk-prep cpu-run\t%q backup --json --no-progress --since b0 %q cpu-run\n' "$QCBT" "$u"
+        [[ -z ${QCBT_BASE:-} ]] ||
+            printf 'incremental\tqcbt-base --since\trm -rf cpu-run && cp -al bk-prep cpu-run\t%q backup --json --no-progress --since b0 %q cpu-run\n' "$QCBT_BASE" "$u"
         printf 'incremental\tnbdcopy-style pull\trm -f cpu-out.raw\t%q %q %q b0 cpu-out.raw --conns 4 --depth 64 --max-req 262144 --no-hash\n' "$PY" "$ANCHOR/client_pull.py" "$u"
     fi
 }
@@ -164,15 +171,23 @@ def floor_runs(rec):
     _, st, ru = os.wait4(a.pid, 0)
     b.wait()
     a.returncode = 0
-    rec.append({"server": "floor", "kind": "floor", "label": "cat a.qcow2 | cat (first cat)",
+    rec.append({"server": "floor", "kind": "floor", "label": "cat a.qcow2, piped to cat (first cat)",
                 "srv_cpu": ru.ru_utime + ru.ru_stime, "bytes": os.path.getsize("a.qcow2")})
 
 with open(out, "w") as f:
     for r in range(n):
         recs = []
         floor_runs(recs)
-        for server, pid, kind, label, pre, cmd in cases:
+        # Each server's contenders in an order rotated per round, each
+        # run after a sync: a run must not pay for the writeback of the
+        # one before it, nor always follow the same one.
+        order = []
+        for srv in dict.fromkeys(c[0] for c in cases):
+            mine = [c for c in cases if c[0] == srv]
+            order += mine[r % len(mine):] + mine[:r % len(mine)]
+        for server, pid, kind, label, pre, cmd in order:
             subprocess.run(pre, shell=True, check=True)
+            subprocess.run(["sync"], check=True)
             s0, c0, t0 = srv_cpu(pid), kids_cpu(), time.perf_counter()
             p = subprocess.run(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             t1, c1, s1 = time.perf_counter(), kids_cpu(), srv_cpu(pid)
@@ -307,14 +322,14 @@ for k in keys:
           f"{per[k]:.3f} ({min(pg):.3f}-{max(pg):.3f}) | "
           f"{'' if cc is None else f'{cc:.2f}'} | {'' if w is None else f'{w:.2f}'} |")
 print()
-print("| server | case | qcbt / nbdcopy (server CPU per GiB, medians) |")
-print("|---|---|---:|")
+print("| server | case | contender | / nbdcopy (server CPU per GiB, medians) |")
+print("|---|---|---|---:|")
 for k in keys:
-    if k[2] in ("qcbt --full", "qcbt --since"):
+    if k[2] in ("qcbt --full", "qcbt --since", "qcbt-base --full", "qcbt-base --since"):
         other = "nbdcopy" if k[1] == "full" else "nbdcopy-style pull"
         o = (k[0], k[1], other)
         if o in per:
-            print(f"| {k[0]} | {k[1]} | {per[k] / per[o]:.2f}x |")
+            print(f"| {k[0]} | {k[1]} | {k[2]} | {per[k] / per[o]:.2f}x |")
 if cnt:
     print()
     print("Requests as the server saw them (one untimed run each, COUNT=1).")

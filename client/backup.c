@@ -58,16 +58,20 @@
  * on 2 MiB reads as on 256 KiB ones (nbdcopy's size); our server and
  * nbdkit do not care.
  *
- * Reads in flight: at least DEFAULT_DEPTH per connection asked for (4 MiB
+ * Reads in flight: at least DEFAULT_DEPTH per connection asked for (8 MiB
  * each, what a local server wants for its own parallelism, and more than
- * a 10 ms, 1 Gbit/s link holds: 1.25 MB), more when the link measures
- * longer (pace.h: twice its bandwidth-delay product), up to WINDOW_MAX
- * bytes (or MAX_REQS reads) over all connections: the read buffers are
- * allocated as the window grows, so they never take more than
- * WINDOW_MAX x 1.25.
+ * a 10 ms, 1 Gbit/s link holds: 1.25 MB).  A server costs less CPU per
+ * byte with more requests queued on a connection: its threads find the
+ * next request already in the socket instead of sleeping for it (16
+ * reads per connection cost nbdkit's file plugin 12 % more CPU per byte
+ * than 32, 24 % more than 64: bench/results/server-cpu.md).  More
+ * when the link measures longer (pace.h: twice its bandwidth-delay
+ * product), up to WINDOW_MAX bytes (or MAX_REQS reads) over all
+ * connections: the read buffers are allocated as the window grows, so
+ * they never take more than WINDOW_MAX x 1.25.
  */
 #define CHUNK         (256u << 10)
-#define DEFAULT_DEPTH 16
+#define DEFAULT_DEPTH 32
 #define MAX_CONNS     16
 #define WINDOW_MAX    (32u << 20)
 #define MAX_REQS      1024u

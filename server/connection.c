@@ -1,5 +1,6 @@
 /* qcbt-server: connection lifecycle and socket I/O. */
 #include <errno.h>
+#include <inttypes.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -211,6 +212,18 @@ connection_thread(void *arg)
                 c->structured ? "structured" : "simple",
                 c->nr_meta);
         transmission(c);
+        if (srv->debug)
+            fprintf(stderr,
+                    "qcbt-server: debug: %s: served %" PRIuFAST64
+                    " reads (%" PRIuFAST64 " bytes), %" PRIuFAST64
+                    " block status (%" PRIuFAST64 " bytes asked, %" PRIuFAST64
+                    " with REQ_ONE)\n",
+                    c->peer,
+                    atomic_load(&c->nr_reads),
+                    atomic_load(&c->read_bytes),
+                    atomic_load(&c->nr_bs),
+                    atomic_load(&c->bs_bytes),
+                    atomic_load(&c->nr_bs_one));
         linger_close(c);
     } else {
         tls_close_notify(c->tls);

@@ -70,6 +70,7 @@ struct server {
     unsigned idle_timeout;      /* seconds without requests; 0: none */
     bool persistent;
     int verbose;
+    bool debug; /* QCBT_DEBUG: a request summary per connection */
     enum tls_mode tls_mode;
     struct tls_server *tls; /* NULL: TLS off */
 
@@ -103,6 +104,13 @@ struct connection {
     atomic_bool closing;        /* stop reading new requests */
     atomic_uint in_flight;
     _Atomic int64_t last_active; /* now_ms() when a request last ended */
+
+    /* What the client asked for (QCBT_DEBUG: logged at disconnect, so a
+     * bench or a test sees a client's request pattern from the server's
+     * side).  Any worker adds, relaxed: only the totals matter.
+     */
+    atomic_uint_fast64_t nr_reads, read_bytes;
+    atomic_uint_fast64_t nr_bs, bs_bytes, nr_bs_one;
 };
 
 /* log.c-ish helpers (main.c). */

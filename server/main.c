@@ -710,6 +710,7 @@ main(int argc, char **argv)
      * size of the last buffer freed and keeping such buffers in its heaps.
      */
     mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+    server.debug = getenv("QCBT_DEBUG") != NULL;
 
     {
         const char *base = strrchr(argv[0], '/');

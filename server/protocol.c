@@ -568,6 +568,17 @@ handle(struct worker *w, const struct request *rq)
                           rq->offset,
                           rq->len,
                           size);
+    if (rq->type == NBD_CMD_READ) {
+        atomic_fetch_add_explicit(&c->nr_reads, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&c->read_bytes,
+                                  rq->len,
+                                  memory_order_relaxed);
+    } else if (rq->type == NBD_CMD_BLOCK_STATUS) {
+        atomic_fetch_add_explicit(&c->nr_bs, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&c->bs_bytes, rq->len, memory_order_relaxed);
+        if (rq->flags & NBD_CMD_FLAG_REQ_ONE)
+            atomic_fetch_add_explicit(&c->nr_bs_one, 1, memory_order_relaxed);
+    }
     switch (rq->type) {
     case NBD_CMD_READ:
         if (rq->len > MAX_REQUEST_LENGTH)

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Reads in flight follow the link (issue 13, client/pace.h): qcbt-server
 # behind link-proxy.py, a 50 ms round trip without a rate limit, holds
-# far more than the 16 reads of 256 KiB per connection the backup starts
+# far more than the 32 reads of 256 KiB per connection the backup starts
 # with.
 #
 #   - one-conn: a full backup with --connections 1: the window grows past
@@ -45,7 +45,7 @@ SERVER=${QCBT_SERVER:-${QCBT_BUILD_DIR:-$TESTS_DIR/../build}/server/qcbt-server}
 SERVER=$(cd "$(dirname "$SERVER")" && pwd)/$(basename "$SERVER")
 PROXY=$TESTS_DIR/interop/link-proxy.py
 CHUNK=$((256 << 10))
-DEPTH=16 # reads per connection the window starts with (client/backup.c)
+DEPTH=32 # reads per connection the window starts with (client/backup.c)
 
 want() { [[ -z ${CASES:-} || $1 =~ $CASES ]]; }
 uri() { printf 'nbd+unix:///?socket=%s' "$1"; }
@@ -79,11 +79,13 @@ stop_all() {
     PIDS=()
 }
 
-# make_image IMG: 64 MiB, 48 MiB of data in 4 MiB writes of varying bytes.
+# make_image IMG: 128 MiB, 96 MiB of data in 4 MiB writes of varying
+# bytes: enough reads to outlast the floor (two connections' 16 MiB) by
+# more than a round trip, so the grown window shows in flight.
 make_image() {
     local i
-    run qemu-img create -q -f qcow2 "$1" 64M
-    for i in $(seq 0 11); do
+    run qemu-img create -q -f qcow2 "$1" 128M
+    for i in $(seq 0 23); do
         printf 'write -q -P %d %dM 4M\n' $((i + 1)) $((i * 4))
     done >"$CASE_DIR/fill.qio"
     run sh -c "qemu-io -f qcow2 '$1' <'$CASE_DIR/fill.qio'"
@@ -160,9 +162,9 @@ if want two-conns; then
     serve_linked "$CASE_DIR/src.qcow2"
     backup_linked full.log --full --connections 2
     stop_all
-    # 24 runs of 1 MiB, every other 2 MiB, over the data and beyond it.
+    # 24 runs of 2 MiB, every other 4 MiB, over the data and beyond it.
     for i in $(seq 0 23); do
-        printf 'write -q -P %d %dM 1M\n' $((i + 100)) $((i * 2 + 7))
+        printf 'write -q -P %d %dM 2M\n' $((i + 100)) $((i * 4 + 7))
     done >"$CASE_DIR/dirty.qio"
     run sh -c "qemu-io -f qcow2 '$CASE_DIR/src.qcow2' <'$CASE_DIR/dirty.qio'"
     serve_linked "$CASE_DIR/src.qcow2" -B b0

@@ -1097,6 +1097,48 @@ test_l2_write_only_fd(void **state)
     free(path);
 }
 
+/* Fed in disk order, the writer writes each L2 table out when it moves on
+ * to the next one (not all at close), once; a table written to again
+ * after that is written out again, and the image is right.
+ */
+static void
+test_l2_written_when_left(void **state)
+{
+    struct qcow2_writer_opts o = {.size = 40 * 32768, .cluster_size = 512};
+    struct qcow2_writer *w;
+    struct model m;
+    char *path = tmp_path("inorder.qcow2");
+    unsigned char b[700];
+    size_t resident;
+    uint64_t loads, stores, i;
+
+    model_init(&m, o.size, o.cluster_size, false);
+    assert_int_equal(qcow2_writer_create(path, &o, &w), 0);
+    /* 512-byte clusters: a table covers 32 KiB of guest. */
+    for (i = 0; i < 40; i++) {
+        memset(b, (int)(i + 1), sizeof b);
+        assert_int_equal(qcow2_writer_write(w, b, sizeof b, i * 32768 + 100),
+                         0);
+        model_apply(&m, b, i * 32768 + 100, sizeof b);
+        qcow2_writer_l2_stats(w, &resident, &loads, &stores);
+        assert_int_equal(stores, i);
+    }
+    /* Back into table 3, then on to table 39 again: 3 is written again. */
+    memset(b, 0xee, sizeof b);
+    assert_int_equal(qcow2_writer_write(w, b, sizeof b, 3 * 32768 + 5000), 0);
+    model_apply(&m, b, 3 * 32768 + 5000, sizeof b);
+    assert_int_equal(qcow2_writer_write(w, b, 10, 39 * 32768), 0);
+    model_apply(&m, b, 39 * 32768, 10);
+    qcow2_writer_l2_stats(w, &resident, &loads, &stores);
+    assert_int_equal(stores, 40);
+    assert_int_equal(loads, 0);
+    assert_int_equal(qcow2_writer_close(w), 0);
+    model_verify(&m, path, false);
+    model_free(&m);
+    unlink(path);
+    free(path);
+}
+
 static void
 test_error_readonly_fd(void **state)
 {
@@ -1412,6 +1454,7 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_random_l2_evict),
         cmocka_unit_test(test_l2_write_only_fd),
+        cmocka_unit_test(test_l2_written_when_left),
         cmocka_unit_test(test_empty_image),
         cmocka_unit_test(test_zero_size),
         cmocka_unit_test(test_backing_header),

@@ -264,14 +264,18 @@ open(sys.argv[1], "wb").write(bytes(c))
 PYEOF
 }
 
-# make_luks FILE: qemu-img's LUKS creation first times PBKDF2 on the
-# thread's CPU clock and gives up ("Unable to get accurate CPU usage") when
-# a run measures 0 ms, which a loaded machine can make happen: try again.
+# make_luks FILE: qemu-img's LUKS creation first times 32768 rounds of
+# PBKDF2 on the thread's user CPU clock and gives up ("Unable to get
+# accurate CPU usage") when it measures 0 ms.  With SHA-256 those rounds
+# are short enough that this happened in 11 of 40 runs on a quiet
+# machine (and 5 times in a row in one CI run); SHA-512's take longer:
+# 0 of 200.  Still, try again.
 make_luks() {
     local i
     for i in 1 2 3 4 5; do
         rm -f "$1"
-        qemu-img create -q "${SECRET[@]}" -f luks -o key-secret=sec0,iter-time=10 "$1" 10M &&
+        qemu-img create -q "${SECRET[@]}" -f luks \
+            -o key-secret=sec0,iter-time=10,hash-alg=sha512 "$1" 10M &&
             return 0
     done
     return 1
